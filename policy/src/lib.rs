@@ -1,1 +1,5 @@
-//! policy crate.
+//! The one sandbox policy model every backend consumes.
+
+pub mod model;
+
+pub use model::*;

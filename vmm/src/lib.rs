@@ -1,1 +1,4 @@
-//! vmm crate.
+//! mxc-vm's virtual machine monitor.
+#![deny(clippy::indexing_slicing)]
+
+pub mod devices;

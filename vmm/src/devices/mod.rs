@@ -1,0 +1,3 @@
+//! Emulated devices, one folder per device.
+
+pub mod virtio;
