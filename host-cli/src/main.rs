@@ -1,1 +1,35 @@
-fn main() {}
+//! The `mxc-vm` command.
+
+mod backends_cmd;
+mod cli;
+mod failure;
+mod jsonl;
+mod policy_cmd;
+mod run_cmd;
+
+use clap::Parser;
+
+use cli::{Cli, Commands};
+
+fn main() {
+    // Re-executions of this binary as the process sandbox's init never return from here.
+    sandbox::init_hook();
+    let cli = Cli::parse();
+    let json = match &cli.command {
+        Commands::Run(a) => a.json,
+        Commands::Policy(cli::PolicyCommand::Check { json, .. })
+        | Commands::Policy(cli::PolicyCommand::Explain { json, .. }) => *json,
+        Commands::Policy(cli::PolicyCommand::Schema) => false,
+        Commands::Backends(a) => a.json,
+    };
+    let result = match cli.command {
+        Commands::Run(args) => run_cmd::run(args),
+        Commands::Policy(cmd) => policy_cmd::run(cmd),
+        Commands::Backends(args) => backends_cmd::run(args),
+    };
+    let code = match result {
+        Ok(code) => code,
+        Err(failure) => failure.report(json),
+    };
+    std::process::exit(code);
+}

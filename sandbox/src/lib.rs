@@ -1,1 +1,207 @@
-//! sandbox crate.
+//! Sandbox backends behind one lifecycle trait.
+//!
+//! Every backend consumes the same resolved [`policy::Policy`] and [`policy::FsView`] and
+//! goes through provision → start → exec → stop → deprovision. [`run_once`] composes them
+//! for the one-shot `mxc-vm run`.
+//!
+//! Binaries that use the `process` backend must call [`init_hook`] first thing in `main`:
+//! the backend re-executes the current binary (`/proc/self/exe __sandbox-init`) inside the
+//! new namespaces to set the sandbox up.
+
+pub mod bubblewrap;
+pub mod host;
+pub mod limits;
+pub mod output;
+pub mod process;
+pub mod seccomp;
+mod supervise;
+pub mod view;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use policy::{Containment, FsView, Policy};
+
+pub use output::{ExecIo, OutputSink, StreamKind};
+
+/// Errors from any backend. Messages are short; the caller adds context.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("backend {backend} is not available on this host: {reason}")]
+    Unavailable {
+        backend: &'static str,
+        reason: String,
+    },
+    #[error("backend {backend} cannot enforce {what}")]
+    Unenforceable { backend: &'static str, what: String },
+    #[error("the policy has no command to run (give one after `--` or set process.argv/command)")]
+    NoCommand,
+    #[error("sandbox setup failed at {stage}: {message}")]
+    Setup { stage: String, message: String },
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("lifecycle misuse: {0}")]
+    Lifecycle(&'static str),
+}
+
+impl SandboxError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        SandboxError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Everything a backend needs to build a sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    pub policy: Policy,
+    pub view: FsView,
+    /// Identifier used in names (cgroup, audit log); unique per sandbox.
+    pub id: String,
+}
+
+/// One command to run inside a started sandbox.
+#[derive(Debug, Clone)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Working directory inside the sandbox; `None` = backend default.
+    pub cwd: Option<PathBuf>,
+    pub timeout: Option<Duration>,
+}
+
+impl ExecRequest {
+    /// The request the policy itself describes.
+    pub fn from_policy(policy: &Policy) -> Result<Self, SandboxError> {
+        let command = policy
+            .process
+            .command
+            .as_ref()
+            .ok_or(SandboxError::NoCommand)?;
+        let timeout = match (policy.process.timeout, policy.limits.timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Ok(Self {
+            argv: command.to_argv(),
+            env: policy.process.env.clone(),
+            cwd: policy.process.cwd.clone(),
+            timeout,
+        })
+    }
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitKind {
+    Code(i32),
+    Signal(i32),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutcome {
+    pub exit: ExitKind,
+    pub timed_out: bool,
+    pub duration: Duration,
+    /// Output beyond `limits.output_bytes` was dropped.
+    pub output_truncated: bool,
+}
+
+impl ExecOutcome {
+    /// The exit code `mxc-vm run` returns: the command's code, 128+N for a signal, 124 on
+    /// timeout.
+    pub fn shell_code(&self) -> i32 {
+        if self.timed_out {
+            return 124;
+        }
+        match self.exit {
+            ExitKind::Code(c) => c,
+            ExitKind::Signal(s) => 128 + s,
+        }
+    }
+}
+
+/// The lifecycle every backend implements.
+pub trait Backend: Send {
+    /// The backend's name as used on the command line.
+    fn name(&self) -> &'static str;
+    /// Check the host can enforce the spec and prepare everything that does not run code.
+    fn provision(&mut self, spec: &SandboxSpec) -> Result<(), SandboxError>;
+    /// Bring the sandbox to the point where it can run commands (a VM boots here).
+    fn start(&mut self) -> Result<(), SandboxError>;
+    /// Run one command to completion, streaming its output through `io`.
+    fn exec(&mut self, req: &ExecRequest, io: &mut ExecIo<'_>)
+        -> Result<ExecOutcome, SandboxError>;
+    /// Stop everything the sandbox runs.
+    fn stop(&mut self) -> Result<(), SandboxError>;
+    /// Release every host resource (nothing may be left: processes, mounts, files).
+    fn deprovision(&mut self) -> Result<(), SandboxError>;
+}
+
+/// Create the backend for a concrete containment choice (not `auto`).
+pub fn backend_for(containment: Containment) -> Result<Box<dyn Backend>, SandboxError> {
+    match containment {
+        Containment::Process => Ok(Box::new(process::ProcessBackend::new())),
+        Containment::Bubblewrap => Ok(Box::new(bubblewrap::BubblewrapBackend::new())),
+        Containment::Microvm => Err(SandboxError::Unavailable {
+            backend: "microvm",
+            reason: "the microVM backend is not built into this version".into(),
+        }),
+        Containment::Hyperlight => Err(SandboxError::Unavailable {
+            backend: "hyperlight",
+            reason: "Hyperlight runs guests at CPL0 and needs hardware KVM with a Hyperlight \
+                     guest binary; it is not built into this version"
+                .into(),
+        }),
+        Containment::Auto => Err(SandboxError::Lifecycle(
+            "`auto` must be resolved with select_backend first",
+        )),
+    }
+}
+
+/// Resolve `auto` to a concrete backend for this host.
+pub fn select_backend(choice: Containment) -> Containment {
+    if choice != Containment::Auto {
+        return choice;
+    }
+    let report = host::probe();
+    if report.microvm.available {
+        Containment::Microvm
+    } else if report.process.available {
+        Containment::Process
+    } else if report.bubblewrap.available {
+        Containment::Bubblewrap
+    } else {
+        Containment::Process
+    }
+}
+
+/// provision → start → exec → stop → deprovision, for one command. Stop and deprovision
+/// run even when exec fails.
+pub fn run_once(
+    backend: &mut dyn Backend,
+    spec: &SandboxSpec,
+    req: &ExecRequest,
+    io: &mut ExecIo<'_>,
+) -> Result<ExecOutcome, SandboxError> {
+    backend.provision(spec)?;
+    let result = backend.start().and_then(|()| backend.exec(req, io));
+    let stopped = backend.stop();
+    let deprovisioned = backend.deprovision();
+    let outcome = result?;
+    stopped?;
+    deprovisioned?;
+    Ok(outcome)
+}
+
+/// Must be called first thing in `main` of any binary that uses the process backend.
+/// When the binary was re-executed as the sandbox init, this runs it and never returns.
+pub fn init_hook() {
+    process::init::hook();
+}

@@ -1,0 +1,121 @@
+//! Command-line definitions.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// mxc-vm: run untrusted code under one JSON policy, in a microVM or a process sandbox.
+///
+/// Exit codes: the sandboxed command's own code is passed through; 124 = the timeout
+/// killed it; 125 = mxc-vm itself failed (bad policy or flags, backend unavailable);
+/// 126 = the command could not be executed; 127 = the command was not found; 128+N =
+/// the command was killed by signal N.
+#[derive(Debug, Parser)]
+#[command(name = "mxc-vm", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Commands,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Commands {
+    /// Run a command in a sandbox.
+    Run(RunArgs),
+    /// Check, explain or describe policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Show which backends this host supports, and why the others are unavailable.
+    Backends(BackendsArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    Process,
+    Bubblewrap,
+    Microvm,
+    Hyperlight,
+    Auto,
+}
+
+impl From<BackendArg> for policy::Containment {
+    fn from(b: BackendArg) -> Self {
+        match b {
+            BackendArg::Process => policy::Containment::Process,
+            BackendArg::Bubblewrap => policy::Containment::Bubblewrap,
+            BackendArg::Microvm => policy::Containment::Microvm,
+            BackendArg::Hyperlight => policy::Containment::Hyperlight,
+            BackendArg::Auto => policy::Containment::Auto,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  mxc-vm run -- echo hello
+  mxc-vm run --rw ./project --cwd ./project -- python3 main.py
+  mxc-vm run --policy policy.json --timeout 30s
+  mxc-vm run --backend bubblewrap --ro /data --deny /data/secrets -- ls /data
+
+Flags compose with the policy file; on conflicts the stricter wins (a path in two
+lists gets the stricter access, the smaller timeout applies). A command after `--`
+replaces the policy's command.")]
+pub struct RunArgs {
+    /// Policy file (mxc-vm native format, or an MXC ContainerConfig 0.6-0.9).
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Isolation backend; overrides the policy's containment.
+    #[arg(long, value_enum, value_name = "BACKEND")]
+    pub backend: Option<BackendArg>,
+    /// Grant read-only access to PATH (repeatable).
+    #[arg(long = "ro", value_name = "PATH")]
+    pub ro: Vec<PathBuf>,
+    /// Grant read-write access to PATH (repeatable).
+    #[arg(long = "rw", value_name = "PATH")]
+    pub rw: Vec<PathBuf>,
+    /// Hide PATH completely (repeatable).
+    #[arg(long = "deny", value_name = "PATH")]
+    pub deny: Vec<PathBuf>,
+    /// Set an environment variable in the sandbox (repeatable). The host environment is
+    /// never inherited.
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Kill the command and everything it started after DUR (e.g. 500ms, 2s, 1m).
+    #[arg(long, value_name = "DUR")]
+    pub timeout: Option<String>,
+    /// Working directory inside the sandbox.
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<PathBuf>,
+    /// Machine-readable output: one JSON object per line on stdout (stdout/stderr
+    /// chunks, warnings, then the exit or error).
+    #[arg(long)]
+    pub json: bool,
+    /// The command and its arguments.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy file (exit 0 when valid, 125 with the error otherwise).
+    Check {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the effective policy: every path with its access, network rules, limits,
+    /// backend.
+    Explain {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the JSON Schema of the native policy format.
+    Schema,
+}
+
+#[derive(Debug, Args)]
+pub struct BackendsArgs {
+    #[arg(long)]
+    pub json: bool,
+}

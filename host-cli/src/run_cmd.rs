@@ -1,0 +1,132 @@
+//! `mxc-vm run`.
+
+use std::io::Write;
+use std::path::Path;
+
+use policy::{Overrides, Policy, PolicySource};
+use sandbox::output::{PassThrough, StdinMode};
+use sandbox::{ExecIo, ExecRequest, OutputSink, SandboxSpec};
+
+use crate::cli::RunArgs;
+use crate::failure::Failure;
+use crate::jsonl::{self, JsonSink};
+
+fn parse_env(items: &[String]) -> Result<Vec<(String, String)>, Failure> {
+    items
+        .iter()
+        .map(|item| {
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| Failure::new(format!("-e {item:?}: expected KEY=VALUE")))?;
+            Ok((k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// Load the policy file (or start empty) and apply the flags.
+pub fn effective_policy(args: &RunArgs) -> Result<Policy, Failure> {
+    let mut policy = match &args.policy {
+        Some(file) => policy::load_file(file)?,
+        None => Policy::empty(PolicySource::Cli),
+    };
+    let timeout = args
+        .timeout
+        .as_deref()
+        .map(|t| {
+            policy::parse_duration(t).map_err(|e| Failure::new(format!("--timeout {t:?}: {e}")))
+        })
+        .transpose()?;
+    let overrides = Overrides {
+        ro: args.ro.clone(),
+        rw: args.rw.clone(),
+        deny: args.deny.clone(),
+        env: parse_env(&args.env)?,
+        timeout,
+        cwd: args.cwd.clone(),
+        command: (!args.command.is_empty()).then(|| args.command.clone()),
+        containment: args.backend.map(Into::into),
+    };
+    policy.apply_overrides(&overrides)?;
+    Ok(policy)
+}
+
+fn warn(json: bool, message: &str) {
+    if json {
+        jsonl::emit(&serde_json::json!({ "type": "warning", "message": message }));
+    } else {
+        let _ = writeln!(std::io::stderr().lock(), "mxc-vm: warning: {message}");
+    }
+}
+
+fn sandbox_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{}-{nanos:08x}", std::process::id())
+}
+
+pub fn run(args: RunArgs) -> Result<i32, Failure> {
+    let policy = effective_policy(&args)?;
+    let base = std::env::current_dir().unwrap_or_else(|_| Path::new("/").to_path_buf());
+    let view = policy::resolve_fs(&policy.filesystem, &base)?;
+    for w in &view.warnings {
+        warn(args.json, w);
+    }
+    let containment = sandbox::select_backend(policy.containment);
+    let mut backend = sandbox::backend_for(containment)?;
+    let req = ExecRequest::from_policy(&policy)?;
+    let spec = SandboxSpec {
+        policy: policy.clone(),
+        view,
+        id: sandbox_id(),
+    };
+
+    let mut json_sink = JsonSink;
+    let mut pass = PassThrough;
+    let sink: Option<&mut dyn OutputSink> = if args.json {
+        Some(&mut json_sink)
+    } else if policy.limits.output_bytes.is_some() {
+        Some(&mut pass)
+    } else {
+        None
+    };
+    let mut io = ExecIo {
+        stdin: StdinMode::Inherit,
+        sink,
+        output_limit: policy.limits.output_bytes,
+    };
+    let outcome = sandbox::run_once(backend.as_mut(), &spec, &req, &mut io)?;
+    if outcome.output_truncated {
+        warn(
+            args.json,
+            &format!(
+                "output was cut at {} bytes (limits.outputBytes)",
+                policy.limits.output_bytes.unwrap_or(0)
+            ),
+        );
+    }
+    let code = outcome.shell_code();
+    if args.json {
+        let (exit_code, signal) = match outcome.exit {
+            sandbox::ExitKind::Code(c) => (Some(c), None),
+            sandbox::ExitKind::Signal(s) => (None, Some(s)),
+        };
+        jsonl::emit(&serde_json::json!({
+            "type": "exit",
+            "backend": backend.name(),
+            "code": exit_code,
+            "signal": signal,
+            "timed_out": outcome.timed_out,
+            "duration_ms": outcome.duration.as_secs_f64() * 1000.0,
+            "output_truncated": outcome.output_truncated,
+            "exit_status": code,
+        }));
+    } else if outcome.timed_out {
+        let limit = req.timeout.map(policy::format_duration).unwrap_or_default();
+        warn(
+            false,
+            &format!("the command timed out after {limit} and was killed"),
+        );
+    }
+    Ok(code)
+}

@@ -1,0 +1,387 @@
+//! The `bubblewrap` backend: Debian's `bwrap`, driven by the same [`SandboxView`] and the
+//! same seccomp filters as the native backend.
+
+use std::ffi::{CString, OsString};
+use std::io::{Seek, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use crate::limits::{self, Enforcement, SandboxCgroup};
+use crate::output::{ExecIo, StdinMode};
+use crate::process::{compose_env, net_mode};
+use crate::supervise::{self, Killer, Pipes, Status};
+use crate::view::{MountOp, NetMode, SandboxView, SANDBOX_HOSTNAME};
+use crate::{Backend, ExecOutcome, ExecRequest, SandboxError, SandboxSpec};
+
+/// Where to find bwrap: `$MXC_VM_BWRAP` or `bwrap` in PATH.
+pub fn bwrap_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("MXC_VM_BWRAP") {
+        return Some(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/bin:/bin"));
+    std::env::split_paths(&path)
+        .map(|d| d.join("bwrap"))
+        .find(|p| p.is_file())
+}
+
+/// `bwrap --version`, or why it cannot be run.
+pub fn version() -> Result<String, String> {
+    let path = bwrap_path().ok_or("bwrap is not installed (apt-get install bubblewrap)")?;
+    let out = Command::new(&path)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", path.display()))?;
+    if !out.status.success() {
+        return Err(format!("{} --version failed", path.display()));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[derive(Debug, Default)]
+pub struct BubblewrapBackend {
+    spec: Option<SandboxSpec>,
+    view: Option<SandboxView>,
+    net: Option<NetMode>,
+    bwrap: Option<PathBuf>,
+    enforcement: Option<Enforcement>,
+    started: bool,
+    pub warnings: Vec<String>,
+}
+
+impl BubblewrapBackend {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// Descriptors that must stay open in bwrap (seccomp programs, small files).
+struct Inherited {
+    fds: Vec<OwnedFd>,
+}
+
+impl Inherited {
+    fn memfd(&mut self, name: &str, data: &[u8]) -> Result<i32, SandboxError> {
+        let cname = CString::new(name).unwrap_or_default();
+        // SAFETY: memfd_create reads the NUL-terminated name. No CLOEXEC: bwrap reads it.
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), 0) };
+        if fd < 0 {
+            return Err(SandboxError::io(
+                "memfd_create",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: fd was just created and is owned by nobody else.
+        let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.write_all(data)
+            .and_then(|()| file.rewind())
+            .map_err(|e| SandboxError::io("writing a bwrap input", e))?;
+        let owned = OwnedFd::from(file);
+        let raw = owned.as_raw_fd();
+        self.fds.push(owned);
+        Ok(raw)
+    }
+}
+
+/// Translate the view into bwrap arguments.
+fn build_args(
+    view: &SandboxView,
+    net: NetMode,
+    req: &ExecRequest,
+    inherited: &mut Inherited,
+) -> Result<Vec<OsString>, SandboxError> {
+    let mut a: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&dyn AsRef<std::ffi::OsStr>]| {
+        for i in items {
+            a.push(i.as_ref().to_os_string());
+        }
+    };
+    push(&[&"--new-session", &"--die-with-parent", &"--unshare-all"]);
+    if net == NetMode::Host {
+        push(&[&"--share-net"]);
+    }
+    push(&[&"--cap-drop", &"ALL", &"--hostname", &SANDBOX_HOSTNAME]);
+    let mut remount_ro: Vec<PathBuf> = Vec::new();
+    for op in &view.ops {
+        match op {
+            MountOp::Bind {
+                src, dst, readonly, ..
+            } => {
+                let flag = if *readonly { "--ro-bind" } else { "--bind" };
+                push(&[&flag, src, dst]);
+            }
+            MountOp::Mask { dst, dir: true } => {
+                push(&[&"--perms", &"0000", &"--tmpfs", dst]);
+                remount_ro.push(dst.clone());
+            }
+            MountOp::Mask { dst, dir: false } => push(&[&"--ro-bind", &"/dev/null", dst]),
+            MountOp::Symlink { target, dst } => push(&[&"--symlink", target, dst]),
+            MountOp::Tmpfs { dst, mode } => {
+                let perms = format!("{mode:04o}");
+                push(&[&"--perms", &perms, &"--tmpfs", dst]);
+            }
+            MountOp::File { dst, contents } => {
+                let fd = inherited
+                    .memfd("mxc-vm-file", contents.as_bytes())?
+                    .to_string();
+                push(&[&"--ro-bind-data", &fd, dst]);
+            }
+            MountOp::Dev => push(&[&"--dev", &"/dev"]),
+            MountOp::Proc => push(&[&"--proc", &"/proc"]),
+        }
+    }
+    for dst in &remount_ro {
+        push(&[&"--remount-ro", dst]);
+    }
+    push(&[&"--remount-ro", &"/"]);
+    for prog in crate::seccomp::filters().map_err(|e| SandboxError::Setup {
+        stage: "seccomp".into(),
+        message: e.to_string(),
+    })? {
+        let fd = inherited
+            .memfd("mxc-vm-seccomp", &crate::seccomp::to_bytes(&prog))?
+            .to_string();
+        push(&[&"--add-seccomp-fd", &fd]);
+    }
+    push(&[&"--clearenv"]);
+    for (k, v) in compose_env(&req.env) {
+        push(&[&"--setenv", &k, &v]);
+    }
+    let cwd = req.cwd.clone().unwrap_or_else(|| view.default_cwd.clone());
+    push(&[&"--chdir", &cwd]);
+    push(&[&"--"]);
+    for arg in &req.argv {
+        push(&[arg]);
+    }
+    Ok(a)
+}
+
+/// bwrap's `--json-status-fd` lines: `{ "child-pid": N }` and `{ "exit-code": N }`.
+fn parse_bwrap_status(line: &[u8]) -> Option<Status> {
+    let v: serde_json::Value = serde_json::from_slice(line).ok()?;
+    if let Some(pid) = v.get("child-pid").and_then(|p| p.as_i64()) {
+        return Some(Status::Child { pid: pid as i32 });
+    }
+    let code = v.get("exit-code").and_then(|c| c.as_i64())? as i32;
+    if code > 128 && code < 128 + 65 {
+        return Some(Status::Signal { signal: code - 128 });
+    }
+    Some(Status::Exit { code })
+}
+
+struct BwrapKiller<'a> {
+    child: &'a mut Child,
+}
+
+impl Killer for BwrapKiller<'_> {
+    fn kill(&mut self, extra_pid: Option<i32>) {
+        if let Some(pid) = extra_pid {
+            // SAFETY: kill() has no memory effects.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = self.child.kill();
+    }
+}
+
+impl Backend for BubblewrapBackend {
+    fn name(&self) -> &'static str {
+        "bubblewrap"
+    }
+
+    fn provision(&mut self, spec: &SandboxSpec) -> Result<(), SandboxError> {
+        let net = net_mode(&spec.policy, "bubblewrap")?;
+        if let Some(proxy) = &spec.policy.network.upstream_proxy {
+            return Err(SandboxError::Unenforceable {
+                backend: "bubblewrap",
+                what: format!("an upstream proxy ({proxy}) before the network policy proxy exists"),
+            });
+        }
+        let bwrap = bwrap_path().ok_or(SandboxError::Unavailable {
+            backend: "bubblewrap",
+            reason: "bwrap is not installed (apt-get install bubblewrap)".into(),
+        })?;
+        let cwd = std::env::current_dir().ok();
+        self.view = Some(SandboxView::build(&spec.view, net, cwd.as_deref()));
+        self.net = Some(net);
+        self.bwrap = Some(bwrap);
+        self.enforcement = Some(limits::detect());
+        self.spec = Some(spec.clone());
+        Ok(())
+    }
+
+    fn start(&mut self) -> Result<(), SandboxError> {
+        if self.spec.is_none() {
+            return Err(SandboxError::Lifecycle("start before provision"));
+        }
+        self.started = true;
+        Ok(())
+    }
+
+    fn exec(
+        &mut self,
+        req: &ExecRequest,
+        io: &mut ExecIo<'_>,
+    ) -> Result<ExecOutcome, SandboxError> {
+        let (Some(spec), Some(view), Some(net), Some(bwrap), Some(enforcement)) = (
+            &self.spec,
+            &self.view,
+            self.net,
+            &self.bwrap,
+            &self.enforcement,
+        ) else {
+            return Err(SandboxError::Lifecycle("exec before provision"));
+        };
+        if !self.started {
+            return Err(SandboxError::Lifecycle("exec before start"));
+        }
+        if req.argv.is_empty() {
+            return Err(SandboxError::NoCommand);
+        }
+        let cgroup = match enforcement {
+            Enforcement::Cgroup2 { parent } => Some(
+                SandboxCgroup::create(parent, &spec.id, &spec.policy.limits).map_err(|e| {
+                    SandboxError::Setup {
+                        stage: "cgroup".into(),
+                        message: e.to_string(),
+                    }
+                })?,
+            ),
+            Enforcement::Rlimits { .. } => None,
+        };
+        let rlimits = limits::rlimits(&spec.policy.limits, cgroup.is_some());
+        let mut inherited = Inherited { fds: Vec::new() };
+        let mut args = build_args(view, net, req, &mut inherited)?;
+
+        let mut status_fds = [0i32; 2];
+        // SAFETY: pipe2 writes two descriptors into our array.
+        if unsafe { libc::pipe2(status_fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(SandboxError::io("pipe", std::io::Error::last_os_error()));
+        }
+        // SAFETY: both descriptors were just created and are owned by nobody else.
+        let (status_r, status_w) = unsafe {
+            (
+                OwnedFd::from_raw_fd(status_fds[0]),
+                OwnedFd::from_raw_fd(status_fds[1]),
+            )
+        };
+        let status_raw = status_w.as_raw_fd();
+        args.insert(0, OsString::from(status_raw.to_string()));
+        args.insert(0, OsString::from("--json-status-fd"));
+
+        let procs = cgroup
+            .as_ref()
+            .map(|c| CString::new(c.procs_file().into_os_string().into_encoded_bytes()))
+            .transpose()
+            .map_err(|_| SandboxError::Lifecycle("cgroup path contains NUL"))?;
+        let mut cmd = Command::new(bwrap);
+        cmd.args(&args).env_clear();
+        cmd.stdin(match io.stdin {
+            StdinMode::Inherit => Stdio::inherit(),
+            StdinMode::Null => Stdio::null(),
+        });
+        if io.sink.is_some() {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
+        // SAFETY: only async-signal-safe calls (open/write/close, fcntl, setrlimit, prctl).
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(p) = &procs {
+                    let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(fd);
+                }
+                if libc::fcntl(status_raw, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                for l in &rlimits {
+                    let rl = libc::rlimit {
+                        rlim_cur: l.value,
+                        rlim_max: l.value,
+                    };
+                    if libc::setrlimit(l.resource as _, &rl) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| SandboxError::io(format!("starting {}", bwrap.display()), e))?;
+        drop(status_w);
+        drop(inherited);
+        let pipes = Pipes {
+            stdout: child.stdout.take().map(OwnedFd::from),
+            stderr: child.stderr.take().map(OwnedFd::from),
+            status: Some(status_r),
+        };
+        let mut killer = BwrapKiller { child: &mut child };
+        let result = supervise::supervise(
+            pipes,
+            io,
+            req.timeout,
+            &mut killer,
+            parse_bwrap_status,
+            &mut self.warnings,
+        );
+        let waited = child.wait();
+        drop(cgroup);
+        match result {
+            Err(SandboxError::Setup { stage, .. }) if stage == "supervise" => {
+                let code = waited.ok().and_then(|s| s.code()).unwrap_or(-1);
+                Err(SandboxError::Setup {
+                    stage: "bwrap".into(),
+                    message: format!(
+                        "bwrap failed before running the command (exit status {code}; its \
+                         message is above)"
+                    ),
+                })
+            }
+            other => other,
+        }
+    }
+
+    fn stop(&mut self) -> Result<(), SandboxError> {
+        self.started = false;
+        Ok(())
+    }
+
+    fn deprovision(&mut self) -> Result<(), SandboxError> {
+        self.spec = None;
+        self.view = None;
+        Ok(())
+    }
+}
+
+/// The bwrap command line for a spec and request, for `--dry-run`-style inspection and tests.
+pub fn command_line(spec: &SandboxSpec, req: &ExecRequest) -> Result<Vec<OsString>, SandboxError> {
+    let net = net_mode(&spec.policy, "bubblewrap")?;
+    let view = SandboxView::build(&spec.view, net, Some(Path::new("/")));
+    let mut inherited = Inherited { fds: Vec::new() };
+    build_args(&view, net, req, &mut inherited)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bwrap_status_lines_parse() {
+        assert_eq!(
+            parse_bwrap_status(br#"{ "child-pid": 42 }"#),
+            Some(Status::Child { pid: 42 })
+        );
+        assert_eq!(
+            parse_bwrap_status(br#"{ "exit-code": 3 }"#),
+            Some(Status::Exit { code: 3 })
+        );
+        assert_eq!(
+            parse_bwrap_status(br#"{ "exit-code": 137 }"#),
+            Some(Status::Signal { signal: 9 })
+        );
+    }
+}

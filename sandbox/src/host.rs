@@ -1,0 +1,158 @@
+//! What this host can do: which backends are available, and for each that is not, why.
+
+use serde::Serialize;
+
+use crate::limits;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendStatus {
+    pub name: &'static str,
+    pub available: bool,
+    /// Why it is unavailable, or `None`.
+    pub reason: Option<String>,
+    /// Facts about how it enforces the policy here.
+    pub details: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HostReport {
+    pub process: BackendStatus,
+    pub bubblewrap: BackendStatus,
+    pub microvm: BackendStatus,
+    pub hyperlight: BackendStatus,
+}
+
+impl HostReport {
+    pub fn all(&self) -> [&BackendStatus; 4] {
+        [
+            &self.process,
+            &self.bubblewrap,
+            &self.microvm,
+            &self.hyperlight,
+        ]
+    }
+}
+
+/// Try to create the namespaces the process backend needs, in a throw-away child.
+fn can_unshare() -> Result<(), String> {
+    let flags = libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWNET;
+    // SAFETY: the child only calls unshare and _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: async-signal-safe calls only.
+        unsafe {
+            let rc = libc::unshare(flags);
+            let errno = if rc == 0 {
+                0
+            } else {
+                *libc::__errno_location()
+            };
+            libc::_exit(errno.clamp(0, 255));
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waitpid writes into our integer.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    match libc::WEXITSTATUS(status) {
+        0 => Ok(()),
+        errno => Err(format!(
+            "cannot create user/mount/pid/net namespaces: {} (check \
+             /proc/sys/user/max_user_namespaces and kernel.unprivileged_userns_clone)",
+            std::io::Error::from_raw_os_error(errno)
+        )),
+    }
+}
+
+fn process_status() -> BackendStatus {
+    let mut details = vec![format!("limits: {}", limits::detect().describe())];
+    let abi = crate::process::landlock_abi();
+    details.push(if abi > 0 {
+        format!("landlock ABI {abi}")
+    } else {
+        "landlock unavailable (mount namespace only)".into()
+    });
+    match can_unshare() {
+        Ok(()) => BackendStatus {
+            name: "process",
+            available: true,
+            reason: None,
+            details,
+        },
+        Err(reason) => BackendStatus {
+            name: "process",
+            available: false,
+            reason: Some(reason),
+            details,
+        },
+    }
+}
+
+fn bubblewrap_status() -> BackendStatus {
+    match crate::bubblewrap::version() {
+        Ok(v) => BackendStatus {
+            name: "bubblewrap",
+            available: true,
+            reason: None,
+            details: vec![v, format!("limits: {}", limits::detect().describe())],
+        },
+        Err(reason) => BackendStatus {
+            name: "bubblewrap",
+            available: false,
+            reason: Some(reason),
+            details: vec![],
+        },
+    }
+}
+
+/// Whether /dev/kvm can be opened, and what kind of KVM it is.
+pub fn kvm_kind() -> Result<&'static str, String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(|e| format!("/dev/kvm: {e}"))?;
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        Ok("kvm_pvm (nested, no VMX/SVM: guest kernel code is emulated)")
+    } else {
+        Ok("hardware KVM")
+    }
+}
+
+fn microvm_status() -> BackendStatus {
+    let details = match kvm_kind() {
+        Ok(kind) => vec![format!("hypervisor: {kind}")],
+        Err(e) => vec![e],
+    };
+    BackendStatus {
+        name: "microvm",
+        available: false,
+        reason: Some("the microVM backend is not built into this version".into()),
+        details,
+    }
+}
+
+fn hyperlight_status() -> BackendStatus {
+    BackendStatus {
+        name: "hyperlight",
+        available: false,
+        reason: Some(
+            "not built into this version: Hyperlight guests run at CPL0, which needs hardware \
+             KVM, and need a Hyperlight guest binary"
+                .into(),
+        ),
+        details: vec![],
+    }
+}
+
+/// Probe the host.
+pub fn probe() -> HostReport {
+    HostReport {
+        process: process_status(),
+        bubblewrap: bubblewrap_status(),
+        microvm: microvm_status(),
+        hyperlight: hyperlight_status(),
+    }
+}

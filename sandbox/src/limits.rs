@@ -1,0 +1,222 @@
+//! Resource limits: a delegated cgroup v2 when the host offers one, else rlimits.
+
+use std::path::{Path, PathBuf};
+
+use policy::Limits;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LimitsError {
+    #[error("cannot create cgroup {path}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {value} to {path}")]
+    Write {
+        path: PathBuf,
+        value: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One rlimit to set: (resource, soft = hard value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    pub resource: u32,
+    pub value: u64,
+}
+
+/// How the limits of a policy are enforced on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enforcement {
+    /// A delegated cgroup v2 directory under which mxc-vm creates one cgroup per sandbox.
+    Cgroup2 { parent: PathBuf },
+    /// No usable cgroup: per-process rlimits (RLIMIT_AS for memory, RLIMIT_NPROC inside the
+    /// sandbox's own user namespace for pids).
+    Rlimits { why: String },
+}
+
+impl Enforcement {
+    pub fn describe(&self) -> String {
+        match self {
+            Enforcement::Cgroup2 { parent } => format!("cgroup v2 under {}", parent.display()),
+            Enforcement::Rlimits { why } => format!("rlimits ({why})"),
+        }
+    }
+}
+
+/// Find out how this host can enforce limits.
+pub fn detect() -> Enforcement {
+    match delegated_cgroup() {
+        Ok(parent) => Enforcement::Cgroup2 { parent },
+        Err(why) => Enforcement::Rlimits { why },
+    }
+}
+
+/// Our own cgroup v2 directory if it is writable and offers the memory and pids
+/// controllers to its children.
+fn delegated_cgroup() -> Result<PathBuf, String> {
+    let root = Path::new("/sys/fs/cgroup");
+    let is_v2 = root.join("cgroup.controllers").exists();
+    if !is_v2 {
+        return Err("no unified cgroup v2 hierarchy at /sys/fs/cgroup".into());
+    }
+    let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+    let rel = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or("this process is in no cgroup v2")?;
+    let dir = root.join(rel.trim_start_matches('/'));
+    let controllers =
+        std::fs::read_to_string(dir.join("cgroup.controllers")).map_err(|e| e.to_string())?;
+    for needed in ["memory", "pids"] {
+        if !controllers.split_whitespace().any(|c| c == needed) {
+            return Err(format!(
+                "the {needed} controller is not delegated to {}",
+                dir.display()
+            ));
+        }
+    }
+    // SAFETY: access() only reads the NUL-terminated path we pass.
+    let writable = unsafe {
+        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+            .map_err(|e| e.to_string())?;
+        libc::access(c.as_ptr(), libc::W_OK) == 0
+    };
+    if !writable {
+        return Err(format!("{} is not writable", dir.display()));
+    }
+    Ok(dir)
+}
+
+/// The rlimits that carry the policy's limits when there is no cgroup, plus the ones every
+/// sandbox gets (no core dumps).
+pub fn rlimits(limits: &Limits, with_cgroup: bool) -> Vec<Rlimit> {
+    let mut v = vec![Rlimit {
+        resource: libc::RLIMIT_CORE,
+        value: 0,
+    }];
+    if !with_cgroup {
+        if let Some(mib) = limits.memory_mib {
+            v.push(Rlimit {
+                resource: libc::RLIMIT_AS,
+                value: mib.saturating_mul(1024 * 1024),
+            });
+        }
+        if let Some(pids) = limits.pids {
+            v.push(Rlimit {
+                resource: libc::RLIMIT_NPROC,
+                value: u64::from(pids),
+            });
+        }
+    }
+    v
+}
+
+/// Apply rlimits to the calling process.
+pub fn apply_rlimits(limits: &[Rlimit]) -> std::io::Result<()> {
+    for l in limits {
+        let rl = libc::rlimit {
+            rlim_cur: l.value,
+            rlim_max: l.value,
+        };
+        // SAFETY: setrlimit reads the struct we pass by pointer.
+        if unsafe { libc::setrlimit(l.resource as _, &rl) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A per-sandbox cgroup; removed on drop.
+#[derive(Debug)]
+pub struct SandboxCgroup {
+    path: PathBuf,
+}
+
+impl SandboxCgroup {
+    pub fn create(parent: &Path, id: &str, limits: &Limits) -> Result<Self, LimitsError> {
+        let path = parent.join(format!("mxc-vm-{id}"));
+        std::fs::create_dir(&path).map_err(|source| LimitsError::Create {
+            path: path.clone(),
+            source,
+        })?;
+        let cg = SandboxCgroup { path };
+        if let Some(mib) = limits.memory_mib {
+            let bytes = mib.saturating_mul(1024 * 1024).to_string();
+            cg.write("memory.max", &bytes)?;
+            cg.write("memory.swap.max", "0").ok();
+        }
+        if let Some(pids) = limits.pids {
+            cg.write("pids.max", &pids.to_string())?;
+        }
+        if let Some(cpus) = limits.vcpus {
+            cg.write("cpu.max", &format!("{} 100000", u64::from(cpus) * 100_000))
+                .ok();
+        }
+        Ok(cg)
+    }
+
+    fn write(&self, file: &str, value: &str) -> Result<(), LimitsError> {
+        let path = self.path.join(file);
+        std::fs::write(&path, value).map_err(|source| LimitsError::Write {
+            path,
+            value: value.into(),
+            source,
+        })
+    }
+
+    /// `cgroup.procs` of this cgroup; a process joins by writing "0" to it.
+    pub fn procs_file(&self) -> PathBuf {
+        self.path.join("cgroup.procs")
+    }
+}
+
+impl Drop for SandboxCgroup {
+    fn drop(&mut self) {
+        // Killing the members first lets rmdir succeed even if something escaped the wait.
+        let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rlimits_carry_memory_and_pids_without_cgroup() {
+        let limits = Limits {
+            memory_mib: Some(64),
+            pids: Some(32),
+            ..Limits::default()
+        };
+        let v = rlimits(&limits, false);
+        assert!(v.contains(&Rlimit {
+            resource: libc::RLIMIT_AS,
+            value: 64 << 20
+        }));
+        assert!(v.contains(&Rlimit {
+            resource: libc::RLIMIT_NPROC,
+            value: 32
+        }));
+    }
+
+    #[test]
+    fn rlimits_leave_memory_to_the_cgroup() {
+        let limits = Limits {
+            memory_mib: Some(64),
+            ..Limits::default()
+        };
+        let v = rlimits(&limits, true);
+        assert!(!v.iter().any(|r| r.resource == libc::RLIMIT_AS));
+    }
+}

@@ -1,0 +1,140 @@
+//! Where a command's input comes from and where its output goes.
+
+use std::io::Write;
+
+/// Which output stream a chunk belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    Stdout,
+    Stderr,
+}
+
+/// Receives output chunks as they arrive (never buffered to the end).
+pub trait OutputSink {
+    fn chunk(&mut self, kind: StreamKind, data: &[u8]) -> std::io::Result<()>;
+}
+
+/// Writes chunks to this process's own stdout and stderr, flushing each one.
+#[derive(Debug, Default)]
+pub struct PassThrough;
+
+impl OutputSink for PassThrough {
+    fn chunk(&mut self, kind: StreamKind, data: &[u8]) -> std::io::Result<()> {
+        match kind {
+            StreamKind::Stdout => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(data)?;
+                out.flush()
+            }
+            StreamKind::Stderr => {
+                let mut err = std::io::stderr().lock();
+                err.write_all(data)?;
+                err.flush()
+            }
+        }
+    }
+}
+
+/// Collects output in memory (tests and small library calls).
+#[derive(Debug, Default)]
+pub struct Collect {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl OutputSink for Collect {
+    fn chunk(&mut self, kind: StreamKind, data: &[u8]) -> std::io::Result<()> {
+        match kind {
+            StreamKind::Stdout => self.stdout.extend_from_slice(data),
+            StreamKind::Stderr => self.stderr.extend_from_slice(data),
+        }
+        Ok(())
+    }
+}
+
+/// Standard input of the command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StdinMode {
+    /// The command reads this process's stdin.
+    Inherit,
+    /// The command's stdin is empty.
+    Null,
+}
+
+/// The I/O wiring for one exec.
+pub struct ExecIo<'a> {
+    pub stdin: StdinMode,
+    /// `None`: the command writes straight to this process's stdout/stderr (fastest, keeps
+    /// a terminal a terminal). `Some`: chunks are relayed to the sink.
+    pub sink: Option<&'a mut dyn OutputSink>,
+    /// Most bytes of stdout+stderr passed on; the rest is counted and dropped.
+    pub output_limit: Option<u64>,
+}
+
+impl std::fmt::Debug for ExecIo<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecIo")
+            .field("stdin", &self.stdin)
+            .field("sink", &self.sink.is_some())
+            .field("output_limit", &self.output_limit)
+            .finish()
+    }
+}
+
+impl<'a> ExecIo<'a> {
+    /// Inherit stdin, relay output to `sink`.
+    pub fn to_sink(sink: &'a mut dyn OutputSink) -> Self {
+        Self {
+            stdin: StdinMode::Inherit,
+            sink: Some(sink),
+            output_limit: None,
+        }
+    }
+}
+
+/// Applies an output byte limit in front of a sink.
+#[derive(Debug, Default)]
+pub(crate) struct Limiter {
+    pub(crate) passed: u64,
+    pub(crate) truncated: bool,
+}
+
+impl Limiter {
+    /// The part of `data` that may still pass under `limit`.
+    pub(crate) fn admit<'d>(&mut self, limit: Option<u64>, data: &'d [u8]) -> &'d [u8] {
+        let Some(limit) = limit else {
+            return data;
+        };
+        let room = limit.saturating_sub(self.passed);
+        let take = (data.len() as u64).min(room) as usize;
+        if take < data.len() {
+            self.truncated = true;
+        }
+        self.passed += take as u64;
+        data.get(..take).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limiter_cuts_at_the_limit_and_flags_truncation() {
+        let mut l = Limiter::default();
+        let first = l.admit(Some(5), b"abc").to_vec();
+        let second = l.admit(Some(5), b"defg").to_vec();
+        let third = l.admit(Some(5), b"h").to_vec();
+        assert_eq!(
+            (first, second, third, l.truncated),
+            (b"abc".to_vec(), b"de".to_vec(), vec![], true)
+        );
+    }
+
+    #[test]
+    fn limiter_without_limit_passes_everything() {
+        let mut l = Limiter::default();
+        assert_eq!(l.admit(None, b"abc"), b"abc");
+        assert!(!l.truncated);
+    }
+}

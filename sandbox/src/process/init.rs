@@ -1,0 +1,316 @@
+//! The sandbox init: runs as `mxc-vm __sandbox-init` inside the new namespaces.
+//!
+//! It builds the root (mounts.rs), forks PID 1 of the new PID namespace, which mounts
+//! /proc, pivots into the root and forks the command. The command then applies rlimits,
+//! Landlock, drops every capability, sets no_new_privs, installs the seccomp filters and
+//! execs. Every failure is reported on the status pipe (fd 3) as a [`Status`] line.
+
+use std::ffi::CString;
+use std::io::Read;
+use std::os::fd::FromRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use super::{landlock_rules, mounts, InitPlan, INIT_ARG, PLAN_FD, STATUS_FD};
+use crate::supervise::Status;
+use crate::view::{NetMode, SANDBOX_HOSTNAME};
+
+/// Exit code of the init when setup failed.
+const SETUP_FAILED: i32 = 125;
+
+/// If this process was started as the sandbox init, run it and exit.
+pub fn hook() {
+    let mut args = std::env::args_os();
+    let _argv0 = args.next();
+    if args.next().as_deref() == Some(std::ffi::OsStr::new(INIT_ARG)) {
+        let code = run();
+        std::process::exit(code);
+    }
+}
+
+fn report(status: &Status) {
+    let line = status.to_line();
+    // SAFETY: writing our own buffer to the inherited status descriptor.
+    unsafe { libc::write(STATUS_FD, line.as_ptr().cast(), line.len()) };
+}
+
+fn fail(stage: &str, message: impl std::fmt::Display) -> i32 {
+    report(&Status::Error {
+        stage: stage.into(),
+        message: message.to_string(),
+    });
+    SETUP_FAILED
+}
+
+fn read_plan() -> Result<InitPlan, String> {
+    // SAFETY: PLAN_FD was placed by the parent and is owned by nobody else here.
+    let mut file = unsafe { std::fs::File::from_raw_fd(PLAN_FD) };
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+}
+
+fn run() -> i32 {
+    // The status descriptor must not leak into the command.
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe { libc::fcntl(STATUS_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+    let plan = match read_plan() {
+        Ok(p) => p,
+        Err(e) => return fail("plan", e),
+    };
+    if let Err(e) = mounts::enter_scratch_root() {
+        return fail("mount", e);
+    }
+    if let Err(e) = mounts::build_root(&plan.view) {
+        return fail("mount", e);
+    }
+    // SAFETY: fork in a single-threaded process.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return fail("fork", std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        let code = pid_one(&plan);
+        // SAFETY: leave the child without running the parent's atexit handlers.
+        unsafe { libc::_exit(code) };
+    }
+    report(&Status::Child { pid });
+    wait_exit_code(pid)
+}
+
+/// Wait for `pid` and turn its status into an exit code.
+fn wait_exit_code(pid: libc::pid_t) -> i32 {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid writes the status into our integer.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            break;
+        }
+        if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return SETUP_FAILED;
+        }
+    }
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        128 + libc::WTERMSIG(status)
+    }
+}
+
+/// PID 1 of the sandbox's PID namespace.
+fn pid_one(plan: &InitPlan) -> i32 {
+    // SAFETY: prctl without memory arguments.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    if let Err(e) = mounts::finish_root() {
+        return fail("mount", e);
+    }
+    if plan.net == NetMode::LoopbackOnly {
+        if let Err(e) = loopback_up() {
+            return fail("network", format!("bringing up lo: {e}"));
+        }
+    }
+    // SAFETY: sethostname reads the buffer of the given length.
+    unsafe { libc::sethostname(SANDBOX_HOSTNAME.as_ptr().cast(), SANDBOX_HOSTNAME.len()) };
+
+    // SAFETY: fork in a single-threaded process.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return fail("fork", std::io::Error::last_os_error());
+    }
+    if child == 0 {
+        let code = command(plan);
+        // SAFETY: leave without running atexit handlers.
+        unsafe { libc::_exit(code) };
+    }
+    // Reap everything; return when the command itself exits. Leaving then tears the
+    // namespace down, killing whatever the command left behind.
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes into our integer.
+        let r = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if r < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return fail("wait", std::io::Error::last_os_error());
+        }
+        if r != child {
+            continue;
+        }
+        if libc::WIFEXITED(status) {
+            let code = libc::WEXITSTATUS(status);
+            report(&Status::Exit { code });
+            return code;
+        }
+        if libc::WIFSIGNALED(status) {
+            let signal = libc::WTERMSIG(status);
+            report(&Status::Signal { signal });
+            return 128 + signal;
+        }
+    }
+}
+
+fn loopback_up() -> std::io::Result<()> {
+    // SAFETY: socket/ioctl/close on our own descriptor with a zeroed ifreq we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+            *dst = *src as libc::c_char;
+        }
+        let mut rc = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr);
+        if rc == 0 {
+            ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            rc = libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr);
+        }
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if rc != 0 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+/// The command's own process: confine, then exec. Returns only on failure.
+fn command(plan: &InitPlan) -> i32 {
+    // A new session: no controlling terminal to inject input into.
+    // SAFETY: setsid has no arguments.
+    unsafe { libc::setsid() };
+    if let Err(e) = crate::limits::apply_rlimits(&plan.rlimits) {
+        return fail("rlimits", e);
+    }
+    if let Err(e) = std::env::set_current_dir(&plan.cwd) {
+        return exec_failed(
+            format!("cannot enter working directory {}: {e}", plan.cwd.display()),
+            SETUP_FAILED,
+        );
+    }
+    let program = match resolve_program(plan) {
+        Ok(p) => p,
+        Err((message, code)) => return exec_failed(message, code),
+    };
+    let argv: Vec<CString> = plan
+        .argv
+        .iter()
+        .filter_map(|a| CString::new(a.as_bytes()).ok())
+        .collect();
+    let envp: Vec<CString> = plan
+        .env
+        .iter()
+        .filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok())
+        .collect();
+    let Ok(prog) = CString::new(program.as_os_str().as_bytes()) else {
+        return exec_failed("program path contains NUL".into(), 126);
+    };
+    match landlock_rules::restrict(&plan.view.landlock_ro, &plan.view.landlock_rw) {
+        Ok(Some(warning)) => report(&Status::Warning { message: warning }),
+        Ok(None) => {}
+        Err(e) => return fail("landlock", e),
+    }
+    if let Err(e) = drop_capabilities() {
+        return fail("capabilities", e);
+    }
+    // SAFETY: prctl without memory arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return fail("no_new_privs", std::io::Error::last_os_error());
+    }
+    if let Err(e) = crate::seccomp::install() {
+        return fail("seccomp", e);
+    }
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut env_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
+    env_ptrs.push(std::ptr::null());
+    // SAFETY: prog, argv and envp are NUL-terminated arrays of NUL-terminated strings that
+    // live until execve returns (it only returns on failure).
+    unsafe { libc::execve(prog.as_ptr(), argv_ptrs.as_ptr(), env_ptrs.as_ptr()) };
+    let e = std::io::Error::last_os_error();
+    let code = if e.raw_os_error() == Some(libc::ENOENT) {
+        127
+    } else {
+        126
+    };
+    exec_failed(format!("cannot execute {}: {e}", program.display()), code)
+}
+
+fn exec_failed(message: String, code: i32) -> i32 {
+    report(&Status::ExecFailed { message, code });
+    code
+}
+
+/// argv[0] as a path: used as is when it contains a slash, else searched in PATH.
+fn resolve_program(plan: &InitPlan) -> Result<PathBuf, (String, i32)> {
+    let Some(name) = plan.argv.first() else {
+        return Err(("empty command".into(), 127));
+    };
+    if name.contains('/') {
+        return Ok(PathBuf::from(name));
+    }
+    let path = plan
+        .env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map_or("/usr/bin:/bin", |(_, v)| v.as_str());
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let candidate = Path::new(dir).join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err((
+        format!("{name}: command not found in the sandbox (PATH={path})"),
+        127,
+    ))
+}
+
+/// Drop every capability: bounding set, ambient set, then effective/permitted/inheritable.
+fn drop_capabilities() -> std::io::Result<()> {
+    // SAFETY: prctl calls without memory arguments; capset reads the two structs we own.
+    unsafe {
+        for cap in 0..64 {
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
+                && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        );
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        let header = Header {
+            version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+            pid: 0,
+        };
+        let data = [Data {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        if libc::syscall(libc::SYS_capset, &header, data.as_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,403 @@
+//! The native `process` backend: Linux namespaces, a fresh root of read-only binds,
+//! Landlock as a second layer, a seccomp filter, no new privileges, and cgroup v2 or
+//! rlimit limits.
+//!
+//! Process tree (host view):
+//! ```text
+//! mxc-vm (supervisor)            relays output, enforces the timeout
+//!  └─ mxc-vm __sandbox-init      new user/mount/ipc/uts/cgroup[/net] namespaces; builds the root
+//!      └─ PID 1 of a new PID ns  mounts /proc, pivots into the root, reaps
+//!          └─ the command        Landlock + no_new_privs + seccomp, then execve
+//! ```
+//! The init is a fresh exec of the current binary (see [`crate::init_hook`]), so all of
+//! the setup runs in a single-threaded process whatever the caller's threads are doing.
+
+pub mod init;
+mod landlock_rules;
+mod mounts;
+
+use std::ffi::CString;
+use std::io::{Seek, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+
+use crate::limits::{self, Enforcement, Rlimit, SandboxCgroup};
+use crate::output::{ExecIo, StdinMode};
+use crate::supervise::{self, Killer, Pipes};
+use crate::view::{NetMode, SandboxView};
+use crate::{Backend, ExecOutcome, ExecRequest, SandboxError, SandboxSpec};
+pub use landlock_rules::kernel_abi as landlock_abi;
+
+/// argv[1] that makes the binary run as the sandbox init.
+pub const INIT_ARG: &str = "__sandbox-init";
+/// Inherited descriptor of the status pipe in the init.
+pub(crate) const STATUS_FD: i32 = 3;
+/// Inherited descriptor of the plan (a sealed memfd) in the init.
+pub(crate) const PLAN_FD: i32 = 4;
+
+/// The default environment below the policy's own: enough for programs to find each other.
+pub const BASE_ENV: &[(&str, &str)] = &[
+    (
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ),
+    ("HOME", "/tmp"),
+];
+
+/// Everything the init needs, serialised into a memfd.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct InitPlan {
+    pub view: SandboxView,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: PathBuf,
+    pub net: NetMode,
+    pub rlimits: Vec<Rlimit>,
+}
+
+/// Compose the environment: base variables, then the request's (which win).
+pub fn compose_env(req: &[(String, String)]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = BASE_ENV
+        .iter()
+        .filter(|(k, _)| !req.iter().any(|(rk, _)| rk == k))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    env.extend(req.iter().cloned());
+    env
+}
+
+/// The network mode a policy needs, or why this backend cannot enforce it.
+pub fn net_mode(policy: &policy::Policy, backend: &'static str) -> Result<NetMode, SandboxError> {
+    if policy.network.is_deny_all() {
+        Ok(NetMode::LoopbackOnly)
+    } else if policy.network.is_allow_all() {
+        Ok(NetMode::Host)
+    } else {
+        Err(SandboxError::Unenforceable {
+            backend,
+            what: "network allow/deny rules by domain, address or port (this version \
+                   enforces only `default: deny` with no rules, or `default: allow` with no \
+                   rules)"
+                .into(),
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct ProcessBackend {
+    spec: Option<SandboxSpec>,
+    view: Option<SandboxView>,
+    net: Option<NetMode>,
+    enforcement: Option<Enforcement>,
+    started: bool,
+    /// Warnings collected while running (Landlock unavailable, …).
+    pub warnings: Vec<String>,
+}
+
+impl ProcessBackend {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+struct ProcessKiller<'a> {
+    child: &'a mut Child,
+}
+
+impl Killer for ProcessKiller<'_> {
+    fn kill(&mut self, extra_pid: Option<i32>) {
+        if let Some(pid) = extra_pid {
+            // SAFETY: kill() has no memory effects; the pid came from our own init.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = self.child.kill();
+    }
+}
+
+impl Backend for ProcessBackend {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    fn provision(&mut self, spec: &SandboxSpec) -> Result<(), SandboxError> {
+        let net = net_mode(&spec.policy, "process")?;
+        if let Some(proxy) = &spec.policy.network.upstream_proxy {
+            return Err(SandboxError::Unenforceable {
+                backend: "process",
+                what: format!("an upstream proxy ({proxy}) before the network policy proxy exists"),
+            });
+        }
+        let cwd = std::env::current_dir().ok();
+        self.view = Some(SandboxView::build(&spec.view, net, cwd.as_deref()));
+        self.net = Some(net);
+        self.enforcement = Some(limits::detect());
+        self.spec = Some(spec.clone());
+        Ok(())
+    }
+
+    fn start(&mut self) -> Result<(), SandboxError> {
+        if self.spec.is_none() {
+            return Err(SandboxError::Lifecycle("start before provision"));
+        }
+        self.started = true;
+        Ok(())
+    }
+
+    fn exec(
+        &mut self,
+        req: &ExecRequest,
+        io: &mut ExecIo<'_>,
+    ) -> Result<ExecOutcome, SandboxError> {
+        let (Some(spec), Some(view), Some(net), Some(enforcement)) =
+            (&self.spec, &self.view, self.net, &self.enforcement)
+        else {
+            return Err(SandboxError::Lifecycle("exec before provision"));
+        };
+        if !self.started {
+            return Err(SandboxError::Lifecycle("exec before start"));
+        }
+        if req.argv.is_empty() {
+            return Err(SandboxError::NoCommand);
+        }
+        let cgroup = match enforcement {
+            Enforcement::Cgroup2 { parent } => Some(
+                SandboxCgroup::create(parent, &spec.id, &spec.policy.limits).map_err(|e| {
+                    SandboxError::Setup {
+                        stage: "cgroup".into(),
+                        message: e.to_string(),
+                    }
+                })?,
+            ),
+            Enforcement::Rlimits { .. } => None,
+        };
+        let plan = InitPlan {
+            view: view.clone(),
+            argv: req.argv.clone(),
+            env: compose_env(&req.env),
+            cwd: req.cwd.clone().unwrap_or_else(|| view.default_cwd.clone()),
+            net,
+            rlimits: limits::rlimits(&spec.policy.limits, cgroup.is_some()),
+        };
+        let mut warnings = Vec::new();
+        let outcome = spawn_and_supervise(&plan, io, req.timeout, cgroup.as_ref(), &mut warnings);
+        self.warnings.extend(warnings);
+        drop(cgroup);
+        outcome
+    }
+
+    fn stop(&mut self) -> Result<(), SandboxError> {
+        // Every exec's process tree is gone when exec returns (its PID namespace dies
+        // with its PID 1), so there is nothing left to stop.
+        self.started = false;
+        Ok(())
+    }
+
+    fn deprovision(&mut self) -> Result<(), SandboxError> {
+        self.spec = None;
+        self.view = None;
+        Ok(())
+    }
+}
+
+fn pipe_cloexec() -> Result<(OwnedFd, OwnedFd), SandboxError> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(SandboxError::io("pipe", std::io::Error::last_os_error()));
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn plan_memfd(plan: &InitPlan) -> Result<OwnedFd, SandboxError> {
+    let name = c"mxc-vm-plan";
+    // SAFETY: memfd_create reads the NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(SandboxError::io(
+            "memfd_create",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: fd was just created and is owned by nobody else.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    let bytes = serde_json::to_vec(plan).map_err(|e| SandboxError::Setup {
+        stage: "plan".into(),
+        message: e.to_string(),
+    })?;
+    file.write_all(&bytes)
+        .and_then(|()| file.rewind())
+        .map_err(|e| SandboxError::io("writing the sandbox plan", e))?;
+    Ok(OwnedFd::from(file))
+}
+
+fn spawn_and_supervise(
+    plan: &InitPlan,
+    io: &mut ExecIo<'_>,
+    timeout: Option<std::time::Duration>,
+    cgroup: Option<&SandboxCgroup>,
+    warnings: &mut Vec<String>,
+) -> Result<ExecOutcome, SandboxError> {
+    let (status_r, status_w) = pipe_cloexec()?;
+    let plan_fd = plan_memfd(plan)?;
+
+    // Everything the child needs after fork is prepared here: after fork only
+    // async-signal-safe calls are allowed.
+    // SAFETY: getuid/getgid/getpid cannot fail and touch no memory.
+    let (uid, gid, ppid) = unsafe { (libc::getuid(), libc::getgid(), libc::getpid()) };
+    let uid_map = format!("0 {uid} 1");
+    let gid_map = format!("0 {gid} 1");
+    let cgroup_procs = cgroup
+        .map(|c| CString::new(c.procs_file().into_os_string().into_encoded_bytes()))
+        .transpose()
+        .map_err(|_| SandboxError::Lifecycle("cgroup path contains NUL"))?;
+    let mut flags = libc::CLONE_NEWUSER
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWCGROUP;
+    if plan.net == NetMode::LoopbackOnly {
+        flags |= libc::CLONE_NEWNET;
+    }
+    let status_raw = status_w.as_raw_fd();
+    let plan_raw = plan_fd.as_raw_fd();
+
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg0("mxc-vm-sandbox").arg(INIT_ARG).env_clear();
+    cmd.stdin(match io.stdin {
+        StdinMode::Inherit => Stdio::inherit(),
+        StdinMode::Null => Stdio::null(),
+    });
+    let relay = io.sink.is_some();
+    if relay {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    }
+    // SAFETY: the closure only makes async-signal-safe system calls (prctl, unshare,
+    // open/write/close, fcntl, dup2) on data prepared before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            child_setup(
+                cgroup_procs.as_deref(),
+                ppid,
+                flags,
+                uid_map.as_bytes(),
+                gid_map.as_bytes(),
+                status_raw,
+                plan_raw,
+            )
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| SandboxError::io("starting the sandbox init", e))?;
+    drop(status_w);
+    drop(plan_fd);
+    let pipes = Pipes {
+        stdout: child.stdout.take().map(OwnedFd::from),
+        stderr: child.stderr.take().map(OwnedFd::from),
+        status: Some(status_r),
+    };
+    let mut killer = ProcessKiller { child: &mut child };
+    let result = supervise::supervise(
+        pipes,
+        io,
+        timeout,
+        &mut killer,
+        supervise::parse_status,
+        warnings,
+    );
+    // The init exits right after its PID 1; reap it whatever happened.
+    if result.is_err() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    result
+}
+
+/// Runs in the forked child before exec: join the cgroup, die with the parent, enter
+/// new namespaces, map our uid/gid to root inside, and put the status pipe and plan on
+/// fixed descriptor numbers.
+fn child_setup(
+    cgroup_procs: Option<&std::ffi::CStr>,
+    parent: libc::pid_t,
+    flags: libc::c_int,
+    uid_map: &[u8],
+    gid_map: &[u8],
+    status_fd: i32,
+    plan_fd: i32,
+) -> std::io::Result<()> {
+    if let Some(procs) = cgroup_procs {
+        write_file(procs, b"0")?;
+    }
+    // SAFETY: plain system calls without memory arguments.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::getppid() != parent {
+            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        if libc::unshare(flags) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    write_file(c"/proc/self/setgroups", b"deny")?;
+    write_file(c"/proc/self/uid_map", uid_map)?;
+    write_file(c"/proc/self/gid_map", gid_map)?;
+    // Move both descriptors out of the way first, so placing one cannot clobber the other.
+    // SAFETY: fcntl/dup2/close on descriptors this process owns.
+    unsafe {
+        let s = libc::fcntl(status_fd, libc::F_DUPFD_CLOEXEC, 10);
+        let p = libc::fcntl(plan_fd, libc::F_DUPFD_CLOEXEC, 10);
+        if s < 0 || p < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::dup2(s, STATUS_FD) < 0 || libc::dup2(p, PLAN_FD) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        libc::close(s);
+        libc::close(p);
+    }
+    Ok(())
+}
+
+/// open + write + close, async-signal-safe.
+fn write_file(path: &std::ffi::CStr, data: &[u8]) -> std::io::Result<()> {
+    // SAFETY: path is NUL-terminated; data is a valid slice; fd is closed before return.
+    unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let n = libc::write(fd, data.as_ptr().cast(), data.len());
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if n != data.len() as isize {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_env_overrides_the_base() {
+        let env = compose_env(&[("PATH".into(), "/x".into()), ("A".into(), "1".into())]);
+        assert_eq!(
+            env,
+            vec![
+                ("HOME".to_string(), "/tmp".to_string()),
+                ("PATH".to_string(), "/x".to_string()),
+                ("A".to_string(), "1".to_string()),
+            ]
+        );
+    }
+}

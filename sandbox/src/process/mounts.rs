@@ -1,0 +1,368 @@
+//! Realising a [`SandboxView`] as mounts inside the sandbox's private mount namespace.
+//!
+//! Layout while building: `/` is a scratch tmpfs, the host root sits at `/oldroot` (every
+//! host source path is read through it) and the sandbox's root is a tmpfs at `/newroot`.
+//! Host paths were canonicalised by the policy resolver, so an absolute symlink swapped
+//! in afterwards resolves inside the scratch tmpfs and fails instead of escaping.
+
+use std::ffi::CString;
+use std::os::unix::fs::{symlink, DirBuilderExt};
+use std::path::{Path, PathBuf};
+
+use crate::view::{MountOp, SandboxView};
+
+pub(crate) const OLDROOT: &str = "/oldroot";
+pub(crate) const NEWROOT: &str = "/newroot";
+
+/// A failed mount step, naming the path.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {path}: {source}")]
+pub(crate) struct MountError {
+    what: &'static str,
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+fn err(what: &'static str, path: &Path) -> MountError {
+    MountError {
+        what,
+        path: path.to_path_buf(),
+        source: std::io::Error::last_os_error(),
+    }
+}
+
+fn cstr(p: &Path) -> Result<CString, MountError> {
+    CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| MountError {
+        what: "path contains NUL",
+        path: p.to_path_buf(),
+        source: std::io::Error::from_raw_os_error(libc::EINVAL),
+    })
+}
+
+fn mount(
+    src: Option<&Path>,
+    dst: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<(), MountError> {
+    let s = src.map(cstr).transpose()?;
+    let d = cstr(dst)?;
+    let t = fstype.map(|t| CString::new(t).unwrap_or_default());
+    let o = data.map(|o| CString::new(o).unwrap_or_default());
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call, or null.
+    let rc = unsafe {
+        libc::mount(
+            s.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+            d.as_ptr(),
+            t.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+            flags,
+            o.as_ref().map_or(std::ptr::null(), |c| c.as_ptr().cast()),
+        )
+    };
+    if rc != 0 {
+        return Err(err("mount", dst));
+    }
+    Ok(())
+}
+
+/// Make the mount at `path` (and, with `recursive`, everything below it) read-only.
+pub(crate) fn make_readonly(path: &Path, recursive: bool) -> Result<(), MountError> {
+    let c = cstr(path)?;
+    let mut attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let flags = if recursive { libc::AT_RECURSIVE } else { 0 };
+    // SAFETY: mount_setattr reads the path and the attr struct of the size we pass.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            flags as libc::c_uint,
+            &mut attr as *mut libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(err("make read-only", path));
+    }
+    Ok(())
+}
+
+fn mkdir_p(path: &Path) -> Result<(), MountError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(path)
+        .map_err(|source| MountError {
+            what: "mkdir",
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Create an empty file to bind over, unless something is there already.
+fn touch(path: &Path) -> Result<(), MountError> {
+    if let Some(parent) = path.parent() {
+        mkdir_p(parent)?;
+    }
+    if path.symlink_metadata().is_ok() {
+        return Ok(());
+    }
+    std::fs::File::create(path)
+        .map(drop)
+        .map_err(|source| MountError {
+            what: "create mount point",
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn under(root: &str, p: &Path) -> PathBuf {
+    Path::new(root).join(p.strip_prefix("/").unwrap_or(p))
+}
+
+/// Step 1 (in the init, before forking PID 1): private propagation, scratch root,
+/// host root moved to /oldroot, sandbox root tmpfs at /newroot.
+pub(crate) fn enter_scratch_root() -> Result<(), MountError> {
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+    )?;
+    let base = ["/tmp", "/run", "/mnt", "/var/tmp"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.is_dir())
+        .ok_or(MountError {
+            what: "no directory for the scratch root",
+            path: PathBuf::from("/tmp"),
+            source: std::io::Error::from_raw_os_error(libc::ENOENT),
+        })?;
+    mount(
+        Some(Path::new("tmpfs")),
+        base,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=0755"),
+    )?;
+    std::env::set_current_dir(base).map_err(|source| MountError {
+        what: "chdir",
+        path: base.to_path_buf(),
+        source,
+    })?;
+    mkdir_p(Path::new("oldroot"))?;
+    mkdir_p(Path::new("newroot"))?;
+    pivot_root(Path::new("."), Path::new("oldroot"))?;
+    std::env::set_current_dir("/").map_err(|source| MountError {
+        what: "chdir",
+        path: PathBuf::from("/"),
+        source,
+    })?;
+    mount(
+        Some(Path::new("tmpfs")),
+        Path::new(NEWROOT),
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=0755"),
+    )
+}
+
+pub(crate) fn pivot_root(new_root: &Path, put_old: &Path) -> Result<(), MountError> {
+    let n = cstr(new_root)?;
+    let o = cstr(put_old)?;
+    // SAFETY: both are NUL-terminated strings that outlive the call.
+    if unsafe { libc::syscall(libc::SYS_pivot_root, n.as_ptr(), o.as_ptr()) } != 0 {
+        return Err(err("pivot_root", new_root));
+    }
+    Ok(())
+}
+
+/// Step 2 (in the init): realise every op except /proc under /newroot, then make the
+/// masks and the root itself read-only.
+pub(crate) fn build_root(view: &SandboxView) -> Result<(), MountError> {
+    let mut masks = Vec::new();
+    for op in &view.ops {
+        match op {
+            MountOp::Bind {
+                src,
+                dst,
+                readonly,
+                dir,
+            } => {
+                let target = under(NEWROOT, dst);
+                if *dir {
+                    mkdir_p(&target)?;
+                } else {
+                    touch(&target)?;
+                }
+                let source = under(OLDROOT, src);
+                mount(
+                    Some(&source),
+                    &target,
+                    None,
+                    libc::MS_BIND | libc::MS_REC,
+                    None,
+                )?;
+                if *readonly {
+                    make_readonly(&target, true)?;
+                }
+            }
+            MountOp::Mask { dst, dir } => {
+                let target = under(NEWROOT, dst);
+                if *dir {
+                    mount(
+                        Some(Path::new("tmpfs")),
+                        &target,
+                        Some("tmpfs"),
+                        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                        Some("mode=0000,size=4k"),
+                    )?;
+                    masks.push(target);
+                } else {
+                    mount(
+                        Some(&under(OLDROOT, Path::new("/dev/null"))),
+                        &target,
+                        None,
+                        libc::MS_BIND,
+                        None,
+                    )?;
+                    make_readonly(&target, false)?;
+                }
+            }
+            MountOp::Symlink { target, dst } => {
+                let at = under(NEWROOT, dst);
+                if let Some(parent) = at.parent() {
+                    mkdir_p(parent)?;
+                }
+                symlink(target, &at).map_err(|source| MountError {
+                    what: "symlink",
+                    path: at.clone(),
+                    source,
+                })?;
+            }
+            MountOp::Tmpfs { dst, mode } => {
+                let target = under(NEWROOT, dst);
+                mkdir_p(&target)?;
+                mount(
+                    Some(Path::new("tmpfs")),
+                    &target,
+                    Some("tmpfs"),
+                    libc::MS_NOSUID | libc::MS_NODEV,
+                    Some(&format!("mode={mode:o}")),
+                )?;
+            }
+            MountOp::File { dst, contents } => {
+                let at = under(NEWROOT, dst);
+                if let Some(parent) = at.parent() {
+                    mkdir_p(parent)?;
+                }
+                std::fs::write(&at, contents).map_err(|source| MountError {
+                    what: "write",
+                    path: at.clone(),
+                    source,
+                })?;
+            }
+            MountOp::Dev => build_dev()?,
+            MountOp::Proc => mkdir_p(&under(NEWROOT, Path::new("/proc")))?,
+        }
+    }
+    for m in masks {
+        make_readonly(&m, false)?;
+    }
+    make_readonly(Path::new(NEWROOT), false)
+}
+
+/// A minimal /dev: a tmpfs with the harmless character devices bound from the host.
+fn build_dev() -> Result<(), MountError> {
+    let dev = under(NEWROOT, Path::new("/dev"));
+    mkdir_p(&dev)?;
+    mount(
+        Some(Path::new("tmpfs")),
+        &dev,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("mode=0755"),
+    )?;
+    for name in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let target = dev.join(name);
+        touch(&target)?;
+        mount(
+            Some(&under(OLDROOT, &Path::new("/dev").join(name))),
+            &target,
+            None,
+            libc::MS_BIND,
+            None,
+        )?;
+    }
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+        ("core", "/proc/kcore"),
+    ] {
+        symlink(target, dev.join(name)).map_err(|source| MountError {
+            what: "symlink",
+            path: dev.join(name),
+            source,
+        })?;
+    }
+    let shm = dev.join("shm");
+    mkdir_p(&shm)?;
+    mount(
+        Some(Path::new("tmpfs")),
+        &shm,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    let pts = dev.join("pts");
+    mkdir_p(&pts)?;
+    // A private devpts instance; without it programs simply have no pseudo-terminals.
+    let _ = mount(
+        Some(Path::new("devpts")),
+        &pts,
+        Some("devpts"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=620"),
+    );
+    Ok(())
+}
+
+/// Step 3 (in PID 1 of the new PID namespace): a fresh /proc, then pivot into /newroot
+/// and detach everything else.
+pub(crate) fn finish_root() -> Result<(), MountError> {
+    let proc_dir = under(NEWROOT, Path::new("/proc"));
+    mount(
+        Some(Path::new("proc")),
+        &proc_dir,
+        Some("proc"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        None,
+    )?;
+    std::env::set_current_dir(NEWROOT).map_err(|source| MountError {
+        what: "chdir",
+        path: PathBuf::from(NEWROOT),
+        source,
+    })?;
+    pivot_root(Path::new("."), Path::new("."))?;
+    let dot = cstr(Path::new("."))?;
+    // SAFETY: NUL-terminated path that outlives the call.
+    if unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(err("detach the host root", Path::new("/")));
+    }
+    std::env::set_current_dir("/").map_err(|source| MountError {
+        what: "chdir",
+        path: PathBuf::from("/"),
+        source,
+    })
+}

@@ -1,0 +1,227 @@
+//! Supervising a sandboxed command from the host: relaying its output, reading the status
+//! channel, enforcing the wall-clock timeout.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::output::{ExecIo, Limiter, StreamKind};
+use crate::{ExecOutcome, ExitKind, SandboxError};
+
+/// Messages the sandbox's own processes send to the host over the status pipe, one JSON
+/// object per line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Status {
+    /// Host PID of the sandbox's PID 1, so the host can kill the whole tree.
+    Child { pid: i32 },
+    /// Setup failed; nothing was run.
+    Error { stage: String, message: String },
+    /// The command could not be executed (not found, not executable).
+    ExecFailed { message: String, code: i32 },
+    /// Something the user should know, e.g. Landlock is unavailable.
+    Warning { message: String },
+    /// The command exited.
+    Exit { code: i32 },
+    /// The command was killed by a signal.
+    Signal { signal: i32 },
+}
+
+impl Status {
+    /// Serialise as one line.
+    pub fn to_line(&self) -> Vec<u8> {
+        let mut line = serde_json::to_vec(self).unwrap_or_default();
+        line.push(b'\n');
+        line
+    }
+}
+
+/// Parse one of our own status lines.
+pub(crate) fn parse_status(line: &[u8]) -> Option<Status> {
+    serde_json::from_slice(line).ok()
+}
+
+/// What the supervisor needs to kill the sandbox.
+pub(crate) trait Killer {
+    fn kill(&mut self, extra_pid: Option<i32>);
+}
+
+/// The pipes of a running sandboxed command, as seen by the host.
+pub(crate) struct Pipes {
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+    pub status: Option<OwnedFd>,
+}
+
+/// Relay output and status until every pipe is closed, killing the sandbox at the
+/// deadline. Returns the outcome (without duration; the caller fills it).
+pub(crate) fn supervise(
+    mut pipes: Pipes,
+    io: &mut ExecIo<'_>,
+    timeout: Option<Duration>,
+    killer: &mut dyn Killer,
+    parse: fn(&[u8]) -> Option<Status>,
+    warnings: &mut Vec<String>,
+) -> Result<ExecOutcome, SandboxError> {
+    let start = Instant::now();
+    let deadline = timeout.map(|t| start + t);
+    let mut limiter = Limiter::default();
+    let mut status_buf: Vec<u8> = Vec::new();
+    let mut statuses: Vec<Status> = Vec::new();
+    let mut timed_out = false;
+    let mut child_pid: Option<i32> = None;
+    let mut buf = vec![0u8; 64 * 1024];
+
+    loop {
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(3);
+        let mut kinds: Vec<u8> = Vec::with_capacity(3);
+        for (i, fd) in [&pipes.stdout, &pipes.stderr].into_iter().enumerate() {
+            if let Some(fd) = fd {
+                fds.push(libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+                kinds.push(i as u8);
+            }
+        }
+        if let Some(fd) = &pipes.status {
+            fds.push(libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            kinds.push(2);
+        }
+        let wait_ms: i32 = match deadline {
+            Some(d) if !timed_out => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    timed_out = true;
+                    killer.kill(child_pid);
+                    continue;
+                }
+                left.as_millis().clamp(1, i32::MAX as u128) as i32
+            }
+            _ => -1,
+        };
+        // SAFETY: fds is a valid array of pollfd of the given length.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(SandboxError::io("poll on the sandbox's pipes", err));
+        }
+        let mut status_closed = false;
+        for (pfd, kind) in fds.iter().zip(kinds.iter()) {
+            if pfd.revents == 0 {
+                continue;
+            }
+            // SAFETY: reading into our own buffer from an fd we own.
+            let got = unsafe { libc::read(pfd.fd, buf.as_mut_ptr().cast(), buf.len()) };
+            if got < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+            }
+            let got = got.max(0) as usize;
+            let data = buf.get(..got).unwrap_or_default();
+            match kind {
+                0 | 1 if got == 0 => {
+                    if *kind == 0 {
+                        pipes.stdout = None;
+                    } else {
+                        pipes.stderr = None;
+                    }
+                }
+                0 | 1 => {
+                    let stream = if *kind == 0 {
+                        StreamKind::Stdout
+                    } else {
+                        StreamKind::Stderr
+                    };
+                    let admitted = limiter.admit(io.output_limit, data);
+                    if let Some(sink) = io.sink.as_deref_mut() {
+                        if !admitted.is_empty() {
+                            // A closed consumer (e.g. `| head`) must not kill the
+                            // supervisor; the output is simply dropped from here on.
+                            let _ = sink.chunk(stream, admitted);
+                        }
+                    }
+                }
+                _ if got == 0 => status_closed = true,
+                _ => {
+                    status_buf.extend_from_slice(data);
+                    while let Some(pos) = status_buf.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = status_buf.drain(..=pos).collect();
+                        if let Some(s) = parse(&line) {
+                            if let Status::Child { pid } = s {
+                                child_pid = Some(pid);
+                                if timed_out {
+                                    killer.kill(child_pid);
+                                }
+                            }
+                            statuses.push(s);
+                        }
+                    }
+                    // A hostile sandbox could stream a status line forever.
+                    if status_buf.len() > 64 * 1024 {
+                        status_buf.clear();
+                    }
+                }
+            }
+        }
+        if status_closed {
+            pipes.status = None;
+        }
+        // The status pipe closes when the sandbox's PID 1 is gone, which takes every
+        // process of the sandbox with it; the output pipes then close too.
+        if pipes.stdout.is_none() && pipes.stderr.is_none() && pipes.status.is_none() {
+            break;
+        }
+    }
+
+    let mut exit = None;
+    for s in statuses {
+        match s {
+            Status::Error { stage, message } if !timed_out => {
+                return Err(SandboxError::Setup { stage, message })
+            }
+            Status::ExecFailed { message, code } => {
+                if let Some(sink) = io.sink.as_deref_mut() {
+                    let _ = sink.chunk(
+                        StreamKind::Stderr,
+                        format!("mxc-vm: {message}\n").as_bytes(),
+                    );
+                } else {
+                    warnings.push(message);
+                }
+                exit = Some(ExitKind::Code(code));
+            }
+            Status::Warning { message } => warnings.push(message),
+            Status::Exit { code } => exit = Some(ExitKind::Code(code)),
+            Status::Signal { signal } => exit = Some(ExitKind::Signal(signal)),
+            _ => {}
+        }
+    }
+    let exit = match exit {
+        Some(e) => e,
+        None if timed_out => ExitKind::Signal(libc::SIGKILL),
+        None => {
+            return Err(SandboxError::Setup {
+                stage: "supervise".into(),
+                message: "the sandbox ended without reporting an exit status".into(),
+            })
+        }
+    };
+    Ok(ExecOutcome {
+        exit,
+        timed_out,
+        duration: start.elapsed(),
+        output_truncated: limiter.truncated,
+    })
+}

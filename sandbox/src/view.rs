@@ -1,0 +1,302 @@
+//! The file system view of a process-level sandbox, computed once from the policy and
+//! realised by both the native `process` backend (as mounts) and `bubblewrap` (as
+//! arguments), so the two backends cannot drift apart.
+
+use std::path::{Path, PathBuf};
+
+use policy::{Access, FsView};
+use serde::{Deserialize, Serialize};
+
+/// Host directories every program needs, bound read-only (or re-created as the same
+/// symlink when the host has merged `/usr`).
+pub const SYSTEM_DIRS: &[&str] = &[
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+];
+
+/// The parts of `/etc` that hold no secrets and that programs commonly read.
+pub const ETC_ALLOWLIST: &[&str] = &[
+    "alternatives",
+    "bash.bashrc",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "debian_version",
+    "environment",
+    "gai.conf",
+    "group",
+    "host.conf",
+    "hosts",
+    "inputrc",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "locale.alias",
+    "localtime",
+    "mime.types",
+    "nsswitch.conf",
+    "os-release",
+    "passwd",
+    "profile",
+    "protocols",
+    "python3",
+    "services",
+    "ssl",
+    "terminfo",
+    "timezone",
+];
+
+/// The hostname the sandbox sees.
+pub const SANDBOX_HOSTNAME: &str = "mxc-sandbox";
+
+/// One step in building the sandbox's root. Paths are absolute paths as the sandbox sees
+/// them; `src` paths are host paths.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MountOp {
+    /// Bind the host path `src` at `dst` (recursively).
+    Bind {
+        src: PathBuf,
+        dst: PathBuf,
+        readonly: bool,
+        dir: bool,
+    },
+    /// Hide `dst`: an empty read-only tmpfs for a directory, `/dev/null` for a file.
+    Mask { dst: PathBuf, dir: bool },
+    /// A symbolic link at `dst` pointing at `target`.
+    Symlink { target: PathBuf, dst: PathBuf },
+    /// A fresh writable tmpfs at `dst`.
+    Tmpfs { dst: PathBuf, mode: u32 },
+    /// A small read-only file at `dst`.
+    File { dst: PathBuf, contents: String },
+    /// A minimal `/dev` (null, zero, full, random, urandom, tty, fd links, shm, pts).
+    Dev,
+    /// A fresh `/proc` of the sandbox's own PID namespace.
+    Proc,
+}
+
+/// How the sandbox's network is set up (it changes what `/etc/resolv.conf` says).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NetMode {
+    /// A private network namespace with only loopback.
+    LoopbackOnly,
+    /// The host's network.
+    Host,
+}
+
+/// The complete view, ready for a backend to realise.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxView {
+    pub ops: Vec<MountOp>,
+    /// Paths Landlock grants read (and execute) access beneath.
+    pub landlock_ro: Vec<PathBuf>,
+    /// Paths Landlock grants full access beneath.
+    pub landlock_rw: Vec<PathBuf>,
+    /// Working directory when neither the request nor the policy names one.
+    pub default_cwd: PathBuf,
+}
+
+impl SandboxView {
+    /// Compute the view for `fs` on this host. `host_cwd` is where the user ran mxc-vm.
+    pub fn build(fs: &FsView, net: NetMode, host_cwd: Option<&Path>) -> Self {
+        let mut v = SandboxView {
+            ops: Vec::new(),
+            landlock_ro: Vec::new(),
+            landlock_rw: Vec::new(),
+            default_cwd: PathBuf::from("/tmp"),
+        };
+        v.add_system_dirs();
+        v.add_etc(net);
+        v.ops.push(MountOp::Dev);
+        v.ops.push(MountOp::Tmpfs {
+            dst: "/tmp".into(),
+            mode: 0o1777,
+        });
+        v.ops.push(MountOp::Proc);
+        v.landlock_rw.extend(["/tmp".into(), "/dev".into()]);
+        v.landlock_ro.push("/proc".into());
+        v.add_policy(fs);
+        v.default_cwd = default_cwd(fs, host_cwd);
+        v
+    }
+
+    fn add_system_dirs(&mut self) {
+        for dir in SYSTEM_DIRS {
+            let path = Path::new(dir);
+            let Ok(meta) = std::fs::symlink_metadata(path) else {
+                continue;
+            };
+            if meta.file_type().is_symlink() {
+                if let Ok(target) = std::fs::read_link(path) {
+                    self.ops.push(MountOp::Symlink {
+                        target,
+                        dst: path.into(),
+                    });
+                }
+            } else if meta.is_dir() {
+                self.ops.push(MountOp::Bind {
+                    src: path.into(),
+                    dst: path.into(),
+                    readonly: true,
+                    dir: true,
+                });
+                self.landlock_ro.push(path.into());
+            }
+        }
+    }
+
+    fn add_etc(&mut self, net: NetMode) {
+        self.ops.push(MountOp::Tmpfs {
+            dst: "/etc".into(),
+            mode: 0o755,
+        });
+        for name in ETC_ALLOWLIST {
+            let path = Path::new("/etc").join(name);
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if meta.file_type().is_symlink() {
+                if let Ok(target) = std::fs::read_link(&path) {
+                    self.ops.push(MountOp::Symlink { target, dst: path });
+                }
+            } else {
+                self.ops.push(MountOp::Bind {
+                    src: path.clone(),
+                    dst: path,
+                    readonly: true,
+                    dir: meta.is_dir(),
+                });
+            }
+        }
+        self.ops.push(MountOp::File {
+            dst: "/etc/hostname".into(),
+            contents: format!("{SANDBOX_HOSTNAME}\n"),
+        });
+        let resolv = match net {
+            NetMode::LoopbackOnly => {
+                "# mxc-vm: this sandbox has no network route; names do not resolve here.\n\
+                 nameserver 127.0.0.1\n"
+                    .to_string()
+            }
+            NetMode::Host => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        };
+        self.ops.push(MountOp::File {
+            dst: "/etc/resolv.conf".into(),
+            contents: resolv,
+        });
+        self.landlock_ro.push("/etc".into());
+    }
+
+    fn add_policy(&mut self, fs: &FsView) {
+        for entry in fs.entries.iter().filter(|e| e.exists) {
+            match entry.access {
+                Access::Denied => {
+                    if self.is_visible(&entry.path) {
+                        self.ops.push(MountOp::Mask {
+                            dst: entry.path.clone(),
+                            dir: entry.is_dir,
+                        });
+                    }
+                }
+                Access::ReadOnly | Access::ReadWrite => {
+                    let readonly = entry.access == Access::ReadOnly;
+                    self.ops.push(MountOp::Bind {
+                        src: entry.path.clone(),
+                        dst: entry.path.clone(),
+                        readonly,
+                        dir: entry.is_dir,
+                    });
+                    if readonly {
+                        self.landlock_ro.push(entry.path.clone());
+                    } else {
+                        self.landlock_rw.push(entry.path.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether `path` would be visible in the sandbox given the ops so far.
+    fn is_visible(&self, path: &Path) -> bool {
+        self.ops.iter().any(|op| match op {
+            MountOp::Bind { dst, .. } => path.starts_with(dst),
+            MountOp::File { dst, .. } => path == dst,
+            _ => false,
+        })
+    }
+}
+
+/// The host's cwd when the policy grants it, else the first read-write directory, else /tmp.
+fn default_cwd(fs: &FsView, host_cwd: Option<&Path>) -> PathBuf {
+    if let Some(cwd) = host_cwd {
+        if fs.access_for(cwd) != Access::Denied {
+            return cwd.to_path_buf();
+        }
+    }
+    fs.entries
+        .iter()
+        .find(|e| e.access == Access::ReadWrite && e.is_dir && e.exists)
+        .map_or_else(|| PathBuf::from("/tmp"), |e| e.path.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use policy::{Origin, ViewEntry};
+
+    fn entry(path: &str, access: Access, is_dir: bool) -> ViewEntry {
+        ViewEntry {
+            path: path.into(),
+            access,
+            exists: true,
+            is_dir,
+            origins: vec![Origin::Flag("test".into())],
+        }
+    }
+
+    #[test]
+    fn denied_path_inside_a_bound_tree_is_masked() {
+        let fs = FsView {
+            entries: vec![
+                entry("/work", Access::ReadWrite, true),
+                entry("/work/.env", Access::Denied, false),
+            ],
+            warnings: vec![],
+        };
+        let v = SandboxView::build(&fs, NetMode::LoopbackOnly, None);
+        assert!(v.ops.contains(&MountOp::Mask {
+            dst: "/work/.env".into(),
+            dir: false
+        }));
+    }
+
+    #[test]
+    fn denied_path_outside_every_bind_needs_no_mask() {
+        let fs = FsView {
+            entries: vec![entry("/srv/secret", Access::Denied, true)],
+            warnings: vec![],
+        };
+        let v = SandboxView::build(&fs, NetMode::LoopbackOnly, None);
+        assert!(!v.ops.iter().any(|o| matches!(o, MountOp::Mask { .. })));
+    }
+
+    #[test]
+    fn cwd_defaults_to_first_rw_dir_when_host_cwd_is_not_granted() {
+        let fs = FsView {
+            entries: vec![
+                entry("/data", Access::ReadOnly, true),
+                entry("/work", Access::ReadWrite, true),
+            ],
+            warnings: vec![],
+        };
+        let v = SandboxView::build(&fs, NetMode::LoopbackOnly, Some(Path::new("/home/u")));
+        assert_eq!(v.default_cwd, PathBuf::from("/work"));
+    }
+
+    #[test]
+    fn secrets_in_etc_are_not_bound() {
+        let v = SandboxView::build(&FsView::default(), NetMode::LoopbackOnly, None);
+        let bound_shadow = v.ops.iter().any(|o| match o {
+            MountOp::Bind { src, .. } => src.starts_with("/etc/shadow"),
+            _ => false,
+        });
+        assert!(!bound_shadow);
+    }
+}
