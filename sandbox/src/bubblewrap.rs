@@ -157,6 +157,36 @@ fn build_args(
     Ok(a)
 }
 
+/// bwrap reports a missing program as a generic failure (exit 1); find it first, the way
+/// the sandbox will (PATH from the request's environment, looking only at paths the view
+/// binds from the host), so a missing command gets the conventional 127.
+fn program_missing(view: &SandboxView, req: &ExecRequest) -> Option<String> {
+    let name = req.argv.first()?;
+    let visible = |p: &Path| {
+        view.ops.iter().any(|op| match op {
+            MountOp::Bind { dst, .. } => p.starts_with(dst),
+            MountOp::Symlink { dst, .. } => p.starts_with(dst),
+            _ => false,
+        })
+    };
+    if name.contains('/') {
+        // Relative or absolute paths are left to the sandbox.
+        return None;
+    }
+    let env = compose_env(&req.env);
+    let path = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map_or("/usr/bin:/bin", |(_, v)| v.as_str());
+    let found = path
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(name))
+        .any(|c| visible(&c) && c.is_file());
+    (!found).then(|| format!("{name}: command not found in the sandbox (PATH={path})"))
+}
+
 /// bwrap's `--json-status-fd` lines: `{ "child-pid": N }` and `{ "exit-code": N }`.
 fn parse_bwrap_status(line: &[u8]) -> Option<Status> {
     let v: serde_json::Value = serde_json::from_slice(line).ok()?;
@@ -237,6 +267,23 @@ impl Backend for BubblewrapBackend {
         }
         if req.argv.is_empty() {
             return Err(SandboxError::NoCommand);
+        }
+        if let Some(message) = program_missing(view, req) {
+            let text = format!("mxc-vm: {message}\n");
+            match io.sink.as_deref_mut() {
+                Some(sink) => {
+                    let _ = sink.chunk(crate::StreamKind::Stderr, text.as_bytes());
+                }
+                None => {
+                    let _ = std::io::stderr().write_all(text.as_bytes());
+                }
+            }
+            return Ok(ExecOutcome {
+                exit: crate::ExitKind::Code(127),
+                timed_out: false,
+                duration: std::time::Duration::ZERO,
+                output_truncated: false,
+            });
         }
         let cgroup = match enforcement {
             Enforcement::Cgroup2 { parent } => Some(

@@ -1,0 +1,461 @@
+//! End-to-end tests of the process-level tiers (`process` and `bubblewrap`), driving the
+//! real `mxc-vm` binary. Every case runs on both backends.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::Write;
+use std::net::TcpListener;
+
+use tests::{code, mount_table, mxc_vm, pids_with, stderr, stdout, TempDir};
+
+/// Generates one test per backend for a case function `fn(backend: &str)`.
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod process {
+            $(#[test] fn $name() { super::$name("process"); })*
+        }
+        mod bubblewrap {
+            $(#[test] fn $name() { super::$name("bubblewrap"); })*
+        }
+    };
+}
+
+both_backends!(
+    echo_prints_and_exit_code_passes_through,
+    denied_path_is_unreadable,
+    readonly_path_is_unwritable,
+    readwrite_path_writes_land_on_host,
+    symlink_to_denied_file_does_not_leak,
+    proc_shows_only_sandbox_processes,
+    host_loopback_is_unreachable_under_deny_all,
+    timeout_kills_the_whole_tree,
+    environment_is_clean,
+    fork_bomb_is_stopped_by_pids_limit,
+    memory_hog_is_stopped_by_memory_limit,
+    nothing_is_left_behind,
+    json_output_streams_and_reports_exit,
+    command_not_found_is_127,
+    secrets_in_etc_and_home_are_invisible,
+    dangerous_syscalls_are_denied,
+);
+
+fn run(backend: &str, extra: &[&str], cmd: &[&str]) -> std::process::Output {
+    let mut args = vec!["run", "--backend", backend];
+    args.extend_from_slice(extra);
+    args.push("--");
+    args.extend_from_slice(cmd);
+    mxc_vm(&args)
+}
+
+fn sh(backend: &str, extra: &[&str], script: &str) -> std::process::Output {
+    run(backend, extra, &["/bin/sh", "-c", script])
+}
+
+fn echo_prints_and_exit_code_passes_through(backend: &str) {
+    let hello = run(backend, &[], &["echo", "hello"]);
+    let three = sh(backend, &[], "exit 3");
+    assert_eq!((stdout(&hello), code(&hello)), ("hello\n".to_string(), 0));
+    assert_eq!(code(&three), 3);
+}
+
+fn denied_path_is_unreadable(backend: &str) {
+    let dir = TempDir::new("deny");
+    std::fs::create_dir(dir.join("work")).unwrap();
+    std::fs::write(dir.join("work/secret.txt"), "TOPSECRET").unwrap();
+    std::fs::write(dir.join("work/ok.txt"), "fine").unwrap();
+    let out = sh(
+        backend,
+        &["--rw", &dir.s("work"), "--deny", &dir.s("work/secret.txt")],
+        &format!(
+            "cat {}; cat {}",
+            dir.s("work/ok.txt"),
+            dir.s("work/secret.txt")
+        ),
+    );
+    assert!(stdout(&out).contains("fine"));
+    assert!(!stdout(&out).contains("TOPSECRET"), "{}", stdout(&out));
+}
+
+fn readonly_path_is_unwritable(backend: &str) {
+    let dir = TempDir::new("ro");
+    std::fs::write(dir.join("data.txt"), "original").unwrap();
+    let out = sh(
+        backend,
+        &["--ro", &dir.s("")],
+        &format!(
+            "cat {f}; echo changed > {f} || echo WRITE-FAILED; touch {n} || echo CREATE-FAILED",
+            f = dir.s("data.txt"),
+            n = dir.s("new.txt")
+        ),
+    );
+    let text = stdout(&out);
+    assert!(text.contains("original"), "{text}");
+    assert!(
+        text.contains("WRITE-FAILED") && text.contains("CREATE-FAILED"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("data.txt")).unwrap(),
+        "original"
+    );
+    assert!(!dir.join("new.txt").exists());
+}
+
+fn readwrite_path_writes_land_on_host(backend: &str) {
+    let dir = TempDir::new("rw");
+    let out = sh(
+        backend,
+        &["--rw", &dir.s("")],
+        &format!("echo from-sandbox > {}", dir.s("out.txt")),
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("out.txt")).unwrap(),
+        "from-sandbox\n"
+    );
+}
+
+fn symlink_to_denied_file_does_not_leak(backend: &str) {
+    let dir = TempDir::new("symlink");
+    std::fs::create_dir_all(dir.join("work")).unwrap();
+    std::fs::create_dir_all(dir.join("private")).unwrap();
+    std::fs::write(dir.join("private/key"), "PRIVATEKEY").unwrap();
+    std::fs::write(dir.join("work/.env"), "ENVSECRET").unwrap();
+    std::os::unix::fs::symlink(dir.join("private/key"), dir.join("work/link-out")).unwrap();
+    std::os::unix::fs::symlink(".env", dir.join("work/link-in")).unwrap();
+    let out = sh(
+        backend,
+        &[
+            "--rw",
+            &dir.s("work"),
+            "--deny",
+            &dir.s("private"),
+            "--deny",
+            &dir.s("work/.env"),
+        ],
+        &format!(
+            "cat {a}; cat {b}; ln -s {k} {c} && cat {c}",
+            a = dir.s("work/link-out"),
+            b = dir.s("work/link-in"),
+            k = dir.s("private/key"),
+            c = dir.s("work/new-link"),
+        ),
+    );
+    let text = stdout(&out);
+    assert!(
+        !text.contains("PRIVATEKEY") && !text.contains("ENVSECRET"),
+        "{text}"
+    );
+}
+
+fn proc_shows_only_sandbox_processes(backend: &str) {
+    let out = sh(backend, &[], "ls /proc | grep -E '^[0-9]+$' | wc -l");
+    let count: usize = stdout(&out).trim().parse().unwrap_or(usize::MAX);
+    // PID 1 of the sandbox, sh, ls, grep, wc: a handful, never the host's hundreds.
+    assert!(count <= 8, "{count} processes visible: {}", stdout(&out));
+}
+
+fn host_loopback_is_unreachable_under_deny_all(backend: &str) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let out = run(
+        backend,
+        &[],
+        &[
+            "python3",
+            "-c",
+            &format!(
+                "import socket\ns=socket.socket()\ns.settimeout(3)\n\
+                 try:\n  s.connect(('127.0.0.1',{port})); print('CONNECTED')\n\
+                 except OSError as e: print('FAILED', e)"
+            ),
+        ],
+    );
+    let text = stdout(&out);
+    assert!(
+        text.contains("FAILED") && !text.contains("CONNECTED"),
+        "{text}"
+    );
+}
+
+fn timeout_kills_the_whole_tree(backend: &str) {
+    let marker = format!("1{}.25", std::process::id() % 1000);
+    let start = std::time::Instant::now();
+    let out = sh(
+        backend,
+        &["--timeout", "1s"],
+        &format!("sleep {marker} & sleep {marker} & wait"),
+    );
+    assert_eq!(code(&out), 124, "{}", stderr(&out));
+    assert!(start.elapsed() < std::time::Duration::from_secs(30));
+    // The PID namespace dies with its PID 1: give the kernel a moment to reap.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(pids_with(&format!("sleep {marker}")), Vec::<u32>::new());
+}
+
+fn environment_is_clean(backend: &str) {
+    // SAFETY-free: set a host variable that must not appear inside.
+    let out = std::process::Command::new(tests::mxc_vm_bin())
+        .args(["run", "--backend", backend, "-e", "GIVEN=yes", "--", "env"])
+        .env("HOST_ONLY_SECRET", "leak")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let mut vars: Vec<String> = stdout(&out)
+        .lines()
+        .map(|l| l.split('=').next().unwrap_or("").to_string())
+        .collect();
+    vars.sort();
+    vars.dedup();
+    // PWD and SHLVL may be added by a shell; `env` itself adds nothing.
+    vars.retain(|v| v != "PWD");
+    assert_eq!(vars, vec!["GIVEN", "HOME", "PATH"], "{}", stdout(&out));
+}
+
+fn policy_file(dir: &TempDir, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    path.display().to_string()
+}
+
+fn fork_bomb_is_stopped_by_pids_limit(backend: &str) {
+    let dir = TempDir::new("forkbomb");
+    let p = policy_file(&dir, "p.json", r#"{"version":"1","limits":{"pids":32}}"#);
+    let out = sh(
+        backend,
+        &["--policy", &p, "--timeout", "3s"],
+        "bomb() { bomb | bomb & }; bomb; sleep 1; ls /proc | grep -cE '^[0-9]+$'",
+    );
+    let count: usize = stdout(&out)
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        count <= 40 || code(&out) == 124,
+        "{count} processes: {}",
+        stderr(&out)
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(pids_with("bomb").is_empty());
+}
+
+fn memory_hog_is_stopped_by_memory_limit(backend: &str) {
+    let dir = TempDir::new("memhog");
+    let p = policy_file(
+        &dir,
+        "p.json",
+        r#"{"version":"1","limits":{"memoryMiB":128}}"#,
+    );
+    let hog = run(
+        backend,
+        &["--policy", &p],
+        &[
+            "python3",
+            "-c",
+            "x = bytearray(512 * 1024 * 1024); print('ALLOCATED')",
+        ],
+    );
+    let small = run(
+        backend,
+        &["--policy", &p],
+        &[
+            "python3",
+            "-c",
+            "x = bytearray(16 * 1024 * 1024); print('OK')",
+        ],
+    );
+    assert!(!stdout(&hog).contains("ALLOCATED"));
+    assert_ne!(code(&hog), 0);
+    assert_eq!(stdout(&small), "OK\n", "{}", stderr(&small));
+}
+
+fn nothing_is_left_behind(backend: &str) {
+    let mounts_before = mount_table();
+    let tmp_before: Vec<_> = std::fs::read_dir("/tmp")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with("mxc-vm"))
+        .collect();
+    let marker = format!("2{}.75", std::process::id() % 1000);
+    let out = sh(backend, &[], &format!("(sleep {marker} &) ; echo started"));
+    assert_eq!(code(&out), 0);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let tmp_after: Vec<_> = std::fs::read_dir("/tmp")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with("mxc-vm"))
+        .collect();
+    assert_eq!(pids_with(&format!("sleep {marker}")), Vec::<u32>::new());
+    assert_eq!(mount_table(), mounts_before);
+    assert_eq!(tmp_after, tmp_before);
+}
+
+fn json_output_streams_and_reports_exit(backend: &str) {
+    let out = sh(backend, &["--json"], "echo out; echo err >&2; exit 5");
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every line is JSON"))
+        .collect();
+    let last = lines.last().unwrap();
+    assert_eq!(last["type"], "exit");
+    assert_eq!(last["code"], 5);
+    assert!(lines
+        .iter()
+        .any(|l| l["type"] == "stdout" && l["data"] == "out\n"));
+    assert!(lines
+        .iter()
+        .any(|l| l["type"] == "stderr" && l["data"] == "err\n"));
+    assert_eq!(code(&out), 5);
+}
+
+fn command_not_found_is_127(backend: &str) {
+    let out = run(backend, &[], &["no-such-command-xyz"]);
+    assert_eq!(code(&out), 127, "{}", stderr(&out));
+}
+
+fn secrets_in_etc_and_home_are_invisible(backend: &str) {
+    let out = sh(
+        backend,
+        &[],
+        "cat /etc/shadow 2>/dev/null && echo SHADOW; ls /root 2>/dev/null && echo ROOT; \
+         ls /home 2>/dev/null && echo HOME; echo done",
+    );
+    let text = stdout(&out);
+    assert!(
+        !text.contains("SHADOW") && !text.contains("ROOT") && !text.contains("HOME"),
+        "{text}"
+    );
+}
+
+fn dangerous_syscalls_are_denied(backend: &str) {
+    let out = run(
+        backend,
+        &[],
+        &[
+            "python3",
+            "-c",
+            "import ctypes, os, socket\n\
+             libc = ctypes.CDLL(None, use_errno=True)\n\
+             print('unshare', libc.unshare(0x10000000), ctypes.get_errno())\n\
+             print('ptrace', libc.ptrace(0, 0, 0, 0), ctypes.get_errno())\n\
+             try:\n  socket.socket(40, socket.SOCK_STREAM); print('vsock OPEN')\n\
+             except OSError as e: print('vsock', e.errno)\n",
+        ],
+    );
+    let text = stdout(&out);
+    assert!(text.contains("unshare -1 1"), "{text}");
+    assert!(text.contains("ptrace -1 1"), "{text}");
+    assert!(text.contains("vsock 1"), "{text}");
+}
+
+#[test]
+fn bad_policy_fails_with_125_and_names_the_field() {
+    let dir = TempDir::new("badpolicy");
+    let p = policy_file(
+        &dir,
+        "bad.json",
+        "{\n  \"version\": \"1\",\n  \"filesystem\": { \"readonlyy\": [\"/x\"] }\n}\n",
+    );
+    let out = mxc_vm(&["run", "--policy", &p, "--", "true"]);
+    let err = stderr(&out);
+    assert_eq!(code(&out), 125);
+    assert!(err.contains("bad.json:3"), "{err}");
+    assert!(err.contains("readonly"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn bad_policy_with_json_gives_an_error_object() {
+    let dir = TempDir::new("badpolicyjson");
+    let p = policy_file(
+        &dir,
+        "bad.json",
+        r#"{"version":"1","limits":{"pids":"many"}}"#,
+    );
+    let out = mxc_vm(&["run", "--json", "--policy", &p, "--", "true"]);
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(code(&out), 125);
+    assert_eq!(v["type"], "error");
+    assert!(v["error"]["path"]
+        .as_str()
+        .unwrap_or("")
+        .contains("limits.pids"));
+}
+
+#[test]
+fn bad_duration_flag_fails_with_125() {
+    let out = mxc_vm(&["run", "--timeout", "soon", "--", "true"]);
+    assert_eq!(code(&out), 125);
+    assert!(stderr(&out).contains("--timeout"));
+}
+
+#[test]
+fn network_allowlist_is_refused_on_process_tiers_until_the_proxy_exists() {
+    let dir = TempDir::new("netallow");
+    let p = policy_file(
+        &dir,
+        "p.json",
+        r#"{"version":"1","network":{"egress":{"default":"deny","allow":["pypi.org"]}}}"#,
+    );
+    let out = mxc_vm(&["run", "--backend", "process", "--policy", &p, "--", "true"]);
+    assert_eq!(code(&out), 125);
+    assert!(stderr(&out).contains("cannot enforce"), "{}", stderr(&out));
+}
+
+#[test]
+fn policy_check_and_explain_work() {
+    let dir = TempDir::new("explain");
+    std::fs::create_dir(dir.join("data")).unwrap();
+    let p = policy_file(
+        &dir,
+        "p.json",
+        r#"{"version":"1","filesystem":{"readonly":["./data"],"denied":["./data/x"]},
+            "process":{"argv":["true"]}}"#,
+    );
+    let check = mxc_vm(&["policy", "check", &p]);
+    let explain = mxc_vm(&["policy", "explain", &p]);
+    assert_eq!(code(&check), 0, "{}", stderr(&check));
+    assert_eq!(code(&explain), 0, "{}", stderr(&explain));
+    assert!(stdout(&explain).contains(&dir.s("data")));
+}
+
+#[test]
+fn policy_schema_prints_json_schema() {
+    let out = mxc_vm(&["policy", "schema"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v.get("$schema").is_some() || v.get("properties").is_some());
+}
+
+#[test]
+fn backends_lists_every_backend() {
+    let out = mxc_vm(&["backends", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = v["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["process", "bubblewrap", "microvm", "hyperlight"]
+    );
+}
+
+#[test]
+fn mxc_command_line_runs_through_sh() {
+    let dir = TempDir::new("mxccmd");
+    let p = policy_file(
+        &dir,
+        "mxc.json",
+        r#"{"version":"0.8.0-alpha","containment":"process",
+            "process":{"commandLine":"echo one && echo two"}}"#,
+    );
+    let out = mxc_vm(&["run", "--policy", &p]);
+    assert_eq!(stdout(&out), "one\ntwo\n", "{}", stderr(&out));
+}
