@@ -26,6 +26,30 @@ pub enum Commands {
     Policy(PolicyCommand),
     /// Show which backends this host supports, and why the others are unavailable.
     Backends(BackendsArgs),
+    /// Measure latency against a baseline in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// `mxc-vm run -- /bin/true` per backend against plain fork+exec.
+    Exec(BenchExecArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchExecArgs {
+    /// Measured rounds (each round runs every series once).
+    #[arg(long, default_value_t = 200)]
+    pub runs: usize,
+    /// Unmeasured runs per series first.
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    /// Backends to measure.
+    #[arg(long = "backend", default_values_t = ["process".to_string(), "bubblewrap".to_string()])]
+    pub backends: Vec<String>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -1,6 +1,7 @@
 //! The `mxc-vm` command.
 
 mod backends_cmd;
+mod bench;
 mod cli;
 mod failure;
 mod jsonl;
@@ -21,11 +22,13 @@ fn main() {
         | Commands::Policy(cli::PolicyCommand::Explain { json, .. }) => *json,
         Commands::Policy(cli::PolicyCommand::Schema) => false,
         Commands::Backends(a) => a.json,
+        Commands::Bench(cli::BenchCommand::Exec(a)) => a.json,
     };
     let result = match cli.command {
         Commands::Run(args) => run_cmd::run(args),
         Commands::Policy(cmd) => policy_cmd::run(cmd),
         Commands::Backends(args) => backends_cmd::run(args),
+        Commands::Bench(cmd) => bench::run(cmd),
     };
     let code = match result {
         Ok(code) => code,

@@ -121,6 +121,11 @@ pub fn kvm_kind() -> Result<&'static str, String> {
     }
 }
 
+/// Whether `auto` may pick the microVM backend: /dev/kvm opens and the backend is built.
+pub fn microvm_usable() -> bool {
+    false
+}
+
 fn microvm_status() -> BackendStatus {
     let details = match kvm_kind() {
         Ok(kind) => vec![format!("hypervisor: {kind}")],

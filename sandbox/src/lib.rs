@@ -170,13 +170,9 @@ pub fn select_backend(choice: Containment) -> Containment {
     if choice != Containment::Auto {
         return choice;
     }
-    let report = host::probe();
-    if report.microvm.available {
+    // Cheap checks only: this runs on every `mxc-vm run`.
+    if host::microvm_usable() {
         Containment::Microvm
-    } else if report.process.available {
-        Containment::Process
-    } else if report.bubblewrap.available {
-        Containment::Bubblewrap
     } else {
         Containment::Process
     }

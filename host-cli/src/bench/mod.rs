@@ -1,0 +1,13 @@
+//! `mxc-vm bench`: latency benchmarks that compare against a baseline in the same run.
+
+mod exec;
+pub mod stats;
+
+use crate::cli::BenchCommand;
+use crate::failure::Failure;
+
+pub fn run(cmd: BenchCommand) -> Result<i32, Failure> {
+    match cmd {
+        BenchCommand::Exec(args) => exec::run(args),
+    }
+}
