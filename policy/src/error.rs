@@ -218,7 +218,11 @@ pub(crate) fn rewrite_serde_message(msg: &str) -> (String, Option<String>) {
             if let Some((found, expected)) = rest.split_once(", expected ") {
                 let (expected, hint) = split_hint(expected);
                 return (
-                    format!("expected {expected}, found {}", describe_unexpected(found)),
+                    format!(
+                        "expected {}, found {}",
+                        describe_expected(&expected),
+                        describe_unexpected(found)
+                    ),
                     hint,
                 );
             }
@@ -252,6 +256,38 @@ pub(crate) fn quote_list(items: &[&str]) -> String {
         .map(|s| format!("\"{s}\""))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// A JSON value's kind in plain words (`a number (5)`, `an object`).
+pub(crate) fn describe_value(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => format!("a number ({n})"),
+        Value::String(s) => format!("the string {s:?}"),
+        Value::Array(_) => "an array".into(),
+        Value::Object(_) => "an object".into(),
+    }
+}
+
+/// serde's names for what it wanted (`struct NativeProcess`, `u64`) in plain words.
+fn describe_expected(expected: &str) -> String {
+    if expected.starts_with("struct ") || expected == "a map" {
+        return "an object".into();
+    }
+    if expected.starts_with("enum ") {
+        return "one of the documented names (a string)".into();
+    }
+    match expected {
+        "a sequence" => "an array".into(),
+        "u8" => "a whole number from 0 to 255".into(),
+        "u16" => "a whole number from 0 to 65535".into(),
+        "u32" => "a whole number from 0 to 4294967295".into(),
+        "u64" | "usize" => "a whole number, 0 or more".into(),
+        "i32" | "i64" => "a whole number".into(),
+        other => other.to_string(),
+    }
 }
 
 /// serde's `Unexpected` display (`integer `5``, `string "x"`, `map`) in plain words.

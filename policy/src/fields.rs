@@ -72,7 +72,7 @@ impl<'de, K: StrKind> Deserialize<'de> for Str<K> {
                 Err(Self::number(n.to_string()))
             }
         }
-        d.deserialize_str(V::<K>(PhantomData))
+        d.deserialize_any(V::<K>(PhantomData))
     }
 }
 

@@ -51,6 +51,17 @@ pub(crate) fn parse_path(path: &str) -> Vec<Seg> {
     segs
 }
 
+/// The value at `path` in a parsed document.
+pub(crate) fn value_at<'v>(
+    v: &'v serde_json::Value,
+    path: &[Seg],
+) -> Option<&'v serde_json::Value> {
+    path.iter().try_fold(v, |cur, seg| match seg {
+        Seg::Key(k) => cur.get(k.as_str()),
+        Seg::Index(i) => cur.get(*i),
+    })
+}
+
 /// Locates `path` in `text`.
 pub(crate) fn locate(text: &str, path: &[Seg]) -> Option<Located> {
     let mut s = Scanner {

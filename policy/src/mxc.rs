@@ -301,7 +301,13 @@ fn refused_sections(c: &MxcConfig) -> [(&'static str, bool, &'static str); 9] {
 
 /// Parses MXC text; `version` is the file's version ("" when it has none).
 pub(crate) fn parse(src: &Source<'_>, version: String) -> Result<Policy, PolicyError> {
-    let c: MxcConfig = src.deserialize()?;
+    let c: MxcConfig = src.deserialize().map_err(|e| {
+        if e.path() == "process.timeout" && e.hint().is_none() {
+            e.with_hint("MXC timeouts are whole milliseconds, e.g. 30000; 0 means none")
+        } else {
+            e
+        }
+    })?;
     let mut policy = Policy::empty(PolicySource::Mxc { version });
     policy.name = c.container_id.clone();
     policy.containment = match &c.containment {

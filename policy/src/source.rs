@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
-use crate::error::{rewrite_serde_message, split_hint, PolicyError};
-use crate::locate::{locate, parse_path};
+use crate::error::{describe_value, rewrite_serde_message, split_hint, PolicyError};
+use crate::locate::{locate, parse_path, value_at};
 
 /// A policy file's label, text and base directory.
 pub(crate) struct Source<'a> {
@@ -74,8 +74,21 @@ impl<'a> Source<'a> {
                 p => p,
             };
             let inner = e.into_inner();
-            if inner.is_syntax() || inner.is_eof() {
+            if inner.is_eof() || ((inner.is_syntax()) && path.is_empty()) {
                 return self.syntax_error(&inner);
+            }
+            if inner.is_syntax() {
+                // The text parsed as JSON before, so this is serde_json refusing a value
+                // of the wrong type for a name field (an enum).
+                let found = serde_json::from_str::<serde_json::Value>(self.text)
+                    .ok()
+                    .and_then(|v| value_at(&v, &parse_path(&path)).map(describe_value))
+                    .unwrap_or_else(|| "something else".into());
+                let err = PolicyError::invalid(
+                    path.clone(),
+                    format!("expected a name (a string), found {found}"),
+                );
+                return self.place(err, &path, false);
             }
             let raw = strip_position(&inner);
             let (message, hint) = rewrite_serde_message(&raw);
