@@ -232,13 +232,13 @@ const KNOWN_UNSUPPORTED: &[&str] = &[
 
 fn containment(src: &Source<'_>, name: &str) -> Result<Containment, PolicyError> {
     let use_instead = format!(
-        "use one of {} (the native format also has \"microvm\" and \"auto\")",
+        "use one of {}; the native format also has \"microvm\" and \"auto\"",
         quote_list(SUPPORTED)
     );
     let refuse = |why: &str| {
         src.err(
             "containment",
-            format!("containment \"{name}\" is not supported by mxc-vm: {why}"),
+            format!("\"{name}\" is not supported by mxc-vm: {why}"),
         )
         .with_hint(use_instead.clone())
     };
@@ -250,8 +250,8 @@ fn containment(src: &Source<'_>, name: &str) -> Result<Containment, PolicyError>
         "microvm" => Err(src
             .err(
                 "containment",
-                "containment \"microvm\" is MXC's NanVix micro-VM, whose commandLine is a \
-                 Python script; mxc-vm does not run NanVix",
+                "\"microvm\" is MXC's NanVix micro-VM, whose commandLine is a Python \
+                 script; mxc-vm does not run NanVix",
             )
             .with_hint("use \"vm\": mxc-vm runs commandLine with /bin/sh -c in its own microVM")),
         "processcontainer" | "appcontainer" => Err(refuse("it is a Windows AppContainer backend")),
@@ -265,7 +265,7 @@ fn containment(src: &Source<'_>, name: &str) -> Result<Containment, PolicyError>
                 None => use_instead,
             };
             Err(src
-                .err("containment", format!("unknown containment \"{other}\""))
+                .err("containment", format!("unknown value \"{other}\""))
                 .with_hint(hint))
         }
     }

@@ -84,8 +84,7 @@ pub fn resolve_fs(fs: &Filesystem, base_dir: &Path) -> Result<FsView, PolicyErro
         }
         if !exists {
             warnings.push(format!(
-                "{}: {} does not exist; the {} rule is kept but grants nothing, and nothing \
-                 is created",
+                "{}: {} does not exist (the {} rule is kept; nothing is created)",
                 rule.origin,
                 canon.display(),
                 rule.access.as_str()

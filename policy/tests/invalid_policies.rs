@@ -373,7 +373,7 @@ const MXC: &[Case] = &[
         "{\"version\": \"0.6.0-alpha\",\n \"containment\": \"lxc\", \"process\": {\"commandLine\": \"x\"}}",
         "containment",
         Some("\"lxc\""),
-        "containment \"lxc\" is not supported by mxc-vm: mxc-vm has no LXC backend",
+        "\"lxc\" is not supported by mxc-vm: mxc-vm has no LXC backend",
         Some("use one of \"process\", \"bubblewrap\", \"vm\", \"hyperlight\""),
     ),
     case(
@@ -387,7 +387,7 @@ const MXC: &[Case] = &[
         "{\"version\": \"0.8.0-alpha\", \"containment\": \"bubblewarp\", \"process\": {}}",
         "containment",
         Some("\"bubblewarp\""),
-        "unknown containment \"bubblewarp\"",
+        "unknown value \"bubblewarp\"",
         Some("did you mean \"bubblewrap\"?"),
     ),
     case(

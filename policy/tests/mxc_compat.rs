@@ -51,10 +51,7 @@ type Outcome = Result<(), (&'static str, &'static str)>;
 const EXPECTED: &[(&str, Outcome)] = &[
     (
         "13_lxc_network_restricted.json",
-        Err((
-            "containment",
-            "containment \"lxc\" is not supported by mxc-vm",
-        )),
+        Err(("containment", "\"lxc\" is not supported by mxc-vm")),
     ),
     ("30_network_0_8_directional.json", Ok(())),
     ("bubblewrap_filesystem.json", Ok(())),
