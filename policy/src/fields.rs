@@ -118,14 +118,24 @@ impl StrKind for PathKind {
     }
 }
 
-/// Rejects empty paths and paths containing NUL.
+/// Rejects empty paths, paths containing NUL, and Windows paths (`C:\…`, `\\server\…`),
+/// which would otherwise become relative paths that name nothing.
 pub(crate) fn check_path(s: &str) -> Result<(), String> {
     if s.is_empty() {
         return Err(format!(
             "empty path{HINT_SEP}write \".\" for the policy file's directory"
         ));
     }
-    no_nul(s, "path")
+    no_nul(s, "path")?;
+    let b = s.as_bytes();
+    let drive =
+        b.len() >= 3 && b[0].is_ascii_alphabetic() && b[1] == b':' && matches!(b[2], b'\\' | b'/');
+    if drive || s.starts_with("\\\\") {
+        return Err(format!(
+            "\"{s}\" is a Windows path{HINT_SEP}mxc-vm runs on Linux: give the Linux path"
+        ));
+    }
+    Ok(())
 }
 
 /// One program argument.
@@ -383,5 +393,9 @@ mod tests {
         assert!(check_path("").is_err());
         assert!(check_path("a\0b").is_err());
         assert!(check_path("./x").is_ok());
+        assert!(check_path("C:\\Users\\me").is_err());
+        assert!(check_path("c:/x").is_err());
+        assert!(check_path("\\\\server\\share").is_err());
+        assert!(check_path("a:b").is_ok());
     }
 }

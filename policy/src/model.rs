@@ -55,7 +55,7 @@ impl Policy {
 /// What to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    /// Executed directly (argv[0] is looked up in the sandbox's PATH).
+    /// Executed directly (`argv[0]` is looked up in the sandbox's PATH).
     Argv(Vec<String>),
     /// A shell command line, run as `/bin/sh -c LINE` (MXC `process.commandLine`).
     Shell(String),

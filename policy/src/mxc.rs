@@ -725,3 +725,66 @@ fn port_range(src: &Source<'_>, p: &MxcPort, at: &str) -> Result<Vec<PortRange>,
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_06_to_09_are_accepted() {
+        for v in [
+            "0.6.0-alpha",
+            "0.7.0-alpha",
+            "0.8.0-alpha",
+            "0.9.0-alpha",
+            "0.9.0-dev",
+            "0.8",
+        ] {
+            assert_eq!(check_version(v), Ok(()), "{v}");
+        }
+    }
+
+    #[test]
+    fn other_versions_are_refused() {
+        for v in ["0.5.0-alpha", "0.10.0", "0.x", "0.8.0.1", "0."] {
+            assert!(check_version(v).is_err(), "{v}");
+        }
+    }
+
+    #[test]
+    fn directional_ports_become_ranges() {
+        let text = r#"{"process": {}, "network": {"egress": {"allow": [
+            {"ports": [{"port": 80}, {"port": 8000, "endPort": 8100}, {}]}]}}}"#;
+        let src = Source::new("p.json", text, std::path::Path::new("/"));
+
+        let p = parse(&src, String::new()).unwrap();
+
+        let ports: Vec<Vec<PortRange>> = p
+            .network
+            .egress
+            .allow
+            .iter()
+            .map(|r| r.ports.clone())
+            .collect();
+        assert_eq!(
+            ports,
+            vec![
+                vec![PortRange {
+                    first: 80,
+                    last: 80
+                }],
+                vec![PortRange {
+                    first: 8000,
+                    last: 8100
+                }],
+                vec![],
+            ]
+        );
+        assert!(p
+            .network
+            .egress
+            .allow
+            .iter()
+            .all(|r| r.target == NetTarget::Any));
+    }
+}

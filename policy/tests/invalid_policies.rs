@@ -412,6 +412,13 @@ const MXC: &[Case] = &[
         None,
     ),
     case(
+        "{\"version\": \"0.8.0-alpha\", \"process\": {},\n \"filesystem\": {\"deniedPaths\": [\"C:\\\\Users\"]}}",
+        "filesystem.deniedPaths[0]",
+        Some("\"C:"),
+        "is a Windows path",
+        Some("give the Linux path"),
+    ),
+    case(
         "{\"version\": \"0.8.0-alpha\", \"process\": {\"timeout\": \"30s\"}}",
         "process.timeout",
         Some("\"30s\""),
