@@ -5,8 +5,8 @@
 //! same canonical path in several rules gets the strictest access. Rule paths that are
 //! the same object (same device and inode: hard links, bind mounts) get the strictest
 //! access across the group, and a stricter rule below a directory that is also
-//! reachable through another rule path is repeated there, so a bind mount cannot
-//! expose what a deny rule hides. A path that does not exist is kept with
+//! reachable elsewhere (through another rule path, or any bind mount in the mount
+//! table) is repeated there, so a bind mount cannot expose what a deny rule hides. A path that does not exist is kept with
 //! `exists: false` and a warning: it grants nothing and nothing is created.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -107,6 +107,7 @@ pub fn resolve_fs(fs: &Filesystem, base_dir: &Path) -> Result<FsView, PolicyErro
     };
     merge_exact_aliases(&mut view);
     repeat_rules_through_aliases(&mut view);
+    repeat_rules_through_mounts(&mut view);
     Ok(view)
 }
 
@@ -216,6 +217,120 @@ fn repeat_rules_through_aliases(view: &mut FsView) {
     }
 }
 
+/// One line of /proc/self/mountinfo: which part (`root`) of which filesystem (`dev`)
+/// is visible at `mount_point`.
+#[derive(Debug)]
+struct Mount {
+    dev: String,
+    root: PathBuf,
+    mount_point: PathBuf,
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape_mountinfo(s: &str) -> PathBuf {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b.get(i + 1..i + 4).and_then(|d| {
+            std::str::from_utf8(d)
+                .ok()
+                .and_then(|d| u8::from_str_radix(d, 8).ok())
+        });
+        match (b[i], oct) {
+            (b'\\', Some(c)) => {
+                out.push(c);
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from(
+        String::from_utf8_lossy(&out).into_owned(),
+    ))
+}
+
+fn parse_mountinfo(text: &str) -> Vec<Mount> {
+    text.lines()
+        .filter_map(|line| {
+            let mut f = line.split(' ');
+            let (_id, _parent) = (f.next()?, f.next()?);
+            let dev = f.next()?.to_string();
+            let root = unescape_mountinfo(f.next()?);
+            let mount_point = unescape_mountinfo(f.next()?);
+            Some(Mount {
+                dev,
+                root,
+                mount_point,
+            })
+        })
+        .collect()
+}
+
+/// A stricter rule is repeated wherever the mount table shows the same object again
+/// (a bind mount that no rule names, e.g. a granted home directory holding a bind
+/// mount of a denied directory). Each candidate is confirmed by device and inode.
+fn repeat_rules_through_mounts(view: &mut FsView) {
+    let text = match std::fs::read_to_string("/proc/self/mountinfo") {
+        Ok(t) => t,
+        Err(e) => {
+            view.warnings.push(format!(
+                "cannot read /proc/self/mountinfo ({e}): bind mounts that no rule names were \
+                 not checked for aliases"
+            ));
+            return;
+        }
+    };
+    let mounts = parse_mountinfo(&text);
+    let mut added: Vec<ViewEntry> = Vec::new();
+    for e in view.entries.iter().filter(|e| e.exists) {
+        // The mount holding e (the last, i.e. topmost, with the longest mount point).
+        let Some(home) = mounts
+            .iter()
+            .filter(|m| e.path.starts_with(&m.mount_point))
+            .max_by_key(|m| m.mount_point.components().count())
+        else {
+            continue;
+        };
+        let Ok(inner) = e.path.strip_prefix(&home.mount_point) else {
+            continue;
+        };
+        let in_fs = home.root.join(inner);
+        let want = key_of(&e.path);
+        for m in mounts.iter().filter(|m| m.dev == home.dev) {
+            let Ok(rest) = in_fs.strip_prefix(&m.root) else {
+                continue;
+            };
+            let there = m.mount_point.join(rest);
+            let known = view.entries.iter().chain(&added).any(|x| x.path == there);
+            if known || e.access >= view.access_for(&there) || key_of(&there) != want {
+                continue;
+            }
+            view.warnings.push(format!(
+                "{} is also reachable as {} (a bind mount of the same directory): it gets {} \
+                 there too",
+                e.path.display(),
+                there.display(),
+                e.access.as_str()
+            ));
+            added.push(ViewEntry {
+                path: there,
+                access: e.access,
+                exists: true,
+                is_dir: e.is_dir,
+                origins: e.origins.clone(),
+            });
+        }
+    }
+    if !added.is_empty() {
+        view.entries.extend(added);
+        view.entries.sort_by(|a, b| a.path.cmp(&b.path));
+    }
+}
+
 /// Resolves every symlink in `path` (absolute), including a dangling last one, and
 /// applies `..` to the resolved prefix. Returns the canonical path and whether it
 /// exists; once a component is missing, the rest is joined lexically.
@@ -281,6 +396,20 @@ fn parts(p: &Path) -> VecDeque<OsString> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mountinfo_lines_are_parsed_and_unescaped() {
+        let text = "36 35 98:0 /mnt1 /mnt/parent\\040dir rw,noatime master:1 - ext3 /dev/root rw\n\
+                    37 35 98:0 / / rw - ext3 /dev/root rw\n";
+
+        let mounts = parse_mountinfo(text);
+
+        assert_eq!(mounts.len(), 2);
+        assert_eq!(mounts[0].dev, "98:0");
+        assert_eq!(mounts[0].root, PathBuf::from("/mnt1"));
+        assert_eq!(mounts[0].mount_point, PathBuf::from("/mnt/parent dir"));
+        assert_eq!(mounts[1].mount_point, PathBuf::from("/"));
+    }
 
     #[test]
     fn root_is_detected_lexically() {

@@ -354,6 +354,29 @@ fn bind_mount_aliases_get_the_strictest_intent() {
 }
 
 #[test]
+fn a_bind_mount_no_rule_names_cannot_expose_a_denied_directory() {
+    let t = TempDir::new("bindhidden");
+    mkdirs(&t, &["home/u/inner", "secrets/keys"]);
+    let Some(_m) = bind(&t.join("secrets"), &t.join("home/u/inner")) else {
+        return;
+    };
+
+    let view = resolve(
+        t.path(),
+        vec![
+            rule("home", Access::ReadWrite, "filesystem.readwrite[0]"),
+            rule("secrets/keys", Access::Denied, "filesystem.denied[0]"),
+        ],
+    );
+
+    assert_eq!(
+        view.access_for(&t.join("home/u/inner/keys/k")),
+        Access::Denied
+    );
+    assert_eq!(view.access_for(&t.join("home/u/other")), Access::ReadWrite);
+}
+
+#[test]
 fn a_policy_file_resolves_relative_to_its_own_directory() {
     let t = TempDir::new("file");
     mkdirs(&t, &["proj/out"]);
