@@ -604,6 +604,21 @@ fn directional(
     Ok(egress)
 }
 
+/// Most network rules one `{to, ports}` rule may expand into (CIDRs minus their
+/// exceptions, times port selectors); more is a mistake, and would cost memory.
+const MAX_EXPANDED_RULES: usize = 10_000;
+
+fn too_many(src: &Source<'_>, at: &str) -> PolicyError {
+    src.err(
+        at,
+        format!(
+            "expands into more than {MAX_EXPANDED_RULES} rules (each except splits its CIDR; \
+             each port selector repeats every destination)"
+        ),
+    )
+    .with_hint("use fewer, wider CIDRs, or split the rule")
+}
+
 /// One `{to, ports}` rule: every destination (CIDR minus its exceptions) times every
 /// protocol/port selector.
 fn directional_rule(
@@ -632,8 +647,14 @@ fn directional_rule(
                         ));
                     }
                     nets = nets.iter().flat_map(|n| n.subtract(&ex.0)).collect();
+                    if nets.len() + out.len() > MAX_EXPANDED_RULES {
+                        return Err(too_many(src, at));
+                    }
                 }
                 out.extend(nets.into_iter().map(NetTarget::Ip));
+                if out.len() > MAX_EXPANDED_RULES {
+                    return Err(too_many(src, at));
+                }
             }
             out
         }
@@ -681,6 +702,9 @@ fn directional_rule(
             out
         }
     };
+    if targets.len().saturating_mul(selectors.len()) > MAX_EXPANDED_RULES {
+        return Err(too_many(src, at));
+    }
     let mut rules = Vec::new();
     for target in &targets {
         for (protocol, ports) in &selectors {
@@ -749,6 +773,26 @@ mod tests {
         for v in ["0.5.0-alpha", "0.10.0", "0.x", "0.8.0.1", "0."] {
             assert!(check_version(v).is_err(), "{v}");
         }
+    }
+
+    #[test]
+    fn expansion_is_bounded() {
+        // Each /32 hole adds about 15 CIDRs: about 3900 destinations, times four port
+        // selectors.
+        let excepts: Vec<String> = (0..=255).map(|i| format!("\"10.{i}.1.1/32\"")).collect();
+        let text = format!(
+            r#"{{"process": {{}}, "network": {{"egress": {{"allow": [
+            {{"to": [{{"cidr": "10.0.0.0/8", "except": [{}]}}],
+              "ports": [{}]}}]}}}}}}"#,
+            excepts.join(","),
+            ["{}"; 4].join(",")
+        );
+        let src = Source::new("p.json", &text, std::path::Path::new("/"));
+
+        let err = parse(&src, String::new()).unwrap_err();
+
+        assert_eq!(err.path(), "network.egress.allow[0]");
+        assert!(err.message().contains("expands into more than 10000 rules"));
     }
 
     #[test]
