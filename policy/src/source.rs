@@ -74,7 +74,7 @@ impl<'a> Source<'a> {
                 p => p,
             };
             let inner = e.into_inner();
-            if inner.is_eof() || ((inner.is_syntax()) && path.is_empty()) {
+            if inner.is_eof() || (inner.is_syntax() && path.is_empty()) {
                 return self.syntax_error(&inner);
             }
             if inner.is_syntax() {
