@@ -31,6 +31,8 @@ pub struct Policy {
     pub limits: Limits,
     pub containment: Containment,
     pub lifecycle: Lifecycle,
+    /// Non-fatal findings made while loading (e.g. rules that cannot match anything).
+    pub warnings: Vec<String>,
 }
 
 impl Policy {
@@ -45,6 +47,7 @@ impl Policy {
             limits: Limits::default(),
             containment: Containment::Auto,
             lifecycle: Lifecycle::default(),
+            warnings: Vec::new(),
         }
     }
 }
@@ -52,7 +55,7 @@ impl Policy {
 /// What to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    /// Executed directly (argv[0] is looked up in the sandbox's PATH).
+    /// Executed directly (`argv[0]` is looked up in the sandbox's PATH).
     Argv(Vec<String>),
     /// A shell command line, run as `/bin/sh -c LINE` (MXC `process.commandLine`).
     Shell(String),
@@ -116,10 +119,12 @@ impl std::fmt::Display for Origin {
     }
 }
 
-/// One filesystem rule as written (not yet resolved).
+/// One filesystem rule (not yet resolved).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathRule {
-    /// As written; may be relative (to the policy's base dir) or contain symlinks.
+    /// Absolute after loading (relative paths in a file are joined to the file's
+    /// directory, CLI paths to the current directory) but not canonical: it may still
+    /// contain symlinks. `resolve_fs` makes it canonical.
     pub path: PathBuf,
     pub access: Access,
     pub origin: Origin,
