@@ -165,7 +165,7 @@ impl<B: VsockBackend> Vsock<B> {
                 }
                 Err(e) => {
                     guest_warn!(self.log, error = %e, "vsock: dropping guest tx packet");
-                    if let Some(hdr) = e.rst_target() {
+                    if let Some(hdr) = e.rst_target(self.guest_cid) {
                         self.backend.reset_peer(hdr);
                     }
                 }

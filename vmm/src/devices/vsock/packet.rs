@@ -81,21 +81,23 @@ pub enum PacketError {
 
 impl PacketError {
     /// The header of the refused packet when it is addressed well enough to answer with a
-    /// RST (right cids, a header we could read); `None` when the packet is just dropped.
-    pub fn rst_target(&self) -> Option<&PacketHeader> {
-        match self {
+    /// RST (a header we could read, from `guest_cid` to the host); `None` when the packet
+    /// is just dropped.
+    pub fn rst_target(&self, guest_cid: u64) -> Option<&PacketHeader> {
+        let hdr = match self {
             Self::TooLong(hdr)
             | Self::ShortData { hdr, .. }
             | Self::WrongType(hdr)
-            | Self::UnknownOp(hdr) => Some(hdr),
+            | Self::UnknownOp(hdr) => hdr,
             Self::ChainTooLong
             | Self::WriteOnlyInTx
             | Self::ReadOnlyInRx
             | Self::BadAddress { .. }
             | Self::ShortHeader { .. }
             | Self::WrongSrcCid(_)
-            | Self::WrongDstCid(_) => None,
-        }
+            | Self::WrongDstCid(_) => return None,
+        };
+        (hdr.src_cid == guest_cid && hdr.dst_cid == HOST_CID).then_some(hdr)
     }
 }
 
@@ -459,7 +461,8 @@ mod tests {
                 got: 10
             }
         );
-        assert_eq!(err.rst_target(), Some(&rw_hdr(100)));
+        assert_eq!(err.rst_target(3), Some(&rw_hdr(100)));
+        assert_eq!(err.rst_target(4), None);
     }
 
     #[test]
