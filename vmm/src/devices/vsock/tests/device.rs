@@ -183,7 +183,7 @@ fn guest_connect_to_host_listener() {
     let uds = dir.path("v.sock");
     let listener = UnixListener::bind(dir.path("v.sock_1080")).unwrap();
     let mut guest = Guest::unix(&uds, UnixBackendConfig::default());
-    guest.give_rx(4, 4096);
+    guest.give_rx_split(4, 4096);
 
     guest.send(&guest_hdr(OP_REQUEST, 5000, 1080), &[]);
     let resp = guest.recv_op(OP_RESPONSE);
@@ -666,4 +666,83 @@ fn half_close_from_host_is_forwarded_as_shutdown_send() {
 
     assert_eq!(shut.last().unwrap().0.flags, SHUTDOWN_SEND);
     assert_eq!(after, b"after");
+}
+
+/// A guest that behaves like Linux: consumes what it receives, announces credit when its
+/// free space runs low, and echoes everything back within the credit it was given.
+#[test]
+fn bulk_echo_through_host_connection_is_intact() {
+    const GUEST_BUF: u32 = 256 * 1024;
+    const SIZE: usize = 1 << 20;
+    let dir = TempDir::new();
+    let uds = dir.path("v.sock");
+    let mut guest = Guest::unix(&uds, UnixBackendConfig::default());
+    let mut host = host_connect(&uds, 1024);
+    let req = guest.accept_request();
+    assert!(read_line(&mut host).starts_with("OK "));
+    let payload: Vec<u8> = (0..SIZE as u32).map(|i| (i * 7 + i / 4096) as u8).collect();
+    let to_send = payload.clone();
+    let mut writer = host.try_clone().unwrap();
+    let host_thread = std::thread::spawn(move || {
+        writer.write_all(&to_send).unwrap();
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        host.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        host.read_to_end(&mut back).unwrap();
+        back
+    });
+
+    let (mut received, mut pending_echo) = (Vec::new(), std::collections::VecDeque::new());
+    let (mut announced, mut echoed, mut peer_buf, mut peer_fwd) = (0u32, 0u32, 0u32, 0u32);
+    let (mut host_done, mut closed) = (false, false);
+    let ok = guest.pump_until(Duration::from_secs(20), |g| {
+        while let Some((h, d)) = g.recv() {
+            peer_buf = h.buf_alloc;
+            peer_fwd = h.fwd_cnt;
+            match h.op {
+                OP_RW => {
+                    received.extend_from_slice(&d);
+                    pending_echo.extend(d);
+                }
+                OP_SHUTDOWN => host_done = true,
+                OP_RST => closed = true,
+                _ => {}
+            }
+        }
+        let consumed = received.len() as u32;
+        if GUEST_BUF - (consumed - announced) < 64 * 1024 {
+            g.credit_update(1024, req.src_port, GUEST_BUF, consumed);
+            announced = consumed;
+        }
+        let credit = peer_buf.saturating_sub(echoed - peer_fwd) as usize;
+        let n = credit.min(pending_echo.len()).min(64 * 1024);
+        if n > 0 {
+            let chunk: Vec<u8> = pending_echo.drain(..n).collect();
+            let mut rw = guest_hdr(OP_RW, 1024, req.src_port);
+            rw.buf_alloc = GUEST_BUF;
+            rw.fwd_cnt = consumed;
+            rw.len = n as u32;
+            g.send(&rw, &chunk);
+            echoed += n as u32;
+            announced = consumed;
+        }
+        if host_done && pending_echo.is_empty() && !closed {
+            let mut shut = guest_hdr(OP_SHUTDOWN, 1024, req.src_port);
+            shut.flags = SHUTDOWN_BOTH;
+            shut.fwd_cnt = consumed;
+            g.send(&shut, &[]);
+        }
+        if g.rxq.bufs.len() < 32 {
+            g.give_rx(32, 4096);
+        }
+        closed
+    });
+    let back = host_thread.join().unwrap();
+
+    assert!(ok);
+    assert_eq!(received.len(), SIZE);
+    assert!(received == payload);
+    assert!(back == payload);
+    assert_eq!(guest.backend_counts().0, 0);
 }

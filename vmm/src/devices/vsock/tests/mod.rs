@@ -384,13 +384,24 @@ impl<B: VsockBackend + 'static> Guest<B> {
         self.kick_tx();
     }
 
-    /// Offer `n` rx buffers of header + `data_len` bytes (two descriptors each).
-    pub fn give_rx(&mut self, n: usize, data_len: u32) {
+    /// Offer `n` rx buffers of `size` bytes, header included, one descriptor each (as
+    /// Linux 6.1 does with 4096-byte buffers).
+    pub fn give_rx(&mut self, n: usize, size: u32) {
         for _ in 0..n {
-            // Stay well inside the ring: two descriptors per chain.
+            // Stay well inside the ring.
             if self.rxq.bufs.len() >= usize::from(QSIZE) / 4 {
                 break;
             }
+            let b = self.alloc(size);
+            self.rxq.add_chain(&self.mem, &[(b, size, true)]);
+        }
+        self.kick_rx();
+    }
+
+    /// Offer `n` rx buffers as older kernels do: a header descriptor and a `data_len`
+    /// payload descriptor.
+    pub fn give_rx_split(&mut self, n: usize, data_len: u32) {
+        for _ in 0..n {
             let h = self.alloc(HDR_SIZE as u32);
             let d = self.alloc(data_len);
             self.rxq.add_chain(
