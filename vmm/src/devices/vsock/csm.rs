@@ -19,8 +19,7 @@
 //! [`Connection::is_finished`] once the RST went out.
 
 use std::collections::VecDeque;
-use std::io::{ErrorKind, Read, Write};
-use std::net::Shutdown;
+use std::io::{ErrorKind, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -31,17 +30,13 @@ use super::packet::{
     OP_RW, OP_SHUTDOWN, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
 
-/// A host stream as the state machine needs it. `UnixStream` in production; a socket pair
-/// in tests.
-pub trait HostStream: Read + Write + AsRawFd + Send {
+/// A host stream as the state machine needs it (`UnixStream`, implemented by the Unix
+/// backend). Reads and writes never block.
+pub trait HostStream: Read + AsRawFd + Send {
+    /// Write some of `buf`; a closed peer is an error, never a signal.
+    fn send(&mut self, buf: &[u8]) -> std::io::Result<usize>;
     /// Shut down the host stream's write half (the guest will send no more).
     fn shutdown_write(&self) -> std::io::Result<()>;
-}
-
-impl HostStream for std::os::unix::net::UnixStream {
-    fn shutdown_write(&self) -> std::io::Result<()> {
-        self.shutdown(Shutdown::Write)
-    }
 }
 
 /// A connection's address: our (host) port and the guest's port.
@@ -305,7 +300,7 @@ impl<S: HostStream> Connection<S> {
         }
         let mut rest = data;
         if self.to_host.is_empty() {
-            match self.stream.as_mut().map(|s| s.write(data)) {
+            match self.stream.as_mut().map(|s| s.send(data)) {
                 Some(Ok(n)) => {
                     self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
                     rest = data.get(n..).unwrap_or_default();
@@ -364,7 +359,7 @@ impl<S: HostStream> Connection<S> {
                 return;
             };
             let (front, _) = self.to_host.as_slices();
-            match stream.write(front) {
+            match stream.send(front) {
                 Ok(0) => {
                     self.kill();
                     return;
@@ -570,6 +565,8 @@ fn is_transient(e: &std::io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+    use std::net::Shutdown;
     use std::os::unix::net::UnixStream;
 
     const CID: u64 = 3;

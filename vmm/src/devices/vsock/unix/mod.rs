@@ -17,7 +17,7 @@ mod sys;
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::csm::{ConnKey, ConnTimeouts, Connection};
+use super::csm::{ConnKey, ConnTimeouts, Connection, HostStream};
 use super::packet::{PacketHeader, OP_REQUEST, OP_RST};
 use super::ratelimit::{guest_warn, LogLimiter};
 use super::{VsockBackend, VsockError};
@@ -47,7 +47,8 @@ const MAX_ACCEPTS_PER_EVENT: usize = 32;
 /// Limits and timeouts of a [`UnixBackend`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UnixBackendConfig {
-    /// Most open connections, both directions together.
+    /// Most open connections, both directions together. Each holds one fd, so this plus
+    /// `max_handshakes` is how many fds the guest can make the VMM hold.
     pub max_connections: usize,
     /// Most host connections still sending their `CONNECT` line.
     pub max_handshakes: usize,
@@ -66,7 +67,7 @@ pub struct UnixBackendConfig {
 impl Default for UnixBackendConfig {
     fn default() -> Self {
         Self {
-            max_connections: 1024,
+            max_connections: 256,
             max_handshakes: 64,
             conn_buf_size: 64 * 1024,
             handshake_timeout: Duration::from_secs(5),
@@ -483,6 +484,16 @@ impl UnixBackend {
         if !waiting && self.timer_armed && self.timer.clear().is_ok() {
             self.timer_armed = false;
         }
+    }
+}
+
+impl HostStream for UnixStream {
+    fn send(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        sys::send_nosignal(self.as_fd(), buf)
+    }
+
+    fn shutdown_write(&self) -> std::io::Result<()> {
+        self.shutdown(std::net::Shutdown::Write)
     }
 }
 

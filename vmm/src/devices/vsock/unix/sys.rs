@@ -1,8 +1,8 @@
-//! The two socket calls std does not offer: a non-blocking `connect` on a Unix socket
-//! and switching an arbitrary fd to non-blocking mode.
+//! The socket calls std does not offer: a non-blocking `connect` on a Unix socket, a
+//! `send` that cannot raise SIGPIPE, and switching an arbitrary fd to non-blocking mode.
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -56,6 +56,25 @@ pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     Ok(UnixStream::from(sock))
 }
 
+/// `send(2)` with `MSG_NOSIGNAL`: a peer that went away gives `EPIPE`, not a SIGPIPE that
+/// would kill the VMM if the process does not ignore it.
+pub fn send_nosignal(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the duration of the call,
+    // and `fd` is an open socket borrowed for it.
+    let ret = unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            buf.as_ptr().cast::<libc::c_void>(),
+            buf.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ret as usize)
+}
+
 /// Set `O_NONBLOCK` on `fd`, which the caller owns and keeps open for the call.
 pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     // SAFETY: F_GETFL only reads the flags of an fd the caller keeps open.
@@ -90,6 +109,16 @@ mod tests {
         assert!(stream.is_ok());
         assert!(accepted.is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn send_to_a_closed_peer_is_an_error() {
+        let (ours, peer) = UnixStream::pair().unwrap();
+        drop(peer);
+
+        let err = send_nosignal(std::os::fd::AsFd::as_fd(&ours), b"x").unwrap_err();
+
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
     }
 
     #[test]
