@@ -26,6 +26,9 @@
 //! 1. Create it before boot: `let vsock = Arc::new(Mutex::new(Vsock::new(cid, &path)?))`.
 //!    This binds the Unix listener at `path` (it must not exist yet; it is removed again
 //!    when the device is dropped). `cid` is the guest's CID, at least 3.
+//!    [`Vsock::with_config`] takes [`UnixBackendConfig`] limits and timeouts instead of the
+//!    defaults (256 connections, 64 pending handshakes, 64 KiB per connection, 5 s to send
+//!    `CONNECT`, 5 s for the guest to accept).
 //! 2. Put it behind a virtio-mmio transport as a [`VirtioDevice`]: device type 19, three
 //!    queues (rx, tx, event) of at most [`QUEUE_SIZE`] entries, 8 bytes of config space
 //!    (the CID), and announce it on the kernel command line.
