@@ -1,3 +1,4 @@
 //! Emulated devices, one folder per device.
 
 pub mod virtio;
+pub mod vsock;
