@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Debian packages mxc-vm needs to build, test and run every backend.
+set -euo pipefail
+pkgs=(
+  bubblewrap          # the bubblewrap backend
+  busybox-static      # the shell and tools inside the microVM guest
+  linux-source-6.1    # the guest kernel source (mxc-vm image build)
+  flex bison bc libelf-dev libssl-dev make gcc cpio xz-utils  # kernel build
+  python3 iproute2 curl  # used by the tests
+)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
