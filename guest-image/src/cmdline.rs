@@ -16,10 +16,12 @@ macro_rules! common {
 /// CPU features whose instructions the `kvm_pvm` emulator cannot run in guest kernel
 /// mode (or that make the kernel use such instructions); the kernel must not see them.
 /// Kept under 128 characters: the kernel copies the `clearcpuid=` value into a
-/// 128-byte buffer. XSAVE (and with it AVX, AVX-512) goes with `noxsave`.
+/// 128-byte buffer. `xsave` here does what `noxsave` does (clearing XSAVE, and with
+/// it AVX and AVX-512), without `noxsave`'s side effect: 6.1 does not register that
+/// word as a parameter, so it would reach `/init` as an argument.
 macro_rules! clearcpuid {
     () => {
-        "popcnt,cx16,sse4_2,aes,avx,avx2,rdrand,rdseed,rdpid,smap,smep,umip,pku,\
+        "xsave,popcnt,cx16,sse4_2,aes,avx,avx2,rdrand,rdseed,rdpid,smap,smep,umip,pku,\
          fsgsbase,erms,fsrm,pcid,invpcid,clflushopt,clwb"
     };
 }
@@ -44,7 +46,7 @@ pub const KERNEL_CMDLINE_CONSOLE: &str = concat!(common!(), " console=ttyS0");
 /// Added under the `kvm_pvm` hypervisor only: hide what its emulator cannot run and
 /// turn on our three compatibility patches. On hardware KVM pass none of this.
 pub const KERNEL_CMDLINE_PVM: &str = concat!(
-    "noxsave clearcpuid=",
+    "clearcpuid=",
     clearcpuid!(),
     " mxc_pvm_syscall mxc_pvm_nofwait mxc_pvm_noint3test"
 );
@@ -89,7 +91,7 @@ mod tests {
             [PVM_FLAG_SYSCALL, PVM_FLAG_NOFWAIT, PVM_FLAG_NOINT3TEST].map(|f| pvm.contains(&f));
 
         assert_eq!(flags, [true, true, true]);
-        assert!(pvm.contains(&"noxsave"));
+        assert!(pvm.contains(&concat!("clearcpuid=", clearcpuid!())));
     }
 
     #[test]
