@@ -320,6 +320,7 @@ pub fn build(opts: &BuildOptions, progress: &mut dyn FnMut(Progress)) -> Result<
     let inputs = Inputs::gather(opts)?;
     fs::create_dir_all(&inputs.cache).map_err(cache_err(&inputs.cache))?;
     let _lock = CacheLock::acquire(&inputs.cache)?;
+    remove_leftovers(&inputs.cache);
 
     let kernel_dir = inputs.kernel_dir();
     if kernel::artifacts_in(&kernel_dir).0.is_file() {
@@ -366,6 +367,34 @@ pub fn build(opts: &BuildOptions, progress: &mut dyn FnMut(Progress)) -> Result<
     Ok(image)
 }
 
+/// Removes what an interrupted build left behind (temporary trees, kernel directories
+/// and initramfs files); only called with the cache lock held.
+fn remove_leftovers(cache: &Path) {
+    let is_leftover = |name: &str| {
+        name.starts_with("kbuild.new-") || name.starts_with("kbuild.old-") || name.contains(".tmp-")
+    };
+    for dir in [
+        cache.to_owned(),
+        cache.join("kernel"),
+        cache.join("initramfs"),
+    ] {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if !is_leftover(&entry.file_name().to_string_lossy()) {
+                continue;
+            }
+            let path = entry.path();
+            let _ = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+        }
+    }
+}
+
 fn write_initramfs_file(inputs: &Inputs, path: &Path) -> Result<(), ImageError> {
     let dir = path.parent().unwrap_or(&inputs.cache);
     fs::create_dir_all(dir).map_err(cache_err(dir))?;
@@ -390,6 +419,35 @@ fn write_initramfs_file(inputs: &Inputs, path: &Path) -> Result<(), ImageError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leftovers_of_interrupted_builds_are_removed() {
+        let cache =
+            std::env::temp_dir().join(format!("guest-image-leftovers-{}", std::process::id()));
+        let keep = [
+            cache.join("kbuild/src"),
+            cache.join("kernel/abc"),
+            cache.join("initramfs"),
+        ];
+        let gone = [
+            cache.join("kbuild.new-1/src"),
+            cache.join("kernel/abc.tmp-7"),
+        ];
+        for dir in keep.iter().chain(&gone) {
+            let _ = fs::create_dir_all(dir);
+        }
+        let _ = fs::write(cache.join("initramfs/k.cpio"), b"");
+        let _ = fs::write(cache.join("initramfs/k.tmp-3"), b"");
+
+        remove_leftovers(&cache);
+
+        assert!(keep.iter().all(|d| d.is_dir()));
+        assert!(cache.join("initramfs/k.cpio").is_file());
+        assert!(!cache.join("kbuild.new-1").exists());
+        assert!(!cache.join("kernel/abc.tmp-7").exists());
+        assert!(!cache.join("initramfs/k.tmp-3").exists());
+        let _ = fs::remove_dir_all(&cache);
+    }
 
     #[test]
     fn explicit_cache_dir_wins() {
