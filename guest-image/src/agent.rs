@@ -78,28 +78,42 @@ pub(crate) fn candidates(
     (found, false)
 }
 
-/// The first existing candidate, checked to be a static x86-64 executable.
+/// Reads `path` and checks it is a static x86-64 executable.
+fn check(path: &Path) -> Result<(), AgentError> {
+    let bytes = std::fs::read(path).map_err(|source| AgentError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    elf::check_static_x86_64(&bytes).map_err(|source| AgentError::NotStatic {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// A named path (explicit or from the environment) must exist and be static. When
+/// searching, the first static candidate wins: a plain `cargo build` puts a dynamic
+/// `guest-agent` next to the executable, and the static one built for the explicit
+/// target must still be found. If only unsuitable files exist, the error names the
+/// first one.
 pub(crate) fn find(
     explicit: Option<&Path>,
     env: Option<OsString>,
     exe: Option<&Path>,
 ) -> Result<PathBuf, AgentError> {
     let (tried, named) = candidates(explicit, env, exe);
-    let found = if named {
-        tried.first().filter(|p| p.exists()).cloned()
-    } else {
-        tried.iter().find(|p| p.is_file()).cloned()
-    };
-    let path = found.ok_or(AgentError::NotFound { tried })?;
-    let bytes = std::fs::read(&path).map_err(|source| AgentError::Read {
-        path: path.clone(),
-        source,
-    })?;
-    elf::check_static_x86_64(&bytes).map_err(|source| AgentError::NotStatic {
-        path: path.clone(),
-        source,
-    })?;
-    Ok(path)
+    let mut first_problem = None;
+    for path in tried.iter().filter(|p| named || p.is_file()) {
+        if named && !path.exists() {
+            break;
+        }
+        match check(path) {
+            Ok(()) => return Ok(path.clone()),
+            Err(problem) => {
+                first_problem.get_or_insert(problem);
+            }
+        }
+    }
+    Err(first_problem.unwrap_or(AgentError::NotFound { tried }))
 }
 
 #[cfg(test)]
@@ -175,6 +189,33 @@ mod tests {
                 ..
             })
         ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn dynamic_agent_next_to_the_executable_does_not_hide_the_static_one() {
+        let dir = temp_dir("layout");
+        let release = dir.join("release");
+        let static_dir = dir.join("x86_64-unknown-linux-gnu/release");
+        let _ = std::fs::create_dir_all(&release);
+        let _ = std::fs::create_dir_all(&static_dir);
+        let _ = std::fs::write(release.join("guest-agent"), fake_elf(3, &[3]));
+        let _ = std::fs::write(static_dir.join("guest-agent"), fake_elf(3, &[1]));
+
+        let result = find(None, None, Some(&release.join("mxc-vm")));
+
+        assert_eq!(result.ok(), Some(static_dir.join("guest-agent")));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn only_a_dynamic_agent_is_reported_as_such() {
+        let dir = temp_dir("only-dynamic");
+        let _ = std::fs::write(dir.join("guest-agent"), fake_elf(3, &[3]));
+
+        let result = find(None, None, Some(&dir.join("mxc-vm")));
+
+        assert!(matches!(result, Err(AgentError::NotStatic { .. })));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
