@@ -1,1 +1,79 @@
-//! proto crate.
+//! The host <-> guest-agent wire protocol of mxc-vm.
+//!
+//! # Frames
+//!
+//! Every message travels in one frame:
+//!
+//! ```text
+//! +-------------------+---------+------------------+-----------------+
+//! | length: u32 BE    | kind u8 | stream id u32 BE | payload         |
+//! +-------------------+---------+------------------+-----------------+
+//!   counts every byte after itself (5 + payload length)
+//! ```
+//!
+//! A whole frame, length prefix included, is at most `max_frame` bytes
+//! ([`DEFAULT_MAX_FRAME`] = 1 MiB unless both sides agree on less in the handshake).
+//! Kinds: [`FrameKind::Control`] carries one JSON [`Control`] message (stream id 0),
+//! [`FrameKind::Stdin`], [`FrameKind::Stdout`] and [`FrameKind::Stderr`] carry raw bytes
+//! of the exec whose id is the stream id.
+//!
+//! # Handshake
+//!
+//! On every new connection the agent speaks first with [`Control::Ready`] (its protocol
+//! version and its maximum frame); the host answers [`Control::Hello`] with the version
+//! and the negotiated maximum (the smaller of the two). A version mismatch is answered
+//! with [`Control::Error`] and the connection is closed.
+//!
+//! # Decoding untrusted input
+//!
+//! [`FrameReader`] (blocking, over any [`std::io::Read`]) and [`Decoder`] (incremental,
+//! for event loops) check the length against the maximum before allocating, reject
+//! unknown kinds, and report truncated input; nothing they are fed can make them panic
+//! or allocate more than the maximum frame for one payload.
+
+pub mod client;
+mod error;
+mod frame;
+mod message;
+
+pub use error::ProtoError;
+pub use frame::{
+    encode_control, encode_frame, Decoder, Frame, FrameKind, FrameReader, FrameWriter, Frames,
+    FRAME_HEADER_LEN, LENGTH_PREFIX_LEN,
+};
+pub use message::{negotiate_max_frame, Control, Exec, Exit, ExitStatus, Rlimits};
+
+/// The protocol version both sides must agree on.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The vsock port the guest agent listens on (override with `mxc.port=` on the guest
+/// kernel command line).
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// The vsock port of the host-side network policy proxy (issue 4).
+pub const PROXY_VSOCK_PORT: u32 = 1080;
+
+/// The vsock context id of the host.
+pub const HOST_CID: u32 = 2;
+
+/// The vsock context id the VMM gives the guest.
+pub const GUEST_CID: u32 = 3;
+
+/// Guest-physical address of the boot-timer MMIO register; the agent writes one stage
+/// byte to it.
+pub const BOOT_TIMER_ADDR: u64 = 0xD000_0000;
+
+/// Boot-timer stage: the agent started (first thing it does as PID 1).
+pub const STAGE_AGENT_START: u8 = 1;
+
+/// Boot-timer stage: the agent listens and will answer connections.
+pub const STAGE_AGENT_READY: u8 = 2;
+
+/// Default and largest maximum frame size (whole frame, length prefix included).
+pub const DEFAULT_MAX_FRAME: u32 = 1 << 20;
+
+/// Smallest maximum frame size a peer may ask for.
+pub const MIN_MAX_FRAME: u32 = 16 << 10;
+
+/// Largest payload of one stdin/stdout/stderr data frame either side sends.
+pub const DATA_CHUNK: usize = 64 << 10;
