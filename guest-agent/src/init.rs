@@ -131,6 +131,8 @@ pub fn configure(hostname: &str) {
         log!("cannot bring up loopback: {e}");
     }
     let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
+    // Ctrl-Alt-Del becomes SIGINT to us (a clean power-off) instead of a hard reboot.
+    let _ = sys::ctrl_alt_del_to_signal();
 }
 
 /// Reads `/proc/cmdline` (empty if it cannot be read).

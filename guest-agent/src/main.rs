@@ -117,10 +117,10 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
 }
 
 fn main() {
-    if sys::getpid() == 1 {
-        run_pid1();
-    }
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if sys::getpid() == 1 {
+        run_pid1(pid1_unix_path(&args));
+    }
     let code = match parse_args(&args) {
         Ok(Command::Serve(args)) => run_process(&args),
         Ok(Command::Version) => {
@@ -142,8 +142,18 @@ fn main() {
     std::process::exit(code);
 }
 
+/// As PID 1 the arguments are whatever the kernel passed on; only `--unix PATH` is
+/// honoured (listen there instead of on vsock: for running as PID 1 of a PID namespace
+/// in tests and containers). Everything else is ignored.
+fn pid1_unix_path(args: &[String]) -> Option<PathBuf> {
+    args.iter()
+        .position(|a| a == "--unix")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+}
+
 /// PID 1: set the guest up, serve, power off. Never returns (PID 1 must not exit).
-fn run_pid1() -> ! {
+fn run_pid1(unix: Option<PathBuf>) -> ! {
     init::early();
     init::mount_all();
     let (cfg, warnings) = cmdline::parse(&init::kernel_cmdline());
@@ -170,8 +180,11 @@ fn run_pid1() -> ! {
         agent_version: VERSION.into(),
     };
     let served = std::panic::catch_unwind(move || {
-        let listener = sys::vsock_listen(cfg.port)
-            .map_err(|e| format!("cannot listen on vsock port {}: {e}", cfg.port))?;
+        let listen = match unix {
+            Some(path) => Listen::Unix(path),
+            None => Listen::Vsock(cfg.port),
+        };
+        let listener = bind(&listen)?;
         let mut server = Server::new(listener, ctx, opts)
             .map_err(|e| format!("cannot start the event loop: {e}"))?;
         init::boot_stage(proto::STAGE_AGENT_READY);
@@ -302,6 +315,18 @@ mod tests {
         let err = parse_args(&args(&["--frob"])).unwrap_err();
 
         assert_eq!(err, "unknown argument \"--frob\"");
+    }
+
+    #[test]
+    fn pid1_takes_only_the_unix_path_from_its_arguments() {
+        let path = pid1_unix_path(&args(&["quiet", "--unix", "/run/a.sock", "--frob"]));
+
+        assert_eq!(path, Some(PathBuf::from("/run/a.sock")));
+    }
+
+    #[test]
+    fn pid1_without_unix_argument_uses_vsock() {
+        assert_eq!(pid1_unix_path(&args(&["--unix"])), None);
     }
 
     #[test]

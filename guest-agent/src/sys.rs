@@ -584,6 +584,13 @@ pub fn write_phys_byte(addr: u64, value: u8) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes the kernel send SIGINT to PID 1 on Ctrl-Alt-Del instead of rebooting at once.
+pub fn ctrl_alt_del_to_signal() -> io::Result<()> {
+    // SAFETY: reboot with LINUX_REBOOT_CMD_CAD_OFF only changes a kernel flag.
+    cvt(unsafe { libc::reboot(libc::LINUX_REBOOT_CMD_CAD_OFF) })?;
+    Ok(())
+}
+
 /// Kills every process but us, flushes file systems, and restarts the machine, which
 /// our VMM (kernel `reboot=k`) treats as the end of the VM. Never returns.
 pub fn power_off() -> ! {
