@@ -158,6 +158,49 @@ pub struct AgentClient<R, W> {
     broken: bool,
 }
 
+/// Connects to a guest vsock port through a Firecracker-style hybrid-vsock Unix socket:
+/// writes `CONNECT <port>\n` and reads the `OK <host_port>\n` line one byte at a time,
+/// so the agent's `Ready`, which may follow in the same segment, stays in the stream.
+/// (Reading the line through a buffered reader and then handing over the raw stream
+/// would lose it.)
+#[cfg(unix)]
+pub fn connect_hybrid_vsock(
+    socket: &std::path::Path,
+    port: u32,
+) -> std::io::Result<std::os::unix::net::UnixStream> {
+    use std::io::{Error, ErrorKind};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    let mut line = Vec::with_capacity(32);
+    let mut byte = [0u8; 1];
+    while line.len() < 64 {
+        if stream.read(&mut byte)? == 0 {
+            return Err(Error::new(
+                ErrorKind::UnexpectedEof,
+                "hybrid vsock closed before OK",
+            ));
+        }
+        if byte[0] == b'\n' {
+            let text = String::from_utf8_lossy(&line);
+            let ok = text
+                .strip_prefix("OK ")
+                .is_some_and(|p| p.trim().parse::<u32>().is_ok());
+            if ok {
+                return Ok(stream);
+            }
+            return Err(Error::new(
+                ErrorKind::ConnectionRefused,
+                format!("hybrid vsock refused port {port}: {text:?}"),
+            ));
+        }
+        line.push(byte[0]);
+    }
+    Err(Error::new(
+        ErrorKind::InvalidData,
+        "hybrid vsock answer too long",
+    ))
+}
+
 #[cfg(unix)]
 impl AgentClient<std::os::unix::net::UnixStream, std::os::unix::net::UnixStream> {
     /// Handshake over a connected Unix stream (for hybrid vsock: after `CONNECT`/`OK`).
@@ -464,6 +507,54 @@ mod tests {
         ));
         let reply = FrameReader::new(&sent[..]).read_frame().unwrap().unwrap();
         assert!(matches!(reply.to_control().unwrap(), Control::Error { .. }));
+    }
+
+    fn fake_hybrid_vsock(
+        answer: Vec<u8>,
+    ) -> (std::path::PathBuf, std::thread::JoinHandle<Vec<u8>>) {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "proto-hv-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("v.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut request = [0u8; 13];
+            conn.read_exact(&mut request).unwrap();
+            conn.write_all(&answer).unwrap();
+            request.to_vec()
+        });
+        (path, server)
+    }
+
+    #[test]
+    fn hybrid_vsock_connect_keeps_bytes_after_the_ok_line() {
+        let mut answer = b"OK 1073741824\n".to_vec();
+        answer.extend(agent_bytes(&[ready(PROTOCOL_VERSION, DEFAULT_MAX_FRAME)]));
+        let (path, server) = fake_hybrid_vsock(answer);
+
+        let stream = connect_hybrid_vsock(&path, 1024).unwrap();
+        let ready_frame = FrameReader::new(&stream).read_frame().unwrap().unwrap();
+
+        assert_eq!(server.join().unwrap(), b"CONNECT 1024\n");
+        assert!(matches!(
+            ready_frame.to_control().unwrap(),
+            Control::Ready { .. }
+        ));
+    }
+
+    #[test]
+    fn hybrid_vsock_refusal_is_an_error() {
+        let (path, _server) = fake_hybrid_vsock(b"NO\n".to_vec());
+
+        let err = connect_hybrid_vsock(&path, 1024).unwrap_err();
+
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
     }
 
     #[test]
