@@ -294,6 +294,7 @@ impl Running {
             exec,
             pid,
             started,
+            ended: None,
             status: None,
             timed_out: false,
             drain_deadline: None,
@@ -368,6 +369,7 @@ impl Running {
     /// The leader was reaped (the caller killed the rest of its group before reaping).
     pub fn reaped(&mut self, status: WaitStatus, now: Instant) {
         self.status = Some(status);
+        self.ended = Some(now);
         self.deadline = None;
         self.drain_deadline = Some(now + DRAIN_GRACE);
         if let Some(c) = &self.cgroup {
@@ -421,7 +423,11 @@ impl Running {
             code,
             signal,
             timed_out: self.timed_out,
-            duration_ms: self.started.elapsed().as_millis() as u64,
+            duration_ms: self
+                .ended
+                .unwrap_or_else(Instant::now)
+                .saturating_duration_since(self.started)
+                .as_millis() as u64,
         })
     }
 

@@ -67,6 +67,15 @@ enum Listen {
     Vsock(u32),
 }
 
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unix(path) => write!(f, "unix socket {}", path.display()),
+            Self::Vsock(port) => write!(f, "vsock port {port}"),
+        }
+    }
+}
+
 /// Settings of a normal-process agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Args {
@@ -185,6 +194,7 @@ fn run_pid1(unix: Option<PathBuf>) -> ! {
             None => Listen::Vsock(cfg.port),
         };
         let listener = bind(&listen)?;
+        log!("ready on {listen} (protocol {})", proto::PROTOCOL_VERSION);
         let mut server = Server::new(listener, ctx, opts)
             .map_err(|e| format!("cannot start the event loop: {e}"))?;
         init::boot_stage(proto::STAGE_AGENT_READY);
@@ -200,6 +210,7 @@ fn run_pid1(unix: Option<PathBuf>) -> ! {
 
 /// A normal process serving one socket; returns the exit code.
 fn run_process(args: &Args) -> i32 {
+    sys::ensure_std_fds();
     let listener = match bind(&args.listen) {
         Ok(l) => l,
         Err(msg) => {
@@ -207,6 +218,11 @@ fn run_process(args: &Args) -> i32 {
             return 1;
         }
     };
+    log!(
+        "ready on {} (protocol {})",
+        args.listen,
+        proto::PROTOCOL_VERSION
+    );
     if let Err(e) = sys::set_child_subreaper() {
         log!("cannot become a child subreaper: {e}");
     }

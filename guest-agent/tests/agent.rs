@@ -22,6 +22,14 @@ type Client = AgentClient<UnixStream, UnixStream>;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// The agent under test: `GUEST_AGENT_BIN` (e.g. the static release build that goes
+/// into the initramfs) or the binary cargo built for this test run.
+fn agent_bin() -> PathBuf {
+    std::env::var_os("GUEST_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_guest-agent")))
+}
+
 /// A running agent in its own temporary directory; killed on drop.
 struct Agent {
     child: Child,
@@ -40,7 +48,7 @@ impl Agent {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let sock = dir.join("agent.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_guest-agent"))
+        let child = Command::new(agent_bin())
             .arg("--unix")
             .arg(&sock)
             .args(extra)

@@ -20,6 +20,14 @@ use proto::Exec;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// The agent under test: `GUEST_AGENT_BIN` (e.g. the static release build that goes
+/// into the initramfs) or the binary cargo built for this test run.
+fn agent_bin() -> PathBuf {
+    std::env::var_os("GUEST_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_guest-agent")))
+}
+
 struct Init {
     child: Child,
     dir: PathBuf,
@@ -49,7 +57,7 @@ impl Init {
                 "--net",
                 "--",
             ])
-            .arg(env!("CARGO_BIN_EXE_guest-agent"))
+            .arg(agent_bin())
             .arg("--unix")
             .arg(&sock)
             .stdin(Stdio::null())
