@@ -195,6 +195,7 @@ pub struct Running {
     /// Process id of the leader, which is also its process group id.
     pub pid: libc::pid_t,
     started: Instant,
+    ended: Option<Instant>,
     /// When `timeout_ms` runs out.
     pub deadline: Option<Instant>,
     /// Stdin, while open.
