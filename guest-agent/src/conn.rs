@@ -11,10 +11,10 @@ use std::io;
 
 use proto::{
     encode_control, encode_frame, negotiate_max_frame, Control, Decoder, Exec, Frame, FrameKind,
-    FRAME_HEADER_LEN, PROTOCOL_VERSION,
+    FRAME_HEADER_LEN, PROTOCOL_VERSION, STDIN_WINDOW,
 };
 
-use crate::exec::{Running, STDIN_HIGH_WATER};
+use crate::exec::{Running, StdinAccept};
 use crate::server::Watched;
 use crate::sys;
 
@@ -151,16 +151,11 @@ impl Conn {
         Ok(())
     }
 
-    /// Whether we want to read from the host now: not while it would grow a buffer
-    /// past its bound (stdin the child does not read, replies the host does not read).
+    /// Whether we want to read from the host now: not while replies it does not read
+    /// pile up. (Stdin is bounded by its credit window instead, so a process that
+    /// ignores its stdin never stops control messages.)
     pub fn wants_read(&self) -> bool {
-        !self.closing
-            && !self.peer_closed
-            && self.out_len() < OUT_HARD_LIMIT
-            && self
-                .execs
-                .values()
-                .all(|e| e.stdin_pending() < STDIN_HIGH_WATER)
+        !self.closing && !self.peer_closed && self.out_len() < OUT_HARD_LIMIT
     }
 
     /// Reads once from the socket into the decoder; take the work with
@@ -220,8 +215,26 @@ impl Conn {
             FrameKind::Stdin => {
                 // Stdin for an exec that has ended (or never was) is dropped: the host's
                 // stdin pump cannot know exactly when the process exits.
-                if let Some(exec) = self.execs.get_mut(&frame.stream) {
-                    exec.push_stdin(&frame.payload);
+                let id = frame.stream;
+                let outcome = self
+                    .execs
+                    .get_mut(&id)
+                    .map(|e| e.accept_stdin(&frame.payload));
+                match outcome {
+                    Some(StdinAccept::Discarded(n)) if n > 0 => {
+                        self.queue(&Control::StdinCredit {
+                            id,
+                            bytes: n as u64,
+                        });
+                    }
+                    Some(StdinAccept::Overrun) => {
+                        self.queue(&Control::error(
+                            None,
+                            format!("exec {id} overran its stdin window of {STDIN_WINDOW} bytes"),
+                        ));
+                        self.closing = true;
+                    }
+                    _ => {}
                 }
                 None
             }

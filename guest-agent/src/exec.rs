@@ -12,7 +12,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use proto::{Control, Exec, Exit};
+use proto::{Control, Exec, Exit, STDIN_WINDOW};
 
 use crate::cgroup::{CgroupError, CgroupRoot, ExecCgroup};
 use crate::server::{Registry, Source, Watched};
@@ -24,9 +24,6 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 /// How long output may keep flowing after the leader exits, once nothing holds it back;
 /// only processes that escaped the group and the cgroup can hold the pipes that long.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(2);
-
-/// Stdin bytes buffered per exec before the agent stops reading the connection.
-pub const STDIN_HIGH_WATER: usize = 256 << 10;
 
 /// Starting an exec failed before a child existed.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +154,19 @@ pub struct StdinPipe {
     buf: Vec<u8>,
     start: usize,
     close_requested: bool,
+    /// Bytes written to the child and not yet credited back to the host.
+    uncredited: usize,
+}
+
+/// What became of stdin bytes from the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StdinAccept {
+    /// Buffered for the child.
+    Buffered,
+    /// Dropped (stdin is closed); credit them back at once.
+    Discarded(usize),
+    /// The host sent more than [`STDIN_WINDOW`] uncredited bytes.
+    Overrun,
 }
 
 impl StdinPipe {
@@ -174,7 +184,10 @@ impl StdinPipe {
     pub fn flush(&mut self) -> io::Result<()> {
         while self.pending() > 0 {
             match sys::write(&self.pipe, &self.buf[self.start..]) {
-                Ok(n) => self.start += n,
+                Ok(n) => {
+                    self.start += n;
+                    self.uncredited += n;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
             }
@@ -200,8 +213,6 @@ pub struct Running {
     pub deadline: Option<Instant>,
     /// Stdin, while open.
     pub stdin: Option<StdinPipe>,
-    /// Whether stdin was taken away (closed by the host, or by the child).
-    stdin_gone: bool,
     /// Stdout read end, until end-of-file.
     pub stdout: Option<Watched>,
     /// Stderr read end, until end-of-file.
@@ -281,12 +292,12 @@ impl Running {
             buf: Vec::new(),
             start: 0,
             close_requested: false,
+            uncredited: 0,
         });
         Ok(Self {
             deadline: exec
                 .timeout_ms
                 .map(|ms| started + Duration::from_millis(ms)),
-            stdin_gone: stdin.is_none(),
             stdin,
             stdout: Some(reg.watch(stdout_r, Source::Stdout(conn, id))),
             stderr: Some(reg.watch(stderr_r, Source::Stderr(conn, id))),
@@ -308,12 +319,17 @@ impl Running {
         self.exec.id
     }
 
-    /// Queues stdin bytes from the host (dropped when stdin is closed already).
-    pub fn push_stdin(&mut self, data: &[u8]) {
-        if let Some(stdin) = &mut self.stdin {
-            if !stdin.close_requested {
+    /// Takes stdin bytes from the host, within the stdin window.
+    pub fn accept_stdin(&mut self, data: &[u8]) -> StdinAccept {
+        match &mut self.stdin {
+            Some(stdin) if !stdin.close_requested => {
+                if stdin.pending() + data.len() > STDIN_WINDOW {
+                    return StdinAccept::Overrun;
+                }
                 stdin.buf.extend_from_slice(data);
+                StdinAccept::Buffered
             }
+            _ => StdinAccept::Discarded(data.len()),
         }
     }
 
@@ -324,17 +340,30 @@ impl Running {
         }
     }
 
-    /// Stdin bytes buffered for the child.
-    pub fn stdin_pending(&self) -> usize {
-        self.stdin.as_ref().map_or(0, StdinPipe::pending)
+    /// Credit to give back now: in batches of a quarter window, or all of it once the
+    /// child has taken everything buffered.
+    pub fn take_stdin_credit(&mut self) -> usize {
+        let Some(stdin) = &mut self.stdin else {
+            return 0;
+        };
+        if stdin.uncredited >= STDIN_WINDOW / 4 || stdin.pending() == 0 {
+            std::mem::take(&mut stdin.uncredited)
+        } else {
+            0
+        }
     }
 
-    /// Closes stdin (child closed it, or all is written and the host is done).
-    pub fn close_stdin(&mut self, reg: &mut Registry) {
+    /// Closes stdin (child closed it, or all is written and the host is done); returns
+    /// the bytes the host is owed credit for (written or dropped, not yet credited).
+    pub fn close_stdin(&mut self, reg: &mut Registry) -> usize {
+        let owed = self
+            .stdin
+            .as_ref()
+            .map_or(0, |s| s.uncredited + s.pending());
         if let Some(stdin) = self.stdin.take() {
             reg.unwatch(stdin.pipe);
         }
-        self.stdin_gone = true;
+        owed
     }
 
     /// Sends `signo` to the exec's process group (or the leader, if it has not made
@@ -434,7 +463,7 @@ impl Running {
 
     /// Releases every descriptor; the cgroup (if any) is handed back for removal.
     pub fn teardown(mut self, reg: &mut Registry) -> Option<ExecCgroup> {
-        self.close_stdin(reg);
+        let _ = self.close_stdin(reg);
         for pipe in [self.stdout.take(), self.stderr.take(), self.report.take()]
             .into_iter()
             .flatten()

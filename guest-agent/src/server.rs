@@ -372,15 +372,26 @@ impl Server {
     }
 
     fn on_stdin(&mut self, c: u32, e: u32) {
-        let Some(exec) = self.conns.get_mut(&c).and_then(|k| k.execs.get_mut(&e)) else {
+        let Some(conn) = self.conns.get_mut(&c) else {
+            return;
+        };
+        let Some(exec) = conn.execs.get_mut(&e) else {
             return;
         };
         let Some(stdin) = &mut exec.stdin else {
             return;
         };
-        // An error means the child closed its stdin: drop what it will never read.
-        if stdin.flush().is_err() || stdin.can_close() {
-            exec.close_stdin(&mut self.reg);
+        let credit = match stdin.flush() {
+            // The child closed its stdin: drop what it will never read, and give the
+            // host its credit back so its stdin pump does not stall.
+            Err(_) => exec.close_stdin(&mut self.reg),
+            Ok(()) => exec.take_stdin_credit(),
+        };
+        if credit > 0 {
+            conn.queue(&Control::StdinCredit {
+                id: e,
+                bytes: credit as u64,
+            });
         }
     }
 
@@ -401,7 +412,8 @@ impl Server {
                     .as_ref()
                     .map(|s| (s.pending() > 0, s.can_close()));
                 if let Some((_, true)) = stdin_state {
-                    exec.close_stdin(reg);
+                    // The host sent StdinClose: it needs no more credit.
+                    let _ = exec.close_stdin(reg);
                 } else if let (Some((has_data, _)), Some(stdin)) = (stdin_state, &mut exec.stdin) {
                     reg.set_interest(&mut stdin.pipe, if has_data { EV_OUT } else { 0 });
                 }

@@ -908,18 +908,125 @@ fn stdin_sent_in_the_same_write_as_its_exec_is_not_lost() {
 
     sock.write_all(&bytes).unwrap();
 
-    let data = reader.read_frame().unwrap().unwrap();
-    let exit = next_control(&mut reader);
-    assert_eq!(
-        (data.kind, data.stream, data.payload),
-        (FrameKind::Stdout, 3, b"abc".to_vec())
-    );
+    let mut stdout = Vec::new();
+    let exit = loop {
+        let frame = reader.read_frame().unwrap().unwrap();
+        match frame.kind {
+            FrameKind::Stdout => stdout.extend(frame.payload),
+            _ => match frame.to_control().unwrap() {
+                Control::StdinCredit { .. } => {}
+                other => break other,
+            },
+        }
+    };
+    assert_eq!(stdout, b"abc");
     assert!(matches!(
         exit,
-        Some(Control::Exit(proto::Exit {
+        Control::Exit(proto::Exit {
             id: 3,
             code: Some(0),
             ..
-        }))
+        })
     ));
+}
+
+/// The next control message that is not a stdin credit.
+fn next_non_credit(reader: &mut FrameReader<UnixStream>) -> Option<Control> {
+    loop {
+        match next_control(reader) {
+            Some(Control::StdinCredit { .. }) => continue,
+            other => return other,
+        }
+    }
+}
+
+#[test]
+fn a_host_that_does_not_read_stalls_the_producer_not_the_agent_memory() {
+    // `yes` writes as fast as it can; nobody reads the connection for a while. Without
+    // backpressure the agent would buffer hundreds of megabytes in that time.
+    let agent = Agent::start();
+    let (sock, mut reader) = raw_conn(&agent, true);
+    let mut exec = cmd(&["yes", "0123456789012345678901234567890123456789"]);
+    exec.id = 1;
+    send_control(&sock, &Control::Exec(exec));
+
+    std::thread::sleep(Duration::from_secs(1));
+    let rss = rss_kib(agent.child.id());
+    let frame = reader.read_frame().unwrap().unwrap();
+    send_control(
+        &sock,
+        &Control::Signal {
+            id: 1,
+            signo: libc::SIGKILL,
+        },
+    );
+
+    assert!(
+        rss < 32 * 1024,
+        "agent grew to {rss} KiB while the host did not read"
+    );
+    assert_eq!((frame.kind, frame.stream), (FrameKind::Stdout, 1));
+}
+
+#[test]
+fn stdin_the_process_does_not_read_stalls_the_host_but_not_signals() {
+    // `sleep` never reads stdin. The client may only send one credit window, and then
+    // waits; the agent keeps reading the connection, so a Signal still gets through.
+    let agent = Agent::start();
+    let mut client = agent.client();
+    let signaller = client.signaller();
+    let mut exec = cmd(&["sleep", "100"]);
+    exec.timeout_ms = Some(60_000);
+    let endless = Box::new(std::io::repeat(b'x'));
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let io = ExecIo::new(&mut out, &mut err).with_stdin(endless);
+
+    let killer = std::thread::spawn(move || {
+        // Give the pump time to fill the window; then signal.
+        std::thread::sleep(Duration::from_millis(500));
+        signaller.signal(libc::SIGKILL).unwrap()
+    });
+    let exit = client.exec(exec, io).unwrap();
+    let rss = rss_kib(agent.child.id());
+
+    assert!(killer.join().unwrap());
+    assert_eq!((exit.signal, exit.timed_out), (Some(libc::SIGKILL), false));
+    assert!(rss < 32 * 1024, "agent grew to {rss} KiB of unread stdin");
+}
+
+#[test]
+fn a_host_that_overruns_the_stdin_window_is_cut_off() {
+    let agent = Agent::start();
+    let (mut sock, mut reader) = raw_conn(&agent, true);
+    let mut exec = cmd(&["sleep", "100"]);
+    exec.id = 1;
+    exec.stdin = true;
+    send_control(&sock, &Control::Exec(exec));
+    let chunk = vec![b'x'; 64 << 10];
+    let mut bytes = Vec::new();
+    // Four windows without waiting for credit: more than the window plus what the
+    // pipe itself absorbs.
+    for _ in 0..(4 * proto::STDIN_WINDOW / chunk.len()) {
+        encode_frame(&mut bytes, FrameKind::Stdin, 1, &chunk, DEFAULT_MAX_FRAME).unwrap();
+    }
+
+    let _ = sock.write_all(&bytes);
+
+    let Some(Control::Error { message, .. }) = next_non_credit(&mut reader) else {
+        panic!("expected an error");
+    };
+    assert!(message.contains("overran its stdin window"), "{message}");
+    assert_eq!(next_control(&mut reader), None);
+    still_serves(&agent);
+}
+
+/// Resident memory of a process, from `/proc/PID/status`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
 }

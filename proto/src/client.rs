@@ -20,12 +20,12 @@
 //! the agent's `timeout_ms`, and tear the guest down if it stops answering.
 
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::{
     negotiate_max_frame, Control, Exec, Exit, FrameKind, FrameReader, FrameWriter, ProtoError,
-    DATA_CHUNK, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+    DATA_CHUNK, DEFAULT_MAX_FRAME, PROTOCOL_VERSION, STDIN_WINDOW,
 };
 
 /// What can go wrong talking to the agent.
@@ -112,6 +112,58 @@ pub struct ExecOutput {
 }
 
 type SharedWriter<W> = Arc<Mutex<FrameWriter<W>>>;
+
+/// Stdin credit of the running exec, shared by the output reader (which receives
+/// `StdinCredit`) and the stdin pump (which spends it).
+#[derive(Debug)]
+struct Credit {
+    state: Mutex<(usize, bool)>,
+    cond: Condvar,
+}
+
+impl Credit {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new((STDIN_WINDOW, false)),
+            cond: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, (usize, bool)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add(&self, bytes: u64) {
+        let mut state = self.lock();
+        state.0 = state
+            .0
+            .saturating_add(usize::try_from(bytes).unwrap_or(usize::MAX));
+        self.cond.notify_all();
+    }
+
+    fn finish(&self) {
+        self.lock().1 = true;
+        self.cond.notify_all();
+    }
+
+    fn is_done(&self) -> bool {
+        self.lock().1
+    }
+
+    /// Waits for credit and takes up to `want` bytes of it; 0 once the exec is over.
+    fn take(&self, want: usize) -> usize {
+        let mut state = self.lock();
+        while state.0 == 0 && !state.1 {
+            state = self.cond.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        if state.1 {
+            return 0;
+        }
+        let n = want.min(state.0);
+        state.0 -= n;
+        n
+    }
+}
 
 fn lock<W>(writer: &SharedWriter<W>) -> MutexGuard<'_, FrameWriter<W>> {
     writer
@@ -327,12 +379,12 @@ impl<R: Read, W: Write + Send + 'static> AgentClient<R, W> {
         let id = exec.id;
         lock(&self.writer).write_control(&Control::Exec(exec))?;
         self.current.store(id, Ordering::SeqCst);
-        let done = Arc::new(AtomicBool::new(false));
+        let credit = Arc::new(Credit::new());
         if let Some(stdin) = io.stdin {
-            spawn_stdin_pump(id, stdin, Arc::clone(&self.writer), Arc::clone(&done));
+            spawn_stdin_pump(id, stdin, Arc::clone(&self.writer), Arc::clone(&credit));
         }
-        let result = self.pump_output(id, io.stdout, io.stderr);
-        done.store(true, Ordering::SeqCst);
+        let result = self.pump_output(id, io.stdout, io.stderr, &credit);
+        credit.finish();
         self.current.store(0, Ordering::SeqCst);
         match &result {
             Ok(_) | Err(ClientError::Remote { id: Some(_), .. }) => {}
@@ -373,6 +425,7 @@ impl<R: Read, W: Write + Send + 'static> AgentClient<R, W> {
         id: u32,
         stdout: &mut dyn Write,
         stderr: &mut dyn Write,
+        credit: &Credit,
     ) -> Result<Exit, ClientError> {
         loop {
             let frame = self.reader.read_frame()?.ok_or(ClientError::Closed)?;
@@ -393,6 +446,10 @@ impl<R: Read, W: Write + Send + 'static> AgentClient<R, W> {
                     }
                     Control::Error { id: None, message } => {
                         return Err(ClientError::Remote { id: None, message })
+                    }
+                    Control::StdinCredit { id: cid, bytes } if cid == id => {
+                        credit.add(bytes);
+                        continue;
                     }
                     Control::Pong => continue,
                     other => return Err(unexpected(&other)),
@@ -421,13 +478,14 @@ fn unexpected(msg: &Control) -> ClientError {
     ClientError::Unexpected(format!("{} message", msg.type_name()))
 }
 
-/// Copies `stdin` to the agent in data frames on a thread of its own, then sends
-/// `StdinClose`. Stops quietly when the exec is over or the connection fails.
+/// Copies `stdin` to the agent in data frames on a thread of its own, within the stdin
+/// credit the agent grants, then sends `StdinClose`. Stops quietly when the exec is
+/// over or the connection fails.
 fn spawn_stdin_pump<W: Write + Send + 'static>(
     id: u32,
     mut stdin: Box<dyn Read + Send>,
     writer: SharedWriter<W>,
-    done: Arc<AtomicBool>,
+    credit: Arc<Credit>,
 ) {
     let chunk = DATA_CHUNK.min(lock(&writer).max_payload()).max(1);
     std::thread::spawn(move || {
@@ -438,17 +496,26 @@ fn spawn_stdin_pump<W: Write + Send + 'static>(
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => 0,
             };
-            if done.load(Ordering::SeqCst) {
+            if n == 0 {
+                if !credit.is_done() {
+                    let _ = lock(&writer).write_control(&Control::StdinClose { id });
+                }
                 return;
             }
-            let mut w = lock(&writer);
-            let sent = if n == 0 {
-                w.write_control(&Control::StdinClose { id })
-            } else {
-                w.write_frame(FrameKind::Stdin, id, &buf[..n])
-            };
-            if n == 0 || sent.is_err() {
-                return;
+            let mut sent = 0;
+            while sent < n {
+                let allowed = credit.take(n - sent);
+                if allowed == 0 {
+                    return;
+                }
+                let piece = &buf[sent..sent + allowed];
+                if lock(&writer)
+                    .write_frame(FrameKind::Stdin, id, piece)
+                    .is_err()
+                {
+                    return;
+                }
+                sent += allowed;
             }
         }
     });

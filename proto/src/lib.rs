@@ -24,6 +24,12 @@
 //! and the negotiated maximum (the smaller of the two). A version mismatch is answered
 //! with [`Control::Error`] and the connection is closed.
 //!
+//! # Flow control
+//!
+//! Output: the agent reads a child's stdout/stderr only while its outgoing buffer for
+//! the connection is small, so a host that stops reading stops the child (its pipe
+//! fills). Stdin: credit-based, see [`STDIN_WINDOW`].
+//!
 //! # Decoding untrusted input
 //!
 //! [`FrameReader`] (blocking, over any [`std::io::Read`]) and [`Decoder`] (incremental,
@@ -77,3 +83,10 @@ pub const MIN_MAX_FRAME: u32 = 16 << 10;
 
 /// Largest payload of one stdin/stdout/stderr data frame either side sends.
 pub const DATA_CHUNK: usize = 64 << 10;
+
+/// Stdin flow control: the host may have at most this many stdin bytes of one exec
+/// that the agent has not yet credited back ([`Control::StdinCredit`]). Each exec starts
+/// with the full window. The agent refuses a connection that overruns it; in return it
+/// never has to stop reading the connection for stdin's sake, so `Signal` and other
+/// control messages get through even while a process ignores its stdin.
+pub const STDIN_WINDOW: usize = 256 << 10;

@@ -30,6 +30,14 @@ pub enum Control {
     },
     /// Host to agent: start a process.
     Exec(Exec),
+    /// Agent to host: the agent has taken `bytes` more stdin bytes of exec `id` off
+    /// its buffer; the host may send that many more (see [`crate::STDIN_WINDOW`]).
+    StdinCredit {
+        /// The exec.
+        id: u32,
+        /// Bytes credited back.
+        bytes: u64,
+    },
     /// Host to agent: no more stdin for exec `id` (the agent closes the pipe).
     StdinClose {
         /// The exec.
@@ -78,6 +86,7 @@ impl Control {
             Self::Hello { .. } => "hello",
             Self::Ready { .. } => "ready",
             Self::Exec(_) => "exec",
+            Self::StdinCredit { .. } => "stdin_credit",
             Self::StdinClose { .. } => "stdin_close",
             Self::Signal { .. } => "signal",
             Self::Exit(_) => "exit",

@@ -103,6 +103,10 @@ fn sample_messages() -> Vec<Control> {
             pty: false,
         }),
         Control::StdinClose { id: 7 },
+        Control::StdinCredit {
+            id: 7,
+            bytes: 65536,
+        },
         Control::Signal { id: 7, signo: 15 },
         Control::Exit(Exit {
             id: 7,
