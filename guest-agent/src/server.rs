@@ -8,9 +8,11 @@
 //!
 //! Flow control: a child's output is read only while its connection has less than
 //! [`OUT_HIGH_WATER`] bytes queued, so a host that stops reading stops the child (its
-//! pipe fills); the connection is read only while every exec's stdin buffer is below
-//! its bound. A source we do not want events from is removed from epoll altogether
-//! (level-triggered hang-ups would otherwise spin).
+//! pipe fills). Stdin is bounded by the credit window (`proto::STDIN_WINDOW`), so the
+//! connection itself is always read (unless the host leaves our replies unread), and
+//! `Signal` gets through even while a process ignores its stdin. A source we do not
+//! want events from is removed from epoll altogether (level-triggered hang-ups would
+//! otherwise spin).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -21,7 +23,7 @@ use proto::{Control, FrameKind, DATA_CHUNK};
 
 use crate::cgroup::ExecCgroup;
 use crate::conn::{Action, Conn, OUT_HIGH_WATER};
-use crate::exec::{read_pipe, PipeRead, Running, SpawnContext, DRAIN_GRACE};
+use crate::exec::{read_pipe, PipeRead, Running, SpawnContext, StdinPipe, DRAIN_GRACE};
 use crate::sys::{self, Epoll, EV_IN, EV_OUT};
 use crate::{error_chain, log};
 
@@ -407,15 +409,13 @@ impl Server {
             }
             let out_open = conn.out_len() < OUT_HIGH_WATER;
             for exec in conn.execs.values_mut() {
-                let stdin_state = exec
-                    .stdin
-                    .as_ref()
-                    .map(|s| (s.pending() > 0, s.can_close()));
-                if let Some((_, true)) = stdin_state {
-                    // The host sent StdinClose: it needs no more credit.
+                if exec.stdin.as_ref().is_some_and(StdinPipe::can_close) {
+                    // The host sent StdinClose and all is written: no credit is owed.
                     let _ = exec.close_stdin(reg);
-                } else if let (Some((has_data, _)), Some(stdin)) = (stdin_state, &mut exec.stdin) {
-                    reg.set_interest(&mut stdin.pipe, if has_data { EV_OUT } else { 0 });
+                }
+                if let Some(stdin) = &mut exec.stdin {
+                    let interest = if stdin.pending() > 0 { EV_OUT } else { 0 };
+                    reg.set_interest(&mut stdin.pipe, interest);
                 }
                 let out_interest = if out_open { EV_IN } else { 0 };
                 for pipe in [&mut exec.stdout, &mut exec.stderr].into_iter().flatten() {

@@ -24,6 +24,23 @@
 //! and the negotiated maximum (the smaller of the two). A version mismatch is answered
 //! with [`Control::Error`] and the connection is closed.
 //!
+//! # Messages (JSON in control frames, tagged by `"type"`)
+//!
+//! | direction | message | meaning |
+//! |---|---|---|
+//! | agent → host | `{"type":"ready","version":1,"agent_version":"0.1.0","max_frame":1048576}` | first frame of every connection |
+//! | host → agent | `{"type":"hello","version":1,"max_frame":1048576}` | handshake answer (negotiated maximum) |
+//! | host → agent | `{"type":"exec","id":1,"argv":["sh","-c","echo hi"],"env":{"PATH":"/bin"},"cwd":"/","stdin":false,"timeout_ms":5000,"rlimits":{"nofile":1024},"pty":false}` | start a process; its data frames use stream id 1 |
+//! | host → agent | stdin data frame (kind 2, stream = exec id) | bytes for the process |
+//! | agent → host | `{"type":"stdin_credit","id":1,"bytes":65536}` | stdin window credit |
+//! | host → agent | `{"type":"stdin_close","id":1}` | end of stdin |
+//! | host → agent | `{"type":"signal","id":1,"signo":15}` | signal the process group |
+//! | agent → host | stdout/stderr data frames (kinds 3/4, ≤ 64 KiB each) | output as it is produced |
+//! | agent → host | `{"type":"exit","id":1,"code":0,"timed_out":false,"duration_ms":12}` (or `"signal":9`) | the exec is over; after all its output |
+//! | either | `{"type":"error","id":1,"message":"..."}` | with `id`: that exec failed to start or was refused |
+//! | host → agent | `{"type":"shutdown"}` | power off the guest |
+//! | either | `{"type":"ping"}` / `{"type":"pong"}` | liveness |
+//!
 //! # Flow control
 //!
 //! Output: the agent reads a child's stdout/stderr only while its outgoing buffer for
