@@ -13,6 +13,18 @@
 //! guest-agent --unix PATH   [--exit-on-disconnect] [--cgroup DIR]
 //! guest-agent --vsock PORT  [--exit-on-disconnect] [--cgroup DIR]
 //! ```
+//!
+//! Build the static `/init` (a static-pie: no `INTERP` program header):
+//!
+//! ```text
+//! RUSTFLAGS="-C target-feature=+crt-static" cargo build --profile release-guest \
+//!     -p guest-agent --target x86_64-unknown-linux-gnu
+//! ```
+//!
+//! Guest kernel needs: `DEVTMPFS`, `TMPFS`, `PROC_FS`, `SYSFS`, `VSOCKETS` +
+//! `VIRTIO_VSOCKETS`, `INET` (loopback); for per-exec cgroups `CGROUPS` (cgroup2, kill of
+//! escaped processes) and `CGROUP_PIDS` (without it `rlimits.nproc` is refused); for the
+//! boot timer `DEVMEM`.
 
 mod cgroup;
 mod cmdline;
