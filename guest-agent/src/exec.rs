@@ -295,9 +295,10 @@ impl Running {
             uncredited: 0,
         });
         Ok(Self {
+            // A timeout beyond what the clock can represent is no timeout.
             deadline: exec
                 .timeout_ms
-                .map(|ms| started + Duration::from_millis(ms)),
+                .and_then(|ms| started.checked_add(Duration::from_millis(ms))),
             stdin,
             stdout: Some(reg.watch(stdout_r, Source::Stdout(conn, id))),
             stderr: Some(reg.watch(stderr_r, Source::Stderr(conn, id))),

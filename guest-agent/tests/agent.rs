@@ -307,6 +307,18 @@ fn timeout_kills_the_command_and_its_children() {
 }
 
 #[test]
+fn an_enormous_timeout_is_no_timeout() {
+    let agent = Agent::start();
+    let mut client = agent.client();
+    let mut exec = cmd(&["true"]);
+    exec.timeout_ms = Some(u64::MAX);
+
+    let out = client.exec_output(exec, None).unwrap();
+
+    assert_eq!((out.exit.code, out.exit.timed_out), (Some(0), false));
+}
+
+#[test]
 fn leftover_background_processes_are_killed_when_the_command_exits() {
     let agent = Agent::start();
     let mut client = agent.client();
