@@ -1,0 +1,133 @@
+//! Settings the VMM passes on the guest kernel command line (`/proc/cmdline`).
+//!
+//! | key | meaning | default |
+//! |---|---|---|
+//! | `mxc.port=N` | vsock port to listen on | 1024 |
+//! | `mxc.poweroff_on_disconnect=0\|1` | power off when the first host connection closes without `Shutdown` | 1 |
+//! | `mxc.hostname=NAME` | guest host name | `mxc-vm` |
+//!
+//! Unknown `mxc.*` keys and malformed values are reported as warnings and the default is
+//! kept; keys without the `mxc.` prefix belong to the kernel and are ignored.
+
+use proto::AGENT_VSOCK_PORT;
+
+/// What the agent takes from the kernel command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootConfig {
+    /// vsock port to listen on.
+    pub port: u32,
+    /// Power off when the first host connection closes without `Shutdown`.
+    pub poweroff_on_disconnect: bool,
+    /// Host name to set.
+    pub hostname: String,
+}
+
+impl Default for BootConfig {
+    fn default() -> Self {
+        Self {
+            port: AGENT_VSOCK_PORT,
+            poweroff_on_disconnect: true,
+            hostname: "mxc-vm".into(),
+        }
+    }
+}
+
+/// Parses a kernel command line; returns the config and one warning per ignored entry.
+pub fn parse(cmdline: &str) -> (BootConfig, Vec<String>) {
+    let mut cfg = BootConfig::default();
+    let mut warnings = Vec::new();
+    for word in cmdline.split_ascii_whitespace() {
+        let Some(setting) = word.strip_prefix("mxc.") else {
+            continue;
+        };
+        let (key, value) = setting.split_once('=').unwrap_or((setting, ""));
+        let ok = match key {
+            "port" => value
+                .parse::<u32>()
+                .ok()
+                .filter(|p| *p != 0 && *p != u32::MAX)
+                .map(|p| cfg.port = p)
+                .is_some(),
+            "poweroff_on_disconnect" => match value {
+                "1" => {
+                    cfg.poweroff_on_disconnect = true;
+                    true
+                }
+                "0" => {
+                    cfg.poweroff_on_disconnect = false;
+                    true
+                }
+                _ => false,
+            },
+            "hostname" => {
+                let valid = !value.is_empty()
+                    && value.len() <= 64
+                    && value
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+                if valid {
+                    cfg.hostname = value.to_owned();
+                }
+                valid
+            }
+            _ => false,
+        };
+        if !ok {
+            warnings.push(format!("ignoring kernel parameter {word:?}"));
+        }
+    }
+    (cfg, warnings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_cmdline_gives_defaults() {
+        let (cfg, warnings) = parse("");
+
+        assert_eq!(cfg, BootConfig::default());
+        assert!(warnings.is_empty());
+    }
+
+    #[test]
+    fn mxc_keys_are_read_and_kernel_keys_ignored() {
+        let line = "console=ttyS0 reboot=k mxc.port=2000 mxc.poweroff_on_disconnect=0 \
+                    mxc.hostname=box-1 quiet\n";
+
+        let (cfg, warnings) = parse(line);
+
+        assert_eq!(
+            cfg,
+            BootConfig {
+                port: 2000,
+                poweroff_on_disconnect: false,
+                hostname: "box-1".into()
+            }
+        );
+        assert!(warnings.is_empty());
+    }
+
+    #[test]
+    fn malformed_values_keep_defaults_and_warn() {
+        let (cfg, warnings) = parse("mxc.port=abc mxc.poweroff_on_disconnect=yes mxc.hostname=a/b");
+
+        assert_eq!(cfg, BootConfig::default());
+        assert_eq!(warnings.len(), 3);
+    }
+
+    #[test]
+    fn unknown_mxc_key_warns() {
+        let (_, warnings) = parse("mxc.frobnicate=1");
+
+        assert_eq!(warnings, ["ignoring kernel parameter \"mxc.frobnicate=1\""]);
+    }
+
+    #[test]
+    fn port_zero_is_refused() {
+        let (cfg, warnings) = parse("mxc.port=0");
+
+        assert_eq!((cfg.port, warnings.len()), (AGENT_VSOCK_PORT, 1));
+    }
+}
