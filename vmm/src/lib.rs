@@ -2,3 +2,6 @@
 #![deny(clippy::indexing_slicing)]
 
 pub mod devices;
+pub mod hypervisor;
+pub mod layout;
+pub mod memory;
