@@ -1,6 +1,9 @@
 //! mxc-vm's virtual machine monitor.
 #![deny(clippy::indexing_slicing)]
 
+pub mod logging;
+
+pub mod bus;
 pub mod devices;
 pub mod hypervisor;
 pub mod layout;
