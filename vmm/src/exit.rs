@@ -1,11 +1,13 @@
 //! How a VM ends: the first thread to see an end (a vCPU, a device, the event loop, a
 //! `VmHandle::kill`) records why and wakes the thread waiting in `Vm::run`.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::hypervisor::VcpuKick;
 use crate::vcpu::VcpuError;
 
 /// Why a VM ended without an error.
@@ -44,11 +46,15 @@ pub enum VmFailure {
     EventLoop(#[source] event_manager::Error),
 }
 
-/// The shared "VM is over" signal.
+/// The shared "VM is over" signal. Requesting an exit records the first outcome, raises
+/// the stop flag every vCPU loop checks, kicks every vCPU out of guest code and wakes
+/// whoever waits on the eventfd.
 #[derive(Debug)]
 pub struct VmExit {
     evt: EventFd,
+    stop: AtomicBool,
     outcome: Mutex<Option<Result<ExitReason, VmFailure>>>,
+    kickers: Mutex<Vec<Arc<dyn VcpuKick>>>,
 }
 
 impl VmExit {
@@ -56,8 +62,20 @@ impl VmExit {
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
             evt: EventFd::new(0)?,
+            stop: AtomicBool::new(false),
             outcome: Mutex::new(None),
+            kickers: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Kick this vCPU when the VM ends (and now, if it already ended).
+    pub fn add_kicker(&self, kicker: Arc<dyn VcpuKick>) {
+        if let Ok(mut kickers) = self.kickers.lock() {
+            kickers.push(kicker.clone());
+        }
+        if self.stopped() {
+            kicker.kick();
+        }
     }
 
     /// End the VM with `outcome`, unless something ended it first.
@@ -67,8 +85,18 @@ impl VmExit {
                 *slot = Some(outcome);
             }
         }
+        self.stop.store(true, Ordering::SeqCst);
+        let kickers = self.kickers.lock().map(|k| k.clone()).unwrap_or_default();
+        for kicker in kickers {
+            kicker.kick();
+        }
         // A full eventfd counter still wakes the waiter, so an error here changes nothing.
         let _ = self.evt.write(1);
+    }
+
+    /// Whether the VM is ending; vCPU loops return when this is set.
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
     }
 
     /// Block until the VM is asked to end.
@@ -76,7 +104,7 @@ impl VmExit {
         while self.evt.read().is_err() {}
     }
 
-    /// The recorded outcome; a bare eventfd write (the signal handler's) means killed.
+    /// The recorded outcome (killed if none was recorded).
     pub fn take(&self) -> Result<ExitReason, VmFailure> {
         self.outcome
             .lock()
@@ -88,11 +116,6 @@ impl VmExit {
     /// Whether an outcome was recorded.
     pub fn requested(&self) -> bool {
         self.outcome.lock().map(|o| o.is_some()).unwrap_or(true)
-    }
-
-    /// The eventfd the waiter blocks on.
-    pub fn eventfd(&self) -> &EventFd {
-        &self.evt
     }
 }
 
@@ -111,13 +134,31 @@ mod tests {
         assert_eq!(exit.take().unwrap(), ExitReason::GuestReset);
     }
 
+    #[derive(Debug, Default)]
+    struct CountingKick(std::sync::atomic::AtomicU32);
+
+    impl VcpuKick for CountingKick {
+        fn kick(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
     #[test]
-    fn a_bare_wakeup_means_killed() {
+    fn a_request_stops_and_kicks_every_vcpu() {
         let exit = VmExit::new().unwrap();
+        let early = Arc::new(CountingKick::default());
+        let late = Arc::new(CountingKick::default());
+        exit.add_kicker(early.clone());
 
-        exit.eventfd().write(1).unwrap();
-        exit.wait();
+        exit.request(Ok(ExitReason::Killed));
+        exit.add_kicker(late.clone());
 
-        assert_eq!(exit.take().unwrap(), ExitReason::Killed);
+        assert!(exit.stopped());
+        assert_eq!(early.0.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            late.0.load(Ordering::SeqCst),
+            1,
+            "a vcpu added after the end is kicked at once"
+        );
     }
 }

@@ -128,15 +128,17 @@ impl Timeline {
         entries.push((stage, mono_ns));
     }
 
-    /// Entries so far as (stage, nanoseconds since process start), in recording order.
+    /// Entries so far as (stage, nanoseconds since process start), in time order.
     pub fn relative(&self) -> Vec<(Stage, u64)> {
         let Ok(entries) = self.entries.lock() else {
             return Vec::new();
         };
-        entries
+        let mut relative: Vec<(Stage, u64)> = entries
             .iter()
             .map(|&(stage, t)| (stage, t.saturating_sub(self.start_ns)))
-            .collect()
+            .collect();
+        relative.sort_by_key(|&(_, t)| t);
+        relative
     }
 
     /// Boot-timer writes not stored because the timeline was full.
@@ -160,8 +162,8 @@ mod tests {
             timeline.relative(),
             vec![
                 (Stage::ProcessStart, 0),
+                (Stage::Other(9), 0),
                 (Stage::VmCreated, 2_500),
-                (Stage::Other(9), 0)
             ]
         );
     }

@@ -1,11 +1,12 @@
 //! A whole VM: build it from a [`VmConfig`], add virtio devices, run it to the end.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use event_manager::MutEventSubscriber;
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, cmdline::CmdlineParts, BootError, Initrd, LoadedKernel};
@@ -97,12 +98,34 @@ pub struct VmExitReport {
 #[derive(Clone, Debug)]
 pub struct VmHandle {
     exit: Arc<VmExit>,
+    termination: Arc<EventFd>,
 }
 
 impl VmHandle {
     /// Stop the VM: `Vm::run` returns with `ExitReason::Killed` (unless it already ended).
     pub fn kill(&self) {
         self.exit.request(Ok(ExitReason::Killed));
+    }
+}
+
+/// Turns a write to the termination eventfd (by the SIGTERM/SIGINT handler, which may
+/// only do async-signal-safe work) into a clean VM exit, on the device thread.
+#[derive(Debug)]
+struct TerminationWatch {
+    evt: Arc<EventFd>,
+    exit: Arc<VmExit>,
+}
+
+impl MutEventSubscriber for TerminationWatch {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.evt.read();
+        self.exit.request(Ok(ExitReason::Killed));
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.evt.as_ref(), EventSet::IN)) {
+            tracing::warn!(error = ?e, "termination signals will not stop the VM");
+        }
     }
 }
 
@@ -128,7 +151,7 @@ extern "C" fn on_termination_signal(
 /// Make SIGTERM and SIGINT end the VM behind `handle` cleanly (`ExitReason::Killed`).
 /// For a process that runs one VM, such as `mxc-vm __vmm`.
 pub fn kill_on_termination_signals(handle: &VmHandle) -> std::io::Result<()> {
-    let fd = handle.exit.eventfd().try_clone()?;
+    let fd = handle.termination.try_clone()?;
     // The duplicate stays open for the process's life: the handler may run at any time.
     let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
     std::mem::forget(fd);
@@ -140,12 +163,32 @@ pub fn kill_on_termination_signals(handle: &VmHandle) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Debug log of how long each setup step took (to keep VM setup fast).
+struct SetupSteps {
+    last: std::time::Instant,
+}
+
+impl SetupSteps {
+    fn new() -> Self {
+        Self {
+            last: std::time::Instant::now(),
+        }
+    }
+
+    fn done(&mut self, step: &'static str) {
+        let now = std::time::Instant::now();
+        tracing::debug!(step, us = (now - self.last).as_micros() as u64, "vm setup");
+        self.last = now;
+    }
+}
+
 /// A VM ready to run.
 pub struct Vm {
     config: VmConfig,
     pvm: bool,
     timeline: Arc<Timeline>,
     exit: Arc<VmExit>,
+    termination: Arc<EventFd>,
     vcpus: Vec<Box<dyn VcpuX86>>,
     io_bus: Bus,
     mmio_bus: Bus,
@@ -183,36 +226,48 @@ impl Vm {
 
         let hypervisor: Box<dyn Hypervisor> = Box::new(KvmHypervisor::new()?);
         let vm: Arc<dyn hypervisor::Vm> = Arc::from(hypervisor.create_vm()?);
-        vm.create_irqchip()?;
-        timeline.record(Stage::VmCreated);
-
         let mem = memory::create_guest_memory(config.mem_mib)?;
-        memory::map_into_vm(vm.as_ref(), &mem)?;
-        let kernel = boot::load_kernel(&mem, &config.kernel)?;
-        let initrd = match &config.initrd {
-            Some(path) => Some(boot::load_initrd(&mem, path, &kernel)?),
-            None => None,
-        };
-        timeline.record(Stage::KernelLoaded);
 
-        let supported = hypervisor.supported_cpuid()?;
-        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-        for id in 0..config.vcpus {
-            let vcpu = vm.create_vcpu(id)?;
-            vcpu::configure(vcpu.as_ref(), id, config.vcpus, &supported, pvm)
-                .map_err(VmmError::Vcpu)?;
-            vcpus.push(vcpu);
-        }
+        // The KVM calls below mostly wait (memory-slot and device registration wait for
+        // grace periods); loading the kernel in the meantime hides that wait.
+        let (kvm_setup, images) = std::thread::scope(|scope| {
+            let kvm = scope.spawn(|| {
+                Self::setup_kvm(
+                    hypervisor.as_ref(),
+                    vm.as_ref(),
+                    &mem,
+                    &config,
+                    pvm,
+                    &timeline,
+                )
+            });
+            let images = Self::load_images(&mem, &config, &timeline);
+            let kvm_setup = kvm.join().unwrap_or_else(|_| {
+                Err(VmmError::Hypervisor(HypervisorError::InvalidArgument(
+                    "vm setup thread panicked",
+                )))
+            });
+            (kvm_setup, images)
+        });
+        let vcpus = kvm_setup?;
+        let (kernel, initrd) = images?;
 
         let exit = Arc::new(VmExit::new().map_err(VmmError::EventFd)?);
+        let termination = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?);
+        let mut event_loop = EventLoop::new()?;
+        event_loop.add(Arc::new(Mutex::new(TerminationWatch {
+            evt: termination.clone(),
+            exit: exit.clone(),
+        })));
         let mut this = Self {
             pvm,
             timeline: timeline.clone(),
             exit: exit.clone(),
+            termination,
             vcpus,
             io_bus: Bus::new(),
             mmio_bus: Bus::new(),
-            event_loop: EventLoop::new()?,
+            event_loop,
             virtio_slots: 0,
             kernel,
             initrd,
@@ -238,6 +293,51 @@ impl Vm {
             this.add_vsock(vsock.guest_cid, &vsock.uds_path)?;
         }
         Ok(this)
+    }
+
+    /// The hypervisor side of setup: irqchip, memory slots, vCPUs.
+    fn setup_kvm(
+        hypervisor: &dyn Hypervisor,
+        vm: &dyn hypervisor::Vm,
+        mem: &GuestMemoryMmap,
+        config: &VmConfig,
+        pvm: bool,
+        timeline: &Timeline,
+    ) -> Result<Vec<Box<dyn VcpuX86>>, VmmError> {
+        let mut steps = SetupSteps::new();
+        vm.create_irqchip()?;
+        steps.done("create irqchip");
+        timeline.record(Stage::VmCreated);
+        memory::map_into_vm(vm, mem)?;
+        steps.done("map memory");
+        let supported = hypervisor.supported_cpuid()?;
+        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+        for id in 0..config.vcpus {
+            let vcpu = vm.create_vcpu(id)?;
+            vcpu::configure(vcpu.as_ref(), id, config.vcpus, &supported, pvm)
+                .map_err(VmmError::Vcpu)?;
+            vcpus.push(vcpu);
+        }
+        steps.done("create vcpus");
+        Ok(vcpus)
+    }
+
+    /// The guest-memory side of setup: kernel and initrd.
+    fn load_images(
+        mem: &GuestMemoryMmap,
+        config: &VmConfig,
+        timeline: &Timeline,
+    ) -> Result<(LoadedKernel, Option<Initrd>), VmmError> {
+        let mut steps = SetupSteps::new();
+        let kernel = boot::load_kernel(mem, &config.kernel)?;
+        steps.done("load kernel");
+        let initrd = match &config.initrd {
+            Some(path) => Some(boot::load_initrd(mem, path, &kernel)?),
+            None => None,
+        };
+        steps.done("load initrd");
+        timeline.record(Stage::KernelLoaded);
+        Ok((kernel, initrd))
     }
 
     fn add_serial(&mut self) -> Result<(), VmmError> {
@@ -311,6 +411,7 @@ impl Vm {
     pub fn handle(&self) -> VmHandle {
         VmHandle {
             exit: self.exit.clone(),
+            termination: self.termination.clone(),
         }
     }
 
@@ -344,6 +445,7 @@ impl Vm {
             timeline,
             exit,
             vcpus,
+            termination: _,
             io_bus,
             mmio_bus,
             event_loop,
@@ -369,16 +471,16 @@ impl Vm {
             io_bus: Arc::new(io_bus),
             mmio_bus: Arc::new(mmio_bus),
             exit: exit.clone(),
-            stop: Arc::new(AtomicBool::new(false)),
             timeline: timeline.clone(),
             exits: Arc::new(AtomicU64::new(0)),
         };
-        let mut kickers = Vec::with_capacity(vcpus.len());
-        let mut threads = Vec::with_capacity(vcpus.len());
+        let mut runners = (0u8..)
+            .zip(vcpus)
+            .map(|(id, vcpu)| VcpuRunner::new(id, vcpu, shared.clone()));
+        let boot_runner = runners.next();
+        let mut threads = Vec::with_capacity(usize::from(config.vcpus));
         let mut spawn_error = None;
-        for (id, vcpu) in (0u8..).zip(vcpus) {
-            kickers.push(vcpu.kicker());
-            let runner = VcpuRunner::new(id, vcpu, shared.clone());
+        for (id, runner) in (1u8..).zip(runners) {
             match std::thread::Builder::new()
                 .name(format!("mxc-vcpu{id}"))
                 .spawn(move || runner.run())
@@ -391,12 +493,12 @@ impl Vm {
                 }
             }
         }
-
-        exit.wait();
-        shared.stop.store(true, Ordering::SeqCst);
-        for kicker in &kickers {
-            kicker.kick();
+        // The boot vCPU runs on this thread: no thread start between setup and the first
+        // guest instruction. It returns once the VM is stopping.
+        if let Some(runner) = boot_runner {
+            runner.run();
         }
+        exit.wait();
         for thread in threads {
             let _ = thread.join();
         }

@@ -3,7 +3,7 @@
 
 pub mod cpuid;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::bus::Bus;
@@ -144,10 +144,8 @@ pub struct VcpuShared {
     pub io_bus: Arc<Bus>,
     /// MMIO devices.
     pub mmio_bus: Arc<Bus>,
-    /// Where a vCPU reports the end of the VM.
+    /// Where a vCPU reports the end of the VM, and learns of it (`VmExit::stopped`).
     pub exit: Arc<VmExit>,
-    /// Set when the VM is being torn down; vCPUs return at their next exit.
-    pub stop: Arc<AtomicBool>,
     /// Boot-stage timestamps.
     pub timeline: Arc<Timeline>,
     /// Exits handled by all vCPUs.
@@ -176,9 +174,10 @@ impl VcpuRunner {
 
     /// Run until the VM stops. Any end this vCPU sees is reported through `VmExit`.
     pub fn run(mut self) {
+        self.shared.exit.add_kicker(self.vcpu.kicker());
         let boot_vcpu = self.id == 0;
         let mut first = boot_vcpu;
-        while !self.shared.stop.load(Ordering::SeqCst) {
+        while !self.shared.exit.stopped() {
             if first {
                 self.shared.timeline.record(Stage::FirstVcpuEntry);
             }
