@@ -228,8 +228,8 @@ impl Vm {
         let vm: Arc<dyn hypervisor::Vm> = Arc::from(hypervisor.create_vm()?);
         let mem = memory::create_guest_memory(config.mem_mib)?;
 
-        // The KVM calls below mostly wait (memory-slot and device registration wait for
-        // grace periods); loading the kernel in the meantime hides that wait.
+        // The KVM calls below mostly wait in the kernel; loading the kernel image in the
+        // meantime hides that wait.
         let (kvm_setup, images) = std::thread::scope(|scope| {
             let kvm = scope.spawn(|| {
                 Self::setup_kvm(
@@ -305,11 +305,13 @@ impl Vm {
         timeline: &Timeline,
     ) -> Result<Vec<Box<dyn VcpuX86>>, VmmError> {
         let mut steps = SetupSteps::new();
+        // Memory slots first: registered before any in-kernel device exists they cost
+        // ~0.2 ms; after the irqchip, ~4-8 ms each (measured on kvm_pvm).
+        memory::map_into_vm(vm, mem)?;
+        steps.done("map memory");
         vm.create_irqchip()?;
         steps.done("create irqchip");
         timeline.record(Stage::VmCreated);
-        memory::map_into_vm(vm, mem)?;
-        steps.done("map memory");
         let supported = hypervisor.supported_cpuid()?;
         let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
         for id in 0..config.vcpus {
