@@ -228,29 +228,26 @@ impl Vm {
         let vm: Arc<dyn hypervisor::Vm> = Arc::from(hypervisor.create_vm()?);
         let mem = memory::create_guest_memory(config.mem_mib)?;
 
-        // The KVM calls below mostly wait in the kernel; loading the kernel image in the
-        // meantime hides that wait.
-        let (kvm_setup, images) = std::thread::scope(|scope| {
-            let kvm = scope.spawn(|| {
-                Self::setup_kvm(
-                    hypervisor.as_ref(),
-                    vm.as_ref(),
-                    &mem,
-                    &config,
-                    pvm,
-                    &timeline,
-                )
-            });
+        // The KVM calls below mostly wait in the kernel; loading the kernel image and
+        // fetching the CPUID set in the meantime hides that wait.
+        let (kvm_setup, images, supported) = std::thread::scope(|scope| {
+            let kvm = scope.spawn(|| Self::setup_kvm(vm.as_ref(), &mem, config.vcpus, &timeline));
             let images = Self::load_images(&mem, &config, &timeline);
+            let supported = hypervisor.supported_cpuid();
             let kvm_setup = kvm.join().unwrap_or_else(|_| {
                 Err(VmmError::Hypervisor(HypervisorError::InvalidArgument(
                     "vm setup thread panicked",
                 )))
             });
-            (kvm_setup, images)
+            (kvm_setup, images, supported)
         });
         let vcpus = kvm_setup?;
         let (kernel, initrd) = images?;
+        let supported = supported?;
+        for (id, vcpu) in (0u8..).zip(&vcpus) {
+            vcpu::configure(vcpu.as_ref(), id, config.vcpus, &supported, pvm)
+                .map_err(VmmError::Vcpu)?;
+        }
 
         let exit = Arc::new(VmExit::new().map_err(VmmError::EventFd)?);
         let termination = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?);
@@ -295,13 +292,11 @@ impl Vm {
         Ok(this)
     }
 
-    /// The hypervisor side of setup: irqchip, memory slots, vCPUs.
+    /// The hypervisor side of setup: memory slots, irqchip, vCPUs.
     fn setup_kvm(
-        hypervisor: &dyn Hypervisor,
         vm: &dyn hypervisor::Vm,
         mem: &GuestMemoryMmap,
-        config: &VmConfig,
-        pvm: bool,
+        count: u8,
         timeline: &Timeline,
     ) -> Result<Vec<Box<dyn VcpuX86>>, VmmError> {
         let mut steps = SetupSteps::new();
@@ -312,14 +307,9 @@ impl Vm {
         vm.create_irqchip()?;
         steps.done("create irqchip");
         timeline.record(Stage::VmCreated);
-        let supported = hypervisor.supported_cpuid()?;
-        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-        for id in 0..config.vcpus {
-            let vcpu = vm.create_vcpu(id)?;
-            vcpu::configure(vcpu.as_ref(), id, config.vcpus, &supported, pvm)
-                .map_err(VmmError::Vcpu)?;
-            vcpus.push(vcpu);
-        }
+        let vcpus = (0..count)
+            .map(|id| vm.create_vcpu(id))
+            .collect::<Result<Vec<_>, _>>()?;
         steps.done("create vcpus");
         Ok(vcpus)
     }

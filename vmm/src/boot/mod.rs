@@ -7,16 +7,17 @@
 
 pub mod cmdline;
 mod cpu_state;
+pub mod elf;
+pub mod image;
 mod linux;
 pub mod mptable;
 mod pvh;
 
 use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use linux_loader::loader::bootparam::setup_header;
-use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
+use linux_loader::loader::{BzImage, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::hypervisor::{HypervisorError, VcpuX86};
@@ -35,6 +36,12 @@ pub enum BootError {
     },
     #[error("kernel {path} is neither an ELF vmlinux nor a bzImage")]
     UnknownFormat { path: PathBuf },
+    #[error("cannot load ELF kernel {path}")]
+    Elf {
+        path: PathBuf,
+        #[source]
+        source: elf::ElfError,
+    },
     #[error("cannot load kernel {path}")]
     Load {
         path: PathBuf,
@@ -55,7 +62,7 @@ pub enum BootError {
     ReadInitrd {
         path: PathBuf,
         #[source]
-        source: vm_memory::GuestMemoryError,
+        source: image::ImageError,
     },
     #[error("cannot write {what} to guest memory")]
     Write {
@@ -118,8 +125,6 @@ const XLF_KERNEL_64: u16 = 1;
 /// Physical address a non-relocatable bzImage decompresses to (CONFIG_PHYSICAL_START).
 const DEFAULT_DECOMPRESS_ADDR: u64 = 0x100_0000;
 
-const ELF_MAGIC: [u8; 4] = [0x7f, b'E', b'L', b'F'];
-
 fn open(what: &'static str, path: &Path) -> Result<File, BootError> {
     File::open(path).map_err(|source| BootError::Open {
         what,
@@ -131,28 +136,28 @@ fn open(what: &'static str, path: &Path) -> Result<File, BootError> {
 /// Load the kernel at `path` (ELF or bzImage, detected) into `mem`.
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
     let mut file = open("kernel", path)?;
-    let mut magic = [0u8; 4];
-    let is_elf = file.read_exact(&mut magic).is_ok() && magic == ELF_MAGIC;
-    let load_err = |source| BootError::Load {
-        path: path.to_owned(),
-        source,
-    };
-    if is_elf {
-        let res = Elf::load(mem, None, &mut file, Some(GuestAddress(HIGH_RAM_START)))
-            .map_err(load_err)?;
-        let entry = match res.pvh_boot_cap {
-            PvhBootCapability::PvhEntryPresent(addr) => KernelEntry::Pvh { entry: addr.0 },
-            _ => KernelEntry::Linux64 {
-                entry: res.kernel_load.0,
+    if elf::is_elf(&file) {
+        let kernel = elf::load(mem, &file).map_err(|source| BootError::Elf {
+            path: path.to_owned(),
+            source,
+        })?;
+        let entry = match kernel.pvh_entry {
+            Some(entry) => KernelEntry::Pvh { entry },
+            None => KernelEntry::Linux64 {
+                entry: kernel.entry,
                 header: None,
             },
         };
         return Ok(LoadedKernel {
             entry,
-            end: res.kernel_end,
+            end: kernel.end,
             initrd_limit: ELF_INITRD_LIMIT,
         });
     }
+    let load_err = |source| BootError::Load {
+        path: path.to_owned(),
+        source,
+    };
     let res = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIGH_RAM_START))).map_err(
         |e| match e {
             linux_loader::loader::Error::Bzimage(
@@ -198,7 +203,7 @@ pub fn load_initrd(
     path: &Path,
     kernel: &LoadedKernel,
 ) -> Result<Initrd, BootError> {
-    let mut file = open("initrd", path)?;
+    let file = open("initrd", path)?;
     let size = file
         .metadata()
         .map_err(|source| BootError::Open {
@@ -218,11 +223,10 @@ pub fn load_initrd(
             size,
             limit,
         })?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
-        .map_err(|source| BootError::ReadInitrd {
-            path: path.to_owned(),
-            source,
-        })?;
+    image::place(mem, &file, 0, addr, size).map_err(|source| BootError::ReadInitrd {
+        path: path.to_owned(),
+        source,
+    })?;
     Ok(Initrd { addr, size })
 }
 

@@ -7,7 +7,7 @@
 //! | `create_vm` | `KVM_CREATE_VM` | `WHvCreatePartition` + `WHvSetPartitionProperty` (processor count, APIC emulation mode) + `WHvSetupPartition` |
 //! | `supported_cpuid` | `KVM_GET_SUPPORTED_CPUID` | `WHvGetCapability(ProcessorFeatures…)`; results set with `WHvPartitionPropertyCodeCpuidResultList` |
 //! | `map_memory` | `KVM_SET_USER_MEMORY_REGION` | `WHvMapGpaRange` |
-//! | `create_irqchip` | `KVM_CREATE_IRQCHIP` + `KVM_CREATE_PIT2` | xAPIC emulation via `WHvPartitionPropertyCodeLocalApicEmulationMode`; IOAPIC/PIC emulated in the VMM |
+//! | `create_irqchip` | `KVM_CREATE_IRQCHIP` | xAPIC emulation via `WHvPartitionPropertyCodeLocalApicEmulationMode`; IOAPIC/PIC emulated in the VMM |
 //! | `create_vcpu` | `KVM_CREATE_VCPU` | `WHvCreateVirtualProcessor` |
 //! | `set_irq_line` | `KVM_IRQ_LINE` | VMM IOAPIC model → `WHvRequestInterrupt` |
 //! | `register_irqfd` | `KVM_IRQFD` | a VMM thread waiting on the event → `WHvRequestInterrupt` |
@@ -26,10 +26,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Once};
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_dtable, kvm_fpu, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_run,
-    kvm_segment, kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_cpuid_entry2, kvm_dtable, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment,
+    kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -123,20 +122,16 @@ impl Vm for KvmVm {
     }
 
     /// WHP: local APIC emulation as a partition property; IOAPIC and PIC in the VMM.
+    ///
+    /// No PIT: the guest times with kvmclock and the TSC-deadline LAPIC timer, and
+    /// `KVM_CREATE_PIT2` costs a kernel thread per VM (0.1-4 ms, measured).
     fn create_irqchip(&self) -> Result<()> {
         self.fd
             .set_tss_address(TSS_ADDRESS)
             .map_err(|e| HypervisorError::call("KVM_SET_TSS_ADDR", e))?;
         self.fd
             .create_irq_chip()
-            .map_err(|e| HypervisorError::call("KVM_CREATE_IRQCHIP", e))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        self.fd
-            .create_pit2(pit)
-            .map_err(|e| HypervisorError::call("KVM_CREATE_PIT2", e))
+            .map_err(|e| HypervisorError::call("KVM_CREATE_IRQCHIP", e))
     }
 
     /// WHP: `WHvCreateVirtualProcessor`.

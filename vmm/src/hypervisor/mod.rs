@@ -233,7 +233,7 @@ pub trait Vm: Send + Sync + std::fmt::Debug {
         size: u64,
         host_addr: u64,
     ) -> Result<()>;
-    /// Create the in-kernel interrupt controllers (x86: PIC, IOAPIC, LAPICs) and timer (PIT).
+    /// Create the in-kernel interrupt controllers (x86: PIC, IOAPIC, LAPICs).
     fn create_irqchip(&self) -> Result<()>;
     /// Create vCPU `id` (x86: its initial APIC ID). Call `create_irqchip` first.
     fn create_vcpu(&self, id: u8) -> Result<Box<dyn VcpuX86>>;

@@ -32,8 +32,9 @@ const PVM_HIDDEN: &[(u32, u32, Reg, u32)] = &[
             1, 2, 3, 4, 5, 6, 12, 13, 17, 20, 22, 23, 25, 26, 27, 28, 29, 30,
         ]),
     ),
-    // Leaf 7.0 EBX: FSGSBASE(0), SGX(2), HLE(4), AVX2(5), SMEP(7), ERMS(9), INVPCID(10),
-    // RTM(11), MPX(14), AVX512F(16), AVX512DQ(17), RDSEED(18), SMAP(20), AVX512IFMA(21),
+    // Leaf 7.0 EBX: FSGSBASE(0), SGX(2), BMI1(3), HLE(4), AVX2(5), SMEP(7), BMI2(8),
+    // ERMS(9), INVPCID(10), RTM(11), MPX(14), AVX512F(16), AVX512DQ(17), RDSEED(18),
+    // ADX(19), SMAP(20), AVX512IFMA(21),
     // CLFLUSHOPT(23), CLWB(24), PT(25), AVX512PF(26), AVX512ER(27), AVX512CD(28), SHA(29),
     // AVX512BW(30), AVX512VL(31).
     (
@@ -41,7 +42,8 @@ const PVM_HIDDEN: &[(u32, u32, Reg, u32)] = &[
         0,
         Reg::Ebx,
         bits(&[
-            0, 2, 4, 5, 7, 9, 10, 11, 14, 16, 17, 18, 20, 21, 23, 24, 25, 26, 27, 28, 29, 30, 31,
+            0, 2, 3, 4, 5, 7, 8, 9, 10, 11, 14, 16, 17, 18, 19, 20, 21, 23, 24, 25, 26, 27, 28, 29,
+            30, 31,
         ]),
     ),
     // Leaf 7.0 ECX: AVX512VBMI(1), UMIP(2), PKU(3), OSPKE(4), WAITPKG(5), AVX512VBMI2(6),
@@ -70,8 +72,8 @@ const PVM_HIDDEN: &[(u32, u32, Reg, u32)] = &[
     (7, 1, Reg::Ebx, u32::MAX),
     (7, 1, Reg::Ecx, u32::MAX),
     (7, 1, Reg::Edx, u32::MAX),
-    // Leaf 0x8000_0001 ECX: SSE4A(6), MISALIGNSSE(7), 3DNOWPREFETCH(8), XOP(11),
-    // FMA4(16), TBM(21), MWAITX(29).
+    // Leaf 0x8000_0001 ECX: ABM/LZCNT(5), SSE4A(6), MISALIGNSSE(7), 3DNOWPREFETCH(8),
+    // XOP(11), FMA4(16), TBM(21), MWAITX(29).
     (0x8000_0001, 0, Reg::Ecx, bits(&[6, 7, 8, 11, 16, 21, 29])),
     // Leaf 0x8000_0001 EDX: RDTSCP(27), 3DNOWEXT(30), 3DNOW(31).
     (0x8000_0001, 0, Reg::Edx, bits(&[27, 30, 31])),
