@@ -1,4 +1,34 @@
-//! mxc-vm's virtual machine monitor.
+//! mxc-vm's virtual machine monitor: a small KVM VMM that boots a Linux guest from an
+//! ELF `vmlinux` (PVH) or a `bzImage`, with a serial console, an i8042 reset line, a
+//! boot-timer device and virtio-mmio devices.
+//!
+//! ```no_run
+//! use vmm::{Vm, VmConfig};
+//! let config = VmConfig::new("/path/to/vmlinux", 128, 1);
+//! let report = Vm::new(config)?.run()?;
+//! println!("{}: {:?}", report.reason, report.boot_timeline);
+//! # Ok::<(), vmm::VmmError>(())
+//! ```
 #![deny(clippy::indexing_slicing)]
 
+pub mod logging;
+
+pub mod boot;
+pub mod bus;
+pub mod config;
 pub mod devices;
+pub mod event_loop;
+pub mod exit;
+pub mod hypervisor;
+pub mod layout;
+pub mod memory;
+pub mod pvm;
+pub mod timeline;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::{ConsoleMode, PvmMode, VmConfig, VsockConfig};
+pub use exit::ExitReason;
+pub use pvm::{detect, HostKind};
+pub use timeline::Stage;
+pub use vm::{kill_on_termination_signals, Vm, VmExitReport, VmHandle, VmmError};

@@ -7,6 +7,8 @@
 //! its queue-notify `EventFd`s (signalled by the transport on a QUEUE_NOTIFY write, or by
 //! a KVM ioeventfd) and its backend's file descriptors.
 
+pub mod mmio;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 

@@ -1,0 +1,192 @@
+//! What to boot and how: the VMM's whole input, serializable so that a parent process can
+//! hand it to `mxc-vm __vmm --config JSON`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::layout::{MAX_VCPUS, MIN_MEM_MIB};
+pub use crate::pvm::PvmMode;
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsoleMode {
+    /// No serial device at all (every console byte would be a VM exit).
+    #[default]
+    Off,
+    /// The VMM's standard output.
+    Stdout,
+    /// Append to this file (created if missing).
+    File(PathBuf),
+}
+
+/// A virtio-vsock device with a Firecracker-style hybrid vsock Unix socket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockConfig {
+    /// The guest's context ID (3 or more).
+    pub guest_cid: u32,
+    /// Host Unix socket path.
+    pub uds_path: PathBuf,
+}
+
+/// A VM to boot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Kernel image: an ELF `vmlinux` (booted through its PVH entry point when it has one)
+    /// or a `bzImage`; the format is detected from the file.
+    pub kernel: PathBuf,
+    /// Initial ramdisk (cpio), if any.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Appended to the command line the VMM builds.
+    #[serde(default)]
+    pub cmdline_extra: String,
+    /// Guest RAM in MiB.
+    pub mem_mib: u32,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Serial console.
+    #[serde(default)]
+    pub console: ConsoleMode,
+    /// A virtio-vsock device, if any.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+    /// Whether to apply the `kvm_pvm` changes.
+    #[serde(default)]
+    pub pvm: PvmMode,
+    /// Kernel flags appended only when the PVM changes apply (the guest kernel's PVM
+    /// boot flags, e.g. `guest_image::KERNEL_CMDLINE_PVM`).
+    #[serde(default)]
+    pub pvm_cmdline: String,
+    /// When the VMM process was started, as CLOCK_MONOTONIC nanoseconds (the parent
+    /// takes it just before spawning). `None`: read from `/proc/self/stat` (10 ms
+    /// resolution).
+    #[serde(default)]
+    pub start_monotonic_ns: Option<u64>,
+}
+
+/// A configuration value the VMM refuses.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("mem_mib {0} is below the minimum of {MIN_MEM_MIB}")]
+    MemoryTooSmall(u32),
+    #[error("mem_mib {0} is more than this VMM supports (1 TiB)")]
+    MemoryTooLarge(u32),
+    #[error("vcpus must be between 1 and {MAX_VCPUS}, not {0}")]
+    VcpuCount(u8),
+    #[error("vsock guest_cid {0} is reserved (use 3 or more)")]
+    ReservedCid(u32),
+    #[error("cmdline_extra contains a control character or NUL")]
+    CmdlineCharacters,
+}
+
+/// Largest RAM size accepted (1 TiB).
+pub const MAX_MEM_MIB: u32 = 1 << 20;
+
+impl VmConfig {
+    /// A config with defaults for everything but the kernel, memory and vCPUs.
+    pub fn new(kernel: impl Into<PathBuf>, mem_mib: u32, vcpus: u8) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline_extra: String::new(),
+            mem_mib,
+            vcpus,
+            console: ConsoleMode::Off,
+            vsock: None,
+            pvm: PvmMode::Auto,
+            pvm_cmdline: String::new(),
+            start_monotonic_ns: None,
+        }
+    }
+
+    /// Check the values that do not need the filesystem.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.mem_mib < MIN_MEM_MIB {
+            return Err(ConfigError::MemoryTooSmall(self.mem_mib));
+        }
+        if self.mem_mib > MAX_MEM_MIB {
+            return Err(ConfigError::MemoryTooLarge(self.mem_mib));
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::VcpuCount(self.vcpus));
+        }
+        if let Some(vsock) = &self.vsock {
+            if vsock.guest_cid < 3 {
+                return Err(ConfigError::ReservedCid(vsock.guest_cid));
+            }
+        }
+        let bad_char = |s: &str| s.chars().any(|c| c.is_control());
+        if bad_char(&self.cmdline_extra) || bad_char(&self.pvm_cmdline) {
+            return Err(ConfigError::CmdlineCharacters);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_round_trips_through_json() {
+        let mut config = VmConfig::new("/k/vmlinux", 128, 2);
+        config.console = ConsoleMode::File("/tmp/console.log".into());
+        config.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: "/tmp/v.sock".into(),
+        });
+
+        let json = serde_json::to_string(&config).unwrap();
+        let back: VmConfig = serde_json::from_str(&json).unwrap();
+
+        assert_eq!(back, config);
+    }
+
+    #[test]
+    fn minimal_json_takes_defaults() {
+        let json = r#"{"kernel":"/k","mem_mib":64,"vcpus":1}"#;
+
+        let config: VmConfig = serde_json::from_str(json).unwrap();
+
+        assert_eq!(config, VmConfig::new("/k", 64, 1));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let json = r#"{"kernel":"/k","mem_mib":64,"vcpus":1,"memory":5}"#;
+
+        let result = serde_json::from_str::<VmConfig>(json);
+
+        assert!(result.is_err());
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        let mut vsock = VmConfig::new("/k", 64, 1);
+        vsock.vsock = Some(VsockConfig {
+            guest_cid: 2,
+            uds_path: "/s".into(),
+        });
+        let mut newline = VmConfig::new("/k", 64, 1);
+        newline.cmdline_extra = "a\nb".into();
+
+        assert_eq!(
+            VmConfig::new("/k", 8, 1).validate(),
+            Err(ConfigError::MemoryTooSmall(8))
+        );
+        assert_eq!(
+            VmConfig::new("/k", 64, 0).validate(),
+            Err(ConfigError::VcpuCount(0))
+        );
+        assert_eq!(
+            VmConfig::new("/k", 64, 65).validate(),
+            Err(ConfigError::VcpuCount(65))
+        );
+        assert_eq!(vsock.validate(), Err(ConfigError::ReservedCid(2)));
+        assert_eq!(newline.validate(), Err(ConfigError::CmdlineCharacters));
+        assert_eq!(VmConfig::new("/k", 64, 1).validate(), Ok(()));
+    }
+}

@@ -1,0 +1,129 @@
+//! COM1: a 16550A UART from `vm-superio` on port 0x3F8, IRQ 4, output only. Present only
+//! when the console is on (each byte the guest prints is a VM exit).
+
+mod output;
+
+use std::io::Write;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+pub use self::output::{ConsoleOutput, CONSOLE_LIMIT};
+use crate::devices::BusDevice;
+use crate::layout::SERIAL_PORT_LEN;
+use crate::logging::guest_debug;
+
+/// Raises the UART's interrupt by signalling an eventfd (an irqfd on the irqchip).
+#[derive(Debug)]
+pub struct EventFdTrigger(EventFd);
+
+impl EventFdTrigger {
+    /// Trigger through `fd`.
+    pub fn new(fd: EventFd) -> Self {
+        Self(fd)
+    }
+}
+
+impl Trigger for EventFdTrigger {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// The serial port on the I/O bus.
+pub struct SerialDevice {
+    serial: Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
+}
+
+impl std::fmt::Debug for SerialDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SerialDevice").finish_non_exhaustive()
+    }
+}
+
+impl SerialDevice {
+    /// A UART writing to `out` and interrupting through `irq`.
+    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
+        Self {
+            serial: Serial::new(EventFdTrigger::new(irq), out),
+        }
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        match (data.first_mut(), u8::try_from(offset)) {
+            (Some(byte), Ok(reg)) if data_len_ok(offset, 1) => *byte = self.serial.read(reg),
+            _ => guest_debug!(offset, "serial: bad read"),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        match (data, u8::try_from(offset)) {
+            ([value], Ok(reg)) if data_len_ok(offset, 1) => {
+                if let Err(e) = self.serial.write(reg, *value) {
+                    guest_debug!(error = ?e, "serial: write failed");
+                }
+            }
+            _ => guest_debug!(offset, "serial: bad write"),
+        }
+    }
+}
+
+fn data_len_ok(offset: u64, len: u64) -> bool {
+    offset + len <= u64::from(SERIAL_PORT_LEN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn bytes_written_to_the_data_register_reach_the_output_and_interrupt() {
+        let irq = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let sink = Sink::default();
+        let mut dev = SerialDevice::new(irq.try_clone().unwrap(), Box::new(sink.clone()));
+
+        dev.write(1, &[0x02]); // IER: THR-empty interrupt
+        dev.write(0, b"h");
+        dev.write(0, b"i");
+
+        assert_eq!(sink.0.lock().unwrap().as_slice(), b"hi");
+        assert!(irq.read().unwrap() >= 1);
+    }
+
+    #[test]
+    fn odd_sizes_and_offsets_are_ignored() {
+        let irq = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let sink = Sink::default();
+        let mut dev = SerialDevice::new(irq, Box::new(sink.clone()));
+        let mut wide = [0xffu8; 4];
+
+        dev.write(0, b"ab");
+        dev.write(300, b"a");
+        dev.write(0, b"");
+        dev.read(0, &mut wide);
+        dev.read(u64::MAX, &mut [0u8; 1]);
+
+        assert!(sink.0.lock().unwrap().is_empty());
+        assert_eq!(&wide[1..], &[0, 0, 0]);
+    }
+}

@@ -1,0 +1,281 @@
+//! The hypervisor layer: one small trait set, `Hypervisor` → `Vm` → `Vcpu`.
+//!
+//! Everything above this module (memory, boot, devices, the vCPU loop) is written once
+//! against these traits. A backend only maps memory, creates and runs vCPUs, moves
+//! registers in and out in the neutral structs below and wires interrupts. What a backend
+//! cannot do is an `Err(HypervisorError::Unsupported)`, never a panic: callers either
+//! fall back (an ioeventfd becomes a trapped MMIO write) or fail closed.
+//!
+//! `kvm.rs` implements the traits on `kvm-ioctls`. Each method's doc comment in `kvm.rs`
+//! also names the Windows Hypervisor Platform (WHP) call that a `whp.rs` would use, so
+//! that a second backend fits without changing callers.
+
+pub mod kvm;
+
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// Errors from the hypervisor backend.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("cannot open the hypervisor device {path}")]
+    Open {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{op} failed")]
+    Call {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} is not supported by this hypervisor")]
+    Unsupported(&'static str),
+    #[error("the hypervisor rejected MSR {index:#x}")]
+    MsrRejected { index: u32 },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(&'static str),
+}
+
+impl HypervisorError {
+    /// Wrap an OS error from the backend call `op`.
+    pub fn call(op: &'static str, source: impl Into<std::io::Error>) -> Self {
+        Self::Call {
+            op,
+            source: source.into(),
+        }
+    }
+}
+
+/// Result type of this module.
+pub type Result<T> = std::result::Result<T, HypervisorError>;
+
+/// General-purpose registers of an x86-64 vCPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct Regs {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rsp: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    pub rip: u64,
+    pub rflags: u64,
+}
+
+/// A segment register in its unpacked (descriptor-cache) form.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct Segment {
+    pub base: u64,
+    pub limit: u32,
+    pub selector: u16,
+    /// Descriptor type field (4 bits).
+    pub type_: u8,
+    pub present: bool,
+    pub dpl: u8,
+    /// Default operation size (1 = 32-bit).
+    pub db: bool,
+    /// Code/data (true) or system (false) descriptor.
+    pub s: bool,
+    /// 64-bit code segment.
+    pub l: bool,
+    /// Granularity (limit in 4 KiB units).
+    pub g: bool,
+    pub avl: bool,
+    pub unusable: bool,
+}
+
+/// A descriptor-table register (GDTR or IDTR).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct DescriptorTable {
+    pub base: u64,
+    pub limit: u16,
+}
+
+/// Segment, control and descriptor-table registers of an x86-64 vCPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct SpecialRegs {
+    pub cs: Segment,
+    pub ds: Segment,
+    pub es: Segment,
+    pub fs: Segment,
+    pub gs: Segment,
+    pub ss: Segment,
+    pub tr: Segment,
+    pub ldt: Segment,
+    pub gdt: DescriptorTable,
+    pub idt: DescriptorTable,
+    pub cr0: u64,
+    pub cr2: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub cr8: u64,
+    pub efer: u64,
+    pub apic_base: u64,
+}
+
+/// One CPUID leaf (function, sub-leaf index) and its result registers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct CpuidEntry {
+    pub function: u32,
+    pub index: u32,
+    /// Backend flags (on KVM: `KVM_CPUID_FLAG_SIGNIFCANT_INDEX`); kept as given.
+    pub flags: u32,
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+/// One model-specific register value.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct MsrEntry {
+    pub index: u32,
+    pub data: u64,
+}
+
+/// Where an ioeventfd listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoEventAddress {
+    /// An I/O port.
+    Pio(u64),
+    /// A guest-physical MMIO address.
+    Mmio(u64),
+}
+
+/// Why `Vcpu::run` returned.
+#[derive(Debug)]
+pub enum VcpuExit<'a> {
+    /// `IN` from `port`: fill `data` (its length is the access size).
+    IoIn { port: u16, data: &'a mut [u8] },
+    /// `OUT` of `data` to `port`.
+    IoOut { port: u16, data: &'a [u8] },
+    /// A read of unbacked guest-physical memory: fill `data`.
+    MmioRead { addr: u64, data: &'a mut [u8] },
+    /// A write of `data` to unbacked guest-physical memory.
+    MmioWrite { addr: u64, data: &'a [u8] },
+    /// The vCPU executed HLT and no in-kernel interrupt controller handles it.
+    Hlt,
+    /// The vCPU hit a triple fault (or another shutdown condition).
+    Shutdown,
+    /// The guest asked the hypervisor to power off or reset (PSCI/ACPI style event).
+    SystemEvent { kind: SystemEventKind },
+    /// The run was interrupted from outside (a `VcpuKick` or a signal).
+    Interrupted,
+    /// The hypervisor could not emulate an instruction or hit an internal error.
+    InternalError { suberror: u32, data: [u64; 4] },
+    /// The hypervisor failed to enter the guest.
+    FailEntry { reason: u64 },
+    /// Any other exit; `code` is backend-specific.
+    Other { code: u32 },
+}
+
+/// A system event reported by the hypervisor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SystemEventKind {
+    /// Power off.
+    Shutdown,
+    /// Reset.
+    Reset,
+    /// Guest crash report.
+    Crash,
+    /// Any other event type (backend-specific number).
+    Other(u32),
+}
+
+/// Makes a running (or about to run) vCPU return from `run` with
+/// `VcpuExit::Interrupted`. Callable from any thread.
+pub trait VcpuKick: Send + Sync + std::fmt::Debug {
+    /// Interrupt the vCPU's current or next `run` call.
+    fn kick(&self);
+}
+
+/// A hypervisor: creates VMs.
+pub trait Hypervisor: Send + Sync + std::fmt::Debug {
+    /// Short name ("kvm").
+    fn name(&self) -> &'static str;
+    /// Create an empty VM (no memory, no vCPUs).
+    fn create_vm(&self) -> Result<Box<dyn Vm>>;
+    /// x86: the CPUID leaves this hypervisor can present to a guest.
+    fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>>;
+}
+
+/// A virtual machine: guest memory, vCPUs and interrupt wiring.
+pub trait Vm: Send + Sync + std::fmt::Debug {
+    /// Map `size` bytes of host memory at `host_addr` into guest-physical memory at
+    /// `guest_addr`, as memory slot `slot`.
+    ///
+    /// # Safety
+    /// `host_addr..host_addr+size` must be a valid, page-aligned mapping that outlives
+    /// the VM (the guest reads and writes it at any time).
+    unsafe fn map_memory(
+        &self,
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        host_addr: u64,
+    ) -> Result<()>;
+    /// Create the in-kernel interrupt controllers (x86: PIC, IOAPIC, LAPICs).
+    fn create_irqchip(&self) -> Result<()>;
+    /// Create vCPU `id` (x86: its initial APIC ID). Call `create_irqchip` first.
+    fn create_vcpu(&self, id: u8) -> Result<Box<dyn VcpuX86>>;
+    /// Drive interrupt line `gsi` of the in-kernel irqchip.
+    fn set_irq_line(&self, gsi: u32, high: bool) -> Result<()>;
+    /// Raise (edge) `gsi` each time `fd` is written.
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()>;
+    /// Signal `fd` instead of exiting when the guest writes `datamatch` (4 bytes; any
+    /// value when `None`) to `addr`.
+    fn register_ioeventfd(
+        &self,
+        fd: &EventFd,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+    ) -> Result<()>;
+}
+
+/// A virtual CPU: run it and get an exit back.
+pub trait Vcpu: Send + std::fmt::Debug {
+    /// Run guest code until the next exit the VMM must handle.
+    fn run(&mut self) -> Result<VcpuExit<'_>>;
+    /// A handle other threads use to interrupt `run`.
+    fn kicker(&self) -> Arc<dyn VcpuKick>;
+}
+
+/// The x86-64 extension of `Vcpu`: registers, CPUID, MSRs, FPU and local APIC.
+pub trait VcpuX86: Vcpu {
+    /// Read the general-purpose registers.
+    fn regs(&self) -> Result<Regs>;
+    /// Write the general-purpose registers.
+    fn set_regs(&self, regs: &Regs) -> Result<()>;
+    /// Read the segment, control and descriptor-table registers.
+    fn special_regs(&self) -> Result<SpecialRegs>;
+    /// Write the segment, control and descriptor-table registers.
+    fn set_special_regs(&self, sregs: &SpecialRegs) -> Result<()>;
+    /// Set the CPUID results this vCPU reports.
+    fn set_cpuid(&self, entries: &[CpuidEntry]) -> Result<()>;
+    /// Write MSRs; fails with `MsrRejected` naming the first one refused.
+    fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<()>;
+    /// Reset the x87/SSE state to its power-on values with the given control words.
+    fn set_fpu(&self, fcw: u16, mxcsr: u32) -> Result<()>;
+    /// Program the local APIC's LINT0 as ExtINT (the PIC) and LINT1 as NMI, as firmware
+    /// does on a PC.
+    fn set_lapic_lints(&self) -> Result<()>;
+}
