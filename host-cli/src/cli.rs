@@ -20,15 +20,38 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Commands {
     /// Run a command in a sandbox.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check, explain or describe policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
     /// Show which backends this host supports, and why the others are unavailable.
     Backends(BackendsArgs),
+    /// Build or show the microVM guest image (kernel + initramfs).
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Measure latency against a baseline in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Build the guest kernel and initramfs (cached; rebuilt only when inputs change).
+    Build(ImageArgs),
+    /// Show the cached image, if any.
+    Show(ImageArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImageArgs {
+    /// The static guest-agent binary to put in the initramfs.
+    #[arg(long, value_name = "PATH")]
+    pub agent: Option<PathBuf>,
+    /// Cache directory (default: $MXC_VM_CACHE_DIR, $XDG_CACHE_HOME/mxc-vm, ~/.cache/mxc-vm).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,6 +137,18 @@ pub struct RunArgs {
     /// chunks, warnings, then the exit or error).
     #[arg(long)]
     pub json: bool,
+    /// microVM: boot this kernel (vmlinux or bzImage) instead of the built image's.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// microVM: use this initramfs instead of the built image's.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// microVM: show the guest's serial console (slow: every byte is a VM exit).
+    #[arg(long)]
+    pub console: bool,
+    /// microVM: give up when the guest agent has not answered after DUR.
+    #[arg(long, value_name = "DUR")]
+    pub boot_timeout: Option<String>,
     /// The command and its arguments.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,

@@ -4,8 +4,10 @@ mod backends_cmd;
 mod bench;
 mod cli;
 mod failure;
+mod image_cmd;
 mod jsonl;
 mod policy_cmd;
+mod progress;
 mod run_cmd;
 
 use clap::Parser;
@@ -23,12 +25,14 @@ fn main() {
         Commands::Policy(cli::PolicyCommand::Schema) => false,
         Commands::Backends(a) => a.json,
         Commands::Bench(cli::BenchCommand::Exec(a)) => a.json,
+        Commands::Image(cli::ImageCommand::Build(a) | cli::ImageCommand::Show(a)) => a.json,
     };
     let result = match cli.command {
-        Commands::Run(args) => run_cmd::run(args),
+        Commands::Run(args) => run_cmd::run(*args),
         Commands::Policy(cmd) => policy_cmd::run(cmd),
         Commands::Backends(args) => backends_cmd::run(args),
         Commands::Bench(cmd) => bench::run(cmd),
+        Commands::Image(cmd) => image_cmd::run(cmd),
     };
     let code = match result {
         Ok(code) => code,

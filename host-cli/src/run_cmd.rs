@@ -73,7 +73,34 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
         warn(args.json, w);
     }
     let containment = sandbox::select_backend(policy.containment);
-    let mut backend = sandbox::backend_for(containment)?;
+    let mut backend: Box<dyn sandbox::Backend> = if containment == policy::Containment::Microvm {
+        let boot_timeout = args
+            .boot_timeout
+            .as_deref()
+            .map(|t| {
+                policy::parse_duration(t)
+                    .map_err(|e| Failure::new(format!("--boot-timeout {t:?}: {e}")))
+            })
+            .transpose()?;
+        Box::new(sandbox::microvm::MicrovmBackend::new(
+            sandbox::microvm::MicrovmOptions {
+                kernel: args.kernel.clone(),
+                initrd: args.initrd.clone(),
+                console: args.console,
+                image: guest_image::BuildOptions::default(),
+                progress: Some(Box::new(crate::progress::reporter(args.json))),
+                boot_timeout,
+            },
+        ))
+    } else {
+        if args.kernel.is_some() || args.initrd.is_some() || args.console {
+            return Err(Failure::new(format!(
+                "--kernel, --initrd and --console apply to the microvm backend, not {}",
+                containment.as_str()
+            )));
+        }
+        sandbox::backend_for(containment)?
+    };
     let req = ExecRequest::from_policy(&policy)?;
     let spec = SandboxSpec {
         policy: policy.clone(),

@@ -11,6 +11,7 @@
 pub mod bubblewrap;
 pub mod host;
 pub mod limits;
+pub mod microvm;
 pub mod output;
 pub mod process;
 pub mod seccomp;
@@ -149,10 +150,9 @@ pub fn backend_for(containment: Containment) -> Result<Box<dyn Backend>, Sandbox
     match containment {
         Containment::Process => Ok(Box::new(process::ProcessBackend::new())),
         Containment::Bubblewrap => Ok(Box::new(bubblewrap::BubblewrapBackend::new())),
-        Containment::Microvm => Err(SandboxError::Unavailable {
-            backend: "microvm",
-            reason: "the microVM backend is not built into this version".into(),
-        }),
+        Containment::Microvm => Ok(Box::new(microvm::MicrovmBackend::new(
+            microvm::MicrovmOptions::default(),
+        ))),
         Containment::Hyperlight => Err(SandboxError::Unavailable {
             backend: "hyperlight",
             reason: "Hyperlight runs guests at CPL0 and needs hardware KVM with a Hyperlight \
@@ -200,4 +200,9 @@ pub fn run_once(
 /// When the binary was re-executed as the sandbox init, this runs it and never returns.
 pub fn init_hook() {
     process::init::hook();
+    let mut args = std::env::args_os().skip(1);
+    if args.next().as_deref() == Some(std::ffi::OsStr::new(microvm::VMM_ARG)) {
+        let rest: Vec<std::ffi::OsString> = args.collect();
+        std::process::exit(microvm::vmm_main(&rest));
+    }
 }

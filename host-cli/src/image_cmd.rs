@@ -1,0 +1,57 @@
+//! `mxc-vm image build|show`.
+
+use std::io::Write;
+
+use crate::cli::{ImageArgs, ImageCommand};
+use crate::failure::{chain, Failure};
+
+pub fn options(args: &ImageArgs) -> guest_image::BuildOptions {
+    guest_image::BuildOptions {
+        agent: args.agent.clone(),
+        cache_dir: args.cache_dir.clone(),
+        ..guest_image::BuildOptions::default()
+    }
+}
+
+fn print_image(image: &guest_image::Image, json: bool) {
+    let mut out = std::io::stdout().lock();
+    if json {
+        let _ = writeln!(
+            out,
+            "{}",
+            serde_json::json!({
+                "type": "image",
+                "vmlinux": image.vmlinux, "bzimage": image.bzimage,
+                "initramfs": image.initramfs, "key": image.key,
+            })
+        );
+    } else {
+        let _ = writeln!(out, "vmlinux   {}", image.vmlinux.display());
+        if let Some(b) = &image.bzimage {
+            let _ = writeln!(out, "bzImage   {}", b.display());
+        }
+        let _ = writeln!(out, "initramfs {}", image.initramfs.display());
+        let _ = writeln!(out, "key       {}", image.key);
+    }
+}
+
+pub fn run(cmd: ImageCommand) -> Result<i32, Failure> {
+    match cmd {
+        ImageCommand::Build(args) => {
+            let mut progress = crate::progress::reporter(args.json);
+            let image = guest_image::build(&options(&args), &mut progress)
+                .map_err(|e| Failure::new(chain(&e)))?;
+            print_image(&image, args.json);
+            Ok(0)
+        }
+        ImageCommand::Show(args) => match guest_image::cached(&options(&args)) {
+            Some(image) => {
+                print_image(&image, args.json);
+                Ok(0)
+            }
+            None => Err(Failure::new(
+                "no guest image is cached for the current inputs; run `mxc-vm image build`",
+            )),
+        },
+    }
+}

@@ -1,0 +1,540 @@
+//! The `microvm` backend: our VMM (`mxc-vm __vmm`, a separate process) boots our guest
+//! kernel and initramfs; the guest agent (PID 1) runs each command and streams its output
+//! over virtio-vsock, reached through the VMM's hybrid-vsock Unix socket.
+//!
+//! Lifecycle: provision = image ready (built on first use) and a private runtime
+//! directory; start = VMM process spawned and the agent answering; exec = one vsock
+//! connection per command; stop = the agent powers the guest off (the VMM is killed if
+//! it does not); deprovision = nothing left (no process, socket or file).
+
+mod vmm_process;
+
+use std::cell::RefCell;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use policy::Access;
+use proto::client::{AgentClient, ExecIo as AgentIo};
+use proto::{Exec, Rlimits};
+
+use crate::output::{ExecIo, Limiter, StdinMode, StreamKind};
+use crate::{Backend, ExecOutcome, ExecRequest, ExitKind, SandboxError, SandboxSpec};
+
+pub use vmm_process::{vmm_main, VMM_ARG};
+
+type Client = AgentClient<std::os::unix::net::UnixStream, std::os::unix::net::UnixStream>;
+
+/// Guest RAM when the policy sets no memory limit. Under kvm_pvm every page the guest
+/// touches for the first time costs milliseconds, so keep the default modest.
+pub const DEFAULT_MEM_MIB: u64 = 256;
+/// How long the guest may take to boot to a ready agent (a minute under kvm_pvm).
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Extra time the host waits past an exec's timeout for the agent's own kill to report.
+const TIMEOUT_GRACE: Duration = Duration::from_secs(30);
+
+/// Image build progress callback.
+pub type ProgressFn = Box<dyn FnMut(guest_image::Progress) + Send>;
+
+/// Options of the microVM backend that are not part of the policy.
+#[derive(Default)]
+pub struct MicrovmOptions {
+    /// Use this kernel instead of the built image's.
+    pub kernel: Option<PathBuf>,
+    /// Use this initramfs instead of the built image's.
+    pub initrd: Option<PathBuf>,
+    /// Show the guest's serial console on stdout.
+    pub console: bool,
+    /// Image build options (cache directory, agent binary, …).
+    pub image: guest_image::BuildOptions,
+    /// Called while the image is being built.
+    pub progress: Option<ProgressFn>,
+    /// Boot timeout; default [`DEFAULT_BOOT_TIMEOUT`].
+    pub boot_timeout: Option<Duration>,
+}
+
+impl std::fmt::Debug for MicrovmOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MicrovmOptions")
+            .field("kernel", &self.kernel)
+            .field("initrd", &self.initrd)
+            .field("console", &self.console)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Timestamps of one VM's life, for `mxc-vm bench boot`.
+#[derive(Debug, Clone, Default)]
+pub struct HostTimeline {
+    /// When `start()` spawned the VMM.
+    pub spawned: Option<Instant>,
+    /// When the agent answered the handshake.
+    pub agent_ready: Option<Instant>,
+    /// When the first output chunk of the first exec arrived.
+    pub first_output: Option<Instant>,
+    /// When the VMM process was gone.
+    pub vm_gone: Option<Instant>,
+}
+
+#[derive(Debug)]
+pub struct MicrovmBackend {
+    opts: MicrovmOptions,
+    spec: Option<SandboxSpec>,
+    runtime: Option<PathBuf>,
+    vmm: Option<vmm_process::VmmProcess>,
+    /// The first agent connection, held for the VM's lifetime: the agent powers the
+    /// guest off when it closes (so a dead host never leaves a VM behind).
+    control: Option<Client>,
+    /// Host-side timestamps of this VM.
+    pub timeline: HostTimeline,
+    /// The VMM's own report (boot stages), once it has exited.
+    pub report: Option<vmm::VmExitReport>,
+}
+
+impl MicrovmBackend {
+    pub fn new(opts: MicrovmOptions) -> Self {
+        Self {
+            opts,
+            spec: None,
+            runtime: None,
+            vmm: None,
+            control: None,
+            timeline: HostTimeline::default(),
+            report: None,
+        }
+    }
+
+    fn socket(&self) -> Result<PathBuf, SandboxError> {
+        self.runtime
+            .as_ref()
+            .map(|r| r.join("vsock.sock"))
+            .ok_or(SandboxError::Lifecycle("the VM is not provisioned"))
+    }
+
+    /// A connection to the agent, after the handshake.
+    fn connect(&self) -> Result<Client, String> {
+        let socket = self.socket().map_err(|e| e.to_string())?;
+        let stream = proto::client::connect_hybrid_vsock(&socket, proto::AGENT_VSOCK_PORT)
+            .map_err(|e| e.to_string())?;
+        // A handshake that never completes must not hang us; exec clears this again.
+        let control = stream.try_clone().map_err(|e| e.to_string())?;
+        control
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        let client = AgentClient::over_unix(stream).map_err(|e| crate_chain(&e))?;
+        control.set_read_timeout(None).map_err(|e| e.to_string())?;
+        Ok(client)
+    }
+
+    fn image_paths(&mut self) -> Result<(PathBuf, PathBuf), SandboxError> {
+        if let (Some(k), Some(i)) = (&self.opts.kernel, &self.opts.initrd) {
+            return Ok((k.clone(), i.clone()));
+        }
+        let image = match guest_image::cached(&self.opts.image) {
+            Some(image) => image,
+            None => {
+                let mut noop = |_p: guest_image::Progress| {};
+                let progress: &mut dyn FnMut(guest_image::Progress) = match &mut self.opts.progress
+                {
+                    Some(p) => p,
+                    None => &mut noop,
+                };
+                guest_image::build(&self.opts.image, progress).map_err(|e| {
+                    SandboxError::Unavailable {
+                        backend: "microvm",
+                        reason: format!("the guest image cannot be built: {}", crate_chain(&e)),
+                    }
+                })?
+            }
+        };
+        Ok((
+            self.opts.kernel.clone().unwrap_or(image.vmlinux),
+            self.opts.initrd.clone().unwrap_or(image.initramfs),
+        ))
+    }
+}
+
+fn crate_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Refuse what this backend cannot enforce yet.
+fn check_enforceable(spec: &SandboxSpec) -> Result<(), SandboxError> {
+    let shares: Vec<String> = spec
+        .view
+        .entries
+        .iter()
+        .filter(|e| e.access != Access::Denied)
+        .map(|e| e.path.display().to_string())
+        .collect();
+    if !shares.is_empty() {
+        return Err(SandboxError::Unenforceable {
+            backend: "microvm",
+            what: format!(
+                "file shares ({}): this build has no virtio-fs shares yet; use the process \
+                 backend for file access",
+                shares.join(", ")
+            ),
+        });
+    }
+    if !spec.policy.network.is_deny_all() {
+        return Err(SandboxError::Unenforceable {
+            backend: "microvm",
+            what: "network access: the guest has no network device in this build".into(),
+        });
+    }
+    Ok(())
+}
+
+/// A private directory for the VM's sockets and logs.
+fn make_runtime_dir(id: &str) -> Result<PathBuf, SandboxError> {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("mxc-vm-{id}"));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| SandboxError::io(format!("creating {}", dir.display()), e))?;
+    Ok(dir)
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+impl Backend for MicrovmBackend {
+    fn name(&self) -> &'static str {
+        "microvm"
+    }
+
+    fn provision(&mut self, spec: &SandboxSpec) -> Result<(), SandboxError> {
+        check_enforceable(spec)?;
+        crate::host::kvm_kind().map_err(|reason| SandboxError::Unavailable {
+            backend: "microvm",
+            reason,
+        })?;
+        let (kernel, initrd) = self.image_paths()?;
+        for p in [&kernel, &initrd] {
+            if !p.is_file() {
+                return Err(SandboxError::Unavailable {
+                    backend: "microvm",
+                    reason: format!("{} does not exist", p.display()),
+                });
+            }
+        }
+        let runtime = make_runtime_dir(&spec.id)?;
+        self.runtime = Some(runtime);
+        self.spec = Some(spec.clone());
+        self.opts.kernel = Some(kernel);
+        self.opts.initrd = Some(initrd);
+        Ok(())
+    }
+
+    fn start(&mut self) -> Result<(), SandboxError> {
+        let (Some(spec), Some(runtime), Some(kernel), Some(initrd)) = (
+            &self.spec,
+            &self.runtime,
+            &self.opts.kernel,
+            &self.opts.initrd,
+        ) else {
+            return Err(SandboxError::Lifecycle("start before provision"));
+        };
+        let limits = &spec.policy.limits;
+        let mem_mib = limits.memory_mib.unwrap_or(DEFAULT_MEM_MIB);
+        let mut config = vmm::VmConfig::new(
+            kernel.clone(),
+            u32::try_from(mem_mib).unwrap_or(u32::MAX),
+            u8::try_from(limits.vcpus.unwrap_or(1)).unwrap_or(u8::MAX),
+        );
+        config.initrd = Some(initrd.clone());
+        config.cmdline_extra = format!(
+            "{} mxc.port={}",
+            guest_image::kernel_cmdline(self.opts.console, false),
+            proto::AGENT_VSOCK_PORT
+        );
+        config.pvm_cmdline = guest_image::KERNEL_CMDLINE_PVM.to_string();
+        config.console = if self.opts.console {
+            vmm::ConsoleMode::Stdout
+        } else {
+            vmm::ConsoleMode::Off
+        };
+        config.vsock = Some(vmm::VsockConfig {
+            guest_cid: proto::GUEST_CID,
+            uds_path: runtime.join("vsock.sock"),
+        });
+        self.timeline.spawned = Some(Instant::now());
+        let process = vmm_process::VmmProcess::spawn(&config, runtime, self.opts.console)?;
+        self.vmm = Some(process);
+
+        let deadline = Instant::now() + self.opts.boot_timeout.unwrap_or(DEFAULT_BOOT_TIMEOUT);
+        let mut last_error = String::from("no answer yet");
+        loop {
+            if let Some(vmm) = &mut self.vmm {
+                if let Some(failure) = vmm.exited_early() {
+                    return Err(SandboxError::Setup {
+                        stage: "boot".into(),
+                        message: failure,
+                    });
+                }
+            }
+            if self.socket()?.exists() {
+                match self.connect() {
+                    Ok(client) => {
+                        self.control = Some(client);
+                        self.timeline.agent_ready = Some(Instant::now());
+                        return Ok(());
+                    }
+                    Err(e) => last_error = e,
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(SandboxError::Setup {
+                    stage: "boot".into(),
+                    message: format!(
+                        "the guest agent did not answer within {:?} ({last_error})",
+                        self.opts.boot_timeout.unwrap_or(DEFAULT_BOOT_TIMEOUT)
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn exec(
+        &mut self,
+        req: &ExecRequest,
+        io: &mut ExecIo<'_>,
+    ) -> Result<ExecOutcome, SandboxError> {
+        let Some(spec) = &self.spec else {
+            return Err(SandboxError::Lifecycle("exec before provision"));
+        };
+        if self.vmm.is_none() {
+            return Err(SandboxError::Lifecycle("exec before start"));
+        }
+        if req.argv.is_empty() {
+            return Err(SandboxError::NoCommand);
+        }
+        let mut client = self.connect().map_err(|message| SandboxError::Setup {
+            stage: "agent".into(),
+            message,
+        })?;
+        let env = crate::process::compose_env(&req.env).into_iter().collect();
+        let exec = Exec {
+            argv: req.argv.clone(),
+            env,
+            cwd: Some(
+                req.cwd
+                    .as_ref()
+                    .map_or_else(|| "/".to_string(), |c| c.display().to_string()),
+            ),
+            timeout_ms: req.timeout.map(|t| t.as_millis() as u64),
+            rlimits: Rlimits {
+                nproc: spec.policy.limits.pids.map(u64::from),
+                ..Rlimits::default()
+            },
+            ..Exec::default()
+        };
+        let start = Instant::now();
+        let writer = ChunkWriter {
+            io,
+            limiter: Limiter::default(),
+            first_output: &mut self.timeline.first_output,
+        };
+        let vmm_pid = self.vmm.as_ref().map_or(0, |v| v.pid());
+        let kill_vm = move || {
+            if vmm_pid > 0 {
+                // SAFETY: kill() has no memory effects; the pid is our own child.
+                unsafe { libc::kill(vmm_pid, libc::SIGKILL) };
+            }
+        };
+        let (exit, truncated) = run_agent_exec(&mut client, exec, writer, req.timeout, kill_vm)?;
+        let kind = match (exit.code, exit.signal) {
+            (Some(c), _) => ExitKind::Code(c),
+            (None, Some(s)) => ExitKind::Signal(s),
+            (None, None) => ExitKind::Code(-1),
+        };
+        Ok(ExecOutcome {
+            exit: kind,
+            timed_out: exit.timed_out,
+            duration: start.elapsed(),
+            output_truncated: truncated,
+        })
+    }
+
+    fn stop(&mut self) -> Result<(), SandboxError> {
+        let Some(mut vmm) = self.vmm.take() else {
+            return Ok(());
+        };
+        match self.control.take() {
+            Some(client) => {
+                let _ = client.shutdown();
+            }
+            None => {
+                if let Ok(client) = self.connect() {
+                    let _ = client.shutdown();
+                }
+            }
+        }
+        self.report = vmm.wait_or_kill(Duration::from_secs(20));
+        self.timeline.vm_gone = Some(Instant::now());
+        Ok(())
+    }
+
+    fn deprovision(&mut self) -> Result<(), SandboxError> {
+        self.control = None;
+        if let Some(mut vmm) = self.vmm.take() {
+            self.report = vmm.wait_or_kill(Duration::ZERO);
+            self.timeline.vm_gone = Some(Instant::now());
+        }
+        if let Some(dir) = self.runtime.take() {
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| SandboxError::io(format!("removing {}", dir.display()), e))?;
+        }
+        self.spec = None;
+        Ok(())
+    }
+}
+
+impl Drop for MicrovmBackend {
+    fn drop(&mut self) {
+        let _ = self.deprovision();
+    }
+}
+
+/// Run one exec over the client: stdout/stderr chunks go to `writer`, stdin is forwarded
+/// when the request inherits it. The agent enforces the timeout; if it has not reported
+/// a grace period later, `on_hang` (which kills the VM) runs and the exec fails.
+fn run_agent_exec(
+    client: &mut Client,
+    exec: Exec,
+    writer: ChunkWriter<'_, '_>,
+    timeout: Option<Duration>,
+    on_hang: impl FnOnce() + Send + 'static,
+) -> Result<(proto::Exit, bool), SandboxError> {
+    let inherit_stdin = writer.io.stdin == StdinMode::Inherit;
+    let shared = Rc::new(RefCell::new(writer));
+    let mut out = KindWriter {
+        shared: Rc::clone(&shared),
+        kind: StreamKind::Stdout,
+    };
+    let mut err = KindWriter {
+        shared: Rc::clone(&shared),
+        kind: StreamKind::Stderr,
+    };
+    let mut agent_io = AgentIo::new(&mut out, &mut err);
+    if inherit_stdin {
+        agent_io = agent_io.with_stdin(Box::new(std::io::stdin()));
+    }
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    if let Some(t) = timeout {
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                done_rx.recv_timeout(t + TIMEOUT_GRACE)
+            {
+                on_hang();
+            }
+        });
+    }
+    let result = client.exec(exec, agent_io);
+    drop(done_tx);
+    let truncated = shared.borrow().limiter.truncated;
+    result
+        .map(|exit| (exit, truncated))
+        .map_err(|e| SandboxError::Setup {
+            stage: "exec".into(),
+            message: crate_chain(&e),
+        })
+}
+
+/// Routes output to the exec's sink (or our own stdout/stderr), applying the limit.
+struct ChunkWriter<'a, 'b> {
+    io: &'a mut ExecIo<'b>,
+    limiter: Limiter,
+    first_output: &'a mut Option<Instant>,
+}
+
+impl ChunkWriter<'_, '_> {
+    fn write_chunk(&mut self, kind: StreamKind, data: &[u8]) -> std::io::Result<()> {
+        if self.first_output.is_none() && !data.is_empty() {
+            *self.first_output = Some(Instant::now());
+        }
+        let admitted = self.limiter.admit(self.io.output_limit, data);
+        if admitted.is_empty() {
+            return Ok(());
+        }
+        match self.io.sink.as_deref_mut() {
+            Some(sink) => sink.chunk(kind, admitted),
+            None => match kind {
+                StreamKind::Stdout => {
+                    let mut o = std::io::stdout().lock();
+                    o.write_all(admitted)?;
+                    o.flush()
+                }
+                StreamKind::Stderr => {
+                    let mut e = std::io::stderr().lock();
+                    e.write_all(admitted)?;
+                    e.flush()
+                }
+            },
+        }
+    }
+}
+
+/// One of the two output streams, sharing the [`ChunkWriter`] (the agent client writes
+/// to them one at a time, on the calling thread).
+struct KindWriter<'a, 'b> {
+    shared: Rc<RefCell<ChunkWriter<'a, 'b>>>,
+    kind: StreamKind,
+}
+
+impl Write for KindWriter<'_, '_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.shared.borrow_mut().write_chunk(self.kind, buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Paths a caller may want to show: where the VM keeps its sockets.
+pub fn runtime_socket(runtime: &Path) -> PathBuf {
+    runtime.join("vsock.sock")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use policy::{Policy, PolicySource};
+
+    fn spec_with(policy: Policy) -> SandboxSpec {
+        SandboxSpec {
+            policy,
+            view: policy::FsView::default(),
+            id: "t".into(),
+        }
+    }
+
+    #[test]
+    fn network_access_is_refused_until_the_guest_has_a_route() {
+        let mut policy = Policy::empty(PolicySource::Cli);
+        policy.network.egress.default = policy::Action::Allow;
+        let err = check_enforceable(&spec_with(policy)).unwrap_err();
+        assert!(err.to_string().contains("cannot enforce network access"));
+    }
+
+    #[test]
+    fn deny_all_without_shares_is_enforceable() {
+        let policy = Policy::empty(PolicySource::Cli);
+        assert!(check_enforceable(&spec_with(policy)).is_ok());
+    }
+}

@@ -1,0 +1,177 @@
+//! The VMM as a child process: `mxc-vm __vmm CONFIG REPORT` boots the VM described by the
+//! JSON file CONFIG and, when the VM ends, writes its [`vmm::VmExitReport`] to REPORT.
+//!
+//! A separate process keeps the VMM's threads, memory and file descriptors away from
+//! the caller, lets the caller kill it outright, and gives the boot benchmark a real
+//! "process start".
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::SandboxError;
+
+/// argv[1] that makes the binary run as the VMM.
+pub const VMM_ARG: &str = "__vmm";
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the struct we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
+}
+
+#[derive(Debug)]
+pub(crate) struct VmmProcess {
+    child: Child,
+    report_path: PathBuf,
+    log_path: PathBuf,
+}
+
+impl VmmProcess {
+    pub(crate) fn spawn(
+        config: &vmm::VmConfig,
+        runtime: &Path,
+        console: bool,
+    ) -> Result<Self, SandboxError> {
+        let config_path = runtime.join("vmm.json");
+        let report_path = runtime.join("report.json");
+        let log_path = runtime.join("vmm.log");
+        let mut config = config.clone();
+        config.start_monotonic_ns = Some(monotonic_ns());
+        let json = serde_json::to_vec(&config).map_err(|e| SandboxError::Setup {
+            stage: "vmm config".into(),
+            message: e.to_string(),
+        })?;
+        std::fs::write(&config_path, json)
+            .map_err(|e| SandboxError::io(format!("writing {}", config_path.display()), e))?;
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| SandboxError::io(format!("creating {}", log_path.display()), e))?;
+        let mut cmd = Command::new("/proc/self/exe");
+        cmd.arg(VMM_ARG)
+            .arg(&config_path)
+            .arg(&report_path)
+            .stdin(Stdio::null());
+        if console {
+            cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
+        } else {
+            cmd.stdout(Stdio::null()).stderr(log);
+        }
+        // SAFETY: prctl is async-signal-safe; the VMM must not outlive us.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| SandboxError::io("starting the VMM process", e))?;
+        Ok(Self {
+            child,
+            report_path,
+            log_path,
+        })
+    }
+
+    pub(crate) fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// `Some(why)` when the VMM has already exited (during boot that is a failure).
+    pub(crate) fn exited_early(&mut self) -> Option<String> {
+        let status = self.child.try_wait().ok().flatten()?;
+        let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        let report = self.read_report();
+        let reason = report
+            .map(|r| format!("{:?}", r.reason))
+            .unwrap_or_else(|| format!("VMM {status}"));
+        Some(format!(
+            "the VM ended before the agent answered: {reason}{}{}",
+            if tail.is_empty() { "" } else { "; VMM log: " },
+            tail.join(" | ")
+        ))
+    }
+
+    fn read_report(&self) -> Option<vmm::VmExitReport> {
+        let bytes = std::fs::read(&self.report_path).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Wait up to `grace` for the VMM to exit on its own, then kill it. Returns its report.
+    pub(crate) fn wait_or_kill(&mut self, grace: Duration) -> Option<vmm::VmExitReport> {
+        let deadline = Instant::now() + grace;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+            }
+        }
+        self.read_report()
+    }
+}
+
+impl Drop for VmmProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Entry point of `mxc-vm __vmm CONFIG REPORT`. Returns the process exit code.
+pub fn vmm_main(args: &[std::ffi::OsString]) -> i32 {
+    let (Some(config_path), Some(report_path)) = (args.first(), args.get(1)) else {
+        eprintln!("usage: mxc-vm {VMM_ARG} CONFIG REPORT");
+        return 2;
+    };
+    let config: vmm::VmConfig = match std::fs::read(config_path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "mxc-vm vmm: bad config {}: {e}",
+                Path::new(config_path).display()
+            );
+            return 2;
+        }
+    };
+    let vm = match vmm::Vm::new(config) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("mxc-vm vmm: {}", super::crate_chain(&e));
+            return 1;
+        }
+    };
+    let handle = vm.handle();
+    if let Err(e) = vmm::kill_on_termination_signals(&handle) {
+        eprintln!("mxc-vm vmm: signal handlers: {e}");
+    }
+    match vm.run() {
+        Ok(report) => {
+            if let Ok(json) = serde_json::to_vec(&report) {
+                let _ = std::fs::write(report_path, json);
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("mxc-vm vmm: {}", super::crate_chain(&e));
+            1
+        }
+    }
+}
