@@ -90,6 +90,7 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
                 image: guest_image::BuildOptions::default(),
                 progress: Some(Box::new(crate::progress::reporter(args.json))),
                 boot_timeout,
+                vmm_binary: None,
             },
         ))
     } else {

@@ -65,14 +65,18 @@ fn one_vm_runs_many_checks_through_the_lifecycle() {
         vmm_binary: Some(mxc_vm_bin()),
         ..MicrovmOptions::default()
     });
-    vm.provision(&spec).expect("provision (is the guest image built?)");
+    vm.provision(&spec)
+        .expect("provision (is the guest image built?)");
     let boot = Instant::now();
     vm.start().expect("boot to agent ready");
     eprintln!("microvm booted to agent ready in {:?}", boot.elapsed());
 
     // echo hello prints hello
     let (o, out) = exec(&mut vm, &req(&["/bin/echo", "hello"]));
-    assert_eq!((o.exit, out.stdout.as_slice()), (ExitKind::Code(0), &b"hello\n"[..]));
+    assert_eq!(
+        (o.exit, out.stdout.as_slice()),
+        (ExitKind::Code(0), &b"hello\n"[..])
+    );
 
     // exit code 3 comes back as 3
     let (o, _) = exec(&mut vm, &req(&["/bin/sh", "-c", "exit 3"]));
@@ -109,7 +113,10 @@ fn one_vm_runs_many_checks_through_the_lifecycle() {
     let (o, _) = exec(&mut vm, &r);
     assert!(o.timed_out, "{o:?}");
     assert!(start.elapsed() < Duration::from_secs(60));
-    let (_, out) = exec(&mut vm, &req(&["/bin/sh", "-c", "ps | grep -c '[s]leep 300'"]));
+    let (_, out) = exec(
+        &mut vm,
+        &req(&["/bin/sh", "-c", "ps | grep -c '[s]leep 300'"]),
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
 
     // the guest sees its own kernel, not the host's
@@ -180,7 +187,15 @@ fn run_and_check_gone(args: &[&str], stdin: &[u8]) -> std::process::Output {
 fn mxc_vm_run_microvm_pipes_stdin_and_output() {
     require_kvm();
     let out = run_and_check_gone(
-        &["run", "--backend", "microvm", "--", "/bin/sh", "-c", "cat; echo hello"],
+        &[
+            "run",
+            "--backend",
+            "microvm",
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat; echo hello",
+        ],
         b"from stdin\n",
     );
     assert_eq!(stdout(&out), "from stdin\nhello\n", "{}", stderr(&out));
@@ -191,7 +206,16 @@ fn mxc_vm_run_microvm_pipes_stdin_and_output() {
 fn mxc_vm_run_microvm_timeout_kills_command_and_vm() {
     require_kvm();
     let out = run_and_check_gone(
-        &["run", "--backend", "microvm", "--timeout", "5s", "--", "/bin/sleep", "1000"],
+        &[
+            "run",
+            "--backend",
+            "microvm",
+            "--timeout",
+            "5s",
+            "--",
+            "/bin/sleep",
+            "1000",
+        ],
         b"",
     );
     assert_eq!(code(&out), 124, "{}", stderr(&out));

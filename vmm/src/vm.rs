@@ -363,7 +363,6 @@ impl Vm {
         Ok(())
     }
 
-
     /// Put a virtio device in the next virtio-mmio slot (announced on the kernel command
     /// line, IRQ `5 + slot`) and register it with the device event loop. Returns the slot.
     pub fn add_virtio_device<D>(&mut self, device: Arc<Mutex<D>>) -> Result<u32, VmmError>

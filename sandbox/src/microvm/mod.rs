@@ -52,6 +52,9 @@ pub struct MicrovmOptions {
     pub progress: Option<ProgressFn>,
     /// Boot timeout; default [`DEFAULT_BOOT_TIMEOUT`].
     pub boot_timeout: Option<Duration>,
+    /// The binary that runs `__vmm` (default: this executable, which must call
+    /// [`crate::init_hook`]; tests and other embedders point it at `mxc-vm`).
+    pub vmm_binary: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for MicrovmOptions {
@@ -271,7 +274,12 @@ impl Backend for MicrovmBackend {
             uds_path: runtime.join("vsock.sock"),
         });
         self.timeline.spawned = Some(Instant::now());
-        let process = vmm_process::VmmProcess::spawn(&config, runtime, self.opts.console)?;
+        let process = vmm_process::VmmProcess::spawn(
+            &config,
+            runtime,
+            self.opts.console,
+            self.opts.vmm_binary.as_deref(),
+        )?;
         self.vmm = Some(process);
 
         let deadline = Instant::now() + self.opts.boot_timeout.unwrap_or(DEFAULT_BOOT_TIMEOUT);

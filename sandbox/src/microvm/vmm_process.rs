@@ -36,6 +36,7 @@ impl VmmProcess {
         config: &vmm::VmConfig,
         runtime: &Path,
         console: bool,
+        binary: Option<&Path>,
     ) -> Result<Self, SandboxError> {
         let config_path = runtime.join("vmm.json");
         let report_path = runtime.join("report.json");
@@ -50,7 +51,7 @@ impl VmmProcess {
             .map_err(|e| SandboxError::io(format!("writing {}", config_path.display()), e))?;
         let log = std::fs::File::create(&log_path)
             .map_err(|e| SandboxError::io(format!("creating {}", log_path.display()), e))?;
-        let mut cmd = Command::new("/proc/self/exe");
+        let mut cmd = Command::new(binary.unwrap_or(Path::new("/proc/self/exe")));
         cmd.arg(VMM_ARG)
             .arg(&config_path)
             .arg(&report_path)
