@@ -3,7 +3,8 @@
 //! ```text
 //! cargo run --release -p vmm --example boot -- --kernel vmlinux [--initrd initrd.cpio]
 //!     [--mem MIB] [--vcpus N] [--console | --console-file PATH] [--cmdline "..."]
-//!     [--pvm-cmdline "..."] [--pvm auto|on|off] [--timeout SECS] [--spawn] [--json]
+//!     [--pvm-cmdline "..."] [--pvm auto|on|off] [--vsock CID:UDS_PATH] [--timeout SECS]
+//!     [--spawn] [--json]
 //! ```
 //!
 //! `--spawn` re-runs the example as a child process, passing the time just before the
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use vmm::timeline::monotonic_ns;
-use vmm::{ConsoleMode, PvmMode, Vm, VmConfig};
+use vmm::{ConsoleMode, PvmMode, Vm, VmConfig, VsockConfig};
 
 struct Args {
     config: VmConfig,
@@ -55,6 +56,16 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args> {
                 timeout = Some(Duration::from_secs_f64(
                     value()?.parse().context("--timeout")?,
                 ))
+            }
+            "--vsock" => {
+                let spec = value()?;
+                let (cid, path) = spec
+                    .split_once(':')
+                    .ok_or_else(|| anyhow!("--vsock takes CID:UDS_PATH"))?;
+                config.vsock = Some(VsockConfig {
+                    guest_cid: cid.parse().context("--vsock CID")?,
+                    uds_path: path.into(),
+                });
             }
             "--start-ns" => config.start_monotonic_ns = Some(value()?.parse()?),
             "--spawn" => spawn = true,

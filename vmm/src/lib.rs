@@ -2,6 +2,14 @@
 //! ELF `vmlinux` (PVH) or a `bzImage`, with a serial console, an i8042 reset line, a
 //! boot-timer device and virtio-mmio devices.
 //!
+//! Threads: `Vm::run` runs the boot vCPU on the calling thread, each other vCPU on its
+//! own thread, and the devices' `event-manager` loop on one more. Any of them (or a
+//! `VmHandle::kill`, or SIGTERM/SIGINT after `kill_on_termination_signals`) ends the VM
+//! through `exit::VmExit`, which kicks every vCPU out of guest code.
+//!
+//! The virtio-vsock device (`devices::vsock`, built on another branch) is compiled in with
+//! the `vsock` feature; without it a `VmConfig` asking for vsock is refused.
+//!
 //! ```no_run
 //! use vmm::{Vm, VmConfig};
 //! let config = VmConfig::new("/path/to/vmlinux", 128, 1);

@@ -220,6 +220,10 @@ impl Vm {
             .or_else(timeline::process_start_monotonic_ns)
             .unwrap_or_else(timeline::monotonic_ns);
         let timeline = Arc::new(Timeline::new(start));
+        tracing::debug!(
+            since_process_start_us = timeline::monotonic_ns().saturating_sub(start) / 1000,
+            "vm setup begins"
+        );
         let pvm = config.pvm.enabled();
 
         let hypervisor: Box<dyn Hypervisor> = Box::new(KvmHypervisor::new()?);

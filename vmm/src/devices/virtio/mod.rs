@@ -6,6 +6,12 @@
 //! `event-manager` loop: it is also an `event_manager::MutEventSubscriber` that watches
 //! its queue-notify `EventFd`s (signalled by the transport on a QUEUE_NOTIFY write, or by
 //! a KVM ioeventfd) and its backend's file descriptors.
+//!
+//! `activate` runs on a vCPU thread (the driver's DRIVER_OK write), outside the event
+//! loop, so it has no `EventOps`: a device typically signals an "activated" eventfd it
+//! registered in `MutEventSubscriber::init` and adds the queue eventfds when the loop
+//! delivers that event. The transport keeps no queue state after activation; a reset
+//! (Status = 0) calls `reset`, and a device that returns false is never activated again.
 
 pub mod mmio;
 
