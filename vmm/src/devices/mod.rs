@@ -1,4 +1,5 @@
 //! Emulated devices, one folder per device.
 
+pub mod fs;
 pub mod virtio;
 pub mod vsock;
