@@ -2,7 +2,7 @@
 //! 0.14 needs, over the VMM's vm-memory 0.18 memory (see the module documentation of
 //! [`crate::devices::fs`]).
 
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, GuestMemoryMmap};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vm_memory_017 as vm017;
 
 /// Guest RAM as fuse-backend-rs sees it.
@@ -52,7 +52,12 @@ impl GuestRam {
             // RAM while devices run. Concurrent guest writes are what vm-memory is built for
             // in both versions (all accesses are volatile copies, never references).
             let mapping = unsafe {
-                vm017::MmapRegion::<()>::build_raw(region.as_ptr(), len, region.prot(), region.flags())
+                vm017::MmapRegion::<()>::build_raw(
+                    region.as_ptr(),
+                    len,
+                    region.prot(),
+                    region.flags(),
+                )
             }
             .map_err(|source| BridgeError::Region { start, len, source })?;
             let region = vm017::GuestRegionMmap::new(mapping, vm017::GuestAddress(start))
@@ -122,9 +127,7 @@ mod tests {
             .unwrap();
         let seen_by_view: u32 = ram.view().read_obj(vm017::GuestAddress(0x1000)).unwrap();
         let seen_by_vmm: u32 = mem.read_obj(GuestAddress((1 << 32) + 8)).unwrap();
-        let outside = ram
-            .view()
-            .read_obj::<u32>(vm017::GuestAddress(2 << 20));
+        let outside = ram.view().read_obj::<u32>(vm017::GuestAddress(2 << 20));
 
         assert_eq!(seen_by_view, 0xdead_beef);
         assert_eq!(seen_by_vmm, 0x1234_5678);
@@ -171,6 +174,9 @@ mod tests {
         assert_eq!(converted.next_avail(), 5);
         assert_eq!(converted.next_used(), 4);
         assert!(converted.ready());
-        assert!(matches!(refused, Err(BridgeError::InvalidQueue { index: 1 })));
+        assert!(matches!(
+            refused,
+            Err(BridgeError::InvalidQueue { index: 1 })
+        ));
     }
 }

@@ -113,8 +113,7 @@ impl Fs {
     pub fn worker_finished(&self) -> bool {
         self.worker
             .as_ref()
-            .and_then(|w| w.thread.as_ref())
-            .is_some_and(|t| t.is_finished())
+            .is_some_and(|w| w.thread.as_ref().is_none_or(|t| t.is_finished()))
     }
 
     pub(crate) fn exit_evt(&self) -> &EventFd {
@@ -125,6 +124,19 @@ impl Fs {
     pub(crate) fn reap_worker(&mut self) {
         if let Some(worker) = self.worker.as_mut() {
             if worker.thread.as_ref().is_some_and(|t| t.is_finished()) {
+                if let Some(thread) = worker.thread.take() {
+                    let _ = thread.join();
+                }
+            }
+        }
+    }
+
+    /// Stop serving: kill the worker and wait for it (it finishes the request in hand).
+    /// The guest's later requests stay unanswered. Dropping the device does this too.
+    pub fn stop_worker(&mut self) {
+        if let Some(worker) = self.worker.as_mut() {
+            // If the kill cannot be sent the join would hang: leave the thread detached.
+            if worker.kill.write(1).is_ok() {
                 if let Some(thread) = worker.thread.take() {
                     let _ = thread.join();
                 }
@@ -183,14 +195,7 @@ fn worker_main(
 
 impl Drop for Fs {
     fn drop(&mut self) {
-        if let Some(mut worker) = self.worker.take() {
-            // If the kill cannot be sent the join would hang: leave the thread detached.
-            if worker.kill.write(1).is_ok() {
-                if let Some(thread) = worker.thread.take() {
-                    let _ = thread.join();
-                }
-            }
-        }
+        self.stop_worker();
     }
 }
 

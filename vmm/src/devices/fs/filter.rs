@@ -116,7 +116,8 @@ struct State {
 /// What a name in a directory is, for the guest.
 enum NameState {
     Absent,
-    Visible,
+    /// It exists and the guest may see it; its mode.
+    Visible(u32),
     Denied,
 }
 
@@ -346,7 +347,7 @@ impl PolicyFs {
                 Ok(if hidden {
                     NameState::Denied
                 } else {
-                    NameState::Visible
+                    NameState::Visible(entry.attr.st_mode)
                 })
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(NameState::Absent),
@@ -355,12 +356,32 @@ impl PolicyFs {
     }
 
     /// Checks for a new name: the directory, the name, and that the name is not denied.
-    fn creatable(&self, parent: u64, name: &CStr) -> io::Result<()> {
+    /// Returns what is there now.
+    fn creatable(&self, parent: u64, name: &CStr) -> io::Result<NameState> {
         let dir = self.dir(parent)?;
         check_name(name)?;
         match self.name_state(parent, dir.id, name)? {
             NameState::Denied => Err(err(libc::EACCES)),
-            NameState::Absent | NameState::Visible => Ok(()),
+            state => Ok(state),
+        }
+    }
+
+    /// CREATE of a name that exists: look it up and open it, giving the reference back if
+    /// the open fails.
+    fn open_existing(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        flags: u32,
+    ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
+        let entry = self.lookup(ctx, parent, name)?;
+        match self.open(ctx, entry.inode, flags, 0) {
+            Ok((handle, opts, _)) => Ok((entry, handle, opts, None)),
+            Err(e) => {
+                self.forget(ctx, entry.inode, 1);
+                Err(e)
+            }
         }
     }
 
@@ -369,7 +390,7 @@ impl PolicyFs {
         let dir = self.dir(parent)?;
         check_name(name)?;
         match self.name_state(parent, dir.id, name)? {
-            NameState::Visible => Ok(()),
+            NameState::Visible(_) => Ok(()),
             NameState::Absent | NameState::Denied => Err(err(libc::ENOENT)),
         }
     }
@@ -675,18 +696,28 @@ impl FileSystem for PolicyFs {
 
     fn create(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         parent: u64,
         name: &CStr,
         args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         self.writable()?;
-        self.creatable(parent, name)?;
+        let exclusive = args.flags & libc::O_EXCL as u32 != 0;
+        match self.creatable(parent, name)? {
+            NameState::Visible(_) if exclusive => return Err(err(libc::EEXIST)),
+            NameState::Visible(mode) if mode & libc::S_IFMT == libc::S_IFDIR => {
+                return Err(err(libc::EISDIR))
+            }
+            // An existing file is opened here rather than by the passthrough's create,
+            // which keeps a lookup reference it never gives back when that open fails.
+            NameState::Visible(_) => return self.open_existing(ctx, parent, name, args.flags),
+            NameState::Absent | NameState::Denied => {}
+        }
         self.room_for_inode()?;
         self.room_for_handle()?;
-        let flags = open_flags(args.flags)? | (args.flags & libc::O_EXCL as u32);
+        let flags = open_flags(args.flags)?;
         let args = CreateIn {
-            flags,
+            flags: flags | libc::O_EXCL as u32,
             mode: args.mode & !SET_ID_BITS,
             umask: args.umask,
             fuse_flags: 0,
@@ -714,7 +745,7 @@ impl FileSystem for PolicyFs {
             OpenHandle {
                 inode: entry.inode,
                 dir: false,
-                flags: flags & !(libc::O_EXCL as u32),
+                flags,
             },
         );
         if let Err(e) = added {

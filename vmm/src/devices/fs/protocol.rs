@@ -147,8 +147,7 @@ pub fn check(hdr: Option<&InHeader>, readable: usize, writable: usize) -> Verdic
             Verdict::Drop
         }
     };
-    if hdr.len as usize != readable || readable > MAX_MESSAGE_LEN || writable > MAX_MESSAGE_LEN
-    {
+    if hdr.len as usize != readable || readable > MAX_MESSAGE_LEN || writable > MAX_MESSAGE_LEN {
         return refuse(libc::EINVAL);
     }
     match class {
@@ -158,7 +157,7 @@ pub fn check(hdr: Option<&InHeader>, readable: usize, writable: usize) -> Verdic
     }
 }
 
-/// A `fuse_out_header` carrying `-errno` for request `unique`.
+/// A `fuse_out_header` carrying `-errno` (0: success, no payload) for request `unique`.
 pub fn error_reply(unique: u64, errno: i32) -> [u8; OUT_HEADER_LEN] {
     let mut out = [0u8; OUT_HEADER_LEN];
     let (len, rest) = out.split_at_mut(4);
@@ -208,20 +207,48 @@ mod tests {
         let big = MAX_MESSAGE_LEN + 1;
         let cases = [
             (None, 10, 100, Verdict::Drop),
-            (Some(hdr(40, opcode::GETATTR)), 56, 100, Verdict::Reply(libc::EINVAL)),
+            (
+                Some(hdr(40, opcode::GETATTR)),
+                56,
+                100,
+                Verdict::Reply(libc::EINVAL),
+            ),
             (Some(hdr(56, opcode::GETATTR)), 56, 100, Verdict::Serve),
             (Some(hdr(56, opcode::GETATTR)), 56, 15, Verdict::Drop),
-            (Some(hdr(56, opcode::GETATTR)), 56, big, Verdict::Reply(libc::EINVAL)),
-            (Some(hdr(big as u32, opcode::WRITE)), big, 16, Verdict::Reply(libc::EINVAL)),
+            (
+                Some(hdr(56, opcode::GETATTR)),
+                56,
+                big,
+                Verdict::Reply(libc::EINVAL),
+            ),
+            (
+                Some(hdr(big as u32, opcode::WRITE)),
+                big,
+                16,
+                Verdict::Reply(libc::EINVAL),
+            ),
             (Some(hdr(48, opcode::FORGET)), 48, 0, Verdict::Serve),
             (Some(hdr(40, opcode::FORGET)), 48, 0, Verdict::Drop),
-            (Some(hdr(64, opcode::GETXATTR)), 64, 100, Verdict::Reply(libc::ENOSYS)),
+            (
+                Some(hdr(64, opcode::GETXATTR)),
+                64,
+                100,
+                Verdict::Reply(libc::ENOSYS),
+            ),
             (Some(hdr(64, 7)), 64, 100, Verdict::Reply(libc::ENOSYS)),
-            (Some(hdr(64, u32::MAX)), 64, 100, Verdict::Reply(libc::ENOSYS)),
+            (
+                Some(hdr(64, u32::MAX)),
+                64,
+                100,
+                Verdict::Reply(libc::ENOSYS),
+            ),
             (Some(hdr(64, opcode::SETUPMAPPING)), 64, 0, Verdict::Drop),
         ];
 
-        let got: Vec<Verdict> = cases.iter().map(|(h, r, w, _)| check(h.as_ref(), *r, *w)).collect();
+        let got: Vec<Verdict> = cases
+            .iter()
+            .map(|(h, r, w, _)| check(h.as_ref(), *r, *w))
+            .collect();
 
         let want: Vec<Verdict> = cases.iter().map(|c| c.3).collect();
         assert_eq!(got, want);

@@ -11,6 +11,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
 use virtio_queue_017::{DescriptorChain, Queue, QueueT};
@@ -69,6 +70,7 @@ pub(crate) struct Serving {
     queues: Vec<ServedQueue>,
     interrupt: Arc<Interrupt>,
     server: Server<Arc<PolicyFs>>,
+    fs: Arc<PolicyFs>,
 }
 
 impl std::fmt::Debug for Serving {
@@ -97,7 +99,8 @@ impl Serving {
                 })
                 .collect(),
             interrupt,
-            server: Server::new(fs),
+            server: Server::new(fs.clone()),
+            fs,
         }
     }
 
@@ -150,6 +153,7 @@ impl Serving {
     pub(crate) fn process_queue(&mut self, idx: usize) -> bool {
         let mem = self.ram.view();
         let server = &self.server;
+        let fs = &*self.fs;
         let Some(sq) = self.queues.get_mut(idx) else {
             return false;
         };
@@ -159,7 +163,7 @@ impl Serving {
                 return used;
             };
             let head = chain.head_index();
-            let len = serve_chain(server, mem, chain);
+            let len = serve_chain(server, fs, mem, chain);
             used |= add_used(sq, mem, head, len);
         }
         // More may be waiting: come back after the other fds had their turn.
@@ -234,7 +238,12 @@ fn read_header(mem: &GuestMemory017, chain: &Chain<'_>) -> Option<InHeader> {
 }
 
 /// Serve one request chain. Returns the number of bytes written into it.
-fn serve_chain(server: &Server<Arc<PolicyFs>>, mem: &GuestMemory017, chain: Chain<'_>) -> u32 {
+fn serve_chain(
+    server: &Server<Arc<PolicyFs>>,
+    fs: &PolicyFs,
+    mem: &GuestMemory017,
+    chain: Chain<'_>,
+) -> u32 {
     let Some((readable, writable)) = chain_lengths(&chain) else {
         guest_warn!("fs: readable descriptor after a writable one, dropping request");
         return 0;
@@ -245,7 +254,10 @@ fn serve_chain(server: &Server<Arc<PolicyFs>>, mem: &GuestMemory017, chain: Chai
         None
     };
     let Some(hdr) = header else {
-        guest_warn!(readable, "fs: request without a readable header, dropping it");
+        guest_warn!(
+            readable,
+            "fs: request without a readable header, dropping it"
+        );
         return 0;
     };
     match protocol::check(Some(&hdr), readable, writable) {
@@ -269,6 +281,11 @@ fn serve_chain(server: &Server<Arc<PolicyFs>>, mem: &GuestMemory017, chain: Chai
                 );
             }
             reply_error(mem, chain, hdr.unique, errno)
+        }
+        // The FUSE server answers DESTROY but reports 0 bytes written; answer it here.
+        Verdict::Serve if hdr.opcode == protocol::opcode::DESTROY => {
+            fs.destroy();
+            reply_error(mem, chain, hdr.unique, 0)
         }
         Verdict::Serve => serve(server, mem, chain, &hdr),
     }
@@ -302,7 +319,8 @@ fn serve(
     }
 }
 
-/// Write an error reply into `chain`. Returns the bytes written (0 if there is no room).
+/// Write a header-only reply (`errno` 0: success) into `chain`. Returns the bytes written
+/// (0 if there is no room).
 fn reply_error(mem: &GuestMemory017, chain: Chain<'_>, unique: u64, errno: i32) -> u32 {
     let out = protocol::error_reply(unique, errno);
     let Ok(mut writer) = VirtioFsWriter::new(mem, chain) else {
@@ -320,7 +338,12 @@ mod tests {
 
     #[test]
     fn tokens_round_trip() {
-        let tokens = [Token::Kill, Token::Queue(0), Token::Queue(1), Token::Queue(7)];
+        let tokens = [
+            Token::Kill,
+            Token::Queue(0),
+            Token::Queue(1),
+            Token::Queue(7),
+        ];
 
         let back = tokens.map(|t| Token::from_u64(t.to_u64()));
 

@@ -162,10 +162,7 @@ fn add_denied(set: &mut DeniedSet, root: &Path, path: &Path) -> Result<(), FsErr
             Ok(())
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(FsError::DeniedPath {
-            path: full,
-            source,
-        }),
+        Err(source) => Err(FsError::DeniedPath { path: full, source }),
     }
 }
 
@@ -251,11 +248,7 @@ mod tests {
         std::fs::write(dir.path("private/deep/key"), b"k").unwrap();
         std::fs::hard_link(dir.path("private/deep/key"), dir.path("alias")).unwrap();
         std::fs::write(dir.path("private/single"), b"1").unwrap();
-        let denied = [
-            dir.path("secret"),
-            dir.path("private"),
-            dir.path("not-yet"),
-        ];
+        let denied = [dir.path("secret"), dir.path("private"), dir.path("not-yet")];
 
         let prepared = prepare(&share(dir.root(), &denied)).unwrap();
 
@@ -264,9 +257,7 @@ mod tests {
         assert_eq!(prepared.denied.name_count(), 3);
         let key = std::fs::metadata(dir.path("alias")).unwrap();
         assert!(prepared.denied.is_denied_inode(InodeId::of(&key)));
-        assert!(prepared
-            .denied
-            .is_denied_name(prepared.root_id, b"not-yet"));
+        assert!(prepared.denied.is_denied_name(prepared.root_id, b"not-yet"));
     }
 
     #[test]
@@ -321,7 +312,10 @@ mod tests {
 
         let prepared = prepare(&share(&dir.path("link"), &[dir.path("link/x")])).unwrap();
 
-        assert_eq!(prepared.root, std::fs::canonicalize(dir.path("real")).unwrap());
+        assert_eq!(
+            prepared.root,
+            std::fs::canonicalize(dir.path("real")).unwrap()
+        );
         assert_eq!(prepared.denied.name_count(), 1);
     }
 }

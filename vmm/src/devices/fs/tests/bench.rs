@@ -1,0 +1,1 @@
+//! Host-side cost per FUSE request (see the report in INTEGRATION.md).
