@@ -318,32 +318,9 @@ impl Guest {
         reply_room: u32,
     ) -> Reply {
         let unique = self.next_unique();
-        let len = 40 + parts.iter().map(|p| p.len()).sum::<usize>();
-        let mut bufs = Vec::new();
-        let mut first = Self::header_as(len as u32, opcode, unique, nodeid, self.creds);
-        let mut rest = parts.iter();
-        if let Some(p) = rest.next() {
-            first.extend_from_slice(p);
-        }
-        let mut at = REQ_BASE;
-        self.mem.write_slice(&first, GuestAddress(at)).unwrap();
-        bufs.push((at, first.len() as u32, false));
-        at += first.len() as u64;
-        for p in rest {
-            self.mem.write_slice(p, GuestAddress(at)).unwrap();
-            bufs.push((at, p.len() as u32, false));
-            at += p.len() as u64;
-        }
-        if reply_room > 0 {
-            bufs.push((REPLY_BASE, reply_room.min(16), true));
-            if reply_room > 16 {
-                bufs.push((REPLY_BASE + 16, reply_room - 16, true));
-            }
-        }
-        // Stale bytes from an earlier reply must not pass for this one.
-        self.mem
-            .write_slice(&[0u8; 16], GuestAddress(REPLY_BASE))
-            .unwrap();
+        let bufs = lay_out_request(
+            &self.mem, unique, self.creds, opcode, nodeid, parts, reply_room,
+        );
         let used = self.send_chain(queue, &bufs);
         self.read_reply(used)
     }
@@ -354,28 +331,7 @@ impl Guest {
 
     /// Decode the reply at REPLY_BASE given the used length.
     pub fn read_reply(&self, used: u32) -> Reply {
-        if used < 16 {
-            return Reply {
-                errno: -1,
-                unique: 0,
-                body: Vec::new(),
-                used,
-            };
-        }
-        let mut bytes = vec![0u8; used as usize];
-        self.mem
-            .read_slice(&mut bytes, GuestAddress(REPLY_BASE))
-            .unwrap();
-        let len = u32::from_le_bytes(bytes[0..4].try_into().unwrap());
-        let error = i32::from_le_bytes(bytes[4..8].try_into().unwrap());
-        let unique = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
-        assert_eq!(len, used, "out header len matches the used length");
-        Reply {
-            errno: -error,
-            unique,
-            body: bytes[16..].to_vec(),
-            used,
-        }
+        decode_reply(&self.mem, used)
     }
 
     pub fn usage(&self) -> (usize, usize) {
@@ -385,6 +341,72 @@ impl Guest {
     pub fn worker_alive(&self) -> bool {
         !self.dev.lock().unwrap().worker_finished()
     }
+}
+
+/// Decode the reply at REPLY_BASE given the used length.
+pub fn decode_reply(mem: &GuestMemoryMmap, used: u32) -> Reply {
+    if used < 16 {
+        return Reply {
+            errno: -1,
+            unique: 0,
+            body: Vec::new(),
+            used,
+        };
+    }
+    let mut bytes = vec![0u8; used as usize];
+    mem.read_slice(&mut bytes, GuestAddress(REPLY_BASE))
+        .unwrap();
+    let len = u32::from_le_bytes(bytes[0..4].try_into().unwrap());
+    let error = i32::from_le_bytes(bytes[4..8].try_into().unwrap());
+    let unique = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
+    assert_eq!(len, used, "out header len matches the used length");
+    Reply {
+        errno: -error,
+        unique,
+        body: bytes[16..].to_vec(),
+        used,
+    }
+}
+
+/// Write a request at REQ_BASE as the Linux driver lays it out (the header and the first
+/// argument in one readable buffer, each further part in its own, then a reply header
+/// buffer and, if `reply_room` > 16, one data buffer at REPLY_BASE) and return the chain's
+/// buffers.
+pub fn lay_out_request(
+    mem: &GuestMemoryMmap,
+    unique: u64,
+    creds: (u32, u32),
+    opcode: u32,
+    nodeid: u64,
+    parts: &[&[u8]],
+    reply_room: u32,
+) -> Vec<(u64, u32, bool)> {
+    let len = 40 + parts.iter().map(|p| p.len()).sum::<usize>();
+    let mut bufs = Vec::new();
+    let mut first = Guest::header_as(len as u32, opcode, unique, nodeid, creds);
+    let mut rest = parts.iter();
+    if let Some(p) = rest.next() {
+        first.extend_from_slice(p);
+    }
+    let mut at = REQ_BASE;
+    mem.write_slice(&first, GuestAddress(at)).unwrap();
+    bufs.push((at, first.len() as u32, false));
+    at += first.len() as u64;
+    for p in rest {
+        mem.write_slice(p, GuestAddress(at)).unwrap();
+        bufs.push((at, p.len() as u32, false));
+        at += p.len() as u64;
+    }
+    if reply_room > 0 {
+        bufs.push((REPLY_BASE, reply_room.min(16), true));
+        if reply_room > 16 {
+            bufs.push((REPLY_BASE + 16, reply_room - 16, true));
+        }
+    }
+    // Stale bytes from an earlier reply must not pass for this one.
+    mem.write_slice(&[0u8; 16], GuestAddress(REPLY_BASE))
+        .unwrap();
+    bufs
 }
 
 /// A cheap checksum for round-trip tests (64-bit words, multiply-xor).
