@@ -165,6 +165,11 @@ impl PolicyFs {
             cache_policy: CachePolicy::Auto,
             entry_timeout: CACHE_TIMEOUT,
             attr_timeout: CACHE_TIMEOUT,
+            // Node ids derived from host inode numbers: the passthrough then forgets an
+            // inode completely when the guest does. With its own counter it would keep an
+            // id for every inode ever looked up, for as long as the VM runs.
+            use_host_ino: true,
+            allow_direct_io: false,
             ..Config::default()
         };
         let failed = |source| FsError::Passthrough {

@@ -112,6 +112,11 @@ pub fn prepare(share: &FsShareConfig) -> Result<PreparedShare, FsError> {
     for path in &share.denied {
         add_denied(&mut denied, &root, path)?;
     }
+    let mountinfo = fs::read_to_string(MOUNTINFO).map_err(|source| FsError::HostPath {
+        path: PathBuf::from(MOUNTINFO),
+        source,
+    })?;
+    hide_mount_points(&mut denied, &root, &mountinfo)?;
     Ok(PreparedShare {
         tag: share.tag.clone(),
         root_id: InodeId::of(&md),
@@ -164,6 +169,57 @@ fn add_denied(set: &mut DeniedSet, root: &Path, path: &Path) -> Result<(), FsErr
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(FsError::DeniedPath { path: full, source }),
     }
+}
+
+/// Where the VMM's mount table is read from.
+const MOUNTINFO: &str = "/proc/self/mountinfo";
+
+/// Hide every mount point strictly inside `root` by name (its parent directory and its
+/// last component), as listed in `mountinfo` (the format of `/proc/self/mountinfo`). A
+/// mount of another file system is also hidden by the device check in the policy layer;
+/// this covers bind mounts of the same file system, which would otherwise show content
+/// from outside the share.
+fn hide_mount_points(set: &mut DeniedSet, root: &Path, mountinfo: &str) -> Result<(), FsError> {
+    for line in mountinfo.lines() {
+        let Some(field) = line.split(' ').nth(4) else {
+            continue;
+        };
+        let point = PathBuf::from(OsStr::from_bytes(&unescape_mount_path(field)));
+        if point == root || !point.starts_with(root) {
+            continue;
+        }
+        let (Some(parent), Some(name)) = (point.parent(), point.file_name()) else {
+            continue;
+        };
+        let parent_md = metadata(parent, &point)?;
+        set.names
+            .insert((InodeId::of(&parent_md), name.as_bytes().to_vec()));
+    }
+    Ok(())
+}
+
+/// Undo the octal escapes (`\040` for a space, …) of a mountinfo path.
+fn unescape_mount_path(field: &str) -> Vec<u8> {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .map(|d| d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0')));
+        match octal {
+            Some(v) if b == b'\\' && v <= 0xff => {
+                out.push(v as u8);
+                i += 4;
+            }
+            _ => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// `path` as (everything above the last component, the last component), refusing a last
@@ -302,6 +358,46 @@ mod tests {
         assert!(errors[7].starts_with("share tag"));
         assert!(errors[8].starts_with("share tag"));
         assert!(errors[9].contains("must be absolute"));
+    }
+
+    #[test]
+    fn mount_points_inside_the_share_are_hidden_by_name() {
+        let dir = TempDir::new();
+        std::fs::create_dir_all(dir.path("a b/mnt")).unwrap();
+        std::fs::create_dir(dir.path("other")).unwrap();
+        let root = dir.root().display().to_string();
+        let mountinfo = format!(
+            "22 1 8:1 / / rw - ext4 /dev/sda1 rw\n\
+             30 22 8:1 /x {root} rw - ext4 /dev/sda1 rw\n\
+             31 30 8:1 /y {root}/a\\040b/mnt rw - ext4 /dev/sda1 rw\n\
+             32 22 0:5 / {root}-sibling rw - tmpfs tmpfs rw\n\
+             short line\n"
+        );
+        let mut set = DeniedSet::default();
+
+        hide_mount_points(&mut set, dir.root(), &mountinfo).unwrap();
+
+        let parent = InodeId::of(&std::fs::metadata(dir.path("a b")).unwrap());
+        assert_eq!(set.name_count(), 1);
+        assert!(set.is_denied_name(parent, b"mnt"));
+    }
+
+    #[test]
+    fn mount_paths_are_unescaped() {
+        let cases = [
+            "/a\\040b",
+            "/tab\\011x",
+            "/back\\134slash",
+            "/plain",
+            "/odd\\09",
+        ];
+
+        let out = cases.map(|c| String::from_utf8(unescape_mount_path(c)).unwrap());
+
+        assert_eq!(
+            out,
+            ["/a b", "/tab\tx", "/back\\slash", "/plain", "/odd\\09"]
+        );
     }
 
     #[test]

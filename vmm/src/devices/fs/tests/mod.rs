@@ -409,6 +409,12 @@ pub fn lay_out_request(
     bufs
 }
 
+/// Whether the tests run as root (the CI machines do; some tests need it and say so).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid(2) has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// A cheap checksum for round-trip tests (64-bit words, multiply-xor).
 pub fn checksum(data: &[u8]) -> u64 {
     let mix = |h: u64, w: u64| (h ^ w).wrapping_mul(0x0100_0000_01b3).rotate_left(29);

@@ -475,8 +475,7 @@ fn the_guests_uid_is_never_adopted() {
 
 #[test]
 fn a_root_server_has_no_dac_override_and_run_as_serves_as_that_user() {
-    // SAFETY: geteuid(2) has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root");
+    assert!(is_root(), "this test needs root");
     let dir = TempDir::new();
     std::fs::set_permissions(dir.root(), std::fs::Permissions::from_mode(0o777)).unwrap();
     std::fs::write(dir.path("users"), b"user data").unwrap();
@@ -559,4 +558,63 @@ fn setattr_through_a_handle_needs_the_guests_own_handle() {
     assert_eq!(good.unwrap().attr.size, 4);
     assert_eq!(forged.err(), Some(libc::EBADF));
     assert_eq!(std::fs::read(dir.path("f")).unwrap(), b"0123");
+}
+
+/// A bind mount, undone on drop.
+struct BindMount(PathBuf);
+
+impl BindMount {
+    fn new(source: &Path, target: &Path) -> Self {
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        let (src, dst) = (c(source), c(target));
+        // SAFETY: mount(2) with valid C strings and no data argument.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "bind mount failed: {}",
+            std::io::Error::last_os_error()
+        );
+        Self(target.to_path_buf())
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        let dst = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: umount2(2) with a valid C string.
+        unsafe { libc::umount2(dst.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+#[test]
+fn a_bind_mount_of_the_same_file_system_inside_a_share_is_absent() {
+    assert!(is_root(), "this test needs root to mount");
+    let dir = TempDir::new();
+    let outside = TempDir::new();
+    std::fs::write(outside.path("secret"), b"outside the share").unwrap();
+    std::fs::create_dir(dir.path("bound")).unwrap();
+    std::fs::write(dir.path("visible"), b"").unwrap();
+    let _mount = BindMount::new(outside.root(), &dir.path("bound"));
+    let same_dev = std::fs::metadata(dir.path("bound")).unwrap().dev()
+        == std::fs::metadata(dir.root()).unwrap().dev();
+    let mut guest = Guest::new(&share_of(dir.root(), false, &[]));
+    guest.init();
+
+    let bound = guest.lookup(1, "bound").err();
+    let listed = names(&guest.list(1, true).unwrap());
+    let created = guest.mkdir(1, "bound", 0o755).err();
+
+    assert!(same_dev);
+    assert_eq!(bound, Some(libc::ENOENT));
+    assert_eq!(listed, ["visible"]);
+    assert_eq!(created, Some(libc::EACCES));
 }
