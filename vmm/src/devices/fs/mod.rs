@@ -30,13 +30,17 @@
 //!   by `(parent directory, name)` (so a denied file that does not exist yet, or that the
 //!   host replaces with a new inode, stays hidden);
 //! - keeps the guest on the share's file system: an entry on another device (a mount point
-//!   inside the share: `/proc`, a FUSE mount, a bind mount) is absent;
+//!   inside the share: `/proc`, a FUSE mount, a tmpfs) is absent, and so is every mount
+//!   point inside the share listed in the VMM's mount table at creation (which covers bind
+//!   mounts of the same file system, hidden by name like a denied path);
 //! - refuses names that are empty, `.`, `..` or contain `/`, so `..` never leaves the root;
 //!   symlinks are never followed on the host (lookups use `O_NOFOLLOW`, only regular files
 //!   and directories are ever opened; the guest kernel resolves symlink targets itself,
 //!   through the same filtered lookups);
 //! - only accepts node ids it handed to the guest, and handle numbers the guest opened;
-//! - bounds the number of inodes (each holds an `O_PATH` fd) and open handles;
+//! - bounds the number of inodes (each holds an `O_PATH` fd) and open handles; node ids
+//!   are derived from host inode numbers, so the passthrough keeps nothing for an inode
+//!   once the guest forgets it;
 //! - strips set-user-ID and set-group-ID bits from every mode the guest sets, refuses device
 //!   nodes, and runs creations with the worker thread's own credentials (guest uids are
 //!   never adopted).
@@ -79,7 +83,8 @@
 //! - [`bridge`]: the vm-memory / virtio-queue 0.17 view.
 //! - `event_handler`: the `event-manager` glue (the worker reports its end there).
 //!
-//! See `INTEGRATION.md` next to this file for what the VMM and the guest agent must do.
+//! See `INTEGRATION.md` next to this file for what the VMM and the guest agent must do,
+//! the known limits of the hiding rules, and the measured cost per request.
 
 pub mod bridge;
 pub mod creds;
