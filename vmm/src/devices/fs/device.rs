@@ -69,6 +69,13 @@ impl Fs {
     }
 
     pub fn from_prepared(prepared: PreparedShare, options: ServerOptions) -> Result<Self, FsError> {
+        if options.run_as.is_some() {
+            // SAFETY: geteuid(2) has no preconditions and cannot fail.
+            let uid = unsafe { libc::geteuid() };
+            if uid != 0 {
+                return Err(FsError::RunAsNeedsRoot(uid));
+            }
+        }
         let mut config = [0u8; CONFIG_LEN];
         let tag = prepared.tag.clone();
         let readonly = prepared.readonly;

@@ -209,6 +209,8 @@ pub enum FsError {
     },
     #[error("shared directory {} changed while the share was set up", .0.display())]
     RootChanged(PathBuf),
+    #[error("run_as needs mxc-vm to run as root (it runs as uid {0})")]
+    RunAsNeedsRoot(u32),
     #[error("cannot create the fs device's eventfd")]
     EventFd(#[source] std::io::Error),
 }

@@ -377,3 +377,26 @@ fn config_is_json_with_defaults() {
     );
     assert_eq!(opts.run_as.unwrap().uid, 1000);
 }
+
+#[test]
+fn run_as_is_refused_unless_the_vmm_is_root() {
+    let dir = TempDir::new();
+    let share = share_of(dir.root(), false, &[]);
+    let options = ServerOptions {
+        run_as: Some(crate::devices::fs::RunAs { uid: 1, gid: 1 }),
+        ..ServerOptions::default()
+    };
+
+    let as_user = std::thread::spawn(move || {
+        crate::devices::fs::creds::confine_current_thread(Some(crate::devices::fs::RunAs {
+            uid: 4321,
+            gid: 4321,
+        }))
+        .unwrap();
+        Fs::with_options(&share, options).map(|_| ())
+    })
+    .join()
+    .unwrap();
+
+    assert!(matches!(as_user, Err(FsError::RunAsNeedsRoot(4321))));
+}
