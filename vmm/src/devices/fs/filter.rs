@@ -720,9 +720,10 @@ impl FileSystem for PolicyFs {
         }
         self.room_for_inode()?;
         self.room_for_handle()?;
-        let flags = open_flags(args.flags)?;
+        // Exclusive: a name that appeared since the check above is not opened here.
+        let flags = open_flags(args.flags)? | libc::O_EXCL as u32;
         let args = CreateIn {
-            flags: flags | libc::O_EXCL as u32,
+            flags,
             mode: args.mode & !SET_ID_BITS,
             umask: args.umask,
             fuse_flags: 0,

@@ -618,3 +618,32 @@ fn a_bind_mount_of_the_same_file_system_inside_a_share_is_absent() {
     assert_eq!(listed, ["visible"]);
     assert_eq!(created, Some(libc::EACCES));
 }
+
+#[test]
+fn create_of_an_existing_name_opens_it_or_fails_cleanly() {
+    let dir = TempDir::new();
+    std::fs::write(dir.path("exists"), b"keep").unwrap();
+    std::fs::write(dir.path("locked"), b"no").unwrap();
+    std::fs::set_permissions(dir.path("locked"), std::fs::Permissions::from_mode(0o000)).unwrap();
+    std::os::unix::fs::chown(dir.path("locked"), Some(4321), Some(4321)).unwrap();
+    std::fs::create_dir(dir.path("sub")).unwrap();
+    let mut guest = Guest::new(&share_of(dir.root(), false, &[]));
+    guest.init();
+
+    let (entry, fh) = guest.create(1, "exists", libc::O_RDWR, 0o600).unwrap();
+    let content = guest.read(entry.nodeid, fh, 0, 100).unwrap();
+    guest.release(entry.nodeid, fh).unwrap();
+    guest.forget(entry.nodeid, 1);
+    let exclusive = guest
+        .create(1, "exists", libc::O_RDWR | libc::O_EXCL, 0o600)
+        .err();
+    let locked = guest.create(1, "locked", libc::O_RDWR, 0o600).err();
+    let directory = guest.create(1, "sub", libc::O_RDWR, 0o600).err();
+
+    assert!(is_root(), "the locked file needs root to set up");
+    assert_eq!(content, b"keep");
+    assert_eq!(exclusive, Some(libc::EEXIST));
+    assert_eq!(locked, Some(libc::EACCES));
+    assert_eq!(directory, Some(libc::EISDIR));
+    assert_eq!(guest.usage(), (0, 0));
+}
