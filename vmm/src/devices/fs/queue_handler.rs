@@ -6,7 +6,7 @@
 //! system), which must not stall the other devices, and because the worker drops its
 //! credentials for itself alone (see [`super::creds`]).
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
 use virtio_queue_017::{DescriptorChain, Queue, QueueT};
+use vm_memory_017::Bytes;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -230,11 +231,20 @@ fn chain_lengths(chain: &Chain<'_>) -> Option<(usize, usize)> {
     Some((readable, writable))
 }
 
+/// The request header, copied from the chain's first readable bytes.
 fn read_header(mem: &GuestMemory017, chain: &Chain<'_>) -> Option<InHeader> {
-    let mut reader = Reader::from_descriptor_chain(mem, chain.clone()).ok()?;
     let mut raw = [0u8; IN_HEADER_LEN];
-    reader.read_exact(&mut raw).ok()?;
-    Some(InHeader::parse(&raw))
+    let mut filled = 0;
+    for desc in chain.clone().readable() {
+        let dst = raw.get_mut(filled..)?;
+        let n = dst.len().min(desc.len() as usize);
+        mem.read_slice(dst.get_mut(..n)?, desc.addr()).ok()?;
+        filled += n;
+        if filled == IN_HEADER_LEN {
+            return Some(InHeader::parse(&raw));
+        }
+    }
+    None
 }
 
 /// Serve one request chain. Returns the number of bytes written into it.
