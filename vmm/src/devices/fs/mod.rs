@@ -70,8 +70,8 @@
 //! keeps a clone of the 0.18 memory next to it, so the mappings stay alive for as long as
 //! the view does, however the VMM orders its drops. At activation it rebuilds each queue as
 //! a virtio-queue 0.17 `Queue` from the 0.18 queue's ring addresses, size and indices; from
-//! then on only the worker touches the rings. Nothing is copied per request, and the only
-//! unsafe code is the view construction.
+//! then on only the worker touches the rings. Nothing is copied per request, and the
+//! bridge's only unsafe code is the view construction.
 //!
 //! # Layout
 //! - [`device`]: the virtio device (type 26, config space, activation, the worker's life).
