@@ -1,6 +1,7 @@
 //! Emulated devices, one folder per device.
 
 pub mod boot_timer;
+pub mod fs;
 pub mod i8042;
 pub mod serial;
 pub mod virtio;

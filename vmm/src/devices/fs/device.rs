@@ -1,0 +1,275 @@
+//! The virtio-fs device: features, config space, activation, and the life of its worker.
+
+use std::io;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::mpsc::{self, SyncSender};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::bridge::{self, GuestRam};
+use super::creds::{self, RunAs};
+use super::filter::PolicyFs;
+use super::queue_handler::Serving;
+use super::share::{self, PreparedShare};
+use super::{FsError, FsShareConfig, ServerOptions};
+use crate::devices::virtio::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+
+/// Virtio device ID of a file system device.
+pub const FS_DEVICE_TYPE: u32 = 26;
+/// Maximum size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Request queues besides the high-priority queue. One: the worker serves requests one at
+/// a time anyway.
+pub const NUM_REQUEST_QUEUES: u32 = 1;
+/// Queues in the order the driver sets them up: high priority (FORGET), then requests.
+pub const NUM_QUEUES: usize = 1 + NUM_REQUEST_QUEUES as usize;
+/// Bytes of the tag in the config space.
+pub const TAG_LEN: usize = 36;
+const QUEUE_SIZES: [u16; NUM_QUEUES] = [QUEUE_SIZE; NUM_QUEUES];
+/// Config space: `tag[36]` then `num_request_queues` (le32).
+const CONFIG_LEN: usize = TAG_LEN + 4;
+
+/// VIRTIO_F_VERSION_1: a modern (virtio 1.x) device.
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+#[derive(Debug)]
+struct Worker {
+    kill: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A virtio-fs device serving one share.
+#[derive(Debug)]
+pub struct Fs {
+    tag: String,
+    readonly: bool,
+    config: [u8; CONFIG_LEN],
+    fs: Arc<PolicyFs>,
+    options: ServerOptions,
+    acked_features: u64,
+    exit_evt: EventFd,
+    worker: Option<Worker>,
+    activated: bool,
+}
+
+impl Fs {
+    /// A device for `share`, with the default limits and the VMM's own identity.
+    pub fn new(share: &FsShareConfig) -> Result<Self, FsError> {
+        Self::with_options(share, ServerOptions::default())
+    }
+
+    /// A device for `share`: resolves its paths, collects its denied inodes and opens its
+    /// root now, so configuration errors surface before the VM boots.
+    pub fn with_options(share: &FsShareConfig, options: ServerOptions) -> Result<Self, FsError> {
+        let prepared = share::prepare(share)?;
+        Self::from_prepared(prepared, options)
+    }
+
+    pub fn from_prepared(prepared: PreparedShare, options: ServerOptions) -> Result<Self, FsError> {
+        if options.run_as.is_some() {
+            // SAFETY: geteuid(2) has no preconditions and cannot fail.
+            let uid = unsafe { libc::geteuid() };
+            if uid != 0 {
+                return Err(FsError::RunAsNeedsRoot(uid));
+            }
+        }
+        let mut config = [0u8; CONFIG_LEN];
+        let tag = prepared.tag.clone();
+        let readonly = prepared.readonly;
+        if let Some(dst) = config.get_mut(..tag.len()) {
+            dst.copy_from_slice(tag.as_bytes());
+        }
+        if let Some(dst) = config.get_mut(TAG_LEN..) {
+            dst.copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
+        }
+        let fs = PolicyFs::new(prepared, options.limits)?;
+        Ok(Self {
+            tag,
+            readonly,
+            config,
+            fs: Arc::new(fs),
+            options,
+            acked_features: 0,
+            exit_evt: EventFd::new(EFD_NONBLOCK).map_err(FsError::EventFd)?,
+            worker: None,
+            activated: false,
+        })
+    }
+
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    pub fn is_activated(&self) -> bool {
+        self.activated
+    }
+
+    /// `(inodes, open handles)` the guest holds now.
+    pub fn usage(&self) -> (usize, usize) {
+        (self.fs.inode_count(), self.fs.handle_count())
+    }
+
+    /// Whether the worker thread has ended (it only ends on kill, a failure or a panic).
+    pub fn worker_finished(&self) -> bool {
+        self.worker
+            .as_ref()
+            .is_some_and(|w| w.thread.as_ref().is_none_or(|t| t.is_finished()))
+    }
+
+    pub(crate) fn exit_evt(&self) -> &EventFd {
+        &self.exit_evt
+    }
+
+    /// Collect the worker thread if it ended.
+    pub(crate) fn reap_worker(&mut self) {
+        if let Some(worker) = self.worker.as_mut() {
+            if worker.thread.as_ref().is_some_and(|t| t.is_finished()) {
+                if let Some(thread) = worker.thread.take() {
+                    let _ = thread.join();
+                }
+            }
+        }
+    }
+
+    /// Stop serving: kill the worker and wait for it (it finishes the request in hand).
+    /// The guest's later requests stay unanswered. Dropping the device does this too.
+    pub fn stop_worker(&mut self) {
+        if let Some(worker) = self.worker.as_mut() {
+            // If the kill cannot be sent the join would hang: leave the thread detached.
+            if worker.kill.write(1).is_ok() {
+                if let Some(thread) = worker.thread.take() {
+                    let _ = thread.join();
+                }
+            }
+        }
+    }
+
+    fn start_worker(&mut self, serving: Serving) -> io::Result<Worker> {
+        let kill = EventFd::new(EFD_NONBLOCK)?;
+        let worker_kill = kill.try_clone()?;
+        let exit = self.exit_evt.try_clone()?;
+        let run_as = self.options.run_as;
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let thread = thread::Builder::new()
+            .name(format!("fs-{}", self.tag))
+            .spawn(move || worker_main(serving, &worker_kill, &exit, run_as, &ready_tx))?;
+        let ready = ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("fs worker ended before it started")));
+        match ready {
+            Ok(()) => Ok(Worker {
+                kill,
+                thread: Some(thread),
+            }),
+            Err(e) => {
+                let _ = thread.join();
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The worker thread: confine itself, report, serve until killed.
+fn worker_main(
+    mut serving: Serving,
+    kill: &EventFd,
+    exit: &EventFd,
+    run_as: Option<RunAs>,
+    ready: &SyncSender<io::Result<()>>,
+) {
+    let confined = creds::confine_current_thread(run_as);
+    let ok = confined.is_ok();
+    // The receiver waits for exactly this message.
+    let _ = ready.send(confined);
+    if ok {
+        match panic::catch_unwind(AssertUnwindSafe(|| serving.run(kill))) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "fs: worker stopped"),
+            Err(_) => tracing::error!("fs: worker panicked; the share is no longer served"),
+        }
+    }
+    drop(serving);
+    // Tell the event loop; nothing else can be done if this fails.
+    let _ = exit.write(1);
+}
+
+impl Drop for Fs {
+    fn drop(&mut self) {
+        self.stop_worker();
+    }
+}
+
+fn backend_error(e: impl std::fmt::Display) -> ActivateError {
+    ActivateError::Backend(io::Error::other(e.to_string()))
+}
+
+impl VirtioDevice for Fs {
+    fn device_type(&self) -> u32 {
+        FS_DEVICE_TYPE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        let Some(end) = start.checked_add(data.len()) else {
+            return;
+        };
+        if let Some(src) = self.config.get(start..end) {
+            data.copy_from_slice(src);
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // The config space (tag, queue count) is read-only.
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        if self.activated {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.len() != NUM_QUEUES {
+            return Err(ActivateError::QueueCount {
+                expected: NUM_QUEUES,
+                got: queues.len(),
+            });
+        }
+        let ram = GuestRam::new(&mem).map_err(backend_error)?;
+        let mut served = Vec::with_capacity(NUM_QUEUES);
+        for (index, active) in queues.into_iter().enumerate() {
+            let queue = bridge::convert_queue(index, &active.queue, &ram).map_err(backend_error)?;
+            served.push((queue, active.notify));
+        }
+        // One activation per device: a failed start leaves it unusable rather than half up.
+        self.activated = true;
+        let serving = Serving::new(ram, served, interrupt, self.fs.clone());
+        let worker = self.start_worker(serving).map_err(ActivateError::Backend)?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+}

@@ -1,0 +1,443 @@
+//! Device tests: the driver's side of the two queues built by hand in guest memory, FUSE
+//! requests written byte by byte, the real worker thread and real host directories.
+
+mod bench;
+mod bulk;
+mod client;
+mod device;
+mod malformed;
+mod policy;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{Fs, FsShareConfig, ServerOptions};
+use crate::devices::virtio::{ActiveQueue, Interrupt, VirtioDevice};
+
+pub const QSIZE: u16 = 256;
+pub const MEM_SIZE: usize = 8 << 20;
+/// Queue i's rings at RING_BASE + i * RING_STRIDE.
+const RING_BASE: u64 = 0x1000;
+const RING_STRIDE: u64 = 0x4000;
+/// Request bytes (header and arguments) are written here.
+pub const REQ_BASE: u64 = 0x10_0000;
+/// Replies are written here.
+pub const REPLY_BASE: u64 = 0x30_0000;
+/// Free for tests that lay out buffers themselves.
+pub const RAW_BASE: u64 = 0x50_0000;
+
+pub const VIRTQ_DESC_F_NEXT: u16 = 1;
+pub const VIRTQ_DESC_F_WRITE: u16 = 2;
+
+/// The high-priority queue and the request queue.
+pub const HIPRIO: usize = 0;
+pub const REQUEST: usize = 1;
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("mxc-fs-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(std::fs::canonicalize(dir).unwrap())
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A share of `root` with the given flags.
+pub fn share_of(root: &Path, readonly: bool, denied: &[PathBuf]) -> FsShareConfig {
+    FsShareConfig {
+        tag: "mxcfs0".into(),
+        host_path: root.to_path_buf(),
+        guest_path: "/work".into(),
+        readonly,
+        denied: denied.to_vec(),
+    }
+}
+
+/// One split virtqueue seen from the driver.
+pub struct DriverQueue {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    next_desc: u16,
+    avail_idx: u16,
+    used_seen: u16,
+}
+
+impl DriverQueue {
+    fn new(index: u64) -> Self {
+        let base = RING_BASE + index * RING_STRIDE;
+        Self {
+            desc: base,
+            avail: base + 16 * u64::from(QSIZE),
+            used: base + 0x2000,
+            next_desc: 0,
+            avail_idx: 0,
+            used_seen: 0,
+        }
+    }
+
+    fn device_queue(&self) -> Queue {
+        let mut q = Queue::new(QSIZE).unwrap();
+        q.set_size(QSIZE);
+        q.set_desc_table_address(Some(self.desc as u32), Some((self.desc >> 32) as u32));
+        q.set_avail_ring_address(Some(self.avail as u32), Some((self.avail >> 32) as u32));
+        q.set_used_ring_address(Some(self.used as u32), Some((self.used >> 32) as u32));
+        q.set_ready(true);
+        q
+    }
+
+    /// Write descriptor `index` verbatim (malformed ones too).
+    pub fn write_desc(
+        &self,
+        mem: &GuestMemoryMmap,
+        index: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) {
+        let at = GuestAddress(self.desc + 16 * u64::from(index));
+        let mut raw = [0u8; 16];
+        raw[..8].copy_from_slice(&addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&len.to_le_bytes());
+        raw[12..14].copy_from_slice(&flags.to_le_bytes());
+        raw[14..16].copy_from_slice(&next.to_le_bytes());
+        mem.write_slice(&raw, at).unwrap();
+    }
+
+    /// Make `head` available (any value).
+    pub fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
+        let slot = u64::from(self.avail_idx % QSIZE);
+        mem.write_obj(head, GuestAddress(self.avail + 4 + 2 * slot))
+            .unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+            .unwrap();
+    }
+
+    /// Set the avail index directly (to corrupt the ring).
+    pub fn set_avail_idx(&mut self, mem: &GuestMemoryMmap, idx: u16) {
+        self.avail_idx = idx;
+        mem.write_obj(idx, GuestAddress(self.avail + 2)).unwrap();
+    }
+
+    /// Add a chain of `(addr, len, device_writable)` buffers; returns its head.
+    pub fn add_chain(&mut self, mem: &GuestMemoryMmap, bufs: &[(u64, u32, bool)]) -> u16 {
+        let head = self.next_desc;
+        for (i, (addr, len, write)) in bufs.iter().enumerate() {
+            let index = self.next_desc;
+            self.next_desc = (self.next_desc + 1) % QSIZE;
+            let last = i + 1 == bufs.len();
+            let flags = if *write { VIRTQ_DESC_F_WRITE } else { 0 }
+                | if last { 0 } else { VIRTQ_DESC_F_NEXT };
+            self.write_desc(mem, index, *addr, *len, flags, self.next_desc);
+        }
+        self.publish(mem, head);
+        head
+    }
+
+    /// The next used element `(id, len)`, if the device returned one.
+    pub fn pop_used(&mut self, mem: &GuestMemoryMmap) -> Option<(u32, u32)> {
+        let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
+        if idx == self.used_seen {
+            return None;
+        }
+        let slot = u64::from(self.used_seen % QSIZE);
+        let at = self.used + 4 + 8 * slot;
+        let id: u32 = mem.read_obj(GuestAddress(at)).unwrap();
+        let len: u32 = mem.read_obj(GuestAddress(at + 4)).unwrap();
+        self.used_seen = self.used_seen.wrapping_add(1);
+        Some((id, len))
+    }
+}
+
+/// A decoded reply.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// Positive errno, 0 for success.
+    pub errno: i32,
+    pub unique: u64,
+    /// The payload after the out header.
+    pub body: Vec<u8>,
+    /// Bytes the device said it wrote.
+    pub used: u32,
+}
+
+/// The guest side of an activated fs device.
+pub struct Guest {
+    pub mem: GuestMemoryMmap,
+    pub dev: Arc<Mutex<Fs>>,
+    pub queues: [DriverQueue; 2],
+    notify: Vec<EventFd>,
+    irq: EventFd,
+    pub irq_status: Arc<AtomicU32>,
+    unique: u64,
+    /// The caller credentials put in every request header.
+    pub creds: (u32, u32),
+}
+
+impl Guest {
+    pub fn new(share: &FsShareConfig) -> Self {
+        Self::with_options(share, ServerOptions::default())
+    }
+
+    pub fn with_options(share: &FsShareConfig, options: ServerOptions) -> Self {
+        Self::activate(Fs::with_options(share, options).unwrap())
+    }
+
+    pub fn activate(mut dev: Fs) -> Self {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let queues = [DriverQueue::new(0), DriverQueue::new(1)];
+        let notify: Vec<EventFd> = (0..2)
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+            .collect();
+        let active = queues
+            .iter()
+            .zip(&notify)
+            .map(|(q, n)| ActiveQueue {
+                queue: q.device_queue(),
+                notify: n.try_clone().unwrap(),
+            })
+            .collect();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let irq_status = Arc::new(AtomicU32::new(0));
+        let interrupt = Arc::new(Interrupt::new(irq_status.clone(), irq.try_clone().unwrap()));
+        dev.activate(mem.clone(), interrupt, active).unwrap();
+        Self {
+            mem,
+            dev: Arc::new(Mutex::new(dev)),
+            queues,
+            notify,
+            irq,
+            irq_status,
+            unique: 0,
+            creds: (0, 0),
+        }
+    }
+
+    pub fn next_unique(&mut self) -> u64 {
+        self.unique += 1;
+        self.unique
+    }
+
+    pub fn kick(&self, queue: usize) {
+        self.notify[queue].write(1).unwrap();
+    }
+
+    /// Wait until the device returns a chain on `queue`: `(head, used length)`.
+    pub fn wait_used(&mut self, queue: usize) -> (u32, u32) {
+        self.try_wait_used(queue, Duration::from_secs(20))
+            .expect("the device never returned the chain")
+    }
+
+    pub fn try_wait_used(&mut self, queue: usize, limit: Duration) -> Option<(u32, u32)> {
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(used) = self.queues[queue].pop_used(&self.mem) {
+                return Some(used);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            let mut pfd = libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&self.irq),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll(2) on one valid pollfd that lives across the call.
+            unsafe { libc::poll(&mut pfd, 1, 20) };
+            let _ = self.irq.read();
+        }
+    }
+
+    /// Put a chain on `queue`, kick, wait: returns the used length.
+    pub fn send_chain(&mut self, queue: usize, bufs: &[(u64, u32, bool)]) -> u32 {
+        self.queues[queue].add_chain(&self.mem, bufs);
+        self.kick(queue);
+        self.wait_used(queue).1
+    }
+
+    /// A raw `fuse_in_header` (the guest may lie in `len`).
+    pub fn header(len: u32, opcode: u32, unique: u64, nodeid: u64) -> Vec<u8> {
+        Self::header_as(len, opcode, unique, nodeid, (0, 0))
+    }
+
+    pub fn header_as(
+        len: u32,
+        opcode: u32,
+        unique: u64,
+        nodeid: u64,
+        creds: (u32, u32),
+    ) -> Vec<u8> {
+        let mut h = Vec::with_capacity(40);
+        h.extend_from_slice(&len.to_le_bytes());
+        h.extend_from_slice(&opcode.to_le_bytes());
+        h.extend_from_slice(&unique.to_le_bytes());
+        h.extend_from_slice(&nodeid.to_le_bytes());
+        h.extend_from_slice(&creds.0.to_le_bytes()); // uid
+        h.extend_from_slice(&creds.1.to_le_bytes()); // gid
+        h.extend_from_slice(&1u32.to_le_bytes()); // pid
+        h.extend_from_slice(&0u32.to_le_bytes()); // padding
+        h
+    }
+
+    /// Send a request as the Linux driver lays it out: the header and the first argument in
+    /// one readable descriptor, each further part in its own, then a reply header descriptor
+    /// and (if `reply_room` > 16) one data descriptor.
+    pub fn request_on(
+        &mut self,
+        queue: usize,
+        opcode: u32,
+        nodeid: u64,
+        parts: &[&[u8]],
+        reply_room: u32,
+    ) -> Reply {
+        let unique = self.next_unique();
+        let bufs = lay_out_request(
+            &self.mem, unique, self.creds, opcode, nodeid, parts, reply_room,
+        );
+        let used = self.send_chain(queue, &bufs);
+        self.read_reply(used)
+    }
+
+    pub fn request(&mut self, opcode: u32, nodeid: u64, parts: &[&[u8]], reply_room: u32) -> Reply {
+        self.request_on(REQUEST, opcode, nodeid, parts, reply_room)
+    }
+
+    /// Decode the reply at REPLY_BASE given the used length.
+    pub fn read_reply(&self, used: u32) -> Reply {
+        decode_reply(&self.mem, used)
+    }
+
+    pub fn usage(&self) -> (usize, usize) {
+        self.dev.lock().unwrap().usage()
+    }
+
+    pub fn worker_alive(&self) -> bool {
+        !self.dev.lock().unwrap().worker_finished()
+    }
+}
+
+/// Decode the reply at REPLY_BASE given the used length.
+pub fn decode_reply(mem: &GuestMemoryMmap, used: u32) -> Reply {
+    if used < 16 {
+        return Reply {
+            errno: -1,
+            unique: 0,
+            body: Vec::new(),
+            used,
+        };
+    }
+    let mut bytes = vec![0u8; used as usize];
+    mem.read_slice(&mut bytes, GuestAddress(REPLY_BASE))
+        .unwrap();
+    let len = u32::from_le_bytes(bytes[0..4].try_into().unwrap());
+    let error = i32::from_le_bytes(bytes[4..8].try_into().unwrap());
+    let unique = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
+    assert_eq!(len, used, "out header len matches the used length");
+    Reply {
+        errno: -error,
+        unique,
+        body: bytes[16..].to_vec(),
+        used,
+    }
+}
+
+/// Write a request at REQ_BASE as the Linux driver lays it out (the header and the first
+/// argument in one readable buffer, each further part in its own, then a reply header
+/// buffer and, if `reply_room` > 16, one data buffer at REPLY_BASE) and return the chain's
+/// buffers.
+pub fn lay_out_request(
+    mem: &GuestMemoryMmap,
+    unique: u64,
+    creds: (u32, u32),
+    opcode: u32,
+    nodeid: u64,
+    parts: &[&[u8]],
+    reply_room: u32,
+) -> Vec<(u64, u32, bool)> {
+    let len = 40 + parts.iter().map(|p| p.len()).sum::<usize>();
+    let mut bufs = Vec::new();
+    let mut first = Guest::header_as(len as u32, opcode, unique, nodeid, creds);
+    let mut rest = parts.iter();
+    if let Some(p) = rest.next() {
+        first.extend_from_slice(p);
+    }
+    let mut at = REQ_BASE;
+    mem.write_slice(&first, GuestAddress(at)).unwrap();
+    bufs.push((at, first.len() as u32, false));
+    at += first.len() as u64;
+    for p in rest {
+        mem.write_slice(p, GuestAddress(at)).unwrap();
+        bufs.push((at, p.len() as u32, false));
+        at += p.len() as u64;
+    }
+    if reply_room > 0 {
+        bufs.push((REPLY_BASE, reply_room.min(16), true));
+        if reply_room > 16 {
+            bufs.push((REPLY_BASE + 16, reply_room - 16, true));
+        }
+    }
+    // Stale bytes from an earlier reply must not pass for this one.
+    mem.write_slice(&[0u8; 16], GuestAddress(REPLY_BASE))
+        .unwrap();
+    bufs
+}
+
+/// Whether the tests run as root (the CI machines do; some tests need it and say so).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid(2) has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A cheap checksum for round-trip tests (64-bit words, multiply-xor).
+pub fn checksum(data: &[u8]) -> u64 {
+    let mix = |h: u64, w: u64| (h ^ w).wrapping_mul(0x0100_0000_01b3).rotate_left(29);
+    let mut chunks = data.chunks_exact(8);
+    let mut h = chunks.by_ref().fold(0xcbf2_9ce4_8422_2325u64, |h, c| {
+        mix(h, u64::from_le_bytes(c.try_into().unwrap()))
+    });
+    for b in chunks.remainder() {
+        h = mix(h, u64::from(*b));
+    }
+    mix(h, data.len() as u64)
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
