@@ -13,6 +13,7 @@ pub mod host;
 pub mod limits;
 pub mod output;
 pub mod process;
+pub mod proxy;
 pub mod seccomp;
 mod supervise;
 pub mod view;
