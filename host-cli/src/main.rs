@@ -23,6 +23,7 @@ fn main() {
         Commands::Policy(cli::PolicyCommand::Schema) => false,
         Commands::Backends(a) => a.json,
         Commands::Bench(cli::BenchCommand::Exec(a)) => a.json,
+        Commands::Bench(cli::BenchCommand::Proxy(a)) => a.json,
     };
     let result = match cli.command {
         Commands::Run(args) => run_cmd::run(args),

@@ -65,6 +65,8 @@ pub struct SandboxSpec {
     pub view: FsView,
     /// Identifier used in names (cgroup, audit log); unique per sandbox.
     pub id: String,
+    /// Host-side network options: audit log, resolver, notices of refusals.
+    pub net: proxy::NetOptions,
 }
 
 /// One command to run inside a started sandbox.

@@ -175,6 +175,7 @@ fn serve(shared: &Shared, client: RawFd, rec: &mut AuditRecord) -> Result<(), Fa
     };
 
     let server_fd = server.as_raw_fd();
+    let mut head_sent = 0u64;
     let (gate, request_mode, client_early) = match &request {
         Request::Connect(auth) => {
             if let Some(up) = &shared.upstream {
@@ -208,6 +209,7 @@ fn serve(shared: &Shared, client: RawFd, rec: &mut AuditRecord) -> Result<(), Fa
             sys::send_all(server_fd, head, connect_deadline, stop).map_err(|e| {
                 Fail::error(502, "connect-failed", format!("sending the request: {e}"))
             })?;
+            head_sent = head.len() as u64;
             (Gate::Body(http::BodyLimit::new(body)), true, early)
         }
     };
@@ -225,8 +227,12 @@ fn serve(shared: &Shared, client: RawFd, rec: &mut AuditRecord) -> Result<(), Fa
         request_mode,
     }
     .run();
-    rec.bytes_up = outcome.up;
+    rec.bytes_up = outcome.up + head_sent;
     rec.bytes_down = outcome.down;
+    if request_mode {
+        // The origin's status, for the audit line (the response itself is not parsed).
+        rec.status = http::status_prefix(&outcome.down_head).unwrap_or(0);
+    }
     match outcome.end {
         End::Closed => {}
         End::Idle => rec.reason = Some(format!("closed after {:?} idle", cfg.idle_timeout)),

@@ -524,6 +524,17 @@ pub(crate) fn response_status(head: &[u8]) -> Result<u16, HttpError> {
     code.parse().map_err(|_| HttpError::Response)
 }
 
+/// The status code at the start of a response (`HTTP/1.x NNN`), if these first bytes
+/// hold one.
+pub(crate) fn status_prefix(first: &[u8]) -> Option<u16> {
+    let rest = first.strip_prefix(b"HTTP/1.")?;
+    let code = rest.get(2..5)?;
+    if rest.get(1) != Some(&b' ') || !code.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(code).ok()?.parse().ok()
+}
+
 /// Keeps a header value to printable ASCII on one line.
 fn header_safe(s: &str) -> String {
     s.chars()
@@ -807,6 +818,14 @@ mod tests {
 
         assert!(r.starts_with("HTTP/1.1 403 Forbidden\r\nX-Mxc-Deny: default deny\r\n"));
         assert!(r.ends_with("\r\n\r\nmxc-vm: no??rule\n"));
+    }
+
+    #[test]
+    fn response_status_prefixes_parse() {
+        assert_eq!(status_prefix(b"HTTP/1.1 404 Not Found\r\n"), Some(404));
+        assert_eq!(status_prefix(b"HTTP/1.0 200"), Some(200));
+        assert_eq!(status_prefix(b"HTTP/1.1 2"), None);
+        assert_eq!(status_prefix(b"SSH-2.0"), None);
     }
 
     #[test]

@@ -43,6 +43,7 @@ mod upstream;
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -157,6 +158,39 @@ impl ProxyConfig {
     }
 }
 
+/// Host-side network options of one sandbox (not part of the policy).
+#[derive(Debug, Clone, Default)]
+pub struct NetOptions {
+    /// Append one JSON line per egress decision to this file. On the process tiers it
+    /// also puts the proxy in front of allow-all and deny-all policies, so that every
+    /// connection attempt is decided and recorded.
+    pub audit: Option<PathBuf>,
+    /// Resolve names with this instead of the system resolver.
+    pub resolver: Option<Arc<dyn Resolver>>,
+    /// Where one-line notices of refused connections go (at most [`MAX_NOTICES`]).
+    pub notices: Option<Notices>,
+}
+
+impl ProxyConfig {
+    /// The proxy for a sandbox: the policy's rules and limits plus the host options
+    /// (opens the audit log).
+    pub fn for_sandbox(
+        sandbox_id: &str,
+        policy: &policy::Policy,
+        options: &NetOptions,
+    ) -> Result<Self, ProxyError> {
+        let mut c = Self::from_policy(sandbox_id, &policy.network, &policy.limits);
+        if let Some(path) = &options.audit {
+            c.audit = Some(Arc::new(AuditLog::open(path)?));
+        }
+        if let Some(r) = &options.resolver {
+            c.resolver = r.clone();
+        }
+        c.notices = options.notices.clone();
+        Ok(c)
+    }
+}
+
 /// Counters since the proxy started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ProxyStats {
@@ -212,22 +246,17 @@ impl Shared {
         let left = self
             .notices_left
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
-        match left {
-            Ok(1) => (n.0)(&format!(
-                "network: denied {} {}:{} ({}); further denials are only in the audit log",
-                rec.kind, rec.host, rec.port, rec.rule
-            )),
-            Ok(_) => {
-                let what = if rec.host.is_empty() {
-                    format!("a {} connection", rec.kind)
-                } else {
-                    format!("{} {}:{}", rec.kind, rec.host, rec.port)
-                };
-                let why = rec.reason.as_deref().unwrap_or("");
-                (n.0)(&format!("network: denied {what} [{}] {why}", rec.rule))
-            }
-            Err(_) => {}
+        let Ok(left) = left else {
+            return;
+        };
+        let mut line = match &rec.reason {
+            Some(reason) => format!("network: {reason}"),
+            None => format!("network: denied {}:{} ({})", rec.host, rec.port, rec.rule),
+        };
+        if left == 1 {
+            line.push_str(" (further refusals are not shown here)");
         }
+        (n.0)(&line);
     }
 }
 

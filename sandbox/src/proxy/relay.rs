@@ -97,8 +97,13 @@ pub(crate) enum End {
 pub(crate) struct Outcome {
     pub up: u64,
     pub down: u64,
+    /// The first bytes sent to the client (up to [`HEAD_CAPTURE`]).
+    pub down_head: Vec<u8>,
     pub end: End,
 }
+
+/// How many of the first bytes towards the client an [`Outcome`] keeps.
+pub(crate) const HEAD_CAPTURE: usize = 32;
 
 /// One direction: bytes read from `src`, buffered, written to `dst`.
 struct Flow {
@@ -117,6 +122,9 @@ struct Flow {
     /// take a half-close for an abort).
     half_close: bool,
     bytes: u64,
+    /// The first bytes written to `dst` (a response's status line), when captured.
+    head: Vec<u8>,
+    capture: usize,
 }
 
 impl Flow {
@@ -137,6 +145,8 @@ impl Flow {
             shut: false,
             half_close,
             bytes: 0,
+            head: Vec::new(),
+            capture: 0,
         }
     }
 
@@ -184,12 +194,14 @@ impl Relay<'_> {
                 return Outcome {
                     up: 0,
                     down: 0,
+                    down_head: Vec::new(),
                     end: End::Error(e),
                 };
             }
         }
         let mut up = Flow::new(client, server, Vec::new(), !self.request_mode);
         let mut down = Flow::new(server, client, self.server_initial, true);
+        down.capture = HEAD_CAPTURE;
         let mut gate = self.gate;
         if matches!(&gate, Gate::Body(limit) if limit.done()) {
             up.eof = true;
@@ -218,6 +230,7 @@ impl Relay<'_> {
         Outcome {
             up: up.bytes,
             down: down.bytes,
+            down_head: down.head,
             end,
         }
     }
@@ -316,6 +329,11 @@ fn pump(
     if flow.pending() && !holds {
         match sys::send(flow.dst, &flow.buf[flow.start..flow.end]) {
             Ok(n) => {
+                if flow.head.len() < flow.capture {
+                    let take = n.min(flow.capture - flow.head.len());
+                    let from = flow.start;
+                    flow.head.extend_from_slice(&flow.buf[from..from + take]);
+                }
                 flow.start += n;
                 flow.bytes += n as u64;
                 if flow.start == flow.end {
