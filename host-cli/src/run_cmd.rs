@@ -57,7 +57,8 @@ fn warn(json: bool, message: &str) {
     if json {
         jsonl::emit(&serde_json::json!({ "type": "warning", "message": message }));
     } else {
-        let _ = writeln!(std::io::stderr().lock(), "mxc-vm: warning: {message}");
+        let text = format!("mxc-vm: warning: {message}\n");
+        let _ = std::io::stderr().lock().write_all(text.as_bytes());
     }
 }
 
@@ -102,7 +103,9 @@ fn net_options(args: &RunArgs) -> Result<NetOptions, Failure> {
         if json {
             jsonl::emit(&serde_json::json!({ "type": "network", "message": line }));
         } else {
-            let _ = writeln!(std::io::stderr().lock(), "mxc-vm: {line}");
+            // One write, so the line cannot interleave with the sandbox's own stderr.
+            let text = format!("mxc-vm: {line}\n");
+            let _ = std::io::stderr().lock().write_all(text.as_bytes());
         }
     }));
     Ok(options)

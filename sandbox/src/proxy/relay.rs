@@ -125,6 +125,11 @@ struct Flow {
     /// The first bytes written to `dst` (a response's status line), when captured.
     head: Vec<u8>,
     capture: usize,
+    /// Once nothing needs to see this direction's bytes, they move through a pipe with
+    /// splice(2) and never enter this process.
+    pipe: Option<sys::SplicePipe>,
+    /// Splicing failed to start (no pipes left): stay with the buffer.
+    no_splice: bool,
 }
 
 impl Flow {
@@ -147,15 +152,46 @@ impl Flow {
             bytes: 0,
             head: Vec::new(),
             capture: 0,
+            pipe: None,
+            no_splice: false,
+        }
+    }
+
+    /// Switches to splicing when the buffer is empty, no gate needs the bytes, and the
+    /// first bytes have been captured.
+    fn maybe_splice(&mut self, gated: bool) {
+        if self.pipe.is_some()
+            || self.no_splice
+            || gated
+            || self.eof
+            || self.start < self.end
+            || (self.capture > 0 && self.bytes == 0)
+        {
+            return;
+        }
+        match sys::SplicePipe::new(BUF_SIZE * 4) {
+            Ok(p) => {
+                self.pipe = Some(p);
+                self.buf = Vec::new();
+                self.start = 0;
+                self.end = 0;
+            }
+            Err(_) => self.no_splice = true,
         }
     }
 
     fn pending(&self) -> bool {
-        self.start < self.end
+        self.start < self.end || self.pipe.as_ref().is_some_and(|p| p.held > 0)
     }
 
     fn wants_read(&self) -> bool {
-        !self.eof && !self.throttled && self.end < self.buf.len()
+        let room = match &self.pipe {
+            // A pipe is refilled only once it is empty: splice can find it full with
+            // fewer bytes than its size, and then poll would never stop waking us.
+            Some(p) => p.held == 0,
+            None => self.end < self.buf.len(),
+        };
+        !self.eof && !self.throttled && room
     }
 
     fn finished(&self) -> bool {
@@ -322,6 +358,11 @@ fn pump(
     gate: Option<&mut Gate>,
     bucket: Option<&Mutex<TokenBucket>>,
 ) -> Result<Step, End> {
+    let gated = !matches!(gate.as_deref(), None | Some(Gate::Open));
+    flow.maybe_splice(gated);
+    if flow.pipe.is_some() {
+        return pump_spliced(flow, bucket);
+    }
     let holds = matches!(gate.as_deref(), Some(Gate::Sni { .. }));
     let mut step = Step::Blocked;
     flow.throttled = false;
@@ -398,6 +439,73 @@ fn pump(
         }
     }
     if flow.eof && !flow.pending() && !flow.shut && flow.half_close {
+        sys::shutdown_write(flow.dst);
+        flow.shut = true;
+        step = Step::Progress;
+    }
+    Ok(step)
+}
+
+/// [`pump`] for a direction that moves through a pipe.
+fn pump_spliced(flow: &mut Flow, bucket: Option<&Mutex<TokenBucket>>) -> Result<Step, End> {
+    let Some(pipe) = flow.pipe.as_mut() else {
+        return Ok(Step::Blocked);
+    };
+    let mut step = Step::Blocked;
+    flow.throttled = false;
+    loop {
+        if pipe.held > 0 {
+            match pipe.drain_to(flow.dst) {
+                Ok(n) => {
+                    flow.bytes += n as u64;
+                    step = Step::Progress;
+                    if pipe.held > 0 {
+                        continue;
+                    }
+                }
+                Err(e) if would_block(&e) => break,
+                Err(e) => return Err(End::Error(e)),
+            }
+        }
+        if flow.eof || pipe.held > 0 {
+            break;
+        }
+        let allowed = match bucket {
+            None => pipe.capacity,
+            Some(b) => {
+                let mut b = b
+                    .lock()
+                    .map_err(|_| End::Error(io::ErrorKind::Other.into()))?;
+                match b.take(pipe.capacity, Instant::now()) {
+                    Ok(n) => n,
+                    Err(wait) => {
+                        flow.throttled = true;
+                        return Ok(merge(step, Step::Wait(wait)));
+                    }
+                }
+            }
+        };
+        let got = pipe.fill_from(flow.src, allowed);
+        let used = match &got {
+            Ok(n) => *n,
+            Err(_) => 0,
+        };
+        if let Some(b) = bucket {
+            if let Ok(mut b) = b.lock() {
+                b.give_back(allowed - used);
+            }
+        }
+        match got {
+            Ok(0) => {
+                flow.eof = true;
+                step = Step::Progress;
+            }
+            Ok(_) => step = Step::Progress,
+            Err(e) if would_block(&e) => break,
+            Err(e) => return Err(End::Error(e)),
+        }
+    }
+    if flow.eof && pipe.held == 0 && !flow.shut && flow.half_close {
         sys::shutdown_write(flow.dst);
         flow.shut = true;
         step = Step::Progress;

@@ -440,3 +440,78 @@ pub(crate) fn accept(fd: RawFd) -> io::Result<OwnedFd> {
         }
     }
 }
+
+/// A pipe that bytes move through between two sockets with splice(2), without being
+/// copied into this process.
+#[derive(Debug)]
+pub(crate) struct SplicePipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    /// Bytes in the pipe now.
+    pub held: usize,
+    /// Most bytes asked of the source at once.
+    pub capacity: usize,
+}
+
+impl SplicePipe {
+    /// A non-blocking pipe, enlarged towards `size` bytes where the system allows.
+    pub(crate) fn new(size: usize) -> io::Result<Self> {
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe2 writes two descriptors into our array.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors were just created and are owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: fcntl without memory arguments; a refusal leaves the default size.
+        let got =
+            unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+        // SAFETY: as above, only reading the size.
+        let actual = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        let capacity = if got > 0 { got } else { actual.max(4096) } as usize;
+        Ok(Self {
+            read,
+            write,
+            held: 0,
+            capacity,
+        })
+    }
+
+    fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+        loop {
+            // SAFETY: splice between two descriptors we hold, with null offsets (both
+            // are a pipe or a socket); no memory of ours is touched.
+            let n = unsafe {
+                libc::splice(
+                    from,
+                    std::ptr::null_mut(),
+                    to,
+                    std::ptr::null_mut(),
+                    len,
+                    libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+                )
+            };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Moves up to `len` bytes from the socket `src` into the pipe. `Ok(0)`: end of stream.
+    pub(crate) fn fill_from(&mut self, src: RawFd, len: usize) -> io::Result<usize> {
+        let n = Self::splice(src, self.write.as_raw_fd(), len)?;
+        self.held += n;
+        Ok(n)
+    }
+
+    /// Moves what the pipe holds to the socket `dst`.
+    pub(crate) fn drain_to(&mut self, dst: RawFd) -> io::Result<usize> {
+        let n = Self::splice(self.read.as_raw_fd(), dst, self.held)?;
+        self.held = self.held.saturating_sub(n);
+        Ok(n)
+    }
+}
