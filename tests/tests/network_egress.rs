@@ -39,6 +39,8 @@ both_backends!(
     many_concurrent_connections,
     one_gib_through_the_proxy_keeps_its_checksum,
     mxc_legacy_allowed_hosts_are_enforced,
+    mxc_directional_cidr_rules_with_ports_are_enforced,
+    egress_chains_through_the_upstream_proxy,
     allow_all_is_the_host_network_unless_audited,
 );
 
@@ -460,7 +462,9 @@ fn the_audit_log_has_one_line_per_decision(backend: &str) {
              curl -s -o /dev/null https://denied.test/; true"
         ),
     );
-    let lines = audit_lines(Path::new(&log));
+    let mut lines = audit_lines(Path::new(&log));
+    // Lines are written when connections close; their times are when they were decided.
+    lines.sort_by(|a, b| a["time"].as_str().cmp(&b["time"].as_str()));
 
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let summary: Vec<String> = lines
@@ -579,6 +583,130 @@ fn mxc_legacy_allowed_hosts_are_enforced(backend: &str) {
     );
 
     assert_eq!(codes, "200 403");
+}
+
+fn mxc_directional_cidr_rules_with_ports_are_enforced(backend: &str) {
+    let (lab, hosts) = lab();
+    let cidr = format!(
+        "{}/30",
+        lab.addr
+            .rsplit_once('.')
+            .map_or(String::new(), |(net, last)| {
+                let base = last.parse::<u32>().unwrap() & !3;
+                format!("{net}.{base}")
+            })
+    );
+    let p = write_policy(
+        lab.dir(),
+        &serde_json::json!({
+            "version": "0.8.0-alpha",
+            "process": {"commandLine": "true"},
+            "network": {"egress": {"default": "deny", "allow": [
+                {"to": [{"cidr": cidr}], "ports": [{"protocol": "tcp", "port": 80}]}
+            ]}},
+        })
+        .to_string(),
+    );
+    let a = &lab.addr;
+
+    let codes = status_codes(
+        backend,
+        &lab,
+        &hosts,
+        &p,
+        &[&format!("http://{a}/"), &format!("http://{a}:8081/")],
+    );
+
+    assert_eq!(codes, "200 403");
+}
+
+/// A policy proxy in this test process, standing in for a corporate proxy: it allows
+/// the lab's names and resolves them through the lab's hosts file.
+fn upstream_proxy(
+    hosts: &str,
+) -> (
+    sandbox::proxy::Proxy,
+    sandbox::proxy::Server,
+    String,
+    TempDir,
+) {
+    use sandbox::proxy::{AuditLog, HostsResolver, Proxy, ProxyConfig};
+    let dir = TempDir::new("upstream");
+    let spec = policy::parse_rule("allowed.test").unwrap();
+    let network = policy::Network {
+        egress: policy::Egress {
+            default: policy::Action::Deny,
+            allow: vec![policy::NetRule {
+                target: spec.target,
+                ports: spec.ports,
+                protocol: policy::Protocol::Tcp,
+                origin: policy::Origin::Flag("upstream".into()),
+            }],
+            deny: Vec::new(),
+        },
+        ..policy::Network::default()
+    };
+    let mut config = ProxyConfig::from_policy("upstream", &network, &policy::Limits::default());
+    config.resolver = std::sync::Arc::new(HostsResolver::from_file(Path::new(hosts)).unwrap());
+    config.audit = Some(std::sync::Arc::new(
+        AuditLog::open(&dir.join("audit.jsonl")).unwrap(),
+    ));
+    let proxy = Proxy::new(config).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = proxy.serve(listener).unwrap();
+    (proxy, server, url, dir)
+}
+
+fn egress_chains_through_the_upstream_proxy(backend: &str) {
+    let (lab, hosts) = lab();
+    let (upstream, server, url, dir) = upstream_proxy(&hosts);
+    let p = write_policy(
+        lab.dir(),
+        &serde_json::json!({
+            "version": "0.8.0-alpha",
+            "process": {"commandLine": "true"},
+            "network": {"defaultPolicy": "deny", "allowedHosts": ["allowed.test", "denied.test"]},
+            "runtimeConfig": {"networkProxy": url},
+        })
+        .to_string(),
+    );
+    let ca = lab.path("cert.pem");
+
+    let out = run_sh(
+        backend,
+        &lab,
+        &hosts,
+        &p,
+        &[],
+        &format!(
+            "curl -sS --cacert {ca} https://allowed.test/; curl -sS http://allowed.test/; \
+             curl -s -o /dev/null -w '%{{http_code}}' http://denied.test/"
+        ),
+    );
+    server.stop();
+    upstream.shutdown();
+    let theirs = audit_lines(&dir.join("audit.jsonl"));
+
+    assert_eq!(
+        stdout(&out),
+        "hello from the lab: allowed.test /\nhello from the lab: allowed.test /\n403",
+        "{}",
+        stderr(&out)
+    );
+    let mut seen: Vec<String> = theirs
+        .iter()
+        .map(|l| format!("{} {} {}", l["action"], l["kind"], l["host"]))
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            r#""allow" "connect" "allowed.test""#,
+            r#""allow" "http" "allowed.test""#,
+            r#""deny" "http" "denied.test""#,
+        ]
+    );
 }
 
 fn allow_all_is_the_host_network_unless_audited(backend: &str) {
