@@ -150,7 +150,9 @@ pub struct RunArgs {
     #[arg(long)]
     pub json: bool,
     /// Append one JSON line per network decision (allowed or denied connection) to
-    /// FILE; puts the policy proxy in front of every network policy.
+    /// FILE. This puts the policy proxy in front of every network policy, allow-all
+    /// included (then loopback and private addresses need an IP rule, as always
+    /// through the proxy).
     #[arg(long, value_name = "FILE")]
     pub audit: Option<PathBuf>,
     /// The command and its arguments.

@@ -670,3 +670,69 @@ fn an_accepted_stream_of_any_kind_can_be_served() {
         1
     );
 }
+
+#[test]
+fn a_client_hello_sent_with_the_connect_is_checked_too() {
+    let echo = echo_server();
+    let h = Harness::new(egress(&["allowed.test", "127.0.0.1"], &[]), |_| {});
+    let mut s = h.client();
+
+    let mut bytes = format!("CONNECT allowed.test:{} HTTP/1.1\r\n\r\n", echo.port).into_bytes();
+    bytes.extend_from_slice(&client_hello("evil.test"));
+    s.write_all(&bytes).unwrap();
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    let audit = h.finish();
+
+    assert!(reply.ends_with(&[0x15, 3, 1, 0, 2, 2, 49]), "{reply:?}");
+    assert_eq!(echo.received.load(Ordering::SeqCst), 0);
+    assert_eq!(audit[0].rule, "sni-mismatch evil.test");
+}
+
+#[test]
+fn hostile_request_bytes_never_take_the_proxy_down() {
+    let echo = echo_server();
+    let h = Harness::new(egress(&["allowed.test", "127.0.0.1"], &[]), |c| {
+        c.header_timeout = Duration::from_millis(200);
+    });
+    let pieces: [&[u8]; 12] = [
+        b"CONNECT ",
+        b"GET ",
+        b"http://allowed.test/",
+        b" HTTP/1.1",
+        b"\r\n",
+        b"Host: allowed.test\r\n",
+        b"Transfer-Encoding: chunked\r\n",
+        b"Content-Length: 99999999999999999999\r\n",
+        b"\x00\xff\x16\x03",
+        b"[::1]:0",
+        b"\r\n\r\n",
+        b":",
+    ];
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+
+    for _ in 0..200 {
+        let mut s = h.client();
+        let mut req = Vec::new();
+        for _ in 0..(seed % 9) {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            req.extend_from_slice(pieces[(seed % pieces.len() as u64) as usize]);
+        }
+        let _ = s.write_all(&req);
+        let _ = s.shutdown(Shutdown::Write);
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    }
+    let (mut ok, head) = connect_via(&h, &format!("allowed.test:{}", echo.port));
+    ok.write_all(b"still here").unwrap();
+    let mut back = [0u8; 10];
+    ok.read_exact(&mut back).unwrap();
+    drop(ok);
+    let audit = h.finish();
+
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(&back, b"still here");
+    assert_eq!(audit.len(), 201);
+}

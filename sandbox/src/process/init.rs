@@ -3,7 +3,7 @@
 //! It builds the root (mounts.rs), forks PID 1 of the new PID namespace, which mounts
 //! /proc, pivots into the root and forks the command. The command then applies rlimits,
 //! Landlock, drops every capability, sets no_new_privs, installs the seccomp filters and
-//! execs. Every failure is reported on the status pipe (fd 3) as a [`Status`] line.
+//! execs. Every failure is reported on the status pipe (fd 3) as a `Status` line.
 
 use std::ffi::CString;
 use std::io::Read;

@@ -34,7 +34,7 @@ use crate::{Backend, ExecOutcome, ExecRequest, SandboxError, SandboxSpec};
 pub use landlock_rules::kernel_abi as landlock_abi;
 pub use net::{net_mode, with_proxy_env};
 
-/// argv[1] that makes the binary run as the sandbox init.
+/// `argv[1]` that makes the binary run as the sandbox init.
 pub const INIT_ARG: &str = "__sandbox-init";
 /// Inherited descriptor of the status pipe in the init.
 pub(crate) const STATUS_FD: i32 = 3;

@@ -22,7 +22,7 @@ use super::{sys, ProxyError};
 /// The port the proxy listens on inside a sandbox's network namespace.
 pub const SANDBOX_PROXY_PORT: u16 = 3128;
 
-/// argv[1] of the bubblewrap-side helper: `mxc-vm __sandbox-net PORT FD -- CMD...`.
+/// `argv[1]` of the bubblewrap-side helper: `mxc-vm __sandbox-net PORT FD -- CMD...`.
 pub const NET_HELPER_ARG: &str = "__sandbox-net";
 
 /// The proxy variables a sandboxed command gets (upper- and lower-case).

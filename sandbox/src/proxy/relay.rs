@@ -235,20 +235,17 @@ impl Relay<'_> {
                 };
             }
         }
-        let mut up = Flow::new(client, server, Vec::new(), !self.request_mode);
+        // The client's early bytes (after its request head) go first, through the gate.
+        let early = !self.client_initial.is_empty();
+        let mut up = Flow::new(client, server, self.client_initial, !self.request_mode);
         let mut down = Flow::new(server, client, self.server_initial, true);
         down.capture = HEAD_CAPTURE;
         let mut gate = self.gate;
         if matches!(&gate, Gate::Body(limit) if limit.done()) {
             up.eof = true;
         }
-        // The client's early bytes go through the gate like any others.
-        let initial = self.client_initial;
         let end = (|| {
-            if !initial.is_empty() {
-                let n = initial.len().min(up.buf.len());
-                up.buf[..n].copy_from_slice(&initial[..n]);
-                up.end = n;
+            if early {
                 if let Err(e) = apply_gate(&mut gate, &mut up, 0) {
                     return e;
                 }
