@@ -16,6 +16,8 @@ use super::tls::{self, Hello};
 
 /// Bytes buffered per direction.
 pub(crate) const BUF_SIZE: usize = 64 * 1024;
+/// Size asked for the pipe of a spliced direction (the kernel may give less).
+const PIPE_SIZE: usize = 256 * 1024;
 
 /// A token bucket shared by every connection of a sandbox (both directions count).
 #[derive(Debug)]
@@ -169,7 +171,7 @@ impl Flow {
         {
             return;
         }
-        match sys::SplicePipe::new(BUF_SIZE * 4) {
+        match sys::SplicePipe::new(PIPE_SIZE) {
             Ok(p) => {
                 self.pipe = Some(p);
                 self.buf = Vec::new();
