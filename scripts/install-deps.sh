@@ -6,7 +6,7 @@ pkgs=(
   busybox-static      # the shell and tools inside the microVM guest
   linux-source-6.1    # the guest kernel source (mxc-vm image build)
   flex bison bc libelf-dev libssl-dev make gcc cpio xz-utils  # kernel build
-  python3 iproute2 curl  # used by the tests
+  python3 iproute2 curl openssl  # used by the tests
 )
 missing=()
 for p in "${pkgs[@]}"; do

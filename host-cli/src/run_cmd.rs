@@ -4,7 +4,10 @@ use std::io::Write;
 use std::path::Path;
 
 use policy::{Overrides, Policy, PolicySource};
+use std::sync::Arc;
+
 use sandbox::output::{PassThrough, StdinMode};
+use sandbox::proxy::{NetOptions, Notices};
 use sandbox::{ExecIo, ExecRequest, OutputSink, SandboxSpec};
 
 use crate::cli::RunArgs;
@@ -54,7 +57,8 @@ fn warn(json: bool, message: &str) {
     if json {
         jsonl::emit(&serde_json::json!({ "type": "warning", "message": message }));
     } else {
-        let _ = writeln!(std::io::stderr().lock(), "mxc-vm: warning: {message}");
+        let text = format!("mxc-vm: warning: {message}\n");
+        let _ = std::io::stderr().lock().write_all(text.as_bytes());
     }
 }
 
@@ -63,6 +67,48 @@ fn sandbox_id() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     format!("{}-{nanos:08x}", std::process::id())
+}
+
+/// Environment variable naming a hosts file the proxy resolves names with (tests).
+pub const PROXY_HOSTS_ENV: &str = "MXC_VM_PROXY_HOSTS";
+
+/// The host-side network options: `--audit`, `MXC_VM_PROXY_HOSTS`, and notices of
+/// refused connections on stderr (or as JSON lines).
+///
+/// `MXC_VM_PROXY_HOSTS` is read from the environment of whoever runs mxc-vm, never from
+/// the sandbox, and only changes which addresses the names a policy already allows
+/// resolve to; every address is still checked (a private or loopback address still needs
+/// an IP rule). It is announced with a warning on every run so it is never in effect
+/// unnoticed.
+fn net_options(args: &RunArgs) -> Result<NetOptions, Failure> {
+    let json = args.json;
+    let mut options = NetOptions {
+        audit: args.audit.clone(),
+        ..NetOptions::default()
+    };
+    if let Some(file) = std::env::var_os(PROXY_HOSTS_ENV) {
+        let path = std::path::PathBuf::from(file);
+        let resolver = sandbox::proxy::HostsResolver::from_file(&path)
+            .map_err(|e| Failure::new(format!("{PROXY_HOSTS_ENV}: {e}")))?;
+        warn(
+            json,
+            &format!(
+                "the network proxy resolves names through {} ({PROXY_HOSTS_ENV}), not DNS",
+                path.display()
+            ),
+        );
+        options.resolver = Some(Arc::new(resolver));
+    }
+    options.notices = Some(Notices::new(move |line: &str| {
+        if json {
+            jsonl::emit(&serde_json::json!({ "type": "network", "message": line }));
+        } else {
+            // One write, so the line cannot interleave with the sandbox's own stderr.
+            let text = format!("mxc-vm: {line}\n");
+            let _ = std::io::stderr().lock().write_all(text.as_bytes());
+        }
+    }));
+    Ok(options)
 }
 
 pub fn run(args: RunArgs) -> Result<i32, Failure> {
@@ -107,6 +153,7 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
         policy: policy.clone(),
         view,
         id: sandbox_id(),
+        net: net_options(&args)?,
     };
 
     let mut json_sink = JsonSink;

@@ -11,7 +11,7 @@ use crate::model::{
     Access, Action, Command, Containment, Egress, Filesystem, IpNet, NetRule, NetTarget, Network,
     Origin, Policy, PolicySource, PortRange, Process, Protocol,
 };
-use crate::native::{check_egress, env_list, push_rules, ActionName};
+use crate::native::{check_egress, env_list, push_rules, upstream_warning, ActionName};
 use crate::net_rules::parse_cidr;
 use crate::source::Source;
 
@@ -361,6 +361,13 @@ pub(crate) fn parse(src: &Source<'_>, version: String) -> Result<Policy, PolicyE
             }
         }
         policy.network.upstream_proxy = Some(url);
+        upstream_warning(
+            &policy.network,
+            "runtimeConfig.networkProxy",
+            &mut policy.warnings,
+        );
+    } else {
+        upstream_warning(&policy.network, "network.proxy", &mut policy.warnings);
     }
     Ok(policy)
 }

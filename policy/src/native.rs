@@ -309,6 +309,28 @@ fn network(
     n: NativeNetwork,
     warnings: &mut Vec<String>,
 ) -> Result<Network, PolicyError> {
+    let net = network_rules(src, n, warnings)?;
+    upstream_warning(&net, "network.upstreamProxy", warnings);
+    Ok(net)
+}
+
+/// An upstream proxy only carries what the egress rules allow: with nothing allowed,
+/// nothing reaches it (a warning, since MXC passes everything to its proxy).
+pub(crate) fn upstream_warning(net: &Network, field: &str, warnings: &mut Vec<String>) {
+    if net.upstream_proxy.is_some() && net.is_deny_all() {
+        warnings.push(format!(
+            "{field}: egress denies everything, so nothing is chained through the upstream \
+             proxy; mxc-vm decides first and chains only allowed connections (allow the \
+             hosts to reach through it)"
+        ));
+    }
+}
+
+fn network_rules(
+    src: &Source<'_>,
+    n: NativeNetwork,
+    warnings: &mut Vec<String>,
+) -> Result<Network, PolicyError> {
     let mut net = Network {
         upstream_proxy: n.upstream_proxy.map(|u| u.0),
         ..Network::default()

@@ -141,6 +141,20 @@ fn deny_rules_under_deny_all_warn() {
     assert!(p.warnings[0].starts_with("network.egress.deny: deny rules have no effect"));
 }
 
+#[test]
+fn an_upstream_proxy_under_deny_all_warns() {
+    let native =
+        parse(r#"{"version": "1", "network": {"upstreamProxy": "http://p.test:3128"}}"#).unwrap();
+    let mxc = parse(
+        r#"{"version": "0.8.0-alpha", "process": {"commandLine": "true"},
+            "runtimeConfig": {"networkProxy": "http://p.test:3128"}}"#,
+    )
+    .unwrap();
+
+    assert!(native.warnings[0].starts_with("network.upstreamProxy: egress denies everything"));
+    assert!(mxc.warnings[0].starts_with("runtimeConfig.networkProxy: egress denies everything"));
+}
+
 fn file_policy() -> Policy {
     parse(
         r#"{"version": "1",

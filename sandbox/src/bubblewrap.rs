@@ -10,7 +10,9 @@ use std::process::{Child, Command, Stdio};
 
 use crate::limits::{self, Enforcement, SandboxCgroup};
 use crate::output::{ExecIo, StdinMode};
-use crate::process::{compose_env, net_mode};
+use crate::process::net::SandboxNet;
+use crate::process::{compose_env, net_mode, with_proxy_env};
+use crate::proxy::handoff::NET_HELPER_ARG;
 use crate::supervise::{self, Killer, Pipes, Status};
 use crate::view::{MountOp, NetMode, SandboxView, SANDBOX_HOSTNAME};
 use crate::{Backend, ExecOutcome, ExecRequest, SandboxError, SandboxSpec};
@@ -39,11 +41,17 @@ pub fn version() -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// Where the mxc-vm binary is bound inside the sandbox when it runs the network helper.
+const HELPER_PATH: &str = "/.mxc-vm-net-helper";
+
 #[derive(Debug, Default)]
 pub struct BubblewrapBackend {
     spec: Option<SandboxSpec>,
     view: Option<SandboxView>,
     net: Option<NetMode>,
+    network: SandboxNet,
+    /// The mxc-vm binary, for the network helper (proxied network only).
+    helper: Option<PathBuf>,
     bwrap: Option<PathBuf>,
     enforcement: Option<Enforcement>,
     started: bool,
@@ -84,12 +92,20 @@ impl Inherited {
     }
 }
 
+/// The network part of a bwrap command line: the mxc-vm binary to bind and the
+/// handoff descriptor its helper sends the proxy listener over.
+struct NetHelper<'a> {
+    exe: &'a Path,
+    fd: String,
+}
+
 /// Translate the view into bwrap arguments.
 fn build_args(
     view: &SandboxView,
     net: NetMode,
     req: &ExecRequest,
     inherited: &mut Inherited,
+    helper: Option<NetHelper<'_>>,
 ) -> Result<Vec<OsString>, SandboxError> {
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |items: &[&dyn AsRef<std::ffi::OsStr>]| {
@@ -131,6 +147,9 @@ fn build_args(
             MountOp::Proc => push(&[&"--proc", &"/proc"]),
         }
     }
+    if let Some(h) = &helper {
+        push(&[&"--ro-bind", &h.exe, &HELPER_PATH]);
+    }
     for dst in &remount_ro {
         push(&[&"--remount-ro", dst]);
     }
@@ -145,12 +164,18 @@ fn build_args(
         push(&[&"--add-seccomp-fd", &fd]);
     }
     push(&[&"--clearenv"]);
-    for (k, v) in compose_env(&req.env) {
+    for (k, v) in with_proxy_env(compose_env(&req.env), net) {
         push(&[&"--setenv", &k, &v]);
     }
     let cwd = req.cwd.clone().unwrap_or_else(|| view.default_cwd.clone());
     push(&[&"--chdir", &cwd]);
     push(&[&"--"]);
+    if let (Some(h), NetMode::Proxied { port }) = (&helper, net) {
+        // The helper opens the proxy port inside bwrap's network namespace, then execs
+        // the command in its own place.
+        let port = port.to_string();
+        push(&[&HELPER_PATH, &NET_HELPER_ARG, &port, &h.fd, &"--"]);
+    }
     for arg in &req.argv {
         push(&[arg]);
     }
@@ -220,13 +245,12 @@ impl Backend for BubblewrapBackend {
     }
 
     fn provision(&mut self, spec: &SandboxSpec) -> Result<(), SandboxError> {
-        let net = net_mode(&spec.policy, "bubblewrap")?;
-        if let Some(proxy) = &spec.policy.network.upstream_proxy {
-            return Err(SandboxError::Unenforceable {
-                backend: "bubblewrap",
-                what: format!("an upstream proxy ({proxy}) before the network policy proxy exists"),
-            });
-        }
+        let net = net_mode(&spec.policy, &spec.net);
+        self.helper = match net {
+            NetMode::Proxied { .. } => Some(helper_exe()?),
+            _ => None,
+        };
+        self.network = SandboxNet::provision(spec, net)?;
         let bwrap = bwrap_path().ok_or(SandboxError::Unavailable {
             backend: "bubblewrap",
             reason: "bwrap is not installed (apt-get install bubblewrap)".into(),
@@ -244,6 +268,7 @@ impl Backend for BubblewrapBackend {
         if self.spec.is_none() {
             return Err(SandboxError::Lifecycle("start before provision"));
         }
+        self.network.start()?;
         self.started = true;
         Ok(())
     }
@@ -297,8 +322,17 @@ impl Backend for BubblewrapBackend {
             Enforcement::Rlimits { .. } => None,
         };
         let rlimits = limits::rlimits(&spec.policy.limits, cgroup.is_some());
+        let handoff = self.network.begin_exec()?;
+        let net_raw = handoff.as_ref().map_or(-1, |(fd, _)| fd.as_raw_fd());
+        let helper = match (&self.helper, &handoff) {
+            (Some(exe), Some(_)) => Some(NetHelper {
+                exe,
+                fd: net_raw.to_string(),
+            }),
+            _ => None,
+        };
         let mut inherited = Inherited { fds: Vec::new() };
-        let mut args = build_args(view, net, req, &mut inherited)?;
+        let mut args = build_args(view, net, req, &mut inherited, helper)?;
 
         let mut status_fds = [0i32; 2];
         // SAFETY: pipe2 writes two descriptors into our array.
@@ -343,6 +377,9 @@ impl Backend for BubblewrapBackend {
                 if libc::fcntl(status_raw, libc::F_SETFD, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                if net_raw >= 0 && libc::fcntl(net_raw, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 for l in &rlimits {
                     let rl = libc::rlimit {
                         rlim_cur: l.value,
@@ -361,6 +398,11 @@ impl Backend for BubblewrapBackend {
             .map_err(|e| SandboxError::io(format!("starting {}", bwrap.display()), e))?;
         drop(status_w);
         drop(inherited);
+        // bwrap and the helper hold the sandbox end now.
+        let server = handoff.map(|(fd, server)| {
+            drop(fd);
+            server
+        });
         let pipes = Pipes {
             stdout: child.stdout.take().map(OwnedFd::from),
             stderr: child.stderr.take().map(OwnedFd::from),
@@ -376,6 +418,8 @@ impl Backend for BubblewrapBackend {
             &mut self.warnings,
         );
         let waited = child.wait();
+        // The sandbox is gone: stop accepting (open connections end with `stop`).
+        drop(server);
         drop(cgroup);
         match result {
             Err(SandboxError::Setup { stage, .. }) if stage == "supervise" => {
@@ -393,23 +437,47 @@ impl Backend for BubblewrapBackend {
     }
 
     fn stop(&mut self) -> Result<(), SandboxError> {
+        self.network.stop();
         self.started = false;
         Ok(())
     }
 
     fn deprovision(&mut self) -> Result<(), SandboxError> {
+        self.network.stop();
+        self.network = SandboxNet::default();
         self.spec = None;
         self.view = None;
         Ok(())
     }
 }
 
+/// The mxc-vm binary itself, bound into the sandbox to run the network helper.
+fn helper_exe() -> Result<PathBuf, SandboxError> {
+    std::env::current_exe()
+        .and_then(|p| p.canonicalize())
+        .map_err(|e| SandboxError::Unavailable {
+            backend: "bubblewrap",
+            reason: format!(
+                "cannot find the mxc-vm binary to run the network helper inside bwrap: {e}"
+            ),
+        })
+}
+
 /// The bwrap command line for a spec and request, for `--dry-run`-style inspection and tests.
+/// A proxied network shows the handoff descriptor as `FD`.
 pub fn command_line(spec: &SandboxSpec, req: &ExecRequest) -> Result<Vec<OsString>, SandboxError> {
-    let net = net_mode(&spec.policy, "bubblewrap")?;
+    let net = net_mode(&spec.policy, &spec.net);
     let view = SandboxView::build(&spec.view, net, Some(Path::new("/")));
     let mut inherited = Inherited { fds: Vec::new() };
-    build_args(&view, net, req, &mut inherited)
+    let exe = match net {
+        NetMode::Proxied { .. } => Some(helper_exe()?),
+        _ => None,
+    };
+    let helper = exe.as_deref().map(|exe| NetHelper {
+        exe,
+        fd: "FD".into(),
+    });
+    build_args(&view, net, req, &mut inherited, helper)
 }
 
 #[cfg(test)]

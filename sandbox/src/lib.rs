@@ -14,6 +14,7 @@ pub mod limits;
 pub mod microvm;
 pub mod output;
 pub mod process;
+pub mod proxy;
 pub mod seccomp;
 mod supervise;
 pub mod view;
@@ -65,6 +66,8 @@ pub struct SandboxSpec {
     pub view: FsView,
     /// Identifier used in names (cgroup, audit log); unique per sandbox.
     pub id: String,
+    /// Host-side network options: audit log, resolver, notices of refusals.
+    pub net: proxy::NetOptions,
 }
 
 /// One command to run inside a started sandbox.

@@ -75,10 +75,20 @@ pub enum MountOp {
 /// How the sandbox's network is set up (it changes what `/etc/resolv.conf` says).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NetMode {
-    /// A private network namespace with only loopback.
+    /// A private network namespace with only loopback: no network at all.
     LoopbackOnly,
-    /// The host's network.
+    /// A private network namespace with only loopback, where 127.0.0.1:`port` is the
+    /// host's policy proxy (the only way out; names are resolved by the proxy).
+    Proxied { port: u16 },
+    /// The host's network, unfiltered (`default: allow` with no rules).
     Host,
+}
+
+impl NetMode {
+    /// Whether the sandbox gets its own network namespace.
+    pub fn private(self) -> bool {
+        self != NetMode::Host
+    }
 }
 
 /// The complete view, ready for a backend to realise.
@@ -175,6 +185,11 @@ impl SandboxView {
                  nameserver 127.0.0.1\n"
                     .to_string()
             }
+            NetMode::Proxied { port } => format!(
+                "# mxc-vm: no DNS in this sandbox; the policy proxy on 127.0.0.1:{port} \
+                 (HTTP_PROXY, HTTPS_PROXY) resolves allowed names on the host.\n\
+                 nameserver 127.0.0.1\n"
+            ),
             NetMode::Host => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
         };
         self.ops.push(MountOp::File {
@@ -288,6 +303,24 @@ mod tests {
         };
         let v = SandboxView::build(&fs, NetMode::LoopbackOnly, Some(Path::new("/home/u")));
         assert_eq!(v.default_cwd, PathBuf::from("/work"));
+    }
+
+    #[test]
+    fn a_proxied_sandbox_has_no_nameserver_but_its_own_loopback() {
+        let v = SandboxView::build(&FsView::default(), NetMode::Proxied { port: 3128 }, None);
+        let resolv = v.ops.iter().find_map(|o| match o {
+            MountOp::File { dst, contents } if dst == Path::new("/etc/resolv.conf") => {
+                Some(contents.clone())
+            }
+            _ => None,
+        });
+        let servers: Vec<String> = resolv
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("nameserver"))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(servers, vec!["nameserver 127.0.0.1".to_string()]);
     }
 
     #[test]

@@ -2,6 +2,8 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 //! (Test support code: panicking on a broken test environment is the point.)
 
+pub mod net;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 

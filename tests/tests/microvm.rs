@@ -60,6 +60,7 @@ fn one_vm_runs_many_checks_through_the_lifecycle() {
         policy: Policy::empty(PolicySource::Cli),
         view: policy::FsView::default(),
         id: format!("e2e-{}", std::process::id()),
+        net: Default::default(),
     };
     let mut vm = MicrovmBackend::new(MicrovmOptions {
         vmm_binary: Some(mxc_vm_bin()),

@@ -395,19 +395,6 @@ fn bad_duration_flag_fails_with_125() {
 }
 
 #[test]
-fn network_allowlist_is_refused_on_process_tiers_until_the_proxy_exists() {
-    let dir = TempDir::new("netallow");
-    let p = policy_file(
-        &dir,
-        "p.json",
-        r#"{"version":"1","network":{"egress":{"default":"deny","allow":["pypi.org"]}}}"#,
-    );
-    let out = mxc_vm(&["run", "--backend", "process", "--policy", &p, "--", "true"]);
-    assert_eq!(code(&out), 125);
-    assert!(stderr(&out).contains("cannot enforce"), "{}", stderr(&out));
-}
-
-#[test]
 fn policy_check_and_explain_work() {
     let dir = TempDir::new("explain");
     std::fs::create_dir(dir.join("data")).unwrap();

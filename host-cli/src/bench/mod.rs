@@ -1,6 +1,7 @@
 //! `mxc-vm bench`: latency benchmarks that compare against a baseline in the same run.
 
 mod exec;
+mod proxy;
 pub mod stats;
 
 use crate::cli::BenchCommand;
@@ -9,5 +10,6 @@ use crate::failure::Failure;
 pub fn run(cmd: BenchCommand) -> Result<i32, Failure> {
     match cmd {
         BenchCommand::Exec(args) => exec::run(args),
+        BenchCommand::Proxy(args) => proxy::run(args),
     }
 }

@@ -529,6 +529,7 @@ mod tests {
             policy,
             view: policy::FsView::default(),
             id: "t".into(),
+            net: Default::default(),
         }
     }
 

@@ -3,7 +3,7 @@
 //! It builds the root (mounts.rs), forks PID 1 of the new PID namespace, which mounts
 //! /proc, pivots into the root and forks the command. The command then applies rlimits,
 //! Landlock, drops every capability, sets no_new_privs, installs the seccomp filters and
-//! execs. Every failure is reported on the status pipe (fd 3) as a [`Status`] line.
+//! execs. Every failure is reported on the status pipe (fd 3) as a `Status` line.
 
 use std::ffi::CString;
 use std::io::Read;
@@ -11,19 +11,27 @@ use std::os::fd::FromRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use super::{landlock_rules, mounts, InitPlan, INIT_ARG, PLAN_FD, STATUS_FD};
+use super::{landlock_rules, mounts, InitPlan, INIT_ARG, NET_FD, PLAN_FD, STATUS_FD};
+use crate::proxy::handoff;
 use crate::supervise::Status;
 use crate::view::{NetMode, SANDBOX_HOSTNAME};
 
 /// Exit code of the init when setup failed.
 const SETUP_FAILED: i32 = 125;
 
-/// If this process was started as the sandbox init, run it and exit.
+/// If this process was started as the sandbox init (or as bubblewrap's network
+/// helper, see [`handoff::helper_main`]), run it and exit.
 pub fn hook() {
     let mut args = std::env::args_os();
     let _argv0 = args.next();
-    if args.next().as_deref() == Some(std::ffi::OsStr::new(INIT_ARG)) {
+    let first = args.next();
+    if first.as_deref() == Some(std::ffi::OsStr::new(INIT_ARG)) {
         let code = run();
+        std::process::exit(code);
+    }
+    if first.as_deref() == Some(std::ffi::OsStr::new(handoff::NET_HELPER_ARG)) {
+        let rest: Vec<std::ffi::OsString> = args.collect();
+        let code = handoff::helper_main(&rest);
         std::process::exit(code);
     }
 }
@@ -58,6 +66,12 @@ fn run() -> i32 {
         Ok(p) => p,
         Err(e) => return fail("plan", e),
     };
+    let proxied = matches!(plan.net, NetMode::Proxied { .. });
+    if proxied {
+        // Never inherited by the command, whatever happens below.
+        // SAFETY: fcntl on the descriptor the parent placed for us.
+        unsafe { libc::fcntl(NET_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     if let Err(e) = mounts::enter_scratch_root() {
         return fail("mount", e);
     }
@@ -73,6 +87,11 @@ fn run() -> i32 {
         let code = pid_one(&plan);
         // SAFETY: leave the child without running the parent's atexit handlers.
         unsafe { libc::_exit(code) };
+    }
+    if proxied {
+        // Only PID 1 sends the listener; the host sees the end of the socket once it has.
+        // SAFETY: closing our own copy of the handoff socket.
+        unsafe { libc::close(NET_FD) };
     }
     report(&Status::Child { pid });
     wait_exit_code(pid)
@@ -105,9 +124,20 @@ fn pid_one(plan: &InitPlan) -> i32 {
     if let Err(e) = mounts::finish_root() {
         return fail("mount", e);
     }
-    if plan.net == NetMode::LoopbackOnly {
+    if plan.net.private() {
         if let Err(e) = loopback_up() {
             return fail("network", format!("bringing up lo: {e}"));
+        }
+    }
+    if let NetMode::Proxied { port } = plan.net {
+        let sent = handoff::bind_and_send(port, NET_FD);
+        // SAFETY: closing the handoff socket before the command is forked.
+        unsafe { libc::close(NET_FD) };
+        if let Err(e) = sent {
+            return fail(
+                "network",
+                format!("opening the proxy port 127.0.0.1:{port}: {e}"),
+            );
         }
     }
     // SAFETY: sethostname reads the buffer of the given length.

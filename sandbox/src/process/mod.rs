@@ -15,6 +15,7 @@
 pub mod init;
 mod landlock_rules;
 mod mounts;
+pub mod net;
 
 use std::ffi::CString;
 use std::io::{Seek, Write};
@@ -31,13 +32,16 @@ use crate::supervise::{self, Killer, Pipes};
 use crate::view::{NetMode, SandboxView};
 use crate::{Backend, ExecOutcome, ExecRequest, SandboxError, SandboxSpec};
 pub use landlock_rules::kernel_abi as landlock_abi;
+pub use net::{net_mode, with_proxy_env};
 
-/// argv[1] that makes the binary run as the sandbox init.
+/// `argv[1]` that makes the binary run as the sandbox init.
 pub const INIT_ARG: &str = "__sandbox-init";
 /// Inherited descriptor of the status pipe in the init.
 pub(crate) const STATUS_FD: i32 = 3;
 /// Inherited descriptor of the plan (a sealed memfd) in the init.
 pub(crate) const PLAN_FD: i32 = 4;
+/// Inherited descriptor of the proxy handoff socket in the init (proxied network only).
+pub(crate) const NET_FD: i32 = 5;
 
 /// The default environment below the policy's own: enough for programs to find each other.
 pub const BASE_ENV: &[(&str, &str)] = &[
@@ -70,28 +74,12 @@ pub fn compose_env(req: &[(String, String)]) -> Vec<(String, String)> {
     env
 }
 
-/// The network mode a policy needs, or why this backend cannot enforce it.
-pub fn net_mode(policy: &policy::Policy, backend: &'static str) -> Result<NetMode, SandboxError> {
-    if policy.network.is_deny_all() {
-        Ok(NetMode::LoopbackOnly)
-    } else if policy.network.is_allow_all() {
-        Ok(NetMode::Host)
-    } else {
-        Err(SandboxError::Unenforceable {
-            backend,
-            what: "network allow/deny rules by domain, address or port (this version \
-                   enforces only `default: deny` with no rules, or `default: allow` with no \
-                   rules)"
-                .into(),
-        })
-    }
-}
-
 #[derive(Debug, Default)]
 pub struct ProcessBackend {
     spec: Option<SandboxSpec>,
     view: Option<SandboxView>,
     net: Option<NetMode>,
+    network: net::SandboxNet,
     enforcement: Option<Enforcement>,
     started: bool,
     /// Warnings collected while running (Landlock unavailable, …).
@@ -124,13 +112,8 @@ impl Backend for ProcessBackend {
     }
 
     fn provision(&mut self, spec: &SandboxSpec) -> Result<(), SandboxError> {
-        let net = net_mode(&spec.policy, "process")?;
-        if let Some(proxy) = &spec.policy.network.upstream_proxy {
-            return Err(SandboxError::Unenforceable {
-                backend: "process",
-                what: format!("an upstream proxy ({proxy}) before the network policy proxy exists"),
-            });
-        }
+        let net = net_mode(&spec.policy, &spec.net);
+        self.network = net::SandboxNet::provision(spec, net)?;
         let cwd = std::env::current_dir().ok();
         self.view = Some(SandboxView::build(&spec.view, net, cwd.as_deref()));
         self.net = Some(net);
@@ -143,6 +126,7 @@ impl Backend for ProcessBackend {
         if self.spec.is_none() {
             return Err(SandboxError::Lifecycle("start before provision"));
         }
+        self.network.start()?;
         self.started = true;
         Ok(())
     }
@@ -177,13 +161,23 @@ impl Backend for ProcessBackend {
         let plan = InitPlan {
             view: view.clone(),
             argv: req.argv.clone(),
-            env: compose_env(&req.env),
+            env: with_proxy_env(compose_env(&req.env), net),
             cwd: req.cwd.clone().unwrap_or_else(|| view.default_cwd.clone()),
             net,
             rlimits: limits::rlimits(&spec.policy.limits, cgroup.is_some()),
         };
+        let handoff = self.network.begin_exec()?;
         let mut warnings = Vec::new();
-        let outcome = spawn_and_supervise(&plan, io, req.timeout, cgroup.as_ref(), &mut warnings);
+        let outcome = spawn_and_supervise(
+            &plan,
+            io,
+            req.timeout,
+            cgroup.as_ref(),
+            handoff.as_ref().map(|(fd, _)| fd),
+            &mut warnings,
+        );
+        // The sandbox is gone: stop accepting (open connections end with `stop`).
+        drop(handoff);
         self.warnings.extend(warnings);
         drop(cgroup);
         outcome
@@ -191,12 +185,15 @@ impl Backend for ProcessBackend {
 
     fn stop(&mut self) -> Result<(), SandboxError> {
         // Every exec's process tree is gone when exec returns (its PID namespace dies
-        // with its PID 1), so there is nothing left to stop.
+        // with its PID 1); what remains are proxied connections still closing.
+        self.network.stop();
         self.started = false;
         Ok(())
     }
 
     fn deprovision(&mut self) -> Result<(), SandboxError> {
+        self.network.stop();
+        self.network = net::SandboxNet::default();
         self.spec = None;
         self.view = None;
         Ok(())
@@ -240,6 +237,7 @@ fn spawn_and_supervise(
     io: &mut ExecIo<'_>,
     timeout: Option<std::time::Duration>,
     cgroup: Option<&SandboxCgroup>,
+    net_fd: Option<&OwnedFd>,
     warnings: &mut Vec<String>,
 ) -> Result<ExecOutcome, SandboxError> {
     let (status_r, status_w) = pipe_cloexec()?;
@@ -261,11 +259,12 @@ fn spawn_and_supervise(
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWUTS
         | libc::CLONE_NEWCGROUP;
-    if plan.net == NetMode::LoopbackOnly {
+    if plan.net.private() {
         flags |= libc::CLONE_NEWNET;
     }
     let status_raw = status_w.as_raw_fd();
     let plan_raw = plan_fd.as_raw_fd();
+    let net_raw = net_fd.map_or(-1, |f| f.as_raw_fd());
 
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg0("mxc-vm-sandbox").arg(INIT_ARG).env_clear();
@@ -287,8 +286,11 @@ fn spawn_and_supervise(
                 flags,
                 uid_map.as_bytes(),
                 gid_map.as_bytes(),
-                status_raw,
-                plan_raw,
+                Inherit {
+                    status: status_raw,
+                    plan: plan_raw,
+                    net: net_raw,
+                },
             )
         });
     }
@@ -319,18 +321,30 @@ fn spawn_and_supervise(
     result
 }
 
+/// Descriptors the init inherits on fixed numbers (`net` is -1 without a proxy).
+#[derive(Clone, Copy)]
+struct Inherit {
+    status: i32,
+    plan: i32,
+    net: i32,
+}
+
 /// Runs in the forked child before exec: join the cgroup, die with the parent, enter
-/// new namespaces, map our uid/gid to root inside, and put the status pipe and plan on
-/// fixed descriptor numbers.
+/// new namespaces, map our uid/gid to root inside, and put the status pipe, the plan and
+/// the proxy handoff socket (when `net_fd` is not -1) on fixed descriptor numbers.
 fn child_setup(
     cgroup_procs: Option<&std::ffi::CStr>,
     parent: libc::pid_t,
     flags: libc::c_int,
     uid_map: &[u8],
     gid_map: &[u8],
-    status_fd: i32,
-    plan_fd: i32,
+    fds: Inherit,
 ) -> std::io::Result<()> {
+    let Inherit {
+        status: status_fd,
+        plan: plan_fd,
+        net: net_fd,
+    } = fds;
     if let Some(procs) = cgroup_procs {
         write_file(procs, b"0")?;
     }
@@ -349,19 +363,30 @@ fn child_setup(
     write_file(c"/proc/self/setgroups", b"deny")?;
     write_file(c"/proc/self/uid_map", uid_map)?;
     write_file(c"/proc/self/gid_map", gid_map)?;
-    // Move both descriptors out of the way first, so placing one cannot clobber the other.
+    // Move the descriptors out of the way first, so placing one cannot clobber another.
     // SAFETY: fcntl/dup2/close on descriptors this process owns.
     unsafe {
         let s = libc::fcntl(status_fd, libc::F_DUPFD_CLOEXEC, 10);
         let p = libc::fcntl(plan_fd, libc::F_DUPFD_CLOEXEC, 10);
-        if s < 0 || p < 0 {
+        let n = if net_fd >= 0 {
+            libc::fcntl(net_fd, libc::F_DUPFD_CLOEXEC, 10)
+        } else {
+            0
+        };
+        if s < 0 || p < 0 || n < 0 {
             return Err(std::io::Error::last_os_error());
         }
         if libc::dup2(s, STATUS_FD) < 0 || libc::dup2(p, PLAN_FD) < 0 {
             return Err(std::io::Error::last_os_error());
         }
+        if net_fd >= 0 && libc::dup2(n, NET_FD) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
         libc::close(s);
         libc::close(p);
+        if net_fd >= 0 {
+            libc::close(n);
+        }
     }
     Ok(())
 }

@@ -1,0 +1,180 @@
+//! The network of the process-level tiers (native and bubblewrap).
+//!
+//! - `default: deny` with no allow rules: a private network namespace with only `lo`; no
+//!   proxy, nothing leaves.
+//! - `default: allow` with no deny rules and no upstream proxy: the host's network,
+//!   **unfiltered** (the sandbox shares the host's interfaces; nothing is decided or
+//!   logged).
+//! - anything else (allow or deny rules, an upstream proxy), or any policy when an audit
+//!   log is requested: a private namespace with only `lo`, where 127.0.0.1:3128 is the
+//!   host's policy proxy (see [`crate::proxy::handoff`]), and the command gets the proxy
+//!   variables. Programs that ignore them have no route at all.
+
+use std::os::fd::OwnedFd;
+
+use policy::Policy;
+
+use crate::proxy::{self, handoff, NetOptions, Proxy, ProxyConfig, Server};
+use crate::view::NetMode;
+use crate::{SandboxError, SandboxSpec};
+
+/// The network a policy gets on the process tiers.
+pub fn net_mode(policy: &Policy, options: &NetOptions) -> NetMode {
+    let n = &policy.network;
+    let plain = n.upstream_proxy.is_none() && options.audit.is_none();
+    if plain && n.is_deny_all() {
+        NetMode::LoopbackOnly
+    } else if plain && n.is_allow_all() {
+        NetMode::Host
+    } else {
+        NetMode::Proxied {
+            port: handoff::SANDBOX_PROXY_PORT,
+        }
+    }
+}
+
+/// The environment with the proxy variables of `net` set (they replace any the
+/// request gave: nothing else is reachable).
+pub fn with_proxy_env(mut env: Vec<(String, String)>, net: NetMode) -> Vec<(String, String)> {
+    let NetMode::Proxied { port } = net else {
+        return env;
+    };
+    let vars = proxy::proxy_env(port);
+    env.retain(|(k, _)| !vars.iter().any(|(v, _)| v == k));
+    env.extend(vars);
+    env
+}
+
+fn setup_err(e: impl std::error::Error) -> SandboxError {
+    let mut message = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        message.push_str(": ");
+        message.push_str(&c.to_string());
+        cur = c.source();
+    }
+    SandboxError::Setup {
+        stage: "network proxy".into(),
+        message,
+    }
+}
+
+/// The proxy of one process-tier sandbox: configured at provision, running from start
+/// to stop, handed a fresh listening socket by every exec.
+#[derive(Debug, Default)]
+pub(crate) struct SandboxNet {
+    config: Option<ProxyConfig>,
+    proxy: Option<Proxy>,
+}
+
+impl SandboxNet {
+    /// Prepares the proxy a spec needs, if any (opens the audit log).
+    pub(crate) fn provision(spec: &SandboxSpec, net: NetMode) -> Result<Self, SandboxError> {
+        if !matches!(net, NetMode::Proxied { .. }) {
+            return Ok(Self::default());
+        }
+        let config =
+            ProxyConfig::for_sandbox(&spec.id, &spec.policy, &spec.net).map_err(setup_err)?;
+        Ok(Self {
+            config: Some(config),
+            proxy: None,
+        })
+    }
+
+    pub(crate) fn start(&mut self) -> Result<(), SandboxError> {
+        if let (Some(config), None) = (&self.config, &self.proxy) {
+            self.proxy = Some(Proxy::new(config.clone()).map_err(setup_err)?);
+        }
+        Ok(())
+    }
+
+    /// For one exec: the socket the sandbox's init sends its listener over, and the
+    /// host side accepting from it. `None` without a proxy.
+    pub(crate) fn begin_exec(&self) -> Result<Option<(OwnedFd, Server)>, SandboxError> {
+        let Some(proxy) = &self.proxy else {
+            return if self.config.is_some() {
+                Err(SandboxError::Lifecycle("exec before start"))
+            } else {
+                Ok(None)
+            };
+        };
+        let (host, sandbox) = handoff::pair().map_err(|e| SandboxError::io("socketpair", e))?;
+        let server = proxy.serve_handoff(host).map_err(setup_err)?;
+        Ok(Some((sandbox, server)))
+    }
+
+    /// Ends every proxied connection and writes their audit lines.
+    pub(crate) fn stop(&mut self) {
+        if let Some(p) = self.proxy.take() {
+            p.shutdown();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use policy::{Action, PolicySource};
+
+    fn policy(default: Action, allow: &[&str]) -> Policy {
+        let mut p = Policy::empty(PolicySource::Cli);
+        p.network.egress.default = default;
+        for a in allow {
+            let spec = policy::parse_rule(a).unwrap();
+            p.network.egress.allow.push(policy::NetRule {
+                target: spec.target,
+                ports: spec.ports,
+                protocol: policy::Protocol::Tcp,
+                origin: policy::Origin::Flag("t".into()),
+            });
+        }
+        p
+    }
+
+    #[test]
+    fn each_policy_gets_its_network() {
+        let none = NetOptions::default();
+        let audited = NetOptions {
+            audit: Some("/tmp/a".into()),
+            ..NetOptions::default()
+        };
+        let proxied = NetMode::Proxied { port: 3128 };
+
+        assert_eq!(
+            net_mode(&policy(Action::Deny, &[]), &none),
+            NetMode::LoopbackOnly
+        );
+        assert_eq!(net_mode(&policy(Action::Allow, &[]), &none), NetMode::Host);
+        assert_eq!(
+            net_mode(&policy(Action::Deny, &["pypi.org"]), &none),
+            proxied
+        );
+        assert_eq!(net_mode(&policy(Action::Allow, &[]), &audited), proxied);
+        assert_eq!(net_mode(&policy(Action::Deny, &[]), &audited), proxied);
+    }
+
+    #[test]
+    fn an_upstream_proxy_always_goes_through_the_policy_proxy() {
+        let mut p = policy(Action::Allow, &[]);
+        p.network.upstream_proxy = Some("http://proxy.test:3128".into());
+
+        assert_eq!(
+            net_mode(&p, &NetOptions::default()),
+            NetMode::Proxied { port: 3128 }
+        );
+    }
+
+    #[test]
+    fn proxy_variables_replace_the_requests_own() {
+        let env = vec![
+            ("HTTP_PROXY".to_string(), "http://elsewhere:1".to_string()),
+            ("A".to_string(), "1".to_string()),
+        ];
+
+        let out = with_proxy_env(env, NetMode::Proxied { port: 3128 });
+
+        assert_eq!(out.iter().filter(|(k, _)| k == "HTTP_PROXY").count(), 1);
+        assert!(out.contains(&("HTTP_PROXY".into(), "http://127.0.0.1:3128".into())));
+        assert!(out.contains(&("A".into(), "1".into())));
+    }
+}

@@ -1,0 +1,292 @@
+//! A look at the first bytes a client sends through an allowed CONNECT tunnel: when they
+//! are a TLS ClientHello, its server name (SNI) must be the CONNECT host (no domain
+//! fronting). Nothing is decrypted or changed; the bytes are passed on as they came.
+
+/// Largest ClientHello accepted (handshake message body). Real ones are a few KiB.
+pub(crate) const MAX_HELLO: usize = 32 * 1024;
+
+/// What the first client bytes are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Hello {
+    /// Not enough bytes yet to tell.
+    NeedMore,
+    /// Not a TLS handshake (e.g. SSH, plain HTTP through the tunnel).
+    NotTls,
+    /// A complete ClientHello and its server name, if it sends one.
+    Sni(Option<String>),
+    /// A TLS handshake record that is not a well-formed ClientHello.
+    Malformed(&'static str),
+}
+
+const HANDSHAKE: u8 = 0x16;
+const CLIENT_HELLO: u8 = 1;
+const EXT_SERVER_NAME: u16 = 0;
+const MAX_RECORD: usize = (1 << 14) + 2048;
+
+/// A cursor over a byte slice that never reads past its end.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Self { bytes, pos: 0 }
+    }
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let s = self.bytes.get(self.pos..end)?;
+        self.pos = end;
+        Some(s)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).and_then(|s| s.first().copied())
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|s| u16::from_be_bytes([s[0], s[1]]))
+    }
+    /// A vector with a `len_bytes`-byte length prefix.
+    fn vec(&mut self, len_bytes: usize) -> Option<&'a [u8]> {
+        let n = match len_bytes {
+            1 => usize::from(self.u8()?),
+            2 => usize::from(self.u16()?),
+            _ => return None,
+        };
+        self.take(n)
+    }
+    fn done(&self) -> bool {
+        self.pos == self.bytes.len()
+    }
+}
+
+/// Looks at the first bytes of a tunnel. The ClientHello may span several records.
+pub(crate) fn inspect(buf: &[u8]) -> Hello {
+    let Some(&first) = buf.first() else {
+        return Hello::NeedMore;
+    };
+    if first != HANDSHAKE {
+        return Hello::NotTls;
+    }
+    // Gather handshake bytes from consecutive handshake records.
+    let mut handshake: Vec<u8> = Vec::new();
+    let mut rest = buf;
+    let mut need: Option<usize> = None;
+    loop {
+        if rest.len() < 5 {
+            return Hello::NeedMore;
+        }
+        if rest[0] != HANDSHAKE {
+            return Hello::Malformed("a ClientHello record is followed by a non-handshake record");
+        }
+        if rest[1] != 3 {
+            return Hello::Malformed("unknown TLS record version");
+        }
+        let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+        if len == 0 || len > MAX_RECORD {
+            return Hello::Malformed("bad TLS record length");
+        }
+        let Some(payload) = rest.get(5..5 + len) else {
+            return Hello::NeedMore;
+        };
+        handshake.extend_from_slice(payload);
+        rest = &rest[5 + len..];
+        if need.is_none() && handshake.len() >= 4 {
+            if handshake[0] != CLIENT_HELLO {
+                return Hello::Malformed("the first handshake message is not a ClientHello");
+            }
+            let body = (usize::from(handshake[1]) << 16)
+                | (usize::from(handshake[2]) << 8)
+                | usize::from(handshake[3]);
+            if body > MAX_HELLO {
+                return Hello::Malformed("ClientHello is too large");
+            }
+            need = Some(body + 4);
+        }
+        if let Some(total) = need {
+            if handshake.len() >= total {
+                return match client_hello_sni(&handshake[4..total]) {
+                    Some(sni) => Hello::Sni(sni),
+                    None => Hello::Malformed("malformed ClientHello"),
+                };
+            }
+        }
+        if handshake.len() > MAX_HELLO + 4 {
+            return Hello::Malformed("ClientHello is too large");
+        }
+    }
+}
+
+/// The server name of a ClientHello body: `Some(None)` when it has none, `None` when
+/// the body is malformed.
+fn client_hello_sni(body: &[u8]) -> Option<Option<String>> {
+    let mut c = Cursor::new(body);
+    c.take(2)?; // legacy_version
+    c.take(32)?; // random
+    let session = c.vec(1)?;
+    if session.len() > 32 {
+        return None;
+    }
+    let suites = c.vec(2)?;
+    if suites.is_empty() || suites.len() % 2 != 0 {
+        return None;
+    }
+    if c.vec(1)?.is_empty() {
+        return None; // compression methods
+    }
+    if c.done() {
+        return Some(None); // no extensions at all
+    }
+    let mut ext = Cursor::new(c.vec(2)?);
+    if !c.done() {
+        return None;
+    }
+    let mut sni: Option<String> = None;
+    while !ext.done() {
+        let kind = ext.u16()?;
+        let data = ext.vec(2)?;
+        if kind != EXT_SERVER_NAME {
+            continue;
+        }
+        if sni.is_some() {
+            return None; // a duplicate extension
+        }
+        let mut names = Cursor::new(data);
+        let mut list = Cursor::new(names.vec(2)?);
+        if !names.done() {
+            return None;
+        }
+        while !list.done() {
+            let name_type = list.u8()?;
+            let name = list.vec(2)?;
+            if name_type == 0 && sni.is_none() {
+                let text = std::str::from_utf8(name).ok()?;
+                if text.is_empty() || !text.is_ascii() {
+                    return None;
+                }
+                sni = Some(text.to_ascii_lowercase());
+            }
+        }
+    }
+    Some(sni)
+}
+
+/// A fatal TLS alert (access_denied) to send before closing a refused tunnel, so the
+/// client reports a TLS error instead of a silent reset.
+pub(crate) const ACCESS_DENIED_ALERT: [u8; 7] = [0x15, 0x03, 0x01, 0x00, 0x02, 0x02, 49];
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A minimal, well-formed ClientHello record carrying `sni` (or none).
+    pub(crate) fn client_hello(sni: Option<&str>) -> Vec<u8> {
+        let mut exts: Vec<u8> = Vec::new();
+        // An unrelated extension first (supported_versions), as real clients send.
+        exts.extend_from_slice(&[0x00, 0x2b, 0x00, 0x03, 0x02, 0x03, 0x04]);
+        if let Some(name) = sni {
+            let n = name.as_bytes();
+            let entry_len = 3 + n.len();
+            exts.extend_from_slice(&0u16.to_be_bytes());
+            exts.extend_from_slice(&((entry_len + 2) as u16).to_be_bytes());
+            exts.extend_from_slice(&(entry_len as u16).to_be_bytes());
+            exts.push(0);
+            exts.extend_from_slice(&(n.len() as u16).to_be_bytes());
+            exts.extend_from_slice(n);
+        }
+        let mut body: Vec<u8> = vec![0x03, 0x03];
+        body.extend_from_slice(&[7u8; 32]);
+        body.push(0); // session id
+        body.extend_from_slice(&[0x00, 0x02, 0x13, 0x01]); // one cipher suite
+        body.extend_from_slice(&[0x01, 0x00]); // null compression
+        body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+        body.extend_from_slice(&exts);
+        let mut hs = vec![CLIENT_HELLO];
+        hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+        hs.extend_from_slice(&body);
+        let mut rec = vec![HANDSHAKE, 0x03, 0x01];
+        rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+        rec.extend_from_slice(&hs);
+        rec
+    }
+
+    #[test]
+    fn finds_the_server_name() {
+        let hello = client_hello(Some("Allowed.Test"));
+
+        assert_eq!(inspect(&hello), Hello::Sni(Some("allowed.test".into())));
+    }
+
+    #[test]
+    fn a_hello_without_sni_has_none() {
+        assert_eq!(inspect(&client_hello(None)), Hello::Sni(None));
+    }
+
+    #[test]
+    fn every_prefix_needs_more() {
+        let hello = client_hello(Some("allowed.test"));
+
+        for n in 0..hello.len() {
+            assert_eq!(inspect(&hello[..n]), Hello::NeedMore, "prefix {n}");
+        }
+    }
+
+    #[test]
+    fn a_hello_split_over_two_records_is_read() {
+        let one = client_hello(Some("split.test"));
+        let hs = &one[5..];
+        let (a, b) = hs.split_at(10);
+        let mut two = Vec::new();
+        for part in [a, b] {
+            two.extend_from_slice(&[HANDSHAKE, 3, 1]);
+            two.extend_from_slice(&(part.len() as u16).to_be_bytes());
+            two.extend_from_slice(part);
+        }
+
+        assert_eq!(inspect(&two), Hello::Sni(Some("split.test".into())));
+    }
+
+    #[test]
+    fn other_protocols_are_not_tls() {
+        assert_eq!(inspect(b"SSH-2.0-OpenSSH_9.2\r\n"), Hello::NotTls);
+        assert_eq!(inspect(b"GET / HTTP/1.1\r\n"), Hello::NotTls);
+    }
+
+    #[test]
+    fn garbage_after_the_record_header_is_malformed() {
+        let mut bad = client_hello(Some("x.test"));
+        bad[5] = 2; // ServerHello instead of ClientHello
+
+        assert!(matches!(inspect(&bad), Hello::Malformed(_)));
+    }
+
+    #[test]
+    fn truncated_lengths_inside_the_hello_are_malformed() {
+        let mut bad = client_hello(Some("x.test"));
+        let last = bad.len() - 1;
+        bad.truncate(last);
+        // Fix the outer lengths so only the inner SNI vector overruns.
+        let hs_len = bad.len() - 5;
+        bad[3..5].copy_from_slice(&(hs_len as u16).to_be_bytes());
+        let body_len = (hs_len - 4) as u32;
+        bad[6..9].copy_from_slice(&body_len.to_be_bytes()[1..]);
+
+        assert!(matches!(inspect(&bad), Hello::Malformed(_)));
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 300) as usize;
+            let mut buf = client_hello(Some("fuzz.test"));
+            for i in 0..len.min(buf.len()) {
+                let idx = (seed as usize).wrapping_mul(i + 1) % buf.len();
+                buf[idx] = (seed >> (i % 56)) as u8;
+            }
+            let _ = inspect(&buf);
+        }
+    }
+}
