@@ -30,7 +30,7 @@ type Client = AgentClient<std::os::unix::net::UnixStream, std::os::unix::net::Un
 /// touches for the first time costs milliseconds, so keep the default modest.
 pub const DEFAULT_MEM_MIB: u64 = 256;
 /// How long the guest may take to boot to a ready agent (a minute under kvm_pvm).
-pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Extra time the host waits past an exec's timeout for the agent's own kill to report.
 const TIMEOUT_GRACE: Duration = Duration::from_secs(30);
 
