@@ -5,6 +5,7 @@
 //! | `mxc.port=N` | vsock port to listen on | 1024 |
 //! | `mxc.poweroff_on_disconnect=0\|1` | power off when the first host connection closes without `Shutdown` | 1 |
 //! | `mxc.hostname=NAME` | guest host name | `mxc-vm` |
+//! | `mxc.bench_poweroff=0\|1` | power off as soon as the agent is ready (boot benchmarks: `mxc-vm bench boot --vs-qemu`) | 0 |
 //!
 //! Unknown `mxc.*` keys and malformed values are reported as warnings and the default is
 //! kept; keys without the `mxc.` prefix belong to the kernel and are ignored.
@@ -20,6 +21,8 @@ pub struct BootConfig {
     pub poweroff_on_disconnect: bool,
     /// Host name to set.
     pub hostname: String,
+    /// Power off as soon as the agent is ready, without serving (boot benchmarks).
+    pub bench_poweroff: bool,
 }
 
 impl Default for BootConfig {
@@ -28,7 +31,17 @@ impl Default for BootConfig {
             port: AGENT_VSOCK_PORT,
             poweroff_on_disconnect: true,
             hostname: "mxc-vm".into(),
+            bench_poweroff: false,
         }
+    }
+}
+
+/// `0` or `1`.
+fn flag(value: &str) -> Option<bool> {
+    match value {
+        "1" => Some(true),
+        "0" => Some(false),
+        _ => None,
     }
 }
 
@@ -59,6 +72,7 @@ pub fn parse(cmdline: &str) -> (BootConfig, Vec<String>) {
                 }
                 _ => false,
             },
+            "bench_poweroff" => flag(value).map(|on| cfg.bench_poweroff = on).is_some(),
             "hostname" => {
                 let valid = !value.is_empty()
                     && value.len() <= 64
@@ -103,7 +117,8 @@ mod tests {
             BootConfig {
                 port: 2000,
                 poweroff_on_disconnect: false,
-                hostname: "box-1".into()
+                hostname: "box-1".into(),
+                bench_poweroff: false,
             }
         );
         assert!(warnings.is_empty());
@@ -122,6 +137,15 @@ mod tests {
         let (_, warnings) = parse("mxc.frobnicate=1");
 
         assert_eq!(warnings, ["ignoring kernel parameter \"mxc.frobnicate=1\""]);
+    }
+
+    #[test]
+    fn bench_poweroff_is_a_flag() {
+        let (on, on_warnings) = parse("mxc.bench_poweroff=1");
+        let (bad, bad_warnings) = parse("mxc.bench_poweroff=yes");
+
+        assert_eq!((on.bench_poweroff, on_warnings.len()), (true, 0));
+        assert_eq!((bad.bench_poweroff, bad_warnings.len()), (false, 1));
     }
 
     #[test]

@@ -200,6 +200,7 @@ fn run_pid1(unix: Option<PathBuf>) -> ! {
         max_frame: proto::DEFAULT_MAX_FRAME,
         agent_version: VERSION.into(),
     };
+    let bench_poweroff = cfg.bench_poweroff;
     let served = std::panic::catch_unwind(move || {
         let listen = match unix {
             Some(path) => Listen::Unix(path),
@@ -210,6 +211,10 @@ fn run_pid1(unix: Option<PathBuf>) -> ! {
         let mut server = Server::new(listener, ctx, opts)
             .map_err(|e| format!("cannot start the event loop: {e}"))?;
         init::boot_stage(proto::STAGE_AGENT_READY);
+        if bench_poweroff {
+            log!("mxc.bench_poweroff: powering off at ready");
+            init::power_off();
+        }
         Ok::<StopReason, String>(server.run())
     });
     match served {

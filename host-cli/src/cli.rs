@@ -61,6 +61,79 @@ pub enum BenchCommand {
     /// The network policy proxy against a direct connection on loopback: added latency
     /// per connection and throughput.
     Proxy(BenchProxyArgs),
+    /// Cold microVM boots: time per boot stage (p50/p90/p99), VMM peak RSS, optionally
+    /// against QEMU's microvm machine in the same run.
+    Boot(BenchBootArgs),
+}
+
+/// How far each measured boot goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BootUntil {
+    /// VMM setup only: the VM ends just before the boot vCPU's first entry (no guest
+    /// code runs; fast enough for hundreds of runs).
+    FirstEntry,
+    /// The VM ends at the boot vCPU's first exit from guest code (the kernel runs).
+    FirstExit,
+    /// The guest agent powers the VM off as soon as it is ready (`mxc.bench_poweroff=1`;
+    /// no vsock device): what `--vs-qemu` compares.
+    Ready,
+    /// The whole lifecycle: boot to the agent's answer over vsock, run `/bin/echo` and
+    /// wait for its output, power off.
+    Output,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Stages (ms since the VMM process was spawned, one clock: CLOCK_MONOTONIC):
+  setup_start       the VMM's code starts building the VM (spawn, exec, start-up done)
+  vm_created        KVM VM and in-kernel irqchip exist, guest memory mapped
+  kernel_loaded     kernel and initramfs copied into guest memory (parallel to the above)
+  first_vcpu_entry  the boot vCPU's first KVM_RUN         (goal: <= 5 ms p50)
+  first_guest_exit  its first exit to the VMM: the kernel runs
+  agent_started     the guest agent (/init) wrote boot-timer stage 1
+  agent_ready       the agent listens: boot-timer stage 2
+  handshake         the host finished the agent handshake over vsock (goal on hardware KVM: <= 20 ms p50)
+  first_output      the first output chunk of `/bin/echo` reached the host
+  vm_gone           the VMM tore the VM down
+  process_exit      the host reaped the VMM process (spawned-directly modes)
+
+Under the nested kvm_pvm hypervisor a boot takes minutes (guest kernel code is emulated):
+keep --runs small there, or use --until first-entry for many runs of the VMM setup.")]
+pub struct BenchBootArgs {
+    /// Measured boots (per series).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Unmeasured boots first (per series).
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    /// How far each boot goes.
+    #[arg(long, value_enum, default_value_t = BootUntil::Output)]
+    pub until: BootUntil,
+    /// Also boot the same kernel and initramfs in `qemu-system-x86_64 -M microvm`,
+    /// interleaved with ours, and compare spawn-to-exit with the agent powering off at
+    /// ready (`--until ready`) in both.
+    #[arg(long)]
+    pub vs_qemu: bool,
+    /// The QEMU binary for --vs-qemu.
+    #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// Write an SVG plot of the stages to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub mem: u32,
+    /// Boot this kernel instead of the built image's.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Use this initramfs instead of the built image's.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Give up on a boot after DUR (e.g. 90s, 10m).
+    #[arg(long, value_name = "DUR", default_value = "10m")]
+    pub boot_timeout: String,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::layout::{MAX_VCPUS, MIN_MEM_MIB};
 pub use crate::pvm::PvmMode;
+use crate::timeline::Stage;
 
 /// Where the guest's serial console goes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +66,12 @@ pub struct VmConfig {
     /// resolution).
     #[serde(default)]
     pub start_monotonic_ns: Option<u64>,
+    /// For benchmarks: end the VM at this stage instead of running the guest.
+    /// [`Stage::FirstVcpuEntry`] stops just before the boot vCPU's first `KVM_RUN` (VM
+    /// setup only, no guest code runs); [`Stage::FirstGuestExit`] stops when the boot
+    /// vCPU first leaves guest code. Other stages are refused.
+    #[serde(default)]
+    pub stop_at: Option<Stage>,
 }
 
 /// A configuration value the VMM refuses.
@@ -80,6 +87,8 @@ pub enum ConfigError {
     ReservedCid(u32),
     #[error("cmdline_extra contains a control character or NUL")]
     CmdlineCharacters,
+    #[error("stop_at must be first_vcpu_entry or first_guest_exit, not {0:?}")]
+    StopAt(Stage),
 }
 
 /// Largest RAM size accepted (1 TiB).
@@ -99,6 +108,7 @@ impl VmConfig {
             pvm: PvmMode::Auto,
             pvm_cmdline: String::new(),
             start_monotonic_ns: None,
+            stop_at: None,
         }
     }
 
@@ -121,6 +131,10 @@ impl VmConfig {
         let bad_char = |s: &str| s.chars().any(|c| c.is_control());
         if bad_char(&self.cmdline_extra) || bad_char(&self.pvm_cmdline) {
             return Err(ConfigError::CmdlineCharacters);
+        }
+        match self.stop_at {
+            None | Some(Stage::FirstVcpuEntry | Stage::FirstGuestExit) => {}
+            Some(other) => return Err(ConfigError::StopAt(other)),
         }
         Ok(())
     }
@@ -188,5 +202,19 @@ mod tests {
         assert_eq!(vsock.validate(), Err(ConfigError::ReservedCid(2)));
         assert_eq!(newline.validate(), Err(ConfigError::CmdlineCharacters));
         assert_eq!(VmConfig::new("/k", 64, 1).validate(), Ok(()));
+    }
+
+    #[test]
+    fn only_vcpu_stages_are_stop_points() {
+        let mut entry = VmConfig::new("/k", 64, 1);
+        entry.stop_at = Some(Stage::FirstVcpuEntry);
+        let mut ready = VmConfig::new("/k", 64, 1);
+        ready.stop_at = Some(Stage::AgentReady);
+
+        assert_eq!(entry.validate(), Ok(()));
+        assert_eq!(
+            ready.validate(),
+            Err(ConfigError::StopAt(Stage::AgentReady))
+        );
     }
 }

@@ -21,6 +21,9 @@ pub const MAX_ENTRIES: usize = 256;
 pub enum Stage {
     /// The VMM process started (exec).
     ProcessStart,
+    /// The VMM's code began building the VM (the process is running; the time since
+    /// `ProcessStart` is the spawn, exec and program start-up).
+    SetupStart,
     /// The hypervisor VM exists (with its interrupt controller).
     VmCreated,
     /// Guest memory is allocated and the kernel (and initrd) are loaded into it.

@@ -220,6 +220,7 @@ impl Vm {
             .or_else(timeline::process_start_monotonic_ns)
             .unwrap_or_else(timeline::monotonic_ns);
         let timeline = Arc::new(Timeline::new(start));
+        timeline.record(Stage::SetupStart);
         tracing::debug!(
             since_process_start_us = timeline::monotonic_ns().saturating_sub(start) / 1000,
             "vm setup begins"
@@ -461,6 +462,7 @@ impl Vm {
             exit: exit.clone(),
             timeline: timeline.clone(),
             exits: Arc::new(AtomicU64::new(0)),
+            stop_at: config.stop_at,
         };
         let mut runners = (0u8..)
             .zip(vcpus)

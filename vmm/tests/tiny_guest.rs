@@ -124,12 +124,13 @@ fn a_pvh_guest_prints_marks_its_stages_and_resets() {
 
     // VM creation and kernel loading run in parallel; everything else is sequential.
     let mut stages = stages(&report);
-    stages[1..3].sort_by_key(|s| format!("{s:?}"));
+    stages[2..4].sort_by_key(|s| format!("{s:?}"));
     assert_eq!(report.reason, ExitReason::GuestReset);
     assert_eq!(
         stages,
         vec![
             Stage::ProcessStart,
+            Stage::SetupStart,
             Stage::KernelLoaded,
             Stage::VmCreated,
             Stage::FirstVcpuEntry,
@@ -191,6 +192,30 @@ fn kill_stops_a_spinning_smp_guest() {
 
     assert_eq!(report.reason, ExitReason::Killed);
     assert_eq!(stages(&report).last(), Some(&Stage::VmGone));
+}
+
+#[test]
+fn a_stop_point_ends_the_vm_at_the_first_entry_or_exit() {
+    let dir = TempDir::new("stop");
+    // jmp $: without a stop point this guest would spin until killed.
+    let kernel = dir.file("vmlinux", &elf_kernel(&[0xeb, 0xfe], true));
+    let mut at_entry = config(&kernel, 1);
+    at_entry.stop_at = Some(Stage::FirstVcpuEntry);
+    let polite = dir.file("polite", &elf_kernel(&polite_guest(), true));
+    let mut at_exit = config(&polite, 1);
+    at_exit.stop_at = Some(Stage::FirstGuestExit);
+
+    let entry = Vm::new(at_entry).unwrap().run().unwrap();
+    let exit = Vm::new(at_exit).unwrap().run().unwrap();
+
+    assert_eq!(entry.reason, ExitReason::Killed);
+    assert!(stages(&entry).ends_with(&[Stage::FirstVcpuEntry, Stage::VmGone]));
+    assert_eq!(exit.reason, ExitReason::Killed);
+    assert!(stages(&exit).ends_with(&[
+        Stage::FirstVcpuEntry,
+        Stage::FirstGuestExit,
+        Stage::VmGone
+    ]));
 }
 
 #[test]

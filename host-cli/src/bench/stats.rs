@@ -15,7 +15,7 @@ pub struct Summary {
 }
 
 /// The `q` quantile (0..=1) of sorted samples, nearest-rank.
-fn quantile(sorted: &[f64], q: f64) -> f64 {
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

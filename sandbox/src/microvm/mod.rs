@@ -108,6 +108,11 @@ impl MicrovmBackend {
         }
     }
 
+    /// The VMM process's id while the VM runs (`mxc-vm bench boot` samples its RSS).
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.vmm.as_ref().and_then(|v| u32::try_from(v.pid()).ok())
+    }
+
     fn socket(&self) -> Result<PathBuf, SandboxError> {
         self.runtime
             .as_ref()

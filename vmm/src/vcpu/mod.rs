@@ -150,6 +150,8 @@ pub struct VcpuShared {
     pub timeline: Arc<Timeline>,
     /// Exits handled by all vCPUs.
     pub exits: Arc<AtomicU64>,
+    /// Benchmarks: end the VM at this stage of the boot vCPU (see `VmConfig::stop_at`).
+    pub stop_at: Option<Stage>,
 }
 
 /// One vCPU and the loop that runs it.
@@ -180,11 +182,20 @@ impl VcpuRunner {
         while !self.shared.exit.stopped() {
             if first {
                 self.shared.timeline.record(Stage::FirstVcpuEntry);
+                if self.shared.stop_at == Some(Stage::FirstVcpuEntry) {
+                    self.shared.exit.request(Ok(ExitReason::Killed));
+                    break;
+                }
             }
-            let next = self.run_once();
+            let mut next = self.run_once();
             if first {
                 self.shared.timeline.record(Stage::FirstGuestExit);
                 first = false;
+                if self.shared.stop_at == Some(Stage::FirstGuestExit)
+                    && matches!(next, Next::Continue)
+                {
+                    next = Next::Stop(Ok(ExitReason::Killed));
+                }
             }
             if let Next::Stop(outcome) = next {
                 self.shared.exit.request(outcome.map_err(Into::into));
