@@ -72,7 +72,8 @@ pub enum BootUntil {
     /// VMM setup only: the VM ends just before the boot vCPU's first entry (no guest
     /// code runs; fast enough for hundreds of runs).
     FirstEntry,
-    /// The VM ends at the boot vCPU's first exit from guest code (the kernel runs).
+    /// The VM ends at the boot vCPU's first exit to the VMM (the kernel runs; under
+    /// kvm_pvm that exit comes some 30 s into the boot).
     FirstExit,
     /// The guest agent powers the VM off as soon as it is ready (`mxc.bench_poweroff=1`;
     /// no vsock device): what `--vs-qemu` compares.

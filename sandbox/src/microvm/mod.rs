@@ -288,6 +288,13 @@ impl Backend for MicrovmBackend {
         self.vmm = Some(process);
 
         let deadline = Instant::now() + self.opts.boot_timeout.unwrap_or(DEFAULT_BOOT_TIMEOUT);
+        // A refused try costs the guest kernel milliseconds of emulated work under
+        // kvm_pvm but microseconds on hardware KVM, where a boot takes tens of ms.
+        let poll = if vmm::PvmMode::Auto.enabled() {
+            Duration::from_millis(50)
+        } else {
+            Duration::from_millis(2)
+        };
         let mut last_error = String::from("no answer yet");
         loop {
             if let Some(vmm) = &mut self.vmm {
@@ -317,7 +324,7 @@ impl Backend for MicrovmBackend {
                     ),
                 });
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(poll);
         }
     }
 

@@ -49,6 +49,23 @@ struct Setup {
     boot_timeout: Duration,
     qemu: PathBuf,
     work: WorkDir,
+    /// `/proc/loadavg` (1, 5, 15 min) when the benchmark began: boots on a busy host
+    /// wait for CPU time.
+    load_before: String,
+}
+
+/// The 1, 5 and 15 minute load averages (empty if unreadable).
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// A scratch directory removed on drop.
@@ -476,7 +493,7 @@ fn goals(series: &[Series], host: &HostKind) -> Vec<Goal> {
             note: if hardware {
                 "measured on hardware KVM".into()
             } else {
-                format!("not applicable on {host}: the guest kernel's code is emulated")
+                format!("does not apply here ({host}): guest kernel code is emulated")
             },
         },
     ]
@@ -522,6 +539,13 @@ fn print_text(setup: &Setup, args: &BenchBootArgs, host: &HostKind, series: &[Se
         args.runs,
         until_name(args.until),
         setup.mem_mib
+    );
+    let _ = writeln!(
+        out,
+        "host: {} CPUs, load average (1/5/15 min) {} before, {} after",
+        cpus(),
+        setup.load_before,
+        loadavg()
     );
     let _ = writeln!(
         out,
@@ -680,6 +704,8 @@ fn print_json(setup: &Setup, args: &BenchBootArgs, host: &HostKind, series: &[Se
         "kernel": setup.kernel,
         "initrd": setup.initrd,
         "initrd_bytes": std::fs::metadata(&setup.initrd).map_or(0, |m| m.len()),
+        "host_cpus": cpus(),
+        "load_average": { "before": setup.load_before, "after": loadavg() },
         "series": series_json,
         "vs_qemu": vs_qemu,
         "goals": goals(series, host),
@@ -760,6 +786,7 @@ pub fn run(args: BenchBootArgs) -> Result<i32, Failure> {
         boot_timeout,
         qemu: args.qemu.clone(),
         work: WorkDir(work),
+        load_before: loadavg(),
     };
     let qemu_name = Path::new(&setup.qemu)
         .file_name()

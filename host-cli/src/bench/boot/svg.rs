@@ -40,6 +40,15 @@ fn tick(v: f64) -> String {
     s.to_string()
 }
 
+/// A value in ms: three decimals below 100 ms, one above.
+fn value_label(v: f64) -> String {
+    if v < 100.0 {
+        format!("{v:.3}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
 fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
 }
@@ -71,6 +80,16 @@ fn text(out: &mut String, x: f64, y: f64, anchor: &str, body: &str) {
     );
 }
 
+/// A series' name, bold, above its rows.
+fn series_header(out: &mut String, y: f64, name: &str) {
+    let _ = writeln!(
+        out,
+        r#"<text x="20" y="{:.1}" font-weight="bold">{}</text>"#,
+        y + BAR_H - 2.0,
+        escape(name)
+    );
+}
+
 /// The stacked bars: one row per run of each series, segments from the latest earlier
 /// stage to each stage. Returns the height used.
 fn bars(out: &mut String, top: f64, series: &[(&str, &[RunTimeline])]) -> f64 {
@@ -92,13 +111,15 @@ fn bars(out: &mut String, top: f64, series: &[(&str, &[RunTimeline])]) -> f64 {
     );
     y += ROW_H * 1.5;
     for (name, runs) in series {
+        series_header(out, y, name);
+        y += ROW_H;
         for (i, run) in runs.iter().take(MAX_BARS).enumerate() {
             text(
                 out,
                 LABEL_W - 8.0,
                 y + BAR_H - 2.0,
                 "end",
-                &format!("{name} #{}", i + 1),
+                &format!("#{}", i + 1),
             );
             let mut last = 0u64;
             for (stage, t) in run.stages() {
@@ -125,7 +146,7 @@ fn bars(out: &mut String, top: f64, series: &[(&str, &[RunTimeline])]) -> f64 {
                 LABEL_W - 8.0,
                 y + BAR_H - 2.0,
                 "end",
-                &format!("{name}: {} more runs not drawn", runs.len() - MAX_BARS),
+                &format!("({} more runs not drawn)", runs.len() - MAX_BARS),
             );
             y += ROW_H;
         }
@@ -176,6 +197,8 @@ fn boxes(out: &mut String, top: f64, series: &[(&str, &[RunTimeline])]) -> f64 {
     );
     y += ROW_H * 1.5;
     for (name, runs) in series {
+        series_header(out, y, name);
+        y += ROW_H;
         for &stage in BootStage::ALL.iter().skip(1) {
             let v = values(runs, stage);
             let (Some(&min), Some(&max)) = (v.first(), v.last()) else {
@@ -183,13 +206,7 @@ fn boxes(out: &mut String, top: f64, series: &[(&str, &[RunTimeline])]) -> f64 {
             };
             let (q1, med, q3) = (quantile(&v, 0.25), quantile(&v, 0.5), quantile(&v, 0.75));
             let mid = y + BAR_H / 2.0;
-            text(
-                out,
-                LABEL_W - 8.0,
-                y + BAR_H - 2.0,
-                "end",
-                &format!("{name}: {}", stage.name()),
-            );
+            text(out, LABEL_W - 8.0, y + BAR_H - 2.0, "end", stage.name());
             let _ = writeln!(
                 out,
                 r##"<line x1="{:.2}" y1="{mid:.1}" x2="{:.2}" y2="{mid:.1}" stroke="#333"/>"##,
@@ -198,7 +215,7 @@ fn boxes(out: &mut String, top: f64, series: &[(&str, &[RunTimeline])]) -> f64 {
             );
             let _ = writeln!(
                 out,
-                r##"<rect x="{:.2}" y="{y:.1}" width="{:.2}" height="{BAR_H}" fill="{}" stroke="#333"><title>{name} {}: p50 {med:.3} ms, min {min:.3}, max {max:.3}, n={}</title></rect>"##,
+                r##"<rect x="{:.2}" y="{y:.1}" width="{:.2}" height="{BAR_H}" fill="{}" stroke="#333"><title>{name}: {}: p50 {med:.3} ms, min {min:.3}, max {max:.3}, n={}</title></rect>"##,
                 log_x(q1, lo, hi),
                 (log_x(q3, lo, hi) - log_x(q1, lo, hi)).max(1.0),
                 colour(stage),
@@ -216,7 +233,7 @@ fn boxes(out: &mut String, top: f64, series: &[(&str, &[RunTimeline])]) -> f64 {
                 log_x(max, lo, hi) + 4.0,
                 y + BAR_H - 2.0,
                 "start",
-                &format!("{med:.3}"),
+                &value_label(med),
             );
             y += ROW_H;
         }
@@ -240,18 +257,24 @@ fn boxes(out: &mut String, top: f64, series: &[(&str, &[RunTimeline])]) -> f64 {
     y + ROW_H * 1.5 - top
 }
 
+/// The stage colours, wrapped onto as many rows as they need. Returns the height used.
 fn legend(out: &mut String, top: f64) -> f64 {
-    let mut x = 10.0;
+    let (mut x, mut y) = (10.0, top);
     for &stage in BootStage::ALL.iter().skip(1) {
+        let w = 14.0 + 7.0 * stage.name().len() as f64 + 12.0;
+        if x + w > WIDTH {
+            x = 10.0;
+            y += ROW_H;
+        }
         let _ = writeln!(
             out,
-            r#"<rect x="{x:.1}" y="{top:.1}" width="10" height="10" fill="{}"/>"#,
+            r#"<rect x="{x:.1}" y="{y:.1}" width="10" height="10" fill="{}"/>"#,
             colour(stage)
         );
-        text(out, x + 14.0, top + 9.0, "start", stage.name());
-        x += 14.0 + 7.0 * stage.name().len() as f64 + 12.0;
+        text(out, x + 14.0, y + 9.0, "start", stage.name());
+        x += w;
     }
-    ROW_H * 1.5
+    y - top + ROW_H * 1.5
 }
 
 /// The whole SVG document for `series` (name, runs), under `title`.
@@ -297,7 +320,7 @@ mod tests {
         assert_eq!(svg.matches("<title>first_vcpu_entry:").count(), 2);
         assert_eq!(svg.matches("<title>vm_gone:").count(), 2);
         assert_eq!(
-            svg.matches("<title>mxc-vm vm_gone: p50 10.000 ms").count(),
+            svg.matches("<title>mxc-vm: vm_gone: p50 10.000 ms").count(),
             1
         );
     }

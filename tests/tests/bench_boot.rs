@@ -1,0 +1,73 @@
+//! Smoke test of `mxc-vm bench boot`: the VMM-setup mode (no guest code runs, so it is
+//! fast even under kvm_pvm) on /dev/kvm with the built guest image. It checks the shape
+//! of the JSON, never the timings (performance is shown by the benchmark itself).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use tests::{code, mxc_vm, stderr, stdout, TempDir};
+
+#[test]
+fn until_first_entry_reports_the_vmm_setup_stages_as_json() {
+    let dir = TempDir::new("bench-boot");
+    let svg = dir.s("boot.svg");
+
+    let out = mxc_vm(&[
+        "bench",
+        "boot",
+        "--until",
+        "first-entry",
+        "--runs",
+        "3",
+        "--json",
+        "--svg",
+        &svg,
+    ]);
+
+    assert_eq!(
+        code(&out),
+        0,
+        "stdout: {}\nstderr: {} (is /dev/kvm usable and the guest image built?)",
+        stdout(&out),
+        stderr(&out)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(report["benchmark"], "boot");
+    assert_eq!(report["until"], "first-entry");
+    let series = report["series"].as_array().unwrap();
+    assert_eq!(series.len(), 1);
+    let stages: Vec<&str> = series[0]["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            "setup_start",
+            "vm_created",
+            "kernel_loaded",
+            "first_vcpu_entry",
+            "vm_gone",
+            "process_exit"
+        ]
+    );
+    let entry = &series[0]["stages"][3];
+    assert_eq!(entry["cumulative"]["runs"], 3);
+    assert!(entry["cumulative"]["p50_ms"].as_f64().unwrap() > 0.0);
+    let runs = series[0]["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 3);
+    assert!(runs
+        .iter()
+        .all(|r| r["exit_reason"] == "killed" && r["peak_rss_kib"].as_u64().unwrap() > 0));
+    assert!(report["goals"][0]["p50_ms"].as_f64().is_some());
+    let picture = std::fs::read_to_string(&svg).unwrap();
+    assert!(picture.starts_with("<svg") && picture.contains("first_vcpu_entry"));
+}
+
+#[test]
+fn zero_runs_is_refused() {
+    let out = mxc_vm(&["bench", "boot", "--runs", "0"]);
+
+    assert_eq!(code(&out), 125);
+    assert!(stderr(&out).contains("--runs must be at least 1"));
+}
