@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -p host-cli
 RUSTFLAGS="-C target-feature=+crt-static" \
-  cargo build --release --locked -p guest-agent --target x86_64-unknown-linux-gnu
+  cargo build --profile release-guest --locked -p guest-agent --target x86_64-unknown-linux-gnu
 ./target/release/mxc-vm image build \
-  --agent target/x86_64-unknown-linux-gnu/release/guest-agent
+  --agent target/x86_64-unknown-linux-gnu/release-guest/guest-agent

@@ -9,8 +9,8 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The guest image the microVM tests boot (kernel cached after the first build).
 RUSTFLAGS="-C target-feature=+crt-static" \
-  cargo build --release --locked -p guest-agent --target x86_64-unknown-linux-gnu
-export MXC_VM_GUEST_AGENT="$PWD/target/x86_64-unknown-linux-gnu/release/guest-agent"
+  cargo build --profile release-guest --locked -p guest-agent --target x86_64-unknown-linux-gnu
+export MXC_VM_GUEST_AGENT="$PWD/target/x86_64-unknown-linux-gnu/release-guest/guest-agent"
 cargo build --locked -p host-cli
 ./target/debug/mxc-vm image build
 cargo test --workspace --locked
