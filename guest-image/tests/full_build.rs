@@ -48,7 +48,10 @@ impl Qemu<'_> {
             .args(["-M", self.machine])
             .args(self.accel)
             .args(["-cpu", self.cpu, "-m", "128", "-smp", "1"])
-            .args(["-nographic", "-no-reboot"])
+            // microvm has no keyboard controller; reboot=k resets through its port 0x64
+            // (without it the kernel falls back to a triple fault through INT3, which
+            // the kvm_pvm emulator cannot run).
+            .args(["-device", "i8042", "-nographic", "-no-reboot"])
             .arg("-kernel")
             .arg(kernel)
             .arg("-initrd")

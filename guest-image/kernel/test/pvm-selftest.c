@@ -152,9 +152,35 @@ int main(int argc, char **argv) {
 	say(buf);
 	CHECK("nanosleep-eintr", nr == -1 && errno == EINTR && got_alrm == 1 && rem.tv_nsec > 0, "nanosleep not interrupted with EINTR");
 
+	// restart_syscall (ERESTART_RESTARTBLOCK): a child's nanosleep stopped by SIGSTOP and
+	// continued by SIGCONT resumes through restart_syscall and sleeps its full time.
+	pid_t ch = fork();
+	if (ch == 0) {
+		struct timespec full = { 1, 0 };
+		double start = now(CLOCK_MONOTONIC);
+		int r3 = nanosleep(&full, NULL);
+		_exit(r3 == 0 && now(CLOCK_MONOTONIC) - start >= 0.99 ? 0 : 1);
+	}
+	for (int tries = 0; tries < 500; tries++) {
+		char path[64], stat[256] = "";
+		snprintf(path, sizeof path, "/proc/%d/stat", ch);
+		int sfd = open(path, O_RDONLY);
+		ssize_t sn = sfd >= 0 ? read(sfd, stat, sizeof stat - 1) : -1;
+		if (sfd >= 0) close(sfd);
+		char *state = sn > 0 ? strrchr(stat, ')') : NULL;
+		if (state && state[1] == ' ' && state[2] == 'S') break;
+		struct timespec poll = { 0, 2 * 1000 * 1000 };
+		nanosleep(&poll, NULL);
+	}
+	kill(ch, SIGSTOP);
+	waitpid(ch, &st, WUNTRACED);
+	kill(ch, SIGCONT);
+	waitpid(ch, &st, 0);
+	CHECK("restart-syscall", WIFEXITED(st) && WEXITSTATUS(st) == 0, "nanosleep did not resume after SIGSTOP/SIGCONT");
+
 	// fork + exec + wait of a static binary.
 	t0 = now(CLOCK_MONOTONIC);
-	pid_t ch = fork();
+	ch = fork();
 	if (ch == 0) {
 		char *av[] = { "/init", "child", NULL };
 		char *ev[] = { NULL };
