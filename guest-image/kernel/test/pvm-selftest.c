@@ -105,6 +105,12 @@ int main(int argc, char **argv) {
 		if (n > 0) { line[n] = 0; char *nl = strchr(line, '\n'); if (nl) nl[1] = 0; say("stat: "); say(line); }
 	}
 
+	{
+		char seed[16];
+		long got = syscall(SYS_getrandom, seed, sizeof seed, 1 /* GRND_NONBLOCK */);
+		say(got == (long)sizeof seed ? "crng: ready at /init\n" : "crng: not ready at /init (getrandom would block)\n");
+	}
+
 	CHECK("getpid", getpid() == 1, "pid is not 1");
 
 	struct utsname u;
