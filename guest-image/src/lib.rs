@@ -60,9 +60,9 @@ pub struct BuildOptions {
     pub agent: Option<PathBuf>,
     /// Static busybox binary (else [`DEFAULT_BUSYBOX`]).
     pub busybox: Option<PathBuf>,
-    /// Leave busybox out of the initramfs. Under `kvm_pvm` its 2 MB cost about 20 s
-    /// of boot (every byte is unpacked by emulated kernel code); on hardware KVM the
-    /// difference is milliseconds.
+    /// Leave busybox out of the initramfs. Under `kvm_pvm` its 2 MB were measured to
+    /// add about 20 s to the boot (kernel code runs emulated there); on hardware KVM
+    /// the difference is small.
     pub no_busybox: bool,
     /// Parallel compile jobs (else the number of CPUs).
     pub jobs: Option<usize>,
