@@ -118,13 +118,14 @@ impl MicrovmBackend {
     /// A connection to the agent, after the handshake.
     fn connect(&self) -> Result<Client, String> {
         let socket = self.socket().map_err(|e| e.to_string())?;
-        let stream = proto::client::connect_hybrid_vsock(&socket, proto::AGENT_VSOCK_PORT)
-            .map_err(|e| e.to_string())?;
-        // A handshake that never completes must not hang us; exec clears this again.
+        // Neither the vsock handshake nor the agent's Ready may hang us.
+        let stream = proto::client::connect_hybrid_vsock_within(
+            &socket,
+            proto::AGENT_VSOCK_PORT,
+            Some(Duration::from_secs(15)),
+        )
+        .map_err(|e| e.to_string())?;
         let control = stream.try_clone().map_err(|e| e.to_string())?;
-        control
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| e.to_string())?;
         let client = AgentClient::over_unix(stream).map_err(|e| crate_chain(&e))?;
         control.set_read_timeout(None).map_err(|e| e.to_string())?;
         Ok(client)
