@@ -455,12 +455,36 @@ fn run_agent_exec(
     let result = client.exec(exec, agent_io);
     drop(done_tx);
     let truncated = shared.borrow().limiter.truncated;
-    result
-        .map(|exit| (exit, truncated))
-        .map_err(|e| SandboxError::Setup {
+    match result {
+        Ok(exit) => Ok((exit, truncated)),
+        // The agent could not start the program: that is the command's failure (127 not
+        // found, 126 otherwise), as on the process tiers, not mxc-vm's.
+        Err(proto::client::ClientError::Remote { message, .. }) => {
+            let code = if message.contains("No such file or directory") {
+                127
+            } else {
+                126
+            };
+            let text = format!("mxc-vm: {message}\n");
+            let _ = shared
+                .borrow_mut()
+                .write_chunk(StreamKind::Stderr, text.as_bytes());
+            Ok((
+                proto::Exit {
+                    id: 0,
+                    code: Some(code),
+                    signal: None,
+                    timed_out: false,
+                    duration_ms: 0,
+                },
+                truncated,
+            ))
+        }
+        Err(e) => Err(SandboxError::Setup {
             stage: "exec".into(),
             message: crate_chain(&e),
-        })
+        }),
+    }
 }
 
 /// Routes output to the exec's sink (or our own stdout/stderr), applying the limit.
