@@ -1,4 +1,4 @@
-//! The guest's one way out: a relay from 127.0.0.1:<port> to the host's network policy
+//! The guest's one way out: a relay from `127.0.0.1:PORT` to the host's network policy
 //! proxy.
 //!
 //! The VM has no network device. When the host runs a policy proxy for the sandbox, it

@@ -9,7 +9,7 @@
 //!
 //! Network: the guest has no network device; a policy that lets anything out gets the
 //! sandbox's policy proxy on the host, reached through the guest agent's relay over
-//! vsock (see [`net`](self) for the route and how allow-all is handled).
+//! vsock (see `net.rs` for the route and how allow-all is handled).
 
 mod net;
 mod vmm_process;
