@@ -5,6 +5,7 @@
 //! | `mxc.port=N` | vsock port to listen on | 1024 |
 //! | `mxc.poweroff_on_disconnect=0\|1` | power off when the first host connection closes without `Shutdown` | 1 |
 //! | `mxc.hostname=NAME` | guest host name | `mxc-vm` |
+//! | `mxc.proxy_port=N` | relay 127.0.0.1:N to the host's network proxy (vsock port 1080) | none |
 //!
 //! Unknown `mxc.*` keys and malformed values are reported as warnings and the default is
 //! kept; keys without the `mxc.` prefix belong to the kernel and are ignored.
@@ -20,6 +21,9 @@ pub struct BootConfig {
     pub poweroff_on_disconnect: bool,
     /// Host name to set.
     pub hostname: String,
+    /// Listen on 127.0.0.1 at this port and relay to the host's network proxy
+    /// (see `proxy_forward`); `None`: no relay, the guest has no way out.
+    pub proxy_port: Option<u16>,
 }
 
 impl Default for BootConfig {
@@ -28,6 +32,7 @@ impl Default for BootConfig {
             port: AGENT_VSOCK_PORT,
             poweroff_on_disconnect: true,
             hostname: "mxc-vm".into(),
+            proxy_port: None,
         }
     }
 }
@@ -59,6 +64,12 @@ pub fn parse(cmdline: &str) -> (BootConfig, Vec<String>) {
                 }
                 _ => false,
             },
+            "proxy_port" => value
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .map(|p| cfg.proxy_port = Some(p))
+                .is_some(),
             "hostname" => {
                 let valid = !value.is_empty()
                     && value.len() <= 64
@@ -103,7 +114,8 @@ mod tests {
             BootConfig {
                 port: 2000,
                 poweroff_on_disconnect: false,
-                hostname: "box-1".into()
+                hostname: "box-1".into(),
+                proxy_port: None,
             }
         );
         assert!(warnings.is_empty());
@@ -129,5 +141,19 @@ mod tests {
         let (cfg, warnings) = parse("mxc.port=0");
 
         assert_eq!((cfg.port, warnings.len()), (AGENT_VSOCK_PORT, 1));
+    }
+
+    #[test]
+    fn proxy_port_turns_the_relay_on() {
+        let (cfg, warnings) = parse("mxc.proxy_port=3128");
+
+        assert_eq!((cfg.proxy_port, warnings.len()), (Some(3128), 0));
+    }
+
+    #[test]
+    fn bad_proxy_ports_leave_the_relay_off() {
+        let (cfg, warnings) = parse("mxc.proxy_port=0 mxc.proxy_port=70000 mxc.proxy_port=");
+
+        assert_eq!((cfg.proxy_port, warnings.len()), (None, 3));
     }
 }
