@@ -6,6 +6,7 @@
 //! | `mxc.poweroff_on_disconnect=0\|1` | power off when the first host connection closes without `Shutdown` | 1 |
 //! | `mxc.hostname=NAME` | guest host name | `mxc-vm` |
 //! | `mxc.bench_poweroff=0\|1` | power off as soon as the agent is ready (boot benchmarks: `mxc-vm bench boot --vs-qemu`) | 0 |
+//! | `mxc.proxy_port=N` | relay 127.0.0.1:N to the host's network proxy (vsock port 1080) | none |
 //!
 //! Unknown `mxc.*` keys and malformed values are reported as warnings and the default is
 //! kept; keys without the `mxc.` prefix belong to the kernel and are ignored.
@@ -23,6 +24,9 @@ pub struct BootConfig {
     pub hostname: String,
     /// Power off as soon as the agent is ready, without serving (boot benchmarks).
     pub bench_poweroff: bool,
+    /// Listen on 127.0.0.1 at this port and relay to the host's network proxy
+    /// (see `proxy_forward`); `None`: no relay, the guest has no way out.
+    pub proxy_port: Option<u16>,
 }
 
 impl Default for BootConfig {
@@ -32,6 +36,7 @@ impl Default for BootConfig {
             poweroff_on_disconnect: true,
             hostname: "mxc-vm".into(),
             bench_poweroff: false,
+            proxy_port: None,
         }
     }
 }
@@ -73,6 +78,12 @@ pub fn parse(cmdline: &str) -> (BootConfig, Vec<String>) {
                 _ => false,
             },
             "bench_poweroff" => flag(value).map(|on| cfg.bench_poweroff = on).is_some(),
+            "proxy_port" => value
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .map(|p| cfg.proxy_port = Some(p))
+                .is_some(),
             "hostname" => {
                 let valid = !value.is_empty()
                     && value.len() <= 64
@@ -119,6 +130,7 @@ mod tests {
                 poweroff_on_disconnect: false,
                 hostname: "box-1".into(),
                 bench_poweroff: false,
+                proxy_port: None,
             }
         );
         assert!(warnings.is_empty());
@@ -153,5 +165,19 @@ mod tests {
         let (cfg, warnings) = parse("mxc.port=0");
 
         assert_eq!((cfg.port, warnings.len()), (AGENT_VSOCK_PORT, 1));
+    }
+
+    #[test]
+    fn proxy_port_turns_the_relay_on() {
+        let (cfg, warnings) = parse("mxc.proxy_port=3128");
+
+        assert_eq!((cfg.proxy_port, warnings.len()), (Some(3128), 0));
+    }
+
+    #[test]
+    fn bad_proxy_ports_leave_the_relay_off() {
+        let (cfg, warnings) = parse("mxc.proxy_port=0 mxc.proxy_port=70000 mxc.proxy_port=");
+
+        assert_eq!((cfg.proxy_port, warnings.len()), (None, 3));
     }
 }

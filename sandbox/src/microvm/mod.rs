@@ -6,7 +6,12 @@
 //! directory; start = VMM process spawned and the agent answering; exec = one vsock
 //! connection per command; stop = the agent powers the guest off (the VMM is killed if
 //! it does not); deprovision = nothing left (no process, socket or file).
+//!
+//! Network: the guest has no network device; a policy that lets anything out gets the
+//! sandbox's policy proxy on the host, reached through the guest agent's relay over
+//! vsock (see `net.rs` for the route and how allow-all is handled).
 
+mod net;
 mod vmm_process;
 
 use std::cell::RefCell;
@@ -89,6 +94,8 @@ pub struct MicrovmBackend {
     /// The first agent connection, held for the VM's lifetime: the agent powers the
     /// guest off when it closes (so a dead host never leaves a VM behind).
     control: Option<Client>,
+    /// The sandbox's network policy proxy, if the policy lets anything out.
+    net: net::VmNet,
     /// Host-side timestamps of this VM.
     pub timeline: HostTimeline,
     /// The VMM's own report (boot stages), once it has exited.
@@ -103,6 +110,7 @@ impl MicrovmBackend {
             runtime: None,
             vmm: None,
             control: None,
+            net: net::VmNet::default(),
             timeline: HostTimeline::default(),
             report: None,
         }
@@ -123,13 +131,14 @@ impl MicrovmBackend {
     /// A connection to the agent, after the handshake.
     fn connect(&self) -> Result<Client, String> {
         let socket = self.socket().map_err(|e| e.to_string())?;
-        let stream = proto::client::connect_hybrid_vsock(&socket, proto::AGENT_VSOCK_PORT)
-            .map_err(|e| e.to_string())?;
-        // A handshake that never completes must not hang us; exec clears this again.
+        // Neither the vsock handshake nor the agent's Ready may hang us.
+        let stream = proto::client::connect_hybrid_vsock_within(
+            &socket,
+            proto::AGENT_VSOCK_PORT,
+            Some(Duration::from_secs(15)),
+        )
+        .map_err(|e| e.to_string())?;
         let control = stream.try_clone().map_err(|e| e.to_string())?;
-        control
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| e.to_string())?;
         let client = AgentClient::over_unix(stream).map_err(|e| crate_chain(&e))?;
         control.set_read_timeout(None).map_err(|e| e.to_string())?;
         Ok(client)
@@ -193,12 +202,6 @@ fn check_enforceable(spec: &SandboxSpec) -> Result<(), SandboxError> {
             ),
         });
     }
-    if !spec.policy.network.is_deny_all() {
-        return Err(SandboxError::Unenforceable {
-            backend: "microvm",
-            what: "network access: the guest has no network device in this build".into(),
-        });
-    }
     Ok(())
 }
 
@@ -238,7 +241,9 @@ impl Backend for MicrovmBackend {
                 });
             }
         }
+        let network = net::VmNet::provision(spec)?;
         let runtime = make_runtime_dir(&spec.id)?;
+        self.net = network;
         self.runtime = Some(runtime);
         self.spec = Some(spec.clone());
         self.opts.kernel = Some(kernel);
@@ -264,9 +269,10 @@ impl Backend for MicrovmBackend {
         );
         config.initrd = Some(initrd.clone());
         config.cmdline_extra = format!(
-            "{} mxc.port={}",
+            "{} mxc.port={}{}",
             guest_image::kernel_cmdline(self.opts.console, false),
-            proto::AGENT_VSOCK_PORT
+            proto::AGENT_VSOCK_PORT,
+            self.net.cmdline()
         );
         config.pvm_cmdline = guest_image::KERNEL_CMDLINE_PVM.to_string();
         config.console = if self.opts.console {
@@ -278,6 +284,8 @@ impl Backend for MicrovmBackend {
             guest_cid: proto::GUEST_CID,
             uds_path: runtime.join("vsock.sock"),
         });
+        // The proxy listens before the guest can try to reach it.
+        self.net.start(&runtime.join("vsock.sock"))?;
         self.timeline.spawned = Some(Instant::now());
         let process = vmm_process::VmmProcess::spawn(
             &config,
@@ -346,7 +354,11 @@ impl Backend for MicrovmBackend {
             stage: "agent".into(),
             message,
         })?;
-        let env = crate::process::compose_env(&req.env).into_iter().collect();
+        let env = self
+            .net
+            .env(crate::process::compose_env(&req.env))
+            .into_iter()
+            .collect();
         let exec = Exec {
             argv: req.argv.clone(),
             env,
@@ -405,6 +417,7 @@ impl Backend for MicrovmBackend {
         }
         self.report = vmm.wait_or_kill(Duration::from_secs(20));
         self.timeline.vm_gone = Some(Instant::now());
+        self.net.stop();
         Ok(())
     }
 
@@ -414,6 +427,8 @@ impl Backend for MicrovmBackend {
             self.report = vmm.wait_or_kill(Duration::ZERO);
             self.timeline.vm_gone = Some(Instant::now());
         }
+        self.net.stop();
+        self.net = net::VmNet::default();
         if let Some(dir) = self.runtime.take() {
             std::fs::remove_dir_all(&dir)
                 .map_err(|e| SandboxError::io(format!("removing {}", dir.display()), e))?;
@@ -466,12 +481,36 @@ fn run_agent_exec(
     let result = client.exec(exec, agent_io);
     drop(done_tx);
     let truncated = shared.borrow().limiter.truncated;
-    result
-        .map(|exit| (exit, truncated))
-        .map_err(|e| SandboxError::Setup {
+    match result {
+        Ok(exit) => Ok((exit, truncated)),
+        // The agent could not start the program: that is the command's failure (127 not
+        // found, 126 otherwise), as on the process tiers, not mxc-vm's.
+        Err(proto::client::ClientError::Remote { message, .. }) => {
+            let code = if message.contains("No such file or directory") {
+                127
+            } else {
+                126
+            };
+            let text = format!("mxc-vm: {message}\n");
+            let _ = shared
+                .borrow_mut()
+                .write_chunk(StreamKind::Stderr, text.as_bytes());
+            Ok((
+                proto::Exit {
+                    id: 0,
+                    code: Some(code),
+                    signal: None,
+                    timed_out: false,
+                    duration_ms: 0,
+                },
+                truncated,
+            ))
+        }
+        Err(e) => Err(SandboxError::Setup {
             stage: "exec".into(),
             message: crate_chain(&e),
-        })
+        }),
+    }
 }
 
 /// Routes output to the exec's sink (or our own stdout/stderr), applying the limit.
@@ -546,11 +585,11 @@ mod tests {
     }
 
     #[test]
-    fn network_access_is_refused_until_the_guest_has_a_route() {
+    fn network_access_is_enforceable_through_the_proxy() {
         let mut policy = Policy::empty(PolicySource::Cli);
         policy.network.egress.default = policy::Action::Allow;
-        let err = check_enforceable(&spec_with(policy)).unwrap_err();
-        assert!(err.to_string().contains("cannot enforce network access"));
+
+        assert!(check_enforceable(&spec_with(policy)).is_ok());
     }
 
     #[test]
