@@ -289,7 +289,8 @@ fn boot_lifecycle(setup: &Setup, n: usize) -> Result<Boot, Failure> {
     let want = format!("{ECHO_WORD}\n");
     if outcome.exit != sandbox::ExitKind::Code(0) || out.stdout != want.as_bytes() {
         return Err(Failure::new(format!(
-            "/bin/echo in the guest gave {:?} and stdout {:?}",
+            "/bin/echo in the guest gave {:?} and stdout {:?} (an initramfs without \
+             busybox has no /bin/echo: use --until ready there)",
             outcome.exit,
             String::from_utf8_lossy(&out.stdout)
         )));
