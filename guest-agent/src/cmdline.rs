@@ -5,10 +5,15 @@
 //! | `mxc.port=N` | vsock port to listen on | 1024 |
 //! | `mxc.poweroff_on_disconnect=0\|1` | power off when the first host connection closes without `Shutdown` | 1 |
 //! | `mxc.hostname=NAME` | guest host name | `mxc-vm` |
+//! | `mxc.mounts=TAG:PATH:ro\|rw,…` | virtio-fs shares to mount before ready ([`proto::mounts`]) | none |
+//! | `mxc.links=PATH:TARGET,…` | symbolic links to create first | none |
 //!
 //! Unknown `mxc.*` keys and malformed values are reported as warnings and the default is
-//! kept; keys without the `mxc.` prefix belong to the kernel and are ignored.
+//! kept; keys without the `mxc.` prefix belong to the kernel and are ignored. A malformed
+//! share list is not a warning: it is kept in [`BootConfig::share_error`] and makes the
+//! agent refuse to run commands (the files the policy promised would be missing).
 
+use proto::mounts::{GuestLink, GuestMount};
 use proto::AGENT_VSOCK_PORT;
 
 /// What the agent takes from the kernel command line.
@@ -20,6 +25,12 @@ pub struct BootConfig {
     pub poweroff_on_disconnect: bool,
     /// Host name to set.
     pub hostname: String,
+    /// virtio-fs shares to mount.
+    pub mounts: Vec<GuestMount>,
+    /// Symbolic links to create before mounting.
+    pub links: Vec<GuestLink>,
+    /// Why `mxc.mounts` or `mxc.links` could not be read.
+    pub share_error: Option<String>,
 }
 
 impl Default for BootConfig {
@@ -28,6 +39,9 @@ impl Default for BootConfig {
             port: AGENT_VSOCK_PORT,
             poweroff_on_disconnect: true,
             hostname: "mxc-vm".into(),
+            mounts: Vec::new(),
+            links: Vec::new(),
+            share_error: None,
         }
     }
 }
@@ -70,6 +84,17 @@ pub fn parse(cmdline: &str) -> (BootConfig, Vec<String>) {
                 }
                 valid
             }
+            "mounts" | "links" => {
+                let decoded = if key == "mounts" {
+                    proto::mounts::decode_mounts(value).map(|m| cfg.mounts = m)
+                } else {
+                    proto::mounts::decode_links(value).map(|l| cfg.links = l)
+                };
+                if let Err(e) = decoded {
+                    cfg.share_error = Some(format!("mxc.{key}: {e}"));
+                }
+                true
+            }
             _ => false,
         };
         if !ok {
@@ -103,7 +128,8 @@ mod tests {
             BootConfig {
                 port: 2000,
                 poweroff_on_disconnect: false,
-                hostname: "box-1".into()
+                hostname: "box-1".into(),
+                ..BootConfig::default()
             }
         );
         assert!(warnings.is_empty());
@@ -122,6 +148,42 @@ mod tests {
         let (_, warnings) = parse("mxc.frobnicate=1");
 
         assert_eq!(warnings, ["ignoring kernel parameter \"mxc.frobnicate=1\""]);
+    }
+
+    #[test]
+    fn shares_and_links_are_read() {
+        let (cfg, warnings) =
+            parse("mxc.links=/bin:usr/bin mxc.mounts=mxcfs0:/usr:ro,mxcfs1:/w:rw");
+
+        assert!(warnings.is_empty());
+        assert_eq!(cfg.share_error, None);
+        assert_eq!(
+            cfg.mounts,
+            [
+                GuestMount {
+                    tag: "mxcfs0".into(),
+                    path: "/usr".into(),
+                    readonly: true
+                },
+                GuestMount {
+                    tag: "mxcfs1".into(),
+                    path: "/w".into(),
+                    readonly: false
+                }
+            ]
+        );
+        assert_eq!(cfg.links.len(), 1);
+    }
+
+    #[test]
+    fn a_malformed_share_list_is_an_error_not_a_warning() {
+        let (cfg, warnings) = parse("mxc.mounts=mxcfs0:/a/../etc:rw");
+
+        assert!(warnings.is_empty());
+        assert!(cfg.mounts.is_empty());
+        assert!(cfg
+            .share_error
+            .is_some_and(|e| e.starts_with("mxc.mounts: invalid message")));
     }
 
     #[test]

@@ -32,6 +32,7 @@ mod conn;
 mod exec;
 mod init;
 mod server;
+mod shares;
 mod sys;
 
 use std::io::Write;
@@ -182,6 +183,14 @@ fn run_pid1(unix: Option<PathBuf>) -> ! {
         log!("{w}");
     }
     init::configure(&cfg.hostname);
+    let refusal = match &cfg.share_error {
+        Some(e) => Some(shares::SharesError::BadList(e.clone())),
+        None => shares::set_up(&cfg.links, &cfg.mounts).err(),
+    }
+    .map(|e| error_chain(&e));
+    if let Some(msg) = &refusal {
+        log!("{msg}; refusing to run commands");
+    }
     let cgroups = match CgroupRoot::open(Path::new(init::CGROUP_ROOT)) {
         Ok(root) => Some(root),
         Err(e) => {
@@ -199,6 +208,7 @@ fn run_pid1(unix: Option<PathBuf>) -> ! {
         pid1: true,
         max_frame: proto::DEFAULT_MAX_FRAME,
         agent_version: VERSION.into(),
+        refusal,
     };
     let served = std::panic::catch_unwind(move || {
         let listen = match unix {
@@ -255,6 +265,7 @@ fn run_process(args: &Args) -> i32 {
         pid1: false,
         max_frame: proto::DEFAULT_MAX_FRAME,
         agent_version: VERSION.into(),
+        refusal: None,
     };
     let reason = match Server::new(listener, ctx, opts) {
         Ok(mut server) => server.run(),
