@@ -228,6 +228,7 @@ impl Inputs {
         let mut hasher = hash::KeyHasher::new("mxc-vm initramfs");
         hasher
             .field("builder", BUILDER_VERSION.as_bytes())
+            .field("layout", initramfs::LAYOUT_VERSION.as_bytes())
             .field("agent", &agent_bytes)
             .field("busybox", &busybox_bytes);
         let initramfs_key = hasher.key();
