@@ -1,6 +1,7 @@
 //! `mxc-vm bench`: latency benchmarks that compare against a baseline in the same run.
 
 mod exec;
+mod fs;
 mod proxy;
 pub mod stats;
 
@@ -11,5 +12,6 @@ pub fn run(cmd: BenchCommand) -> Result<i32, Failure> {
     match cmd {
         BenchCommand::Exec(args) => exec::run(args),
         BenchCommand::Proxy(args) => proxy::run(args),
+        BenchCommand::Fs(args) => fs::run(args),
     }
 }
