@@ -11,7 +11,7 @@ use crate::elf::{self, ElfError};
 pub const AGENT_ENV: &str = "MXC_VM_GUEST_AGENT";
 
 /// How to build a guest agent that qualifies.
-pub const AGENT_BUILD_COMMAND: &str = "RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p guest-agent --target x86_64-unknown-linux-gnu";
+pub const AGENT_BUILD_COMMAND: &str = "RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --profile release-guest -p guest-agent --target x86_64-unknown-linux-gnu";
 
 /// Errors while locating or checking a guest binary.
 #[derive(Debug, Error)]
@@ -69,6 +69,10 @@ pub(crate) fn candidates(
     while let Some(exe_dir) = dir.take() {
         found.push(exe_dir.join("guest-agent"));
         if let Some(target) = exe_dir.parent() {
+            // The stripped, size-optimised build the scripts make (every byte of the
+            // initramfs is unpacked by emulated kernel code under kvm_pvm), then a
+            // plain release build.
+            found.push(target.join("x86_64-unknown-linux-gnu/release-guest/guest-agent"));
             found.push(target.join("x86_64-unknown-linux-gnu/release/guest-agent"));
         }
         if exe_dir.file_name().is_some_and(|n| n == "deps") {
@@ -156,8 +160,10 @@ mod tests {
             paths,
             [
                 "/t/debug/deps/guest-agent",
+                "/t/debug/x86_64-unknown-linux-gnu/release-guest/guest-agent",
                 "/t/debug/x86_64-unknown-linux-gnu/release/guest-agent",
                 "/t/debug/guest-agent",
+                "/t/x86_64-unknown-linux-gnu/release-guest/guest-agent",
                 "/t/x86_64-unknown-linux-gnu/release/guest-agent",
             ]
             .map(PathBuf::from)

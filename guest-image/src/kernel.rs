@@ -245,6 +245,15 @@ fn make(tree: &Path) -> Command {
     let mut command = Command::new("make");
     command.current_dir(tree).arg("ARCH=x86_64");
     for var in [
+        "LLVM",
+        "LLVM_IAS",
+        "KCFLAGS",
+        "KCPPFLAGS",
+        "KAFLAGS",
+        "KBUILD_EXTMOD",
+        "W",
+        "C",
+        "V",
         "MAKEFLAGS",
         "MFLAGS",
         "MAKELEVEL",

@@ -133,7 +133,14 @@ fn build_args(
             }
             MountOp::Mask { dst, dir: false } => push(&[&"--ro-bind", &"/dev/null", dst]),
             MountOp::Symlink { target, dst } => push(&[&"--symlink", target, dst]),
-            MountOp::Tmpfs { dst, mode } => {
+            MountOp::Tmpfs {
+                dst,
+                mode,
+                readonly,
+            } => {
+                if *readonly {
+                    remount_ro.push(dst.clone());
+                }
                 let perms = format!("{mode:04o}");
                 push(&[&"--perms", &perms, &"--tmpfs", dst]);
             }

@@ -63,7 +63,12 @@ pub enum MountOp {
     /// A symbolic link at `dst` pointing at `target`.
     Symlink { target: PathBuf, dst: PathBuf },
     /// A fresh writable tmpfs at `dst`.
-    Tmpfs { dst: PathBuf, mode: u32 },
+    Tmpfs {
+        dst: PathBuf,
+        mode: u32,
+        /// Made read-only once everything below it is in place.
+        readonly: bool,
+    },
     /// A small read-only file at `dst`.
     File { dst: PathBuf, contents: String },
     /// A minimal `/dev` (null, zero, full, random, urandom, tty, fd links, shm, pts).
@@ -118,6 +123,7 @@ impl SandboxView {
         v.ops.push(MountOp::Tmpfs {
             dst: "/tmp".into(),
             mode: 0o1777,
+            readonly: false,
         });
         v.ops.push(MountOp::Proc);
         v.landlock_rw.extend(["/tmp".into(), "/dev".into()]);
@@ -156,6 +162,7 @@ impl SandboxView {
         self.ops.push(MountOp::Tmpfs {
             dst: "/etc".into(),
             mode: 0o755,
+            readonly: true,
         });
         for name in ETC_ALLOWLIST {
             let path = Path::new("/etc").join(name);

@@ -59,13 +59,19 @@ fn read_plan() -> Result<InitPlan, String> {
 }
 
 fn run() -> i32 {
-    // The status descriptor must not leak into the command.
-    // SAFETY: fcntl on a descriptor we own.
-    unsafe { libc::fcntl(STATUS_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
     let plan = match read_plan() {
         Ok(p) => p,
         Err(e) => return fail("plan", e),
     };
+    run_plan(&plan)
+}
+
+/// The init's work, once its descriptors are in place and the plan is known: used after
+/// the re-exec and, directly in the forked child, when the caller is single-threaded.
+pub(crate) fn run_plan(plan: &InitPlan) -> i32 {
+    // The status descriptor must not leak into the command.
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe { libc::fcntl(STATUS_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
     let proxied = matches!(plan.net, NetMode::Proxied { .. });
     if proxied {
         // Never inherited by the command, whatever happens below.
@@ -84,7 +90,7 @@ fn run() -> i32 {
         return fail("fork", std::io::Error::last_os_error());
     }
     if pid == 0 {
-        let code = pid_one(&plan);
+        let code = pid_one(plan);
         // SAFETY: leave the child without running the parent's atexit handlers.
         unsafe { libc::_exit(code) };
     }

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::limits::{self, Enforcement, Rlimit, SandboxCgroup};
 use crate::output::{ExecIo, StdinMode};
-use crate::supervise::{self, Killer, Pipes};
+use crate::supervise::{self, Killer, Pipes, Status};
 use crate::view::{NetMode, SandboxView};
 use crate::{Backend, ExecOutcome, ExecRequest, SandboxError, SandboxSpec};
 pub use landlock_rules::kernel_abi as landlock_abi;
@@ -241,6 +241,11 @@ fn spawn_and_supervise(
     warnings: &mut Vec<String>,
 ) -> Result<ExecOutcome, SandboxError> {
     let (status_r, status_w) = pipe_cloexec()?;
+    if single_threaded() {
+        return spawn_forked(
+            plan, io, timeout, cgroup, net_fd, warnings, status_r, status_w,
+        );
+    }
     let plan_fd = plan_memfd(plan)?;
 
     // Everything the child needs after fork is prepared here: after fork only
@@ -321,6 +326,164 @@ fn spawn_and_supervise(
     result
 }
 
+/// Whether this process has one thread: then the init can run in a plain forked child
+/// (no re-exec), since no other thread can hold a lock the child would need.
+fn single_threaded() -> bool {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return false;
+    };
+    // Fields after the command name (which may contain spaces) start with the state,
+    // field 3; num_threads is field 20.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(17))
+        .and_then(|n| n.parse::<u32>().ok())
+        == Some(1)
+}
+
+/// Kills and reaps a forked init.
+struct PidKiller {
+    pid: libc::pid_t,
+}
+
+impl Killer for PidKiller {
+    fn kill(&mut self, extra_pid: Option<i32>) {
+        // SAFETY: kill() has no memory effects; both pids are our own descendants.
+        unsafe {
+            if let Some(pid) = extra_pid {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            libc::kill(self.pid, libc::SIGKILL);
+        }
+    }
+}
+
+fn wait_pid(pid: libc::pid_t) {
+    let mut status = 0;
+    // SAFETY: waitpid writes into our integer.
+    while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
+        && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+    {}
+}
+
+/// The fast path for single-threaded callers: fork, and run the init's work in the
+/// child without re-executing the binary (which would cost an exec, the dynamic
+/// loader and page faults of a large executable).
+#[allow(clippy::too_many_arguments)]
+fn spawn_forked(
+    plan: &InitPlan,
+    io: &mut ExecIo<'_>,
+    timeout: Option<std::time::Duration>,
+    cgroup: Option<&SandboxCgroup>,
+    net_fd: Option<&OwnedFd>,
+    warnings: &mut Vec<String>,
+    status_r: OwnedFd,
+    status_w: OwnedFd,
+) -> Result<ExecOutcome, SandboxError> {
+    // SAFETY: getuid/getgid/getpid cannot fail and touch no memory.
+    let (uid, gid, ppid) = unsafe { (libc::getuid(), libc::getgid(), libc::getpid()) };
+    let uid_map = format!("0 {uid} 1");
+    let gid_map = format!("0 {gid} 1");
+    let cgroup_procs = cgroup
+        .map(|c| CString::new(c.procs_file().into_os_string().into_encoded_bytes()))
+        .transpose()
+        .map_err(|_| SandboxError::Lifecycle("cgroup path contains NUL"))?;
+    let mut flags = libc::CLONE_NEWUSER
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWCGROUP;
+    if plan.net.private() {
+        flags |= libc::CLONE_NEWNET;
+    }
+    let relay = if io.sink.is_some() {
+        Some((pipe_cloexec()?, pipe_cloexec()?))
+    } else {
+        None
+    };
+    let null = match io.stdin {
+        StdinMode::Null => Some(
+            std::fs::File::open("/dev/null")
+                .map_err(|e| SandboxError::io("opening /dev/null", e))?,
+        ),
+        StdinMode::Inherit => None,
+    };
+    let status_raw = status_w.as_raw_fd();
+    let net_raw = net_fd.map_or(-1, |f| f.as_raw_fd());
+    let error_line = Status::Error {
+        stage: "namespaces".into(),
+        message: "cannot enter new user/mount/pid namespaces".into(),
+    }
+    .to_line();
+    // SAFETY: the process is single-threaded, so the child may run ordinary code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(SandboxError::io("fork", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: dup2 onto the standard descriptors of this (child) process.
+        unsafe {
+            if let Some(((_, out_w), (_, err_w))) = &relay {
+                libc::dup2(out_w.as_raw_fd(), 1);
+                libc::dup2(err_w.as_raw_fd(), 2);
+            }
+            if let Some(null) = &null {
+                libc::dup2(null.as_raw_fd(), 0);
+            }
+        }
+        let fds = Inherit {
+            status: status_raw,
+            plan: -1,
+            net: net_raw,
+        };
+        let code = match child_setup(
+            cgroup_procs.as_deref(),
+            ppid,
+            flags,
+            uid_map.as_bytes(),
+            gid_map.as_bytes(),
+            fds,
+        ) {
+            Ok(()) => init::run_plan(plan),
+            Err(_) => {
+                // SAFETY: writing our own buffer to the status pipe.
+                unsafe { libc::write(status_raw, error_line.as_ptr().cast(), error_line.len()) };
+                125
+            }
+        };
+        // SAFETY: leave the child without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    drop(status_w);
+    let (stdout, stderr) = match relay {
+        Some(((out_r, out_w), (err_r, err_w))) => {
+            drop(out_w);
+            drop(err_w);
+            (Some(out_r), Some(err_r))
+        }
+        None => (None, None),
+    };
+    let pipes = Pipes {
+        stdout,
+        stderr,
+        status: Some(status_r),
+    };
+    let mut killer = PidKiller { pid };
+    let result = supervise::supervise(
+        pipes,
+        io,
+        timeout,
+        &mut killer,
+        supervise::parse_status,
+        warnings,
+    );
+    if result.is_err() {
+        killer.kill(None);
+    }
+    wait_pid(pid);
+    result
+}
+
 /// Descriptors the init inherits on fixed numbers (`net` is -1 without a proxy).
 #[derive(Clone, Copy)]
 struct Inherit {
@@ -367,7 +530,12 @@ fn child_setup(
     // SAFETY: fcntl/dup2/close on descriptors this process owns.
     unsafe {
         let s = libc::fcntl(status_fd, libc::F_DUPFD_CLOEXEC, 10);
-        let p = libc::fcntl(plan_fd, libc::F_DUPFD_CLOEXEC, 10);
+        // No plan descriptor in the fork path: the plan is already in memory.
+        let p = if plan_fd >= 0 {
+            libc::fcntl(plan_fd, libc::F_DUPFD_CLOEXEC, 10)
+        } else {
+            0
+        };
         let n = if net_fd >= 0 {
             libc::fcntl(net_fd, libc::F_DUPFD_CLOEXEC, 10)
         } else {
@@ -376,14 +544,16 @@ fn child_setup(
         if s < 0 || p < 0 || n < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        if libc::dup2(s, STATUS_FD) < 0 || libc::dup2(p, PLAN_FD) < 0 {
+        if libc::dup2(s, STATUS_FD) < 0 || (plan_fd >= 0 && libc::dup2(p, PLAN_FD) < 0) {
             return Err(std::io::Error::last_os_error());
         }
         if net_fd >= 0 && libc::dup2(n, NET_FD) < 0 {
             return Err(std::io::Error::last_os_error());
         }
         libc::close(s);
-        libc::close(p);
+        if plan_fd >= 0 {
+            libc::close(p);
+        }
         if net_fd >= 0 {
             libc::close(n);
         }

@@ -194,6 +194,24 @@ pub(crate) fn build_root(view: &SandboxView) -> Result<(), MountError> {
             MountOp::Bind {
                 src,
                 dst,
+                readonly: true,
+                dir: false,
+            } if dst.starts_with("/etc") => {
+                // A copy on the /etc tmpfs (made read-only below) costs less than a bind
+                // mount and its mount point, and keeps the mount table short.
+                let target = under(NEWROOT, dst);
+                if let Some(parent) = target.parent() {
+                    mkdir_p(parent)?;
+                }
+                std::fs::copy(under(OLDROOT, src), &target).map_err(|source| MountError {
+                    what: "copy",
+                    path: target.clone(),
+                    source,
+                })?;
+            }
+            MountOp::Bind {
+                src,
+                dst,
                 readonly,
                 dir,
             } => {
@@ -248,8 +266,15 @@ pub(crate) fn build_root(view: &SandboxView) -> Result<(), MountError> {
                     source,
                 })?;
             }
-            MountOp::Tmpfs { dst, mode } => {
+            MountOp::Tmpfs {
+                dst,
+                mode,
+                readonly,
+            } => {
                 let target = under(NEWROOT, dst);
+                if *readonly {
+                    masks.push(target.clone());
+                }
                 mkdir_p(&target)?;
                 mount(
                     Some(Path::new("tmpfs")),
@@ -274,6 +299,7 @@ pub(crate) fn build_root(view: &SandboxView) -> Result<(), MountError> {
             MountOp::Proc => mkdir_p(&under(NEWROOT, Path::new("/proc")))?,
         }
     }
+    // Masks and read-only tmpfs mounts (/etc) become read-only once populated.
     for m in masks {
         make_readonly(&m, false)?;
     }
