@@ -23,7 +23,7 @@ pub const BUSYBOX_PATH: &str = "/.mxc/bin/busybox";
 /// The directory with busybox and one link per applet, never shadowed by a share.
 pub const MXC_BIN_DIR: &str = "/.mxc/bin";
 /// Changes whenever the layout of the image changes (part of its cache key).
-pub const LAYOUT_VERSION: &str = "mxc-bin-1";
+pub const LAYOUT_VERSION: &str = "mxc-bin-2";
 
 /// Directories every image has, besides the parents of the files in it.
 const DIRECTORIES: &[(&str, u32)] = &[
@@ -182,6 +182,10 @@ pub fn write_initramfs<W: Write>(
                 .entry(format!("{mxc_bin}/{name}"))
                 .or_insert_with(|| Node::Symlink("busybox".to_owned()));
         }
+        // `/bin/busybox`, where it used to live, still runs it.
+        nodes
+            .entry("bin/busybox".to_owned())
+            .or_insert_with(|| Node::Symlink(BUSYBOX_PATH.to_owned()));
         let busybox_rel = BUSYBOX_PATH.trim_start_matches('/');
         add_parents(&mut nodes, busybox_rel);
         nodes.insert(busybox_rel.to_owned(), Node::File(0o755, busybox));
@@ -306,6 +310,10 @@ mod tests {
         assert_eq!(
             find(&entries, ".mxc/bin/busybox").map(|e| e.mode),
             Some(S_IFREG | 0o755)
+        );
+        assert_eq!(
+            find(&entries, "bin/busybox").map(|e| e.data.as_slice()),
+            Some(b"/.mxc/bin/busybox".as_slice())
         );
     }
 
