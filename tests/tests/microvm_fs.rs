@@ -51,9 +51,14 @@ fn spec(id: &str, ro: &[PathBuf], rw: &[PathBuf], deny: &[PathBuf]) -> SandboxSp
     }
 }
 
+/// Boots here take minutes, more when several VMs (ours and other jobs') share the two
+/// cores: give them time rather than fail on a busy machine.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(1800);
+
 fn boot(spec: &SandboxSpec) -> MicrovmBackend {
     let mut vm = MicrovmBackend::new(MicrovmOptions {
         vmm_binary: Some(mxc_vm_bin()),
+        boot_timeout: Some(BOOT_TIMEOUT),
         ..MicrovmOptions::default()
     });
     vm.provision(spec)
@@ -469,6 +474,8 @@ fn mxc_vm_run_writes_into_the_project_with_the_hosts_python() {
             "run",
             "--backend",
             "microvm",
+            "--boot-timeout",
+            "1800s",
             "--rw",
             "./project",
             "--",

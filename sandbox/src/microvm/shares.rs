@@ -188,6 +188,16 @@ pub fn plan(
     host_cwd: Option<&Path>,
 ) -> Result<GuestFiles, SharesError> {
     let (mut units, links, system_root) = system_units(system)?;
+    if system_root.is_none() {
+        // A system directory the policy denies (or lies under a denied path) is not
+        // shared: the policy wins over the default view.
+        units.retain(|u| {
+            !view
+                .entries
+                .iter()
+                .any(|e| e.access == Access::Denied && u.host.starts_with(&e.path))
+        });
+    }
     for entry in view.entries.iter().filter(|e| e.exists) {
         if entry.access == Access::Denied {
             continue;
@@ -216,6 +226,8 @@ pub fn plan(
                 named: entry.path.clone(),
             }
         };
+        // A file directly in `/` would make the guest's root a share.
+        check_shareable(&unit.guest)?;
         units.push(unit);
     }
     let units = resolve_nesting(merge_same_paths(units)?)?;
@@ -658,6 +670,32 @@ mod tests {
         assert!(errors[4..]
             .iter()
             .all(|e| matches!(e, SharesError::Secret(_))));
+    }
+
+    #[test]
+    fn a_file_directly_in_the_root_is_refused() {
+        let err = user_plan(vec![entry("/vmlinuz", Access::ReadOnly, false)]).unwrap_err();
+
+        assert_eq!(err, SharesError::NotShareable("/".into()));
+    }
+
+    #[test]
+    fn a_system_directory_the_policy_denies_is_not_shared() {
+        let files = plan(
+            &view(vec![entry("/etc", Access::Denied, true)]),
+            &SystemView::Host,
+            None,
+        )
+        .unwrap();
+
+        assert!(files
+            .shares
+            .iter()
+            .all(|s| s.guest_path != Path::new("/etc")));
+        assert!(files
+            .shares
+            .iter()
+            .any(|s| s.guest_path == Path::new("/usr")));
     }
 
     #[test]
