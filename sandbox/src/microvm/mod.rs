@@ -2,12 +2,16 @@
 //! kernel and initramfs; the guest agent (PID 1) runs each command and streams its output
 //! over virtio-vsock, reached through the VMM's hybrid-vsock Unix socket.
 //!
-//! Lifecycle: provision = image ready (built on first use) and a private runtime
-//! directory; start = VMM process spawned and the agent answering; exec = one vsock
+//! Files: the policy's file view and the guest's system view become virtio-fs shares
+//! that the VMM serves with the policy enforced on the host; the agent mounts them before
+//! it reports ready (see [`shares`]).
+//!
+//! Lifecycle: provision = shares planned (what cannot be enforced is refused here),
+//! image ready (built on first use) and a private runtime directory; start = VMM process spawned and the agent answering; exec = one vsock
 //! connection per command; stop = the agent powers the guest off (the VMM is killed if
 //! it does not); deprovision = nothing left (no process, socket or file).
 
-mod shares;
+pub mod shares;
 mod vmm_process;
 
 use std::cell::RefCell;

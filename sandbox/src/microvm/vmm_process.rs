@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::SandboxError;
 
-/// argv[1] that makes the binary run as the VMM.
+/// `argv[1]` that makes the binary run as the VMM.
 pub const VMM_ARG: &str = "__vmm";
 
 fn monotonic_ns() -> u64 {
