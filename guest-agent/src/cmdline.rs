@@ -7,6 +7,7 @@
 //! | `mxc.hostname=NAME` | guest host name | `mxc-vm` |
 //! | `mxc.mounts=TAG:PATH:ro\|rw,…` | virtio-fs shares to mount before ready ([`proto::mounts`]) | none |
 //! | `mxc.links=PATH:TARGET,…` | symbolic links to create first | none |
+//! | `mxc.proxy_port=N` | relay 127.0.0.1:N to the host's network proxy (vsock port 1080) | none |
 //!
 //! Unknown `mxc.*` keys and malformed values are reported as warnings and the default is
 //! kept; keys without the `mxc.` prefix belong to the kernel and are ignored. A malformed
@@ -31,6 +32,9 @@ pub struct BootConfig {
     pub links: Vec<GuestLink>,
     /// Why `mxc.mounts` or `mxc.links` could not be read.
     pub share_error: Option<String>,
+    /// Listen on 127.0.0.1 at this port and relay to the host's network proxy
+    /// (see `proxy_forward`); `None`: no relay, the guest has no way out.
+    pub proxy_port: Option<u16>,
 }
 
 impl Default for BootConfig {
@@ -42,6 +46,7 @@ impl Default for BootConfig {
             mounts: Vec::new(),
             links: Vec::new(),
             share_error: None,
+            proxy_port: None,
         }
     }
 }
@@ -73,6 +78,12 @@ pub fn parse(cmdline: &str) -> (BootConfig, Vec<String>) {
                 }
                 _ => false,
             },
+            "proxy_port" => value
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .map(|p| cfg.proxy_port = Some(p))
+                .is_some(),
             "hostname" => {
                 let valid = !value.is_empty()
                     && value.len() <= 64
@@ -191,5 +202,19 @@ mod tests {
         let (cfg, warnings) = parse("mxc.port=0");
 
         assert_eq!((cfg.port, warnings.len()), (AGENT_VSOCK_PORT, 1));
+    }
+
+    #[test]
+    fn proxy_port_turns_the_relay_on() {
+        let (cfg, warnings) = parse("mxc.proxy_port=3128");
+
+        assert_eq!((cfg.proxy_port, warnings.len()), (Some(3128), 0));
+    }
+
+    #[test]
+    fn bad_proxy_ports_leave_the_relay_off() {
+        let (cfg, warnings) = parse("mxc.proxy_port=0 mxc.proxy_port=70000 mxc.proxy_port=");
+
+        assert_eq!((cfg.proxy_port, warnings.len()), (None, 3));
     }
 }

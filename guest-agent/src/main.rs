@@ -10,9 +10,14 @@
 //! As a normal process it does none of the PID-1 work and serves one socket:
 //!
 //! ```text
-//! guest-agent --unix PATH   [--exit-on-disconnect] [--cgroup DIR]
-//! guest-agent --vsock PORT  [--exit-on-disconnect] [--cgroup DIR]
+//! guest-agent --unix PATH   [--exit-on-disconnect] [--cgroup DIR] [PROXY]
+//! guest-agent --vsock PORT  [--exit-on-disconnect] [--cgroup DIR] [PROXY]
+//! PROXY: --proxy-port PORT [--proxy-unix PATH]
 //! ```
+//!
+//! `--proxy-port` (as PID 1: `mxc.proxy_port=`) relays 127.0.0.1:PORT to the host's
+//! network policy proxy at vsock CID 2 port 1080, or to the Unix socket
+//! `--proxy-unix PATH` (for tests); see `proxy_forward`.
 //!
 //! Build the static `/init` (a static-pie: no `INTERP` program header):
 //!
@@ -31,6 +36,7 @@ mod cmdline;
 mod conn;
 mod exec;
 mod init;
+mod proxy_forward;
 mod server;
 mod shares;
 mod sys;
@@ -41,6 +47,7 @@ use std::path::{Path, PathBuf};
 
 use cgroup::CgroupRoot;
 use exec::SpawnContext;
+use proxy_forward::Forwarder;
 use server::{Options, Server, StopReason};
 
 /// Writes one line to stderr (the console as PID 1); never fails, never panics.
@@ -70,7 +77,8 @@ pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 const USAGE: &str = "usage: guest-agent (--unix PATH | --vsock PORT) \
-                     [--exit-on-disconnect] [--cgroup DIR]\n\
+                     [--exit-on-disconnect] [--cgroup DIR] \
+                     [--proxy-port PORT [--proxy-unix PATH]]\n\
                      As PID 1 it takes its settings from the kernel command line.";
 
 /// Where a normal-process agent listens.
@@ -95,6 +103,10 @@ struct Args {
     listen: Listen,
     exit_on_disconnect: bool,
     cgroup: Option<PathBuf>,
+    /// Relay 127.0.0.1:PORT to the host's network proxy.
+    proxy_port: Option<u16>,
+    /// Relay to this Unix socket instead of vsock CID 2 port 1080.
+    proxy_unix: Option<PathBuf>,
 }
 
 /// What the command line asks for.
@@ -109,6 +121,8 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
     let mut listen = None;
     let mut exit_on_disconnect = false;
     let mut cgroup = None;
+    let mut proxy_port = None;
+    let mut proxy_unix = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = |name: &str| {
@@ -125,16 +139,31 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
             }
             "--exit-on-disconnect" => exit_on_disconnect = true,
             "--cgroup" => cgroup = Some(PathBuf::from(value("--cgroup")?)),
+            "--proxy-port" => {
+                let v = value("--proxy-port")?;
+                let port = v
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| format!("bad proxy port {v:?}"))?;
+                proxy_port = Some(port);
+            }
+            "--proxy-unix" => proxy_unix = Some(PathBuf::from(value("--proxy-unix")?)),
             "--version" => return Ok(Command::Version),
             "--help" | "-h" => return Ok(Command::Help),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
     let listen = listen.ok_or("one of --unix PATH or --vsock PORT is required")?;
+    if proxy_unix.is_some() && proxy_port.is_none() {
+        return Err("--proxy-unix needs --proxy-port".into());
+    }
     Ok(Command::Serve(Args {
         listen,
         exit_on_disconnect,
         cgroup,
+        proxy_port,
+        proxy_unix,
     }))
 }
 
@@ -219,6 +248,9 @@ fn run_pid1(unix: Option<PathBuf>) -> ! {
         log!("ready on {listen} (protocol {})", proto::PROTOCOL_VERSION);
         let mut server = Server::new(listener, ctx, opts)
             .map_err(|e| format!("cannot start the event loop: {e}"))?;
+        if let Some(port) = cfg.proxy_port {
+            start_forwarder(&mut server, port, None);
+        }
         init::boot_stage(proto::STAGE_AGENT_READY);
         Ok::<StopReason, String>(server.run())
     });
@@ -268,7 +300,12 @@ fn run_process(args: &Args) -> i32 {
         refusal: None,
     };
     let reason = match Server::new(listener, ctx, opts) {
-        Ok(mut server) => server.run(),
+        Ok(mut server) => {
+            if let Some(port) = args.proxy_port {
+                start_forwarder(&mut server, port, args.proxy_unix.clone());
+            }
+            server.run()
+        }
         Err(e) => StopReason::Failed(e),
     };
     if let Listen::Unix(path) = &args.listen {
@@ -278,6 +315,28 @@ fn run_process(args: &Args) -> i32 {
     match reason {
         StopReason::Failed(_) => 1,
         _ => 0,
+    }
+}
+
+/// Starts the network proxy relay on 127.0.0.1:`port`, to the host proxy over vsock
+/// (or to `unix`). Without it the guest simply has no way out, so a failure is logged
+/// and the agent carries on.
+fn start_forwarder(server: &mut Server, port: u16, unix: Option<PathBuf>) {
+    let target = match unix {
+        Some(path) => sys::StreamTarget::Unix(path),
+        None => sys::StreamTarget::Vsock {
+            cid: proto::HOST_CID,
+            port: proto::PROXY_VSOCK_PORT,
+        },
+    };
+    let shown = format!("{target:?}");
+    let started = Forwarder::bind(port, target).and_then(|f| {
+        let bound = f.port();
+        server.add_forwarder(f).map(|()| bound)
+    });
+    match started {
+        Ok(bound) => log!("network proxy relay on 127.0.0.1:{bound} to {shown}"),
+        Err(e) => log!("no network proxy relay on 127.0.0.1:{port}: {e}"),
     }
 }
 
@@ -317,7 +376,9 @@ mod tests {
             Command::Serve(Args {
                 listen: Listen::Unix("/tmp/a.sock".into()),
                 exit_on_disconnect: true,
-                cgroup: None
+                cgroup: None,
+                proxy_port: None,
+                proxy_unix: None,
             })
         );
     }
@@ -354,6 +415,42 @@ mod tests {
         let err = parse_args(&args(&["--frob"])).unwrap_err();
 
         assert_eq!(err, "unknown argument \"--frob\"");
+    }
+
+    #[test]
+    fn proxy_relay_options_parse() {
+        let cmd = parse_args(&args(&[
+            "--unix",
+            "/tmp/a.sock",
+            "--proxy-port",
+            "3128",
+            "--proxy-unix",
+            "/tmp/p.sock",
+        ]))
+        .unwrap();
+
+        assert!(matches!(
+            cmd,
+            Command::Serve(Args {
+                proxy_port: Some(3128),
+                proxy_unix: Some(ref p),
+                ..
+            }) if p == Path::new("/tmp/p.sock")
+        ));
+    }
+
+    #[test]
+    fn a_proxy_unix_path_without_a_port_is_an_error() {
+        let err = parse_args(&args(&["--unix", "/a", "--proxy-unix", "/p"])).unwrap_err();
+
+        assert_eq!(err, "--proxy-unix needs --proxy-port");
+    }
+
+    #[test]
+    fn a_bad_proxy_port_is_an_error() {
+        let err = parse_args(&args(&["--unix", "/a", "--proxy-port", "0"])).unwrap_err();
+
+        assert_eq!(err, "bad proxy port \"0\"");
     }
 
     #[test]

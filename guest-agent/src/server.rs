@@ -24,6 +24,7 @@ use proto::{Control, FrameKind, DATA_CHUNK};
 use crate::cgroup::ExecCgroup;
 use crate::conn::{Action, Conn, OUT_HIGH_WATER};
 use crate::exec::{read_pipe, PipeRead, Running, SpawnContext, StdinPipe, DRAIN_GRACE};
+use crate::proxy_forward::Forwarder;
 use crate::sys::{self, Epoll, EV_IN, EV_OUT};
 use crate::{error_chain, log};
 
@@ -48,6 +49,8 @@ pub enum Source {
     Stderr(u32, u32),
     /// An exec's setup-report read end.
     Report(u32, u32),
+    /// The network proxy forwarder (its own epoll instance).
+    Forwarder,
 }
 
 /// A descriptor known to the [`Registry`], with the events it is watched for.
@@ -177,6 +180,7 @@ pub struct Server {
     pending_cgroups: Vec<ExecCgroup>,
     scratch: Vec<u8>,
     stop: Option<StopReason>,
+    forwarder: Option<(Watched, Forwarder)>,
 }
 
 impl Server {
@@ -198,7 +202,15 @@ impl Server {
             pending_cgroups: Vec::new(),
             scratch: vec![0u8; DATA_CHUNK],
             stop: None,
+            forwarder: None,
         })
+    }
+
+    /// Runs the network proxy forwarder in this loop too.
+    pub fn add_forwarder(&mut self, forwarder: Forwarder) -> io::Result<()> {
+        let watched = self.reg.watch(forwarder.ready_fd()?, Source::Forwarder);
+        self.forwarder = Some((watched, forwarder));
+        Ok(())
     }
 
     /// Serves until a stop; on the way out every exec is killed.
@@ -237,6 +249,13 @@ impl Server {
             Source::Report(c, e) => {
                 if let Some(exec) = self.conns.get_mut(&c).and_then(|k| k.execs.get_mut(&e)) {
                     exec.read_report(&mut self.reg);
+                }
+            }
+            Source::Forwarder => {
+                if let Some((_, fwd)) = &mut self.forwarder {
+                    if let Err(e) = fwd.run_ready() {
+                        log!("proxy forwarder: {e}");
+                    }
                 }
             }
         }
@@ -411,6 +430,9 @@ impl Server {
         let accepting = if self.stop.is_none() { EV_IN } else { 0 };
         reg.set_interest(&mut self.listener, accepting);
         reg.set_interest(&mut self.signals, EV_IN);
+        if let Some((watched, _)) = &mut self.forwarder {
+            reg.set_interest(watched, EV_IN);
+        }
         for conn in self.conns.values_mut() {
             if conn.out_len() > 0 && conn.flush().is_err() {
                 conn.peer_closed = true;

@@ -215,6 +215,12 @@ pub struct Epoll {
     fd: OwnedFd,
 }
 
+impl std::os::fd::AsFd for Epoll {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.fd)
+    }
+}
+
 impl Epoll {
     /// A new epoll instance.
     pub fn new() -> io::Result<Self> {
@@ -322,6 +328,137 @@ pub fn accept(listener: &impl AsRawFd) -> io::Result<Option<OwnedFd>> {
         Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Where an outgoing stream connection goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamTarget {
+    /// A vsock `(cid, port)`.
+    Vsock { cid: u32, port: u32 },
+    /// A Unix stream socket path.
+    Unix(std::path::PathBuf),
+}
+
+/// Starts a non-blocking, close-on-exec stream connection to `target` (a vsock connect
+/// gives up after `timeout`). Returns the socket and whether the connection is still in
+/// progress (wait for it to become writable, then read [`take_socket_error`]).
+pub fn connect_nonblocking(
+    target: &StreamTarget,
+    timeout: std::time::Duration,
+) -> io::Result<(OwnedFd, bool)> {
+    let domain = match target {
+        StreamTarget::Vsock { .. } => libc::AF_VSOCK,
+        StreamTarget::Unix(_) => libc::AF_UNIX,
+    };
+    // SAFETY: plain socket creation; returns a new descriptor or -1.
+    let fd = cvt(unsafe {
+        libc::socket(
+            domain,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    })?;
+    // SAFETY: socket succeeded; the descriptor is ours alone.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let ret = match target {
+        StreamTarget::Vsock { cid, port } => {
+            set_vsock_connect_timeout(&sock, timeout)?;
+            // SAFETY: sockaddr_vm is plain data; all-zero is valid before we fill it.
+            let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+            addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+            addr.svm_cid = *cid;
+            addr.svm_port = *port;
+            // SAFETY: `addr` is a valid sockaddr_vm and we pass its exact size.
+            unsafe {
+                libc::connect(
+                    sock.as_raw_fd(),
+                    (&addr as *const libc::sockaddr_vm).cast(),
+                    std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+                )
+            }
+        }
+        StreamTarget::Unix(path) => {
+            use std::os::unix::ffi::OsStrExt;
+            // SAFETY: sockaddr_un is plain data; all-zero is valid before we fill it.
+            let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+            addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+            let bytes = path.as_os_str().as_bytes();
+            // Keep the terminating NUL inside sun_path.
+            if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+                return Err(io::ErrorKind::InvalidInput.into());
+            }
+            for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+                *dst = *src as c_char;
+            }
+            // SAFETY: `addr` is a valid, NUL-terminated sockaddr_un of the size we pass.
+            unsafe {
+                libc::connect(
+                    sock.as_raw_fd(),
+                    (&addr as *const libc::sockaddr_un).cast(),
+                    std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+                )
+            }
+        }
+    };
+    if ret == 0 {
+        return Ok((sock, false));
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EINPROGRESS) | Some(libc::EINTR) => Ok((sock, true)),
+        _ => Err(err),
+    }
+}
+
+/// The pending error of a socket (`SO_ERROR`), which reading clears; `None` when there
+/// is none (e.g. a non-blocking connect succeeded).
+pub fn take_socket_error(fd: &impl AsRawFd) -> io::Result<Option<io::Error>> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for writes and `len` holds value's size.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok((value != 0).then(|| io::Error::from_raw_os_error(value)))
+}
+
+/// `shutdown(2)` of one or both directions of a socket (`libc::SHUT_WR`, …).
+pub fn shutdown(fd: &impl AsRawFd, how: libc::c_int) -> io::Result<()> {
+    // SAFETY: shutdown takes a descriptor and a flag; no pointers.
+    cvt(unsafe { libc::shutdown(fd.as_raw_fd(), how) })?;
+    Ok(())
+}
+
+/// Sets how long a vsock connect may take (`SO_VM_SOCKETS_CONNECT_TIMEOUT`; the
+/// kernel's default is 2 s).
+pub fn set_vsock_connect_timeout(
+    fd: &impl AsRawFd,
+    timeout: std::time::Duration,
+) -> io::Result<()> {
+    /// `SO_VM_SOCKETS_CONNECT_TIMEOUT_OLD` from `<linux/vm_sockets.h>`: a `struct
+    /// timeval`, which on 64-bit Linux is the same as the new 64-bit-time variant.
+    const SO_VM_SOCKETS_CONNECT_TIMEOUT: libc::c_int = 6;
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_usec: libc::suseconds_t::from(timeout.subsec_micros() as i32),
+    };
+    // SAFETY: `tv` is a valid timeval of the size we pass.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::AF_VSOCK,
+            SO_VM_SOCKETS_CONNECT_TIMEOUT,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
 }
 
 /// Sends `signo` to a process (`pid > 0`) or a process group (`pid < 0`).

@@ -172,7 +172,10 @@ Network: with allow or deny rules the sandbox has no route out except mxc-vm's p
 proxy on 127.0.0.1:3128 inside it (HTTP_PROXY/HTTPS_PROXY/ALL_PROXY are set); refused
 connections get HTTP 403 with an X-Mxc-Deny header naming the rule. `default: deny`
 with no rules means no network at all; `default: allow` with no rules means the host
-network, unfiltered (give --audit to put the proxy in front and log every connection).
+network, unfiltered, on the process tiers (give --audit to put the proxy in front and
+log every connection). A microVM has no network device: its guest reaches the proxy
+over vsock, and allow-all goes through the proxy too (loopback, private and metadata
+addresses still need an IP rule).
 
 Environment:
   MXC_VM_PROXY_HOSTS=FILE  resolve names the policy allows through this hosts file

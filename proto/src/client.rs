@@ -220,8 +220,21 @@ pub fn connect_hybrid_vsock(
     socket: &std::path::Path,
     port: u32,
 ) -> std::io::Result<std::os::unix::net::UnixStream> {
+    connect_hybrid_vsock_within(socket, port, None)
+}
+
+/// [`connect_hybrid_vsock`], giving up when the `OK` line has not arrived within
+/// `timeout` (a guest that never answers must not hang the host). The stream's read
+/// timeout is left at `timeout`; clear it with `set_read_timeout(None)` when done.
+#[cfg(unix)]
+pub fn connect_hybrid_vsock_within(
+    socket: &std::path::Path,
+    port: u32,
+    timeout: Option<std::time::Duration>,
+) -> std::io::Result<std::os::unix::net::UnixStream> {
     use std::io::{Error, ErrorKind};
     let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
+    stream.set_read_timeout(timeout)?;
     stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
     let mut line = Vec::with_capacity(32);
     let mut byte = [0u8; 1];

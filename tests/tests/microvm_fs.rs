@@ -51,6 +51,16 @@ fn spec(id: &str, ro: &[PathBuf], rw: &[PathBuf], deny: &[PathBuf]) -> SandboxSp
     }
 }
 
+/// At most this file's two VMs boot at once: an emulated guest kernel that gets too little
+/// CPU spends all of it on timer ticks and stops making progress.
+static ONE_TEST_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serialize() -> std::sync::MutexGuard<'static, ()> {
+    ONE_TEST_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Boots here take minutes, more when several VMs (ours and other jobs') share the two
 /// cores: give them time rather than fail on a busy machine.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(1800);
@@ -439,6 +449,7 @@ fn fsynced_data_survives_sigkill(mut vm: MicrovmBackend, spec: &SandboxSpec, t: 
 #[test]
 fn shares_in_real_guests_enforce_the_policy_and_keep_the_data() {
     require_kvm();
+    let _one = serialize();
     let t = Tree::new();
     let spec_a = spec(
         "vmfs-a",
@@ -467,6 +478,7 @@ fn shares_in_real_guests_enforce_the_policy_and_keep_the_data() {
 #[test]
 fn mxc_vm_run_writes_into_the_project_with_the_hosts_python() {
     require_kvm();
+    let _one = serialize();
     let dir = TempDir::new("vmfs-run");
     std::fs::create_dir(dir.join("project")).unwrap();
     let out = std::process::Command::new(mxc_vm_bin())

@@ -10,7 +10,12 @@
 //! image ready (built on first use) and a private runtime directory; start = VMM process spawned and the agent answering; exec = one vsock
 //! connection per command; stop = the agent powers the guest off (the VMM is killed if
 //! it does not); deprovision = nothing left (no process, socket or file).
+//!
+//! Network: the guest has no network device; a policy that lets anything out gets the
+//! sandbox's policy proxy on the host, reached through the guest agent's relay over
+//! vsock (see `net.rs` for the route and how allow-all is handled).
 
+mod net;
 pub mod shares;
 mod vmm_process;
 
@@ -98,6 +103,8 @@ pub struct MicrovmBackend {
     /// The first agent connection, held for the VM's lifetime: the agent powers the
     /// guest off when it closes (so a dead host never leaves a VM behind).
     control: Option<Client>,
+    /// The sandbox's network policy proxy, if the policy lets anything out.
+    net: net::VmNet,
     /// Host-side timestamps of this VM.
     pub timeline: HostTimeline,
     /// The VMM's own report (boot stages), once it has exited.
@@ -113,6 +120,7 @@ impl MicrovmBackend {
             runtime: None,
             vmm: None,
             control: None,
+            net: net::VmNet::default(),
             timeline: HostTimeline::default(),
             report: None,
         }
@@ -134,13 +142,14 @@ impl MicrovmBackend {
     /// be set up, e.g. a share did not mount) from one that is not there yet.
     fn try_connect(&self) -> Result<Client, ConnectFailure> {
         let socket = self.socket().map_err(|e| e.to_string())?;
-        let stream = proto::client::connect_hybrid_vsock(&socket, proto::AGENT_VSOCK_PORT)
-            .map_err(|e| e.to_string())?;
-        // A handshake that never completes must not hang us; exec clears this again.
+        // Neither the vsock handshake nor the agent's Ready may hang us.
+        let stream = proto::client::connect_hybrid_vsock_within(
+            &socket,
+            proto::AGENT_VSOCK_PORT,
+            Some(Duration::from_secs(15)),
+        )
+        .map_err(|e| e.to_string())?;
         let control = stream.try_clone().map_err(|e| e.to_string())?;
-        control
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| e.to_string())?;
         let client = match AgentClient::over_unix(stream) {
             Ok(client) => client,
             Err(proto::client::ClientError::Remote { id: None, message }) => {
@@ -215,16 +224,14 @@ fn crate_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Refuse what this backend cannot enforce yet. (File shares are checked when they are
-/// planned, in `provision`.)
-fn check_enforceable(spec: &SandboxSpec) -> Result<(), SandboxError> {
-    if !spec.policy.network.is_deny_all() {
-        return Err(SandboxError::Unenforceable {
-            backend: "microvm",
-            what: "network access: the guest has no network device in this build".into(),
-        });
-    }
-    Ok(())
+/// Refuse what this backend cannot enforce, and plan the shares for what it can. (The
+/// network always goes through the host's policy proxy, see `net.rs`.)
+fn check_enforceable(spec: &SandboxSpec, system: &SystemView) -> Result<GuestFiles, SandboxError> {
+    let host_cwd = std::env::current_dir().ok();
+    shares::plan(&spec.view, system, host_cwd.as_deref()).map_err(|e| SandboxError::Unenforceable {
+        backend: "microvm",
+        what: format!("the file view: {e}"),
+    })
 }
 
 /// A private directory for the VM's sockets and logs.
@@ -249,15 +256,7 @@ impl Backend for MicrovmBackend {
     }
 
     fn provision(&mut self, spec: &SandboxSpec) -> Result<(), SandboxError> {
-        check_enforceable(spec)?;
-        let host_cwd = std::env::current_dir().ok();
-        self.files =
-            shares::plan(&spec.view, &self.opts.system, host_cwd.as_deref()).map_err(|e| {
-                SandboxError::Unenforceable {
-                    backend: "microvm",
-                    what: format!("the file view: {e}"),
-                }
-            })?;
+        self.files = check_enforceable(spec, &self.opts.system)?;
         crate::host::kvm_kind().map_err(|reason| SandboxError::Unavailable {
             backend: "microvm",
             reason,
@@ -271,7 +270,9 @@ impl Backend for MicrovmBackend {
                 });
             }
         }
+        let network = net::VmNet::provision(spec)?;
         let runtime = make_runtime_dir(&spec.id)?;
+        self.net = network;
         self.runtime = Some(runtime);
         self.spec = Some(spec.clone());
         self.opts.kernel = Some(kernel);
@@ -301,9 +302,10 @@ impl Backend for MicrovmBackend {
             message: e.to_string(),
         })?;
         config.cmdline_extra = format!(
-            "{} mxc.port={} {mounts}",
+            "{} mxc.port={}{} {mounts}",
             guest_image::kernel_cmdline(self.opts.console, false),
-            proto::AGENT_VSOCK_PORT
+            proto::AGENT_VSOCK_PORT,
+            self.net.cmdline()
         );
         config.shares = self.files.shares.clone();
         config.share_run_as = shares::sudo_user();
@@ -317,6 +319,8 @@ impl Backend for MicrovmBackend {
             guest_cid: proto::GUEST_CID,
             uds_path: runtime.join("vsock.sock"),
         });
+        // The proxy listens before the guest can try to reach it.
+        self.net.start(&runtime.join("vsock.sock"))?;
         self.timeline.spawned = Some(Instant::now());
         let process = vmm_process::VmmProcess::spawn(
             &config,
@@ -384,7 +388,11 @@ impl Backend for MicrovmBackend {
             stage: "agent".into(),
             message,
         })?;
-        let env = crate::process::compose_env(&req.env).into_iter().collect();
+        let env = self
+            .net
+            .env(crate::process::compose_env(&req.env))
+            .into_iter()
+            .collect();
         let exec = Exec {
             argv: req.argv.clone(),
             env,
@@ -444,6 +452,7 @@ impl Backend for MicrovmBackend {
         }
         self.report = vmm.wait_or_kill(Duration::from_secs(20));
         self.timeline.vm_gone = Some(Instant::now());
+        self.net.stop();
         Ok(())
     }
 
@@ -453,6 +462,8 @@ impl Backend for MicrovmBackend {
             self.report = vmm.wait_or_kill(Duration::ZERO);
             self.timeline.vm_gone = Some(Instant::now());
         }
+        self.net.stop();
+        self.net = net::VmNet::default();
         if let Some(dir) = self.runtime.take() {
             std::fs::remove_dir_all(&dir)
                 .map_err(|e| SandboxError::io(format!("removing {}", dir.display()), e))?;
@@ -506,12 +517,36 @@ fn run_agent_exec(
     let result = client.exec(exec, agent_io);
     drop(done_tx);
     let truncated = shared.borrow().limiter.truncated;
-    result
-        .map(|exit| (exit, truncated))
-        .map_err(|e| SandboxError::Setup {
+    match result {
+        Ok(exit) => Ok((exit, truncated)),
+        // The agent could not start the program: that is the command's failure (127 not
+        // found, 126 otherwise), as on the process tiers, not mxc-vm's.
+        Err(proto::client::ClientError::Remote { message, .. }) => {
+            let code = if message.contains("No such file or directory") {
+                127
+            } else {
+                126
+            };
+            let text = format!("mxc-vm: {message}\n");
+            let _ = shared
+                .borrow_mut()
+                .write_chunk(StreamKind::Stderr, text.as_bytes());
+            Ok((
+                proto::Exit {
+                    id: 0,
+                    code: Some(code),
+                    signal: None,
+                    timed_out: false,
+                    duration_ms: 0,
+                },
+                truncated,
+            ))
+        }
+        Err(e) => Err(SandboxError::Setup {
             stage: "exec".into(),
             message: crate_chain(&e),
-        })
+        }),
+    }
 }
 
 /// Routes output to the exec's sink (or our own stdout/stderr), applying the limit.
@@ -586,16 +621,16 @@ mod tests {
     }
 
     #[test]
-    fn network_access_is_refused_until_the_guest_has_a_route() {
+    fn network_access_is_enforceable_through_the_proxy() {
         let mut policy = Policy::empty(PolicySource::Cli);
         policy.network.egress.default = policy::Action::Allow;
-        let err = check_enforceable(&spec_with(policy)).unwrap_err();
-        assert!(err.to_string().contains("cannot enforce network access"));
+
+        assert!(check_enforceable(&spec_with(policy), &SystemView::None).is_ok());
     }
 
     #[test]
     fn deny_all_without_shares_is_enforceable() {
         let policy = Policy::empty(PolicySource::Cli);
-        assert!(check_enforceable(&spec_with(policy)).is_ok());
+        assert!(check_enforceable(&spec_with(policy), &SystemView::None).is_ok());
     }
 }

@@ -9,27 +9,52 @@
 //!   log is requested: a private namespace with only `lo`, where 127.0.0.1:3128 is the
 //!   host's policy proxy (see [`crate::proxy::handoff`]), and the command gets the proxy
 //!   variables. Programs that ignore them have no route at all.
+//!
+//! The same rule ([`egress_route`]) decides whether the microVM tier runs a proxy; see
+//! `crate::microvm` for what it does with an unfiltered policy (it has no host network
+//! to share).
 
 use std::os::fd::OwnedFd;
 
 use policy::Policy;
 
-use crate::proxy::{self, handoff, NetOptions, Proxy, ProxyConfig, Server};
+use crate::proxy::{self, handoff, Listener, NetOptions, Proxy, ProxyConfig, Server};
 use crate::view::NetMode;
 use crate::{SandboxError, SandboxSpec};
 
-/// The network a policy gets on the process tiers.
-pub fn net_mode(policy: &Policy, options: &NetOptions) -> NetMode {
+/// How a policy's egress is carried, whatever the tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EgressRoute {
+    /// Nothing may leave and nothing needs deciding or logging: no proxy, no route.
+    Closed,
+    /// Everything may leave and nothing needs deciding or logging.
+    Unfiltered,
+    /// Every connection is decided (and logged) by the sandbox's policy proxy.
+    Proxied,
+}
+
+/// The route a policy needs: the proxy for any rule, an upstream proxy, or an audit log;
+/// otherwise deny-all is closed and allow-all unfiltered.
+pub fn egress_route(policy: &Policy, options: &NetOptions) -> EgressRoute {
     let n = &policy.network;
     let plain = n.upstream_proxy.is_none() && options.audit.is_none();
     if plain && n.is_deny_all() {
-        NetMode::LoopbackOnly
+        EgressRoute::Closed
     } else if plain && n.is_allow_all() {
-        NetMode::Host
+        EgressRoute::Unfiltered
     } else {
-        NetMode::Proxied {
+        EgressRoute::Proxied
+    }
+}
+
+/// The network a policy gets on the process tiers.
+pub fn net_mode(policy: &Policy, options: &NetOptions) -> NetMode {
+    match egress_route(policy, options) {
+        EgressRoute::Closed => NetMode::LoopbackOnly,
+        EgressRoute::Unfiltered => NetMode::Host,
+        EgressRoute::Proxied => NetMode::Proxied {
             port: handoff::SANDBOX_PROXY_PORT,
-        }
+        },
     }
 }
 
@@ -103,6 +128,16 @@ impl SandboxNet {
         Ok(Some((sandbox, server)))
     }
 
+    /// Accepts proxy connections from `listener` (e.g. the Unix socket a VMM sends its
+    /// guest's vsock connections to). `None` without a proxy.
+    pub(crate) fn serve<L: Listener>(&self, listener: L) -> Result<Option<Server>, SandboxError> {
+        match (&self.proxy, &self.config) {
+            (Some(proxy), _) => proxy.serve(listener).map(Some).map_err(setup_err),
+            (None, Some(_)) => Err(SandboxError::Lifecycle("serve before start")),
+            (None, None) => Ok(None),
+        }
+    }
+
     /// Ends every proxied connection and writes their audit lines.
     pub(crate) fn stop(&mut self) {
         if let Some(p) = self.proxy.take() {
@@ -151,6 +186,32 @@ mod tests {
         );
         assert_eq!(net_mode(&policy(Action::Allow, &[]), &audited), proxied);
         assert_eq!(net_mode(&policy(Action::Deny, &[]), &audited), proxied);
+    }
+
+    #[test]
+    fn each_policy_gets_its_route() {
+        let none = NetOptions::default();
+        let audited = NetOptions {
+            audit: Some("/tmp/a".into()),
+            ..NetOptions::default()
+        };
+
+        let routes = [
+            egress_route(&policy(Action::Deny, &[]), &none),
+            egress_route(&policy(Action::Allow, &[]), &none),
+            egress_route(&policy(Action::Deny, &["pypi.org"]), &none),
+            egress_route(&policy(Action::Deny, &[]), &audited),
+        ];
+
+        assert_eq!(
+            routes,
+            [
+                EgressRoute::Closed,
+                EgressRoute::Unfiltered,
+                EgressRoute::Proxied,
+                EgressRoute::Proxied
+            ]
+        );
     }
 
     #[test]
