@@ -5,13 +5,15 @@
 //! file boots as few VMs as it can: one VM runs every single-guest check; a second one,
 //! started at the same time, shares one read-write directory with the first for the
 //! concurrency check and is then SIGKILLed for the durability check; the `mxc-vm run`
-//! check of the issue's "done when" boots the third, from the binary, in parallel. Sizes
+//! check of the issue's "done when" boots the third, from the binary, after them. Sizes
 //! are modest: every new guest page costs milliseconds under PVM (`mxc-vm bench fs`
 //! measures the larger runs). Where /dev/kvm is missing these tests fail: they never
 //! skip.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use policy::{Overrides, Policy, PolicySource};
@@ -339,31 +341,21 @@ fn single_guest_checks(vm: &mut MicrovmBackend, t: &Tree) {
     assert!(!r.out.contains("root:"), "{r:?}");
 }
 
-/// Both VMs write their own files and their half of one common file, at the same time.
-fn concurrent_writes(a: &mut MicrovmBackend, b: &mut MicrovmBackend, t: &Tree) {
-    let common = t.s("shared/common.bin");
-    std::fs::write(t.p("shared/common.bin"), vec![0u8; 2 << 20]).unwrap();
-    let script = |name: &str, half: usize| {
-        format!(
-            "cd {dir} && i=0; while [ $i -lt {SHARED_FILES} ]; do \
-             printf '%s %s\\n' {name} $i > {name}-$i; i=$((i+1)); done; \
-             yes {name} | head -c 1048576 | dd of={common} bs=65536 seek={seek} \
-             conv=notrunc,fsync 2>/dev/null && echo done",
-            dir = t.s("shared"),
-            seek = half * 16,
-        )
-    };
-    let (sa, sb) = (script("vma", 0), script("vmb", 1));
-    let (ra, rb) = std::thread::scope(|s| {
-        let ha = s.spawn(|| sh(a, &sa));
-        let hb = s.spawn(|| sh(b, &sb));
-        (ha.join().unwrap(), hb.join().unwrap())
-    });
-    assert_eq!(
-        (ra.out.as_str(), rb.out.as_str()),
-        ("done\n", "done\n"),
-        "{ra:?} {rb:?}"
-    );
+/// What each VM runs at the same time: its own files, and its half of one common file.
+fn shared_script(t: &Tree, name: &str, half: usize) -> String {
+    format!(
+        "cd {dir} && i=0; while [ $i -lt {SHARED_FILES} ]; do \
+         printf '%s %s\\n' {name} $i > {name}-$i; i=$((i+1)); done; \
+         yes {name} | head -c 1048576 | dd of={common} bs=65536 seek={seek} \
+         conv=notrunc,fsync iflag=fullblock 2>/dev/null && echo done",
+        dir = t.s("shared"),
+        common = t.s("shared/common.bin"),
+        seek = half * 16,
+    )
+}
+
+/// After both VMs ran [`shared_script`]: every file as its writer meant it.
+fn check_shared(t: &Tree) {
     for name in ["vma", "vmb"] {
         let wrong: Vec<usize> = (0..SHARED_FILES)
             .filter(|i| {
@@ -393,9 +385,27 @@ fn concurrent_writes(a: &mut MicrovmBackend, b: &mut MicrovmBackend, t: &Tree) {
         bytes[1 << 20..] == expect("vmb")[..],
         "vmb's half is corrupted"
     );
-    // Each guest sees the other's files as the host has them.
-    let r = sh(a, &format!("cat {}/vmb-7", t.s("shared")));
-    assert_eq!(r.out, "vmb 7\n", "{r:?}");
+}
+
+/// Boot, wait for the other VM, run `script`, wait again. Both VMs meet at the two
+/// barriers whatever happens to either (a panic is kept for later), so neither waits for
+/// ever.
+fn boot_and_run_together(
+    spec: &SandboxSpec,
+    script: &str,
+    barrier: &Barrier,
+) -> (MicrovmBackend, Ran) {
+    let booted = catch_unwind(AssertUnwindSafe(|| boot(spec)));
+    barrier.wait();
+    let ran = booted.map(|mut vm| {
+        let ran = catch_unwind(AssertUnwindSafe(|| sh(&mut vm, script)));
+        (vm, ran)
+    });
+    barrier.wait();
+    match ran {
+        Ok((vm, Ok(ran))) => (vm, ran),
+        Ok((_, Err(panic))) | Err(panic) => resume_unwind(panic),
+    }
 }
 
 /// The guest writes and fsyncs, then the VMM dies by SIGKILL mid-way through more
@@ -411,10 +421,11 @@ fn fsynced_data_survives_sigkill(mut vm: MicrovmBackend, spec: &SandboxSpec, t: 
     assert_eq!(r.out, "synced\n", "{r:?}");
     let vmm_pids = pids_with(&format!("mxc-vm-{}", spec.id));
     assert!(!vmm_pids.is_empty(), "no VMM process found");
+    // Writes still in flight when the VMM dies.
+    let more = format!("while :; do echo more >> {}; done", t.s("shared/more.txt"));
     let writer = std::thread::spawn(move || {
-        let script = "while :; do echo more >> /tmp/x; done";
         let req = ExecRequest {
-            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            argv: vec!["/bin/sh".into(), "-c".into(), more],
             env: vec![],
             cwd: None,
             timeout: Some(Duration::from_secs(120)),
@@ -458,19 +469,32 @@ fn shares_in_real_guests_enforce_the_policy_and_keep_the_data() {
         &[t.p("rw/.env")],
     );
     let spec_b = spec("vmfs-b", &[], &[t.p("shared")], &[]);
-    let (mut a, mut b) = std::thread::scope(|s| {
-        let ha = s.spawn(|| boot(&spec_a));
-        let hb = s.spawn(|| boot(&spec_b));
-        (ha.join().unwrap(), hb.join().unwrap())
+    std::fs::write(t.p("shared/common.bin"), vec![0u8; 2 << 20]).unwrap();
+    let barrier = Barrier::new(2);
+    // Each VM lives on one thread from boot to end: the VMM process dies with the thread
+    // that spawned it (PR_SET_PDEATHSIG follows the thread, not the process).
+    std::thread::scope(|s| {
+        let vm_b = s.spawn(|| {
+            let (b, ran) = boot_and_run_together(&spec_b, &shared_script(&t, "vmb", 1), &barrier);
+            assert_eq!(ran.out, "done\n", "{ran:?}");
+            fsynced_data_survives_sigkill(b, &spec_b, &t);
+        });
+        let (mut a, ran) = boot_and_run_together(&spec_a, &shared_script(&t, "vma", 0), &barrier);
+        assert_eq!(ran.out, "done\n", "{ran:?}");
+        check_shared(&t);
+        // Each guest sees the other's files as the host has them.
+        let r = sh(&mut a, &format!("cat {}/vmb-7", t.s("shared")));
+        assert_eq!(r.out, "vmb 7\n", "{r:?}");
+
+        single_guest_checks(&mut a, &t);
+
+        a.stop().expect("stop");
+        a.deprovision().expect("deprovision");
+        assert!(pids_with(&format!("mxc-vm-{}", spec_a.id)).is_empty());
+        if let Err(panic) = vm_b.join() {
+            resume_unwind(panic);
+        }
     });
-
-    concurrent_writes(&mut a, &mut b, &t);
-    fsynced_data_survives_sigkill(b, &spec_b, &t);
-    single_guest_checks(&mut a, &t);
-
-    a.stop().expect("stop");
-    a.deprovision().expect("deprovision");
-    assert!(pids_with(&format!("mxc-vm-{}", spec_a.id)).is_empty());
 }
 
 /// The issue's "done when": `mxc-vm run --backend microvm --rw ./project -- sh -c
