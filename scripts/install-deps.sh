@@ -4,6 +4,7 @@ set -euo pipefail
 pkgs=(
   bubblewrap          # the bubblewrap backend
   busybox-static      # the shell and tools inside the microVM guest
+  debootstrap         # the optional Debian rootfs for guests (mxc-vm image build --rootfs)
   linux-source-6.1    # the guest kernel source (mxc-vm image build)
   flex bison bc libelf-dev libssl-dev make gcc cpio xz-utils  # kernel build
   python3 iproute2 curl openssl  # used by the tests

@@ -6,11 +6,16 @@
 //! | `mxc.poweroff_on_disconnect=0\|1` | power off when the first host connection closes without `Shutdown` | 1 |
 //! | `mxc.hostname=NAME` | guest host name | `mxc-vm` |
 //! | `mxc.bench_poweroff=0\|1` | power off as soon as the agent is ready (boot benchmarks: `mxc-vm bench boot --vs-qemu`) | 0 |
+//! | `mxc.mounts=TAG:PATH:ro\|rw,…` | virtio-fs shares to mount before ready ([`proto::mounts`]) | none |
+//! | `mxc.links=PATH:TARGET,…` | symbolic links to create first | none |
 //! | `mxc.proxy_port=N` | relay 127.0.0.1:N to the host's network proxy (vsock port 1080) | none |
 //!
 //! Unknown `mxc.*` keys and malformed values are reported as warnings and the default is
-//! kept; keys without the `mxc.` prefix belong to the kernel and are ignored.
+//! kept; keys without the `mxc.` prefix belong to the kernel and are ignored. A malformed
+//! share list is not a warning: it is kept in [`BootConfig::share_error`] and makes the
+//! agent refuse to run commands (the files the policy promised would be missing).
 
+use proto::mounts::{GuestLink, GuestMount};
 use proto::AGENT_VSOCK_PORT;
 
 /// What the agent takes from the kernel command line.
@@ -24,6 +29,12 @@ pub struct BootConfig {
     pub hostname: String,
     /// Power off as soon as the agent is ready, without serving (boot benchmarks).
     pub bench_poweroff: bool,
+    /// virtio-fs shares to mount.
+    pub mounts: Vec<GuestMount>,
+    /// Symbolic links to create before mounting.
+    pub links: Vec<GuestLink>,
+    /// Why `mxc.mounts` or `mxc.links` could not be read.
+    pub share_error: Option<String>,
     /// Listen on 127.0.0.1 at this port and relay to the host's network proxy
     /// (see `proxy_forward`); `None`: no relay, the guest has no way out.
     pub proxy_port: Option<u16>,
@@ -36,6 +47,9 @@ impl Default for BootConfig {
             poweroff_on_disconnect: true,
             hostname: "mxc-vm".into(),
             bench_poweroff: false,
+            mounts: Vec::new(),
+            links: Vec::new(),
+            share_error: None,
             proxy_port: None,
         }
     }
@@ -95,6 +109,17 @@ pub fn parse(cmdline: &str) -> (BootConfig, Vec<String>) {
                 }
                 valid
             }
+            "mounts" | "links" => {
+                let decoded = if key == "mounts" {
+                    proto::mounts::decode_mounts(value).map(|m| cfg.mounts = m)
+                } else {
+                    proto::mounts::decode_links(value).map(|l| cfg.links = l)
+                };
+                if let Err(e) = decoded {
+                    cfg.share_error = Some(format!("mxc.{key}: {e}"));
+                }
+                true
+            }
             _ => false,
         };
         if !ok {
@@ -129,8 +154,7 @@ mod tests {
                 port: 2000,
                 poweroff_on_disconnect: false,
                 hostname: "box-1".into(),
-                bench_poweroff: false,
-                proxy_port: None,
+                ..BootConfig::default()
             }
         );
         assert!(warnings.is_empty());
@@ -158,6 +182,42 @@ mod tests {
 
         assert_eq!((on.bench_poweroff, on_warnings.len()), (true, 0));
         assert_eq!((bad.bench_poweroff, bad_warnings.len()), (false, 1));
+    }
+
+    #[test]
+    fn shares_and_links_are_read() {
+        let (cfg, warnings) =
+            parse("mxc.links=/bin:usr/bin mxc.mounts=mxcfs0:/usr:ro,mxcfs1:/w:rw");
+
+        assert!(warnings.is_empty());
+        assert_eq!(cfg.share_error, None);
+        assert_eq!(
+            cfg.mounts,
+            [
+                GuestMount {
+                    tag: "mxcfs0".into(),
+                    path: "/usr".into(),
+                    readonly: true
+                },
+                GuestMount {
+                    tag: "mxcfs1".into(),
+                    path: "/w".into(),
+                    readonly: false
+                }
+            ]
+        );
+        assert_eq!(cfg.links.len(), 1);
+    }
+
+    #[test]
+    fn a_malformed_share_list_is_an_error_not_a_warning() {
+        let (cfg, warnings) = parse("mxc.mounts=mxcfs0:/a/../etc:rw");
+
+        assert!(warnings.is_empty());
+        assert!(cfg.mounts.is_empty());
+        assert!(cfg
+            .share_error
+            .is_some_and(|e| e.starts_with("mxc.mounts: invalid message")));
     }
 
     #[test]

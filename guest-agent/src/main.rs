@@ -38,6 +38,7 @@ mod exec;
 mod init;
 mod proxy_forward;
 mod server;
+mod shares;
 mod sys;
 
 use std::io::Write;
@@ -211,6 +212,14 @@ fn run_pid1(unix: Option<PathBuf>) -> ! {
         log!("{w}");
     }
     init::configure(&cfg.hostname);
+    let refusal = match &cfg.share_error {
+        Some(e) => Some(shares::SharesError::BadList(e.clone())),
+        None => shares::set_up(&cfg.links, &cfg.mounts).err(),
+    }
+    .map(|e| error_chain(&e));
+    if let Some(msg) = &refusal {
+        log!("{msg}; refusing to run commands");
+    }
     let cgroups = match CgroupRoot::open(Path::new(init::CGROUP_ROOT)) {
         Ok(root) => Some(root),
         Err(e) => {
@@ -228,6 +237,7 @@ fn run_pid1(unix: Option<PathBuf>) -> ! {
         pid1: true,
         max_frame: proto::DEFAULT_MAX_FRAME,
         agent_version: VERSION.into(),
+        refusal,
     };
     let bench_poweroff = cfg.bench_poweroff;
     let served = std::panic::catch_unwind(move || {
@@ -292,6 +302,7 @@ fn run_process(args: &Args) -> i32 {
         pid1: false,
         max_frame: proto::DEFAULT_MAX_FRAME,
         agent_version: VERSION.into(),
+        refusal: None,
     };
     let reason = match Server::new(listener, ctx, opts) {
         Ok(mut server) => {

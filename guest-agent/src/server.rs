@@ -160,6 +160,9 @@ pub struct Options {
     pub max_frame: u32,
     /// Reported in `Ready`.
     pub agent_version: String,
+    /// Set when the guest could not be set up as the host asked (a share failed to
+    /// mount): every connection is answered with this error instead of `Ready`.
+    pub refusal: Option<String>,
 }
 
 /// The agent's event loop and everything it owns.
@@ -268,9 +271,14 @@ impl Server {
                     return;
                 }
             };
-            if self.conns.len() >= MAX_CONNECTIONS {
+            let refusal = match &self.opts.refusal {
+                Some(why) => Some(why.as_str()),
+                None if self.conns.len() >= MAX_CONNECTIONS => Some("too many connections"),
+                None => None,
+            };
+            if let Some(why) = refusal {
                 let mut out = Vec::new();
-                let refusal = Control::error(None, "too many connections");
+                let refusal = Control::error(None, why);
                 let _ = proto::encode_control(&mut out, &refusal, self.opts.max_frame);
                 let _ = sys::write(&fd, &out);
                 continue;
@@ -571,5 +579,50 @@ impl Server {
         for cg in &self.pending_cgroups {
             cg.kill();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::client::{AgentClient, ClientError};
+
+    #[test]
+    fn a_refusal_answers_every_connection_with_the_error() {
+        let path = std::env::temp_dir().join(format!("agent-refusal-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let opts = Options {
+            stop_on_disconnect: false,
+            pid1: false,
+            max_frame: proto::DEFAULT_MAX_FRAME,
+            agent_version: "test".into(),
+            refusal: Some("cannot mount share mxcfs0 at /w".into()),
+        };
+        // The server runs (and blocks its signals) on its own thread, for the rest of the
+        // test process.
+        std::thread::spawn(move || {
+            let ctx = SpawnContext {
+                cgroups: None,
+                reset_oom_score: false,
+                is_root: false,
+            };
+            let mut server = Server::new(OwnedFd::from(listener), ctx, opts).unwrap();
+            server.run()
+        });
+
+        let answers: Vec<String> = (0..2)
+            .map(|_| {
+                let stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+                match AgentClient::over_unix(stream) {
+                    Err(ClientError::Remote { id: None, message }) => message,
+                    other => format!("unexpected: {:?}", other.err()),
+                }
+            })
+            .collect();
+        let _ = std::fs::remove_file(&path);
+
+        assert_eq!(answers, ["cannot mount share mxcfs0 at /w"; 2]);
     }
 }

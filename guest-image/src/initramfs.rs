@@ -1,6 +1,13 @@
 //! The guest's initramfs: a fixed directory skeleton, device nodes, `/init` (the static
 //! guest agent), busybox with its applet links, and minimal `/etc` files, written as a
 //! deterministic cpio newc archive (sorted, fixed owners and mtimes).
+//!
+//! Busybox itself lives in `/.mxc/bin/`, with a link per applet next to it
+//! (`/.mxc/bin/sh`, …). The usual applet links (`/bin/sh`, `/usr/bin/awk`, …) point there
+//! too, so a guest without the host's system view has a complete shell. When the host's
+//! `/usr`, `/bin`, … are shared, the agent mounts them over these directories (or
+//! replaces `/bin` with the host's `usr/bin` link); `/.mxc` is never a mount point, so
+//! busybox stays reachable at `/.mxc/bin/` whatever is shared. `/init` is the agent.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -12,7 +19,11 @@ use thiserror::Error;
 use crate::cpio::{CpioError, CpioWriter, Meta};
 
 /// Where busybox lives in the image; its applet links point here.
-pub const BUSYBOX_PATH: &str = "/bin/busybox";
+pub const BUSYBOX_PATH: &str = "/.mxc/bin/busybox";
+/// The directory with busybox and one link per applet, never shadowed by a share.
+pub const MXC_BIN_DIR: &str = "/.mxc/bin";
+/// Changes whenever the layout of the image changes (part of its cache key).
+pub const LAYOUT_VERSION: &str = "mxc-bin-2";
 
 /// Directories every image has, besides the parents of the files in it.
 const DIRECTORIES: &[(&str, u32)] = &[
@@ -164,7 +175,19 @@ pub fn write_initramfs<W: Write>(
                 .entry(applet.clone())
                 .or_insert_with(|| Node::Symlink(BUSYBOX_PATH.to_owned()));
         }
+        let mxc_bin = MXC_BIN_DIR.trim_start_matches('/');
+        for applet in &contents.applets {
+            let name = applet.rsplit('/').next().unwrap_or(applet);
+            nodes
+                .entry(format!("{mxc_bin}/{name}"))
+                .or_insert_with(|| Node::Symlink("busybox".to_owned()));
+        }
+        // `/bin/busybox`, where it used to live, still runs it.
+        nodes
+            .entry("bin/busybox".to_owned())
+            .or_insert_with(|| Node::Symlink(BUSYBOX_PATH.to_owned()));
         let busybox_rel = BUSYBOX_PATH.trim_start_matches('/');
+        add_parents(&mut nodes, busybox_rel);
         nodes.insert(busybox_rel.to_owned(), Node::File(0o755, busybox));
     }
     for (path, mode, data) in &contents.extra_files {
@@ -281,12 +304,36 @@ mod tests {
         assert_eq!(sh.map(|e| e.mode), Some(S_IFLNK | 0o777));
         assert_eq!(
             sh.map(|e| e.data.as_slice()),
-            Some(b"/bin/busybox".as_slice())
+            Some(b"/.mxc/bin/busybox".as_slice())
         );
         assert_eq!(local.map(|e| e.mode), Some(S_IFDIR | 0o755));
         assert_eq!(
-            find(&entries, "bin/busybox").map(|e| e.mode),
+            find(&entries, ".mxc/bin/busybox").map(|e| e.mode),
             Some(S_IFREG | 0o755)
+        );
+        assert_eq!(
+            find(&entries, "bin/busybox").map(|e| e.data.as_slice()),
+            Some(b"/.mxc/bin/busybox".as_slice())
+        );
+    }
+
+    #[test]
+    fn every_applet_is_also_in_the_private_bin_directory() {
+        let entries = build(&sample());
+
+        let private: Vec<(&str, &[u8])> = ["sh", "awk", "x"]
+            .iter()
+            .filter_map(|n| find(&entries, &format!(".mxc/bin/{n}")))
+            .map(|e| (e.name.as_str(), e.data.as_slice()))
+            .collect();
+
+        assert_eq!(
+            private,
+            [
+                (".mxc/bin/sh", b"busybox".as_slice()),
+                (".mxc/bin/awk", b"busybox".as_slice()),
+                (".mxc/bin/x", b"busybox".as_slice())
+            ]
         );
     }
 

@@ -18,6 +18,7 @@ mod hash;
 pub mod initramfs;
 mod kconfig;
 mod kernel;
+pub mod rootfs;
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
@@ -36,6 +37,7 @@ pub use elf::{check_static_x86_64, ElfError};
 pub use initramfs::{busybox_applets, write_initramfs, InitramfsContents, InitramfsError};
 pub use kconfig::KconfigError;
 pub use kernel::{KernelError, DEFAULT_KERNEL_SOURCE, KERNEL_SOURCE_ENV};
+pub use rootfs::{build_rootfs, cached_rootfs, rootfs_path, RootfsError};
 
 /// Environment variable that overrides the cache directory.
 pub const CACHE_ENV: &str = "MXC_VM_CACHE_DIR";
@@ -95,6 +97,8 @@ pub enum Stage {
     Compile,
     /// Writing the initramfs.
     Initramfs,
+    /// Building the Debian rootfs (`debootstrap`).
+    Rootfs,
     /// Finished.
     Done,
 }
@@ -143,9 +147,12 @@ pub enum ImageError {
     /// The initramfs could not be assembled.
     #[error(transparent)]
     Initramfs(#[from] InitramfsError),
+    /// The Debian rootfs could not be built.
+    #[error(transparent)]
+    Rootfs(#[from] RootfsError),
 }
 
-fn cache_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+pub(crate) fn cache_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
     move |source| ImageError::Cache {
         path: path.to_owned(),
         source,
@@ -236,6 +243,7 @@ impl Inputs {
         let mut hasher = hash::KeyHasher::new("mxc-vm initramfs");
         hasher
             .field("builder", BUILDER_VERSION.as_bytes())
+            .field("layout", initramfs::LAYOUT_VERSION.as_bytes())
             .field("agent", &agent_bytes)
             .field("busybox", &busybox_bytes)
             .field("with-busybox", &[u8::from(busybox.is_some())]);
@@ -292,12 +300,12 @@ pub fn cached(opts: &BuildOptions) -> Option<Image> {
 }
 
 /// An exclusive lock on the cache, held while building (released on drop).
-struct CacheLock {
+pub(crate) struct CacheLock {
     _file: File,
 }
 
 impl CacheLock {
-    fn acquire(cache: &Path) -> Result<Self, ImageError> {
+    pub(crate) fn acquire(cache: &Path) -> Result<Self, ImageError> {
         let path = cache.join("lock");
         let file = OpenOptions::new()
             .create(true)
@@ -378,7 +386,7 @@ pub fn build(opts: &BuildOptions, progress: &mut dyn FnMut(Progress)) -> Result<
 
 /// Removes what an interrupted build left behind (temporary trees, kernel directories
 /// and initramfs files); only called with the cache lock held.
-fn remove_leftovers(cache: &Path) {
+pub(crate) fn remove_leftovers(cache: &Path) {
     let is_leftover = |name: &str| {
         name.starts_with("kbuild.new-") || name.starts_with("kbuild.old-") || name.contains(".tmp-")
     };
@@ -387,20 +395,32 @@ fn remove_leftovers(cache: &Path) {
         cache.join("kernel"),
         cache.join("initramfs"),
     ] {
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
+        remove_leftovers_in(&dir, &is_leftover);
+    }
+    // A partial rootfs may still have debootstrap's mounts inside: removed only without.
+    if let Ok(entries) = fs::read_dir(cache.join("rootfs")) {
         for entry in entries.flatten() {
-            if !is_leftover(&entry.file_name().to_string_lossy()) {
-                continue;
+            if is_leftover(&entry.file_name().to_string_lossy()) {
+                rootfs::remove_tree(&entry.path());
             }
-            let path = entry.path();
-            let _ = if path.is_dir() {
-                fs::remove_dir_all(&path)
-            } else {
-                fs::remove_file(&path)
-            };
         }
+    }
+}
+
+fn remove_leftovers_in(dir: &Path, is_leftover: &dyn Fn(&str) -> bool) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !is_leftover(&entry.file_name().to_string_lossy()) {
+            continue;
+        }
+        let path = entry.path();
+        let _ = if path.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
     }
 }
 

@@ -50,6 +50,11 @@ pub struct ImageArgs {
     /// Cache directory (default: $MXC_VM_CACHE_DIR, $XDG_CACHE_HOME/mxc-vm, ~/.cache/mxc-vm).
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Also build (or show) the read-only Debian rootfs that `run --guest-system rootfs`
+    /// shares instead of the host's /usr and /etc (debootstrap, minbase variant; needs
+    /// root and the Debian mirror: $MXC_VM_DEBIAN_MIRROR, default deb.debian.org).
+    #[arg(long)]
+    pub rootfs: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -64,6 +69,9 @@ pub enum BenchCommand {
     /// Cold microVM boots: time per boot stage (p50/p90/p99), VMM peak RSS, optionally
     /// against QEMU's microvm machine in the same run.
     Boot(BenchBootArgs),
+    /// File I/O in a microVM guest on a virtio-fs share against the same operations on
+    /// the host: sequential write/read throughput, create/stat/unlink latency.
+    Fs(BenchFsArgs),
 }
 
 /// How far each measured boot goes.
@@ -138,6 +146,26 @@ pub struct BenchBootArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct BenchFsArgs {
+    /// MiB written and read sequentially (every new guest page costs milliseconds under
+    /// kvm_pvm: mind the guest's memory, 256 MiB by default).
+    #[arg(long, default_value_t = 64)]
+    pub mib: u64,
+    /// Files created, stat'ed and unlinked.
+    #[arg(long, default_value_t = 1000)]
+    pub files: u64,
+    /// Directory to work in (default: the temporary directory); it must be on a real
+    /// file system, not a tmpfs, to compare like with like.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Give up when the guest agent has not answered after DUR.
+    #[arg(long, value_name = "DUR")]
+    pub boot_timeout: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct BenchProxyArgs {
     /// Measured connections per series (latency).
     #[arg(long, default_value_t = 2000)]
@@ -171,6 +199,13 @@ pub struct BenchExecArgs {
     pub backends: Vec<String>,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GuestSystemArg {
+    Host,
+    Rootfs,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -261,6 +296,11 @@ pub struct RunArgs {
     /// microVM: give up when the guest agent has not answered after DUR.
     #[arg(long, value_name = "DUR")]
     pub boot_timeout: Option<String>,
+    /// microVM: the read-only system the guest sees: `host` (the host's /usr, /bin,
+    /// /sbin, /lib* and the non-secret part of /etc; the default), `rootfs` (the Debian
+    /// rootfs from `mxc-vm image build --rootfs`) or `none` (busybox only).
+    #[arg(long, value_enum, value_name = "VIEW")]
+    pub guest_system: Option<GuestSystemArg>,
     /// Append one JSON line per network decision (allowed or denied connection) to
     /// FILE. This puts the policy proxy in front of every network policy, allow-all
     /// included (then loopback and private addresses need an IP rule, as always

@@ -35,6 +35,16 @@ fn print_image(image: &guest_image::Image, json: bool) {
     }
 }
 
+fn print_rootfs(root: &std::path::Path, json: bool) {
+    let mut out = std::io::stdout().lock();
+    if json {
+        let line = serde_json::json!({ "type": "rootfs", "path": root });
+        let _ = writeln!(out, "{line}");
+    } else {
+        let _ = writeln!(out, "rootfs    {}", root.display());
+    }
+}
+
 pub fn run(cmd: ImageCommand) -> Result<i32, Failure> {
     match cmd {
         ImageCommand::Build(args) => {
@@ -42,7 +52,23 @@ pub fn run(cmd: ImageCommand) -> Result<i32, Failure> {
             let image = guest_image::build(&options(&args), &mut progress)
                 .map_err(|e| Failure::new(chain(&e)))?;
             print_image(&image, args.json);
+            if args.rootfs {
+                let root = guest_image::build_rootfs(&options(&args), &mut progress)
+                    .map_err(|e| Failure::new(chain(&e)))?;
+                print_rootfs(&root, args.json);
+            }
             Ok(0)
+        }
+        ImageCommand::Show(args) if args.rootfs => {
+            match guest_image::cached_rootfs(&options(&args)) {
+                Some(root) => {
+                    print_rootfs(&root, args.json);
+                    Ok(0)
+                }
+                None => Err(Failure::new(
+                    "no rootfs is cached; run `sudo mxc-vm image build --rootfs`",
+                )),
+            }
         }
         ImageCommand::Show(args) => match guest_image::cached(&options(&args)) {
             Some(image) => {

@@ -28,6 +28,7 @@ fn main() {
         Commands::Image(cli::ImageCommand::Build(a) | cli::ImageCommand::Show(a)) => a.json,
         Commands::Bench(cli::BenchCommand::Proxy(a)) => a.json,
         Commands::Bench(cli::BenchCommand::Boot(a)) => a.json,
+        Commands::Bench(cli::BenchCommand::Fs(a)) => a.json,
     };
     let result = match cli.command {
         Commands::Run(args) => run_cmd::run(*args),

@@ -11,6 +11,7 @@ fn stage_name(stage: Stage) -> &'static str {
         Stage::Configure => "configure",
         Stage::Compile => "compile",
         Stage::Initramfs => "initramfs",
+        Stage::Rootfs => "rootfs",
         Stage::Done => "done",
         _ => "build",
     }

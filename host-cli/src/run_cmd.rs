@@ -10,9 +10,10 @@ use sandbox::output::{PassThrough, StdinMode};
 use sandbox::proxy::{NetOptions, Notices};
 use sandbox::{ExecIo, ExecRequest, OutputSink, SandboxSpec};
 
-use crate::cli::RunArgs;
+use crate::cli::{GuestSystemArg, RunArgs};
 use crate::failure::Failure;
 use crate::jsonl::{self, JsonSink};
+use sandbox::microvm::SystemView;
 
 fn parse_env(items: &[String]) -> Result<Vec<(String, String)>, Failure> {
     items
@@ -111,6 +112,24 @@ fn net_options(args: &RunArgs) -> Result<NetOptions, Failure> {
     Ok(options)
 }
 
+/// The guest's system view from `--guest-system` (the rootfs must have been built).
+fn guest_system(arg: Option<GuestSystemArg>) -> Result<SystemView, Failure> {
+    Ok(match arg.unwrap_or(GuestSystemArg::Host) {
+        GuestSystemArg::Host => SystemView::Host,
+        GuestSystemArg::None => SystemView::None,
+        GuestSystemArg::Rootfs => {
+            let opts = guest_image::BuildOptions::default();
+            let root = guest_image::cached_rootfs(&opts).ok_or_else(|| {
+                Failure::new(
+                    "--guest-system rootfs: no rootfs is built; run `sudo mxc-vm image build \
+                     --rootfs` first",
+                )
+            })?;
+            SystemView::Rootfs(root)
+        }
+    })
+}
+
 pub fn run(args: RunArgs) -> Result<i32, Failure> {
     let policy = effective_policy(&args)?;
     let base = std::env::current_dir().unwrap_or_else(|_| Path::new("/").to_path_buf());
@@ -137,12 +156,18 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
                 progress: Some(Box::new(crate::progress::reporter(args.json))),
                 boot_timeout,
                 vmm_binary: None,
+                system: guest_system(args.guest_system)?,
             },
         ))
     } else {
-        if args.kernel.is_some() || args.initrd.is_some() || args.console {
+        if args.kernel.is_some()
+            || args.initrd.is_some()
+            || args.console
+            || args.guest_system.is_some()
+        {
             return Err(Failure::new(format!(
-                "--kernel, --initrd and --console apply to the microvm backend, not {}",
+                "--kernel, --initrd, --console and --guest-system apply to the microvm \
+                 backend, not {}",
                 containment.as_str()
             )));
         }

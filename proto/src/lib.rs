@@ -58,6 +58,7 @@ pub mod client;
 mod error;
 mod frame;
 mod message;
+pub mod mounts;
 
 pub use error::ProtoError;
 pub use frame::{

@@ -117,7 +117,9 @@ fn one_vm_runs_many_checks_through_the_lifecycle() {
     assert!(start.elapsed() < Duration::from_secs(60));
     let (_, out) = exec(
         &mut vm,
-        &req(&["/bin/sh", "-c", "ps | grep -c '[s]leep 300'"]),
+        // pgrep reads /proc alike in busybox and procps (procps `ps` without a
+        // terminal lists nothing, and the guest runs the host's by default).
+        &req(&["/bin/sh", "-c", "pgrep -f '[s]leep 300' | wc -l"]),
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
 
@@ -216,8 +218,19 @@ fn mxc_vm_run_microvm_timeout_kills_command_and_vm() {
 #[test]
 fn guest_poweroff_ends_the_run() {
     require_kvm();
+    // Busybox's poweroff: without the host's system view the initramfs's /sbin is the
+    // guest's (the host's /usr has no poweroff that works without an init system).
     let out = run_and_check_gone(
-        &["run", "--backend", "microvm", "--", "/bin/poweroff", "-f"],
+        &[
+            "run",
+            "--backend",
+            "microvm",
+            "--guest-system",
+            "none",
+            "--",
+            "/sbin/poweroff",
+            "-f",
+        ],
         b"",
     );
     // The command takes its own VM down mid-exec: mxc-vm reports that (125) and returns.

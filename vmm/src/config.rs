@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::devices::fs::{FsShareConfig, RunAs};
 use crate::layout::{MAX_VCPUS, MIN_MEM_MIB};
 pub use crate::pvm::PvmMode;
 use crate::timeline::Stage;
@@ -54,6 +55,15 @@ pub struct VmConfig {
     /// A virtio-vsock device, if any.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// Host directories shared over virtio-fs, one device per share, in this order after
+    /// the vsock device. The VMM only serves them; telling the guest where to mount each
+    /// tag is the caller's business (`mxc.mounts=` in `cmdline_extra` for our agent).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<FsShareConfig>,
+    /// Serve the shares as this user and group (the VMM must run as root); `None`: as the
+    /// VMM's own user, without capabilities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_run_as: Option<RunAs>,
     /// Whether to apply the `kvm_pvm` changes.
     #[serde(default)]
     pub pvm: PvmMode,
@@ -105,6 +115,8 @@ impl VmConfig {
             vcpus,
             console: ConsoleMode::Off,
             vsock: None,
+            shares: Vec::new(),
+            share_run_as: None,
             pvm: PvmMode::Auto,
             pvm_cmdline: String::new(),
             start_monotonic_ns: None,

@@ -33,8 +33,10 @@ pub const VIRTIO_MMIO_BASE: u64 = 0xD000_1000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// IOAPIC input (GSI) of virtio-mmio slot 0; slot `i` uses `VIRTIO_MMIO_IRQ_BASE + i`.
 pub const VIRTIO_MMIO_IRQ_BASE: u32 = 5;
-/// Number of virtio-mmio slots (GSIs 5..=12).
-pub const VIRTIO_MMIO_SLOTS: u32 = 8;
+/// Number of virtio-mmio slots (GSIs 5..=20): vsock, a network device and one virtio-fs
+/// device per share (the system view alone takes up to six on a host without merged
+/// `/usr`).
+pub const VIRTIO_MMIO_SLOTS: u32 = 16;
 
 /// COM1 base port.
 pub const SERIAL_PORT: u16 = 0x3F8;

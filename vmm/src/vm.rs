@@ -61,6 +61,8 @@ pub enum VmmError {
     },
     #[error("cannot create the vsock device")]
     Vsock(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("cannot share a directory with the guest")]
+    Share(#[from] crate::devices::fs::FsError),
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
     #[error("device event loop")]
@@ -292,6 +294,7 @@ impl Vm {
         if let Some(vsock) = this.config.vsock.clone() {
             this.add_vsock(vsock.guest_cid, &vsock.uds_path)?;
         }
+        this.add_shares()?;
         Ok(this)
     }
 
@@ -365,6 +368,27 @@ impl Vm {
         let device = crate::devices::vsock::Vsock::new(u64::from(guest_cid), uds_path)
             .map_err(|e| VmmError::Vsock(Box::new(e)))?;
         self.add_virtio_device(Arc::new(Mutex::new(device)))?;
+        Ok(())
+    }
+
+    /// One virtio-fs device per configured share. Every share is checked and opened here,
+    /// so a share the guest cannot get is an error before anything boots.
+    fn add_shares(&mut self) -> Result<(), VmmError> {
+        use crate::devices::fs::{self, Fs, ServerOptions};
+        if self.config.shares.is_empty() {
+            return Ok(());
+        }
+        let mut steps = SetupSteps::new();
+        fs::validate_shares(&self.config.shares)?;
+        let options = ServerOptions {
+            limits: fs::limits_within_fd_budget(self.config.shares.len())?,
+            run_as: self.config.share_run_as,
+        };
+        for share in self.config.shares.clone() {
+            let device = Fs::with_options(&share, options)?;
+            self.add_virtio_device(Arc::new(Mutex::new(device)))?;
+        }
+        steps.done("add shares");
         Ok(())
     }
 

@@ -2,6 +2,7 @@
 
 mod boot;
 mod exec;
+mod fs;
 mod proxy;
 pub mod stats;
 
@@ -13,5 +14,6 @@ pub fn run(cmd: BenchCommand) -> Result<i32, Failure> {
         BenchCommand::Exec(args) => exec::run(args),
         BenchCommand::Proxy(args) => proxy::run(args),
         BenchCommand::Boot(args) => boot::run(args),
+        BenchCommand::Fs(args) => fs::run(args),
     }
 }

@@ -2,8 +2,12 @@
 //! kernel and initramfs; the guest agent (PID 1) runs each command and streams its output
 //! over virtio-vsock, reached through the VMM's hybrid-vsock Unix socket.
 //!
-//! Lifecycle: provision = image ready (built on first use) and a private runtime
-//! directory; start = VMM process spawned and the agent answering; exec = one vsock
+//! Files: the policy's file view and the guest's system view become virtio-fs shares
+//! that the VMM serves with the policy enforced on the host; the agent mounts them before
+//! it reports ready (see [`shares`]).
+//!
+//! Lifecycle: provision = shares planned (what cannot be enforced is refused here),
+//! image ready (built on first use) and a private runtime directory; start = VMM process spawned and the agent answering; exec = one vsock
 //! connection per command; stop = the agent powers the guest off (the VMM is killed if
 //! it does not); deprovision = nothing left (no process, socket or file).
 //!
@@ -12,6 +16,7 @@
 //! vsock (see `net.rs` for the route and how allow-all is handled).
 
 mod net;
+pub mod shares;
 mod vmm_process;
 
 use std::cell::RefCell;
@@ -20,13 +25,13 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use policy::Access;
 use proto::client::{AgentClient, ExecIo as AgentIo};
 use proto::{Exec, Rlimits};
 
 use crate::output::{ExecIo, Limiter, StdinMode, StreamKind};
 use crate::{Backend, ExecOutcome, ExecRequest, ExitKind, SandboxError, SandboxSpec};
 
+pub use shares::{GuestFiles, SharesError, SystemView, NEVER_SHARED};
 pub use vmm_process::{vmm_main, VMM_ARG};
 
 type Client = AgentClient<std::os::unix::net::UnixStream, std::os::unix::net::UnixStream>;
@@ -60,6 +65,8 @@ pub struct MicrovmOptions {
     /// The binary that runs `__vmm` (default: this executable, which must call
     /// [`crate::init_hook`]; tests and other embedders point it at `mxc-vm`).
     pub vmm_binary: Option<PathBuf>,
+    /// The read-only system directories the guest gets (default: the host's).
+    pub system: SystemView,
 }
 
 impl std::fmt::Debug for MicrovmOptions {
@@ -89,6 +96,8 @@ pub struct HostTimeline {
 pub struct MicrovmBackend {
     opts: MicrovmOptions,
     spec: Option<SandboxSpec>,
+    /// The guest's shares, planned at provision.
+    files: GuestFiles,
     runtime: Option<PathBuf>,
     vmm: Option<vmm_process::VmmProcess>,
     /// The first agent connection, held for the VM's lifetime: the agent powers the
@@ -107,6 +116,7 @@ impl MicrovmBackend {
         Self {
             opts,
             spec: None,
+            files: GuestFiles::default(),
             runtime: None,
             vmm: None,
             control: None,
@@ -130,6 +140,12 @@ impl MicrovmBackend {
 
     /// A connection to the agent, after the handshake.
     fn connect(&self) -> Result<Client, String> {
+        self.try_connect().map_err(ConnectFailure::into_message)
+    }
+
+    /// Like [`Self::connect`], telling an agent that refuses to serve (the guest could not
+    /// be set up, e.g. a share did not mount) from one that is not there yet.
+    fn try_connect(&self) -> Result<Client, ConnectFailure> {
         let socket = self.socket().map_err(|e| e.to_string())?;
         // Neither the vsock handshake nor the agent's Ready may hang us.
         let stream = proto::client::connect_hybrid_vsock_within(
@@ -139,7 +155,13 @@ impl MicrovmBackend {
         )
         .map_err(|e| e.to_string())?;
         let control = stream.try_clone().map_err(|e| e.to_string())?;
-        let client = AgentClient::over_unix(stream).map_err(|e| crate_chain(&e))?;
+        let client = match AgentClient::over_unix(stream) {
+            Ok(client) => client,
+            Err(proto::client::ClientError::Remote { id: None, message }) => {
+                return Err(ConnectFailure::Refused(message))
+            }
+            Err(e) => return Err(crate_chain(&e).into()),
+        };
         control.set_read_timeout(None).map_err(|e| e.to_string())?;
         Ok(client)
     }
@@ -172,6 +194,30 @@ impl MicrovmBackend {
     }
 }
 
+/// Why a connection to the agent failed.
+#[derive(Debug)]
+enum ConnectFailure {
+    /// The agent answered with an error instead of `Ready`: it will not serve.
+    Refused(String),
+    /// Not (yet) reachable.
+    Other(String),
+}
+
+impl From<String> for ConnectFailure {
+    fn from(message: String) -> Self {
+        Self::Other(message)
+    }
+}
+
+impl ConnectFailure {
+    fn into_message(self) -> String {
+        match self {
+            Self::Refused(m) => format!("the guest agent refused to serve: {m}"),
+            Self::Other(m) => m,
+        }
+    }
+}
+
 fn crate_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
@@ -183,26 +229,14 @@ fn crate_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Refuse what this backend cannot enforce yet.
-fn check_enforceable(spec: &SandboxSpec) -> Result<(), SandboxError> {
-    let shares: Vec<String> = spec
-        .view
-        .entries
-        .iter()
-        .filter(|e| e.access != Access::Denied)
-        .map(|e| e.path.display().to_string())
-        .collect();
-    if !shares.is_empty() {
-        return Err(SandboxError::Unenforceable {
-            backend: "microvm",
-            what: format!(
-                "file shares ({}): this build has no virtio-fs shares yet; use the process \
-                 backend for file access",
-                shares.join(", ")
-            ),
-        });
-    }
-    Ok(())
+/// Refuse what this backend cannot enforce, and plan the shares for what it can. (The
+/// network always goes through the host's policy proxy, see `net.rs`.)
+fn check_enforceable(spec: &SandboxSpec, system: &SystemView) -> Result<GuestFiles, SandboxError> {
+    let host_cwd = std::env::current_dir().ok();
+    shares::plan(&spec.view, system, host_cwd.as_deref()).map_err(|e| SandboxError::Unenforceable {
+        backend: "microvm",
+        what: format!("the file view: {e}"),
+    })
 }
 
 /// A private directory for the VM's sockets and logs.
@@ -227,7 +261,7 @@ impl Backend for MicrovmBackend {
     }
 
     fn provision(&mut self, spec: &SandboxSpec) -> Result<(), SandboxError> {
-        check_enforceable(spec)?;
+        self.files = check_enforceable(spec, &self.opts.system)?;
         crate::host::kvm_kind().map_err(|reason| SandboxError::Unavailable {
             backend: "microvm",
             reason,
@@ -268,12 +302,18 @@ impl Backend for MicrovmBackend {
             u8::try_from(limits.vcpus.unwrap_or(1)).unwrap_or(u8::MAX),
         );
         config.initrd = Some(initrd.clone());
+        let mounts = self.files.cmdline().map_err(|e| SandboxError::Setup {
+            stage: "shares".into(),
+            message: e.to_string(),
+        })?;
         config.cmdline_extra = format!(
-            "{} mxc.port={}{}",
+            "{} mxc.port={}{} {mounts}",
             guest_image::kernel_cmdline(self.opts.console, false),
             proto::AGENT_VSOCK_PORT,
             self.net.cmdline()
         );
+        config.shares = self.files.shares.clone();
+        config.share_run_as = shares::sudo_user();
         config.pvm_cmdline = guest_image::KERNEL_CMDLINE_PVM.to_string();
         config.console = if self.opts.console {
             vmm::ConsoleMode::Stdout
@@ -314,13 +354,19 @@ impl Backend for MicrovmBackend {
                 }
             }
             if self.socket()?.exists() {
-                match self.connect() {
+                match self.try_connect() {
                     Ok(client) => {
                         self.control = Some(client);
                         self.timeline.agent_ready = Some(Instant::now());
                         return Ok(());
                     }
-                    Err(e) => last_error = e,
+                    Err(refused @ ConnectFailure::Refused(_)) => {
+                        return Err(SandboxError::Setup {
+                            stage: "guest setup".into(),
+                            message: refused.into_message(),
+                        })
+                    }
+                    Err(ConnectFailure::Other(e)) => last_error = e,
                 }
             }
             if Instant::now() >= deadline {
@@ -365,6 +411,7 @@ impl Backend for MicrovmBackend {
             cwd: Some(
                 req.cwd
                     .as_ref()
+                    .or(self.files.default_cwd.as_ref())
                     .map_or_else(|| "/".to_string(), |c| c.display().to_string()),
             ),
             timeout_ms: req.timeout.map(|t| t.as_millis() as u64),
@@ -434,6 +481,7 @@ impl Backend for MicrovmBackend {
                 .map_err(|e| SandboxError::io(format!("removing {}", dir.display()), e))?;
         }
         self.spec = None;
+        self.files = GuestFiles::default();
         Ok(())
     }
 }
@@ -589,12 +637,12 @@ mod tests {
         let mut policy = Policy::empty(PolicySource::Cli);
         policy.network.egress.default = policy::Action::Allow;
 
-        assert!(check_enforceable(&spec_with(policy)).is_ok());
+        assert!(check_enforceable(&spec_with(policy), &SystemView::None).is_ok());
     }
 
     #[test]
     fn deny_all_without_shares_is_enforceable() {
         let policy = Policy::empty(PolicySource::Cli);
-        assert!(check_enforceable(&spec_with(policy)).is_ok());
+        assert!(check_enforceable(&spec_with(policy), &SystemView::None).is_ok());
     }
 }

@@ -123,6 +123,12 @@ pub struct FsShareConfig {
     /// Absolute host paths inside `host_path` the guest must not see.
     #[serde(default)]
     pub denied: Vec<PathBuf>,
+    /// When set, the only names directly under the root that exist for the guest: every
+    /// other entry of the root is absent (and cannot be created), including entries the
+    /// host adds later. For sharing a few files of a directory, or the non-secret part of
+    /// `/etc`. Each name is one path component (no `/`, not empty, `.` or `..`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_allowlist: Option<Vec<String>>,
 }
 
 /// Bounds on what one share's server holds for the guest.
@@ -177,6 +183,8 @@ pub enum FsError {
     NotADirectory(PathBuf),
     #[error("shared path {} is not valid UTF-8", .0.display())]
     NonUtf8Path(PathBuf),
+    #[error("root_allowlist entry {name:?} of share {tag:?} must be a single file name")]
+    BadAllowedName { tag: String, name: String },
     #[error("denied path {} must be absolute", .0.display())]
     DeniedNotAbsolute(PathBuf),
     #[error("denied path {} is not inside share {}", .denied.display(), .share.display())]
@@ -213,6 +221,15 @@ pub enum FsError {
     RunAsNeedsRoot(u32),
     #[error("cannot create the fs device's eventfd")]
     EventFd(#[source] std::io::Error),
+    #[error(
+        "{shares} shares need at least {needed} file descriptors but RLIMIT_NOFILE allows \
+         {limit} (raise the hard limit or share fewer directories)"
+    )]
+    FdBudget {
+        shares: usize,
+        needed: u64,
+        limit: u64,
+    },
 }
 
 /// Check a set of shares together: every share on its own (tag, guest path) and no tag or
@@ -223,6 +240,7 @@ pub fn validate_shares(shares: &[FsShareConfig]) -> Result<(), FsError> {
     for share in shares {
         share::check_tag(&share.tag)?;
         share::check_guest_path(share)?;
+        share::check_allowlist(share)?;
         if !tags.insert(share.tag.as_str()) {
             return Err(FsError::DuplicateTag(share.tag.clone()));
         }
@@ -231,6 +249,54 @@ pub fn validate_shares(shares: &[FsShareConfig]) -> Result<(), FsError> {
         }
     }
     Ok(())
+}
+
+/// File descriptors kept back for the VMM itself when shares divide `RLIMIT_NOFILE`.
+pub const FD_RESERVE: u64 = 256;
+/// Fewest descriptors one share may get (inodes plus handles).
+pub const MIN_FDS_PER_SHARE: u64 = 64;
+
+/// Raise this process's `RLIMIT_NOFILE` soft limit to its hard limit, then give each of
+/// `shares` shares an equal part of it (after [`FD_RESERVE`] for the VMM), capped at the
+/// default limits. Each inode the guest holds and each open handle is one host fd.
+pub fn limits_within_fd_budget(shares: usize) -> Result<FsLimits, FsError> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 && lim.rlim_cur < lim.rlim_max
+    {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct we own; raising soft to hard needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
+    }
+    limits_for(shares, lim.rlim_cur)
+}
+
+/// [`limits_within_fd_budget`] for a given descriptor limit.
+pub fn limits_for(shares: usize, fd_limit: u64) -> Result<FsLimits, FsError> {
+    let defaults = FsLimits::default();
+    let count = shares.max(1) as u64;
+    let per_share = fd_limit.saturating_sub(FD_RESERVE) / count;
+    if per_share < MIN_FDS_PER_SHARE {
+        return Err(FsError::FdBudget {
+            shares,
+            needed: FD_RESERVE + MIN_FDS_PER_SHARE * count,
+            limit: fd_limit,
+        });
+    }
+    let max_handles = (defaults.max_handles as u64).min(per_share / 8).max(1);
+    let max_inodes = (defaults.max_inodes as u64).min(per_share - max_handles);
+    Ok(FsLimits {
+        max_inodes: usize::try_from(max_inodes).unwrap_or(defaults.max_inodes),
+        max_handles: usize::try_from(max_handles).unwrap_or(defaults.max_handles),
+    })
 }
 
 /// The tag of the `index`th share: `mxcfs0`, `mxcfs1`, …

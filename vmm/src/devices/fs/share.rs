@@ -44,6 +44,9 @@ pub struct DeniedSet {
     inodes: HashSet<InodeId>,
     /// Denied names: `(parent directory, name)`, whether the name exists yet or not.
     names: HashSet<(InodeId, Vec<u8>)>,
+    /// `(root directory, names)`: when set, every other name directly under the root is
+    /// denied.
+    root_allowlist: Option<(InodeId, HashSet<Vec<u8>>)>,
 }
 
 impl DeniedSet {
@@ -52,6 +55,11 @@ impl DeniedSet {
     }
 
     pub fn is_denied_name(&self, parent: InodeId, name: &[u8]) -> bool {
+        if let Some((root, allowed)) = &self.root_allowlist {
+            if *root == parent && !allowed.contains(name) {
+                return true;
+            }
+        }
         // Avoid allocating for the common case of no denied names at all.
         !self.names.is_empty() && self.names.contains(&(parent, name.to_vec()))
     }
@@ -93,10 +101,23 @@ pub(crate) fn check_guest_path(share: &FsShareConfig) -> Result<(), FsError> {
     Ok(())
 }
 
+pub(crate) fn check_allowlist(share: &FsShareConfig) -> Result<(), FsError> {
+    for name in share.root_allowlist.iter().flatten() {
+        if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
+            return Err(FsError::BadAllowedName {
+                tag: share.tag.clone(),
+                name: name.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Check a share's config and resolve its paths.
 pub fn prepare(share: &FsShareConfig) -> Result<PreparedShare, FsError> {
     check_tag(&share.tag)?;
     check_guest_path(share)?;
+    check_allowlist(share)?;
     let root = fs::canonicalize(&share.host_path).map_err(|source| FsError::HostPath {
         path: share.host_path.clone(),
         source,
@@ -117,6 +138,9 @@ pub fn prepare(share: &FsShareConfig) -> Result<PreparedShare, FsError> {
         source,
     })?;
     hide_mount_points(&mut denied, &root, &mountinfo)?;
+    if let Some(allowed) = &share.root_allowlist {
+        deny_all_but(&mut denied, &root, InodeId::of(&md), allowed)?;
+    }
     Ok(PreparedShare {
         tag: share.tag.clone(),
         root_id: InodeId::of(&md),
@@ -169,6 +193,43 @@ fn add_denied(set: &mut DeniedSet, root: &Path, path: &Path) -> Result<(), FsErr
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(FsError::DeniedPath { path: full, source }),
     }
+}
+
+/// Deny every name directly under `root` except `allowed`: by name (so entries the host
+/// adds later stay absent) and, for what exists now, by inode (so a hard link to such a
+/// file elsewhere in the share is hidden too). The trees below the hidden entries are not
+/// walked (a shared home directory's parent may hold a lot): a file with several links
+/// deep inside a hidden directory stays visible under a name the allowlist admits.
+fn deny_all_but(
+    set: &mut DeniedSet,
+    root: &Path,
+    root_id: InodeId,
+    allowed: &[String],
+) -> Result<(), FsError> {
+    let allowed: HashSet<Vec<u8>> = allowed.iter().map(|n| n.as_bytes().to_vec()).collect();
+    let entries = fs::read_dir(root).map_err(|source| FsError::HostPath {
+        path: root.to_path_buf(),
+        source,
+    })?;
+    for entry in entries {
+        let entry = entry.map_err(|source| FsError::HostPath {
+            path: root.to_path_buf(),
+            source,
+        })?;
+        if allowed.contains(entry.file_name().as_bytes()) {
+            continue;
+        }
+        let path = entry.path();
+        match fs::symlink_metadata(&path) {
+            Ok(md) => {
+                set.inodes.insert(InodeId::of(&md));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(FsError::DeniedPath { path, source }),
+        }
+    }
+    set.root_allowlist = Some((root_id, allowed));
+    Ok(())
 }
 
 /// Where the VMM's mount table is read from.
@@ -293,6 +354,7 @@ mod tests {
             guest_path: "/work".into(),
             readonly: false,
             denied: denied.to_vec(),
+            root_allowlist: None,
         }
     }
 
@@ -358,6 +420,48 @@ mod tests {
         assert!(errors[7].starts_with("share tag"));
         assert!(errors[8].starts_with("share tag"));
         assert!(errors[9].contains("must be absolute"));
+    }
+
+    #[test]
+    fn a_root_allowlist_hides_every_other_name_now_and_later() {
+        let dir = TempDir::new();
+        std::fs::write(dir.path("passwd"), b"p").unwrap();
+        std::fs::write(dir.path("shadow"), b"s").unwrap();
+        std::fs::create_dir(dir.path("ssh")).unwrap();
+        let config = FsShareConfig {
+            root_allowlist: Some(vec!["passwd".into(), "hosts".into()]),
+            ..share(dir.root(), &[])
+        };
+
+        let prepared = prepare(&config).unwrap();
+
+        let shadow = std::fs::symlink_metadata(dir.path("shadow")).unwrap();
+        let root = prepared.root_id;
+        let denied = &prepared.denied;
+        assert_eq!(
+            [
+                denied.is_denied_name(root, b"passwd"),
+                denied.is_denied_name(root, b"hosts"),
+                denied.is_denied_name(root, b"shadow"),
+                denied.is_denied_name(root, b"ssh"),
+                denied.is_denied_name(root, b"made-later"),
+                denied.is_denied_inode(InodeId::of(&shadow)),
+            ],
+            [false, false, true, true, true, true]
+        );
+    }
+
+    #[test]
+    fn allowlist_names_must_be_single_components() {
+        let dir = TempDir::new();
+        let bad = ["", ".", "..", "a/b"].map(|name| FsShareConfig {
+            root_allowlist: Some(vec![name.into()]),
+            ..share(dir.root(), &[])
+        });
+
+        let refused = bad.iter().filter(|c| prepare(c).is_err()).count();
+
+        assert_eq!(refused, 4);
     }
 
     #[test]

@@ -400,3 +400,14 @@ fn run_as_is_refused_unless_the_vmm_is_root() {
 
     assert!(matches!(as_user, Err(FsError::RunAsNeedsRoot(4321))));
 }
+
+#[test]
+fn shares_divide_the_descriptor_limit_capped_at_the_defaults() {
+    let roomy = crate::devices::fs::limits_for(4, 1_048_576).unwrap();
+    let tight = crate::devices::fs::limits_for(4, 20_000).unwrap();
+    let too_few = crate::devices::fs::limits_for(8, 512).unwrap_err();
+
+    assert_eq!(roomy, FsLimits::default());
+    assert_eq!((tight.max_inodes, tight.max_handles), (4_319, 617));
+    assert!(too_few.to_string().contains("RLIMIT_NOFILE allows 512"));
+}

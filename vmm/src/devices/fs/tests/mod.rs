@@ -75,6 +75,7 @@ pub fn share_of(root: &Path, readonly: bool, denied: &[PathBuf]) -> FsShareConfi
         guest_path: "/work".into(),
         readonly,
         denied: denied.to_vec(),
+        root_allowlist: None,
     }
 }
 

@@ -146,6 +146,34 @@ fn denied_paths_are_absent_from_lookup_and_listings() {
 }
 
 #[test]
+fn a_root_allowlist_shows_only_its_names_even_ones_added_later() {
+    let dir = TempDir::new();
+    std::fs::write(dir.path("passwd"), b"root:x:0:0").unwrap();
+    std::fs::write(dir.path("shadow"), b"root:HASH").unwrap();
+    std::fs::create_dir(dir.path("ssl")).unwrap();
+    std::fs::write(dir.path("ssl/cert"), b"C").unwrap();
+    let share = FsShareConfig {
+        root_allowlist: Some(vec!["passwd".into(), "ssl".into(), "later-ok".into()]),
+        ..share_of(dir.root(), false, &[])
+    };
+    let mut guest = Guest::new(&share);
+    guest.init();
+    std::fs::write(dir.path("made-later"), b"x").unwrap();
+    std::fs::write(dir.path("later-ok"), b"y").unwrap();
+
+    let listed = names(&guest.list(1, true).unwrap());
+    let lookups = ["shadow", "made-later"].map(|n| guest.lookup(1, n).err());
+    let ssl = guest.lookup(1, "ssl").unwrap();
+    let cert = guest.lookup(ssl.nodeid, "cert").is_ok();
+    let create = guest.mkdir(1, "new-dir", 0o755).err();
+
+    assert_eq!(listed, ["later-ok", "passwd", "ssl"]);
+    assert_eq!(lookups, [Some(libc::ENOENT); 2]);
+    assert!(cert);
+    assert_eq!(create, Some(libc::EACCES));
+}
+
+#[test]
 fn denied_paths_cannot_be_changed_created_or_replaced() {
     let dir = TempDir::new();
     let denied = denied_tree(&dir);
