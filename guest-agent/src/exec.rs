@@ -54,6 +54,33 @@ pub struct SpawnContext {
     pub reset_oom_score: bool,
     /// Whether the agent runs as root (then `RLIMIT_NPROC` is not enforced).
     pub is_root: bool,
+    /// Variables every exec gets on top of its own ([`hypervisor_env`]).
+    pub extra_env: Vec<(String, String)>,
+}
+
+/// Variables the host's kernel command line hands to `/init` for programs in the guest
+/// (see `guest_image::KERNEL_CMDLINE_PVM`): under kvm_pvm the guest kernel cannot save
+/// AVX state, so glibc and OpenSSL are told not to use it.
+pub const HYPERVISOR_ENV: &[&str] = &["GLIBC_TUNABLES", "OPENSSL_ia32cap"];
+
+/// The [`HYPERVISOR_ENV`] variables present in the agent's own environment.
+pub fn hypervisor_env() -> Vec<(String, String)> {
+    HYPERVISOR_ENV
+        .iter()
+        .filter_map(|name| Some(((*name).to_owned(), std::env::var(name).ok()?)))
+        .collect()
+}
+
+/// Adds `extra` to an exec's environment: a `GLIBC_TUNABLES` the exec sets keeps its
+/// tunables and gets ours after them (the later setting wins); other names are ours.
+fn add_extra_env(env: &mut std::collections::BTreeMap<String, String>, extra: &[(String, String)]) {
+    for (name, value) in extra {
+        let merged = match env.get(name) {
+            Some(own) if name == "GLIBC_TUNABLES" && !own.is_empty() => format!("{own}:{value}"),
+            _ => value.clone(),
+        };
+        env.insert(name.clone(), merged);
+    }
 }
 
 /// The program paths to try for `program`, like `execvp`: as given when it contains a
@@ -233,11 +260,12 @@ pub struct Running {
 impl Running {
     /// Forks the child for `exec` and registers its pipes (not yet watched).
     pub fn spawn(
-        exec: Exec,
+        mut exec: Exec,
         conn: u32,
         ctx: &mut SpawnContext,
         reg: &mut Registry,
     ) -> Result<Self, ExecError> {
+        add_extra_env(&mut exec.env, &ctx.extra_env);
         let mut spec = child_spec(&exec, ctx.is_root)?;
         spec.reset_oom_score = ctx.reset_oom_score;
         let cgroup = match (&mut ctx.cgroups, exec.rlimits.nproc) {
@@ -554,6 +582,39 @@ mod tests {
             .collect();
         assert_eq!(env, ["A=1", "B=x=y"]);
         assert_eq!(spec.cwd.to_str().unwrap(), "/");
+    }
+
+    #[test]
+    fn extra_env_is_added_and_glibc_tunables_are_appended() {
+        let extra = [
+            (
+                "GLIBC_TUNABLES".to_owned(),
+                "glibc.cpu.hwcaps=-AVX".to_owned(),
+            ),
+            ("OPENSSL_ia32cap".to_owned(), "~0x1".to_owned()),
+        ];
+        let mut own = std::collections::BTreeMap::from([
+            (
+                "GLIBC_TUNABLES".to_owned(),
+                "glibc.malloc.check=3".to_owned(),
+            ),
+            ("OPENSSL_ia32cap".to_owned(), "0x0".to_owned()),
+            ("A".to_owned(), "1".to_owned()),
+        ]);
+        let mut none = std::collections::BTreeMap::new();
+
+        add_extra_env(&mut own, &extra);
+        add_extra_env(&mut none, &extra);
+
+        assert_eq!(
+            own["GLIBC_TUNABLES"],
+            "glibc.malloc.check=3:glibc.cpu.hwcaps=-AVX"
+        );
+        assert_eq!(
+            (own["OPENSSL_ia32cap"].as_str(), own["A"].as_str()),
+            ("~0x1", "1")
+        );
+        assert_eq!(none.into_iter().collect::<Vec<_>>(), extra);
     }
 
     #[test]

@@ -231,6 +231,7 @@ fn run_pid1(unix: Option<PathBuf>) -> ! {
         cgroups,
         reset_oom_score: true,
         is_root: true,
+        extra_env: exec::hypervisor_env(),
     };
     let opts = Options {
         stop_on_disconnect: cfg.poweroff_on_disconnect,
@@ -296,6 +297,7 @@ fn run_process(args: &Args) -> i32 {
         cgroups,
         reset_oom_score: false,
         is_root: sys::is_root(),
+        extra_env: Vec::new(),
     };
     let opts = Options {
         stop_on_disconnect: args.exit_on_disconnect,

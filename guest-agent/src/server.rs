@@ -607,6 +607,7 @@ mod tests {
                 cgroups: None,
                 reset_oom_score: false,
                 is_root: false,
+                extra_env: Vec::new(),
             };
             let mut server = Server::new(OwnedFd::from(listener), ctx, opts).unwrap();
             server.run()

@@ -4,11 +4,12 @@
 //! own `virtio_mmio.device=` entries. [`kernel_cmdline`] does the joining.
 
 /// Shared part: reboot and power-off leave through the keyboard controller's reset
-/// (port 0x64, which the VMM handles), a panic reboots at once, no timer or
+/// (port 0x64, which the VMM handles; power-off through our patch 0004, since without
+/// ACPI the stock kernel halts forever), a panic reboots at once, no timer or
 /// mitigation work the guest does not need, no PS/2 probing.
 macro_rules! common {
     () => {
-        "reboot=k panic=-1 tsc=reliable no_timer_check mitigations=off \
+        "reboot=k mxc_poweroff=kbd panic=-1 tsc=reliable no_timer_check mitigations=off \
          i8042.noaux i8042.nomux i8042.dumbkbd"
     };
 }
@@ -23,6 +24,17 @@ macro_rules! clearcpuid {
     () => {
         "xsave,popcnt,cx16,sse4_2,aes,avx,avx2,rdrand,rdseed,rdpid,smap,smep,umip,pku,\
          fsgsbase,erms,fsrm,pcid,invpcid,clflushopt,clwb"
+    };
+}
+
+/// The value of [`PVM_USER_ENV`] (a macro so that `concat!` can use it).
+macro_rules! pvm_user_env {
+    () => {
+        concat!(
+            "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,\
+             -AVX512DQ,-AVX512CD,-AVX512ER,-AVX512PF,-FMA,-FMA4,-AVX_Fast_Unaligned_Load",
+            " OPENSSL_ia32cap=~0x3800100000000000:~0x00005e42dc230020"
+        )
     };
 }
 
@@ -43,12 +55,23 @@ pub const KERNEL_CMDLINE_BASE: &str = concat!(common!(), " 8250.nr_uarts=0 quiet
 /// Like [`KERNEL_CMDLINE_BASE`] but with the kernel console on the first 8250 UART.
 pub const KERNEL_CMDLINE_CONSOLE: &str = concat!(common!(), " console=ttyS0");
 
-/// Added under the `kvm_pvm` hypervisor only: hide what its emulator cannot run and
-/// turn on our three compatibility patches. On hardware KVM pass none of this.
+/// Passed to `/init` as environment variables under `kvm_pvm` (the kernel hands
+/// unknown `NAME=value` words to init), and by the guest agent to every command: guest
+/// user code runs natively there and sees the host CPU's AVX, but the guest kernel
+/// cannot use XSAVE, so its context switches keep only the SSE part of the vector
+/// registers and two processes using AVX corrupt each other's data. glibc's string
+/// functions and OpenSSL then stay on SSE; a program that picks AVX code by itself
+/// still can (documented in the README).
+pub const PVM_USER_ENV: &str = pvm_user_env!();
+
+/// Added under the `kvm_pvm` hypervisor only: hide what its emulator cannot run, turn
+/// on our three compatibility patches and keep user programs off AVX
+/// ([`PVM_USER_ENV`]). On hardware KVM pass none of this.
 pub const KERNEL_CMDLINE_PVM: &str = concat!(
     "clearcpuid=",
     clearcpuid!(),
-    " mxc_pvm_syscall mxc_pvm_nofwait mxc_pvm_noint3test"
+    " mxc_pvm_syscall mxc_pvm_nofwait mxc_pvm_noint3test ",
+    pvm_user_env!()
 );
 
 /// The guest command line for a VM with or without a console, on `kvm_pvm` or not.
@@ -78,6 +101,7 @@ mod tests {
         let base = words(KERNEL_CMDLINE_BASE);
 
         assert!(base.contains(&"reboot=k"));
+        assert!(base.contains(&"mxc_poweroff=kbd"));
         assert!(base.contains(&"panic=-1"));
         assert!(base.contains(&"quiet"));
         assert!(!base.iter().any(|w| w.starts_with("console=")));
@@ -92,6 +116,26 @@ mod tests {
 
         assert_eq!(flags, [true, true, true]);
         assert!(pvm.contains(&concat!("clearcpuid=", clearcpuid!())));
+    }
+
+    #[test]
+    fn pvm_line_keeps_user_programs_off_avx() {
+        let pvm = words(KERNEL_CMDLINE_PVM);
+        let env = words(PVM_USER_ENV);
+
+        assert!(env.iter().all(|w| pvm.contains(w)));
+        let tunables = env.iter().find_map(|w| w.strip_prefix("GLIBC_TUNABLES="));
+        let masked: Vec<&str> = tunables
+            .and_then(|t| t.strip_prefix("glibc.cpu.hwcaps="))
+            .map(|list| list.split(',').collect())
+            .unwrap_or_default();
+        assert!(["-AVX", "-AVX2", "-AVX512F", "-AVX_Fast_Unaligned_Load"]
+            .iter()
+            .all(|f| masked.contains(f)));
+        // The kernel passes a word to init as a variable only when its name has no dot.
+        assert!(env
+            .iter()
+            .all(|w| !w.split('=').next().unwrap_or(".").contains('.')));
     }
 
     #[test]

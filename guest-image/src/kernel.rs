@@ -33,6 +33,12 @@ pub(crate) const PATCHES: &[(&str, &[u8])] = &[
         "0003-x86-alternative-skip-int3-selftest.patch",
         include_bytes!("../kernel/patches/0003-x86-alternative-skip-int3-selftest.patch"),
     ),
+    (
+        "0004-x86-reboot-power-off-through-keyboard-controller.patch",
+        include_bytes!(
+            "../kernel/patches/0004-x86-reboot-power-off-through-keyboard-controller.patch"
+        ),
+    ),
 ];
 
 /// Where Debian's `linux-source-6.1` package puts the kernel source.
@@ -481,7 +487,7 @@ mod tests {
     fn patches_are_numbered_in_order() {
         let numbers: Vec<&str> = PATCHES.iter().map(|(n, _)| &n[..4]).collect();
 
-        assert_eq!(numbers, ["0001", "0002", "0003"]);
+        assert_eq!(numbers, ["0001", "0002", "0003", "0004"]);
     }
 
     #[test]
