@@ -89,13 +89,32 @@ pub(crate) fn handle(shared: &Shared, client: OwnedFd) {
     shared.record(&rec);
 }
 
-/// Refuses a connection the proxy cannot take (too many open), without reading it.
+/// How long a refused connection's request may take to arrive (it is read and dropped,
+/// so that closing the socket sends the refusal with a FIN, not a reset that would
+/// discard it at the client).
+const REFUSAL_LINGER: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Refuses a connection the proxy cannot take (too many open) without parsing it.
 pub(crate) fn refuse_busy(shared: &Shared, client: OwnedFd, limit: usize) {
     let fd = client.as_raw_fd();
     let message = format!("more than {limit} connections are open (limits.maxConnections)");
     let reply = http::refusal(503, "X-Mxc-Deny", "limits.maxConnections", &message);
     let _ = sys::set_nonblocking(fd, true);
     let _ = sys::send(fd, &reply);
+    sys::shutdown_write(fd);
+    // Drop what the client sends until it closes, at most 64 KiB or REFUSAL_LINGER.
+    let deadline = Instant::now() + REFUSAL_LINGER;
+    let mut scratch = [0u8; 4096];
+    for _ in 0..16 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut fds = [sys::pollfd(fd, libc::POLLIN)];
+        if left.is_zero() || !matches!(sys::poll(&mut fds, Some(left)), Ok(n) if n > 0) {
+            break;
+        }
+        if !matches!(sys::recv(fd, &mut scratch), Ok(n) if n > 0) {
+            break;
+        }
+    }
     drop(client);
     shared.record(&AuditRecord {
         time: now_rfc3339(),
