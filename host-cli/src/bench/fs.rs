@@ -185,7 +185,8 @@ fn guest_run(dir: &Path, args: &BenchFsArgs) -> Result<(Figures, Duration), Fail
 
 pub fn run(args: BenchFsArgs) -> Result<i32, Failure> {
     let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
-    let work = WorkDir(base.join(format!("mxc-vm-bench-fs-{}", std::process::id())));
+    // Not `mxc-vm-<id>`: that is the microVM runtime directory of sandbox `bench-fs-<pid>`.
+    let work = WorkDir(base.join(format!("mxc-vm-fsbench-data-{}", std::process::id())));
     let (host_dir, guest_dir) = (work.0.join("host"), work.0.join("guest"));
     for d in [&host_dir, &guest_dir] {
         std::fs::create_dir_all(d)
