@@ -252,10 +252,16 @@ fn default_cwd(fs: &FsView, host_cwd: Option<&Path>) -> PathBuf {
             return cwd.to_path_buf();
         }
     }
+    first_rw_dir(fs).unwrap_or_else(|| PathBuf::from("/tmp"))
+}
+
+/// The first existing read-write directory of the view: where a command runs when the
+/// host's cwd is not granted (every backend).
+pub(crate) fn first_rw_dir(fs: &FsView) -> Option<PathBuf> {
     fs.entries
         .iter()
         .find(|e| e.access == Access::ReadWrite && e.is_dir && e.exists)
-        .map_or_else(|| PathBuf::from("/tmp"), |e| e.path.clone())
+        .map(|e| e.path.clone())
 }
 
 #[cfg(test)]

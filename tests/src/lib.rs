@@ -7,6 +7,18 @@ pub mod net;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+/// Fails the test, saying why, when /dev/kvm cannot be opened: the microVM tests never
+/// skip.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!("/dev/kvm is not usable ({e}): the microVM tests need KVM");
+    }
+}
+
 /// The `mxc-vm` binary under test: `$MXC_VM_BIN`, else the one cargo built next to this
 /// test executable (`cargo test --workspace` builds it).
 pub fn mxc_vm_bin() -> PathBuf {

@@ -12,17 +12,7 @@ use policy::{Policy, PolicySource};
 use sandbox::microvm::{MicrovmBackend, MicrovmOptions};
 use sandbox::output::{Collect, StdinMode};
 use sandbox::{Backend, ExecIo, ExecRequest, ExitKind, SandboxSpec};
-use tests::{code, mxc_vm_bin, pids_with, stderr, stdout};
-
-fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("/dev/kvm is not usable ({e}): the microVM tests need KVM");
-    }
-}
+use tests::{code, mxc_vm_bin, pids_with, require_kvm, stderr, stdout};
 
 fn req(argv: &[&str]) -> ExecRequest {
     ExecRequest {

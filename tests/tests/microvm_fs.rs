@@ -20,17 +20,7 @@ use policy::{Overrides, Policy, PolicySource};
 use sandbox::microvm::{MicrovmBackend, MicrovmOptions};
 use sandbox::output::{Collect, StdinMode};
 use sandbox::{Backend, ExecIo, ExecRequest, SandboxSpec};
-use tests::{code, mxc_vm_bin, pids_with, stderr, stdout, TempDir};
-
-fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("/dev/kvm is not usable ({e}): the microVM tests need KVM");
-    }
-}
+use tests::{code, mxc_vm_bin, pids_with, require_kvm, stderr, stdout, TempDir};
 
 /// The sandbox spec for `--ro`, `--rw` and `--deny` flags, resolved as `mxc-vm run` does.
 fn spec(id: &str, ro: &[PathBuf], rw: &[PathBuf], deny: &[PathBuf]) -> SandboxSpec {

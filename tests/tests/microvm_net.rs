@@ -24,17 +24,7 @@ use sandbox::output::{Collect, StdinMode};
 use sandbox::proxy::{HostsResolver, NetOptions, Notices};
 use sandbox::{Backend, ExecIo, ExecOutcome, ExecRequest, ExitKind, SandboxSpec};
 use tests::net::NetLab;
-use tests::{mxc_vm_bin, pids_with, TempDir};
-
-fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("/dev/kvm is not usable ({e}): the microVM tests need KVM");
-    }
-}
+use tests::{mxc_vm_bin, pids_with, require_kvm, TempDir};
 
 /// Output of one command in the guest.
 struct Ran {

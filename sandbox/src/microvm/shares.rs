@@ -440,10 +440,7 @@ fn default_cwd(view: &FsView, host_cwd: Option<&Path>) -> Option<PathBuf> {
             return Some(cwd.to_path_buf());
         }
     }
-    view.entries
-        .iter()
-        .find(|e| e.access == Access::ReadWrite && e.is_dir && e.exists)
-        .map(|e| e.path.clone())
+    crate::view::first_rw_dir(view)
 }
 
 #[cfg(test)]
