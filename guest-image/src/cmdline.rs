@@ -55,6 +55,24 @@ pub const KERNEL_CMDLINE_BASE: &str = concat!(common!(), " 8250.nr_uarts=0 quiet
 /// Like [`KERNEL_CMDLINE_BASE`] but with the kernel console on the first 8250 UART.
 pub const KERNEL_CMDLINE_CONSOLE: &str = concat!(common!(), " console=ttyS0");
 
+/// The console kept for error reports: on the first (only) 8250 UART, but only the
+/// kernel's warnings and worse (`loglevel=5`) and the guest agent's own lines, so a
+/// healthy boot writes a few lines (each byte is a VM exit) and a failing one says why
+/// ("Kernel panic", "APIC timer disabled", "No working init found").
+pub const KERNEL_CMDLINE_LOGGED: &str =
+    concat!(common!(), " console=ttyS0 8250.nr_uarts=1 loglevel=5");
+
+/// What the guest's serial console is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestConsole {
+    /// No console at all (benchmarks: nothing but the boot itself).
+    Off,
+    /// Warnings and errors only, kept by the VMM for error messages.
+    Logged,
+    /// Everything the kernel prints (`--console`, debugging).
+    Shown,
+}
+
 /// Passed to `/init` as environment variables under `kvm_pvm` (the kernel hands
 /// unknown `NAME=value` words to init), and by the guest agent to every command: guest
 /// user code runs natively there and sees the host CPU's AVX, but the guest kernel
@@ -75,11 +93,11 @@ pub const KERNEL_CMDLINE_PVM: &str = concat!(
 );
 
 /// The guest command line for a VM with or without a console, on `kvm_pvm` or not.
-pub fn kernel_cmdline(console: bool, pvm: bool) -> String {
-    let base = if console {
-        KERNEL_CMDLINE_CONSOLE
-    } else {
-        KERNEL_CMDLINE_BASE
+pub fn kernel_cmdline(console: GuestConsole, pvm: bool) -> String {
+    let base = match console {
+        GuestConsole::Off => KERNEL_CMDLINE_BASE,
+        GuestConsole::Logged => KERNEL_CMDLINE_LOGGED,
+        GuestConsole::Shown => KERNEL_CMDLINE_CONSOLE,
     };
     if pvm {
         format!("{base} {KERNEL_CMDLINE_PVM}")
@@ -105,6 +123,20 @@ mod tests {
         assert!(base.contains(&"panic=-1"));
         assert!(base.contains(&"quiet"));
         assert!(!base.iter().any(|w| w.starts_with("console=")));
+    }
+
+    #[test]
+    fn the_logged_console_keeps_warnings_on_one_uart() {
+        let logged = words(KERNEL_CMDLINE_LOGGED);
+
+        assert!(logged.contains(&"console=ttyS0"));
+        assert!(logged.contains(&"loglevel=5"));
+        assert!(logged.contains(&"8250.nr_uarts=1"));
+        assert!(!logged.contains(&"quiet"));
+        assert_eq!(
+            kernel_cmdline(GuestConsole::Logged, false),
+            KERNEL_CMDLINE_LOGGED
+        );
     }
 
     #[test]
@@ -163,10 +195,10 @@ mod tests {
 
     #[test]
     fn console_and_pvm_compose() {
-        let line = kernel_cmdline(true, true);
+        let line = kernel_cmdline(GuestConsole::Shown, true);
 
         assert!(line.starts_with(KERNEL_CMDLINE_CONSOLE));
         assert!(line.ends_with(KERNEL_CMDLINE_PVM));
-        assert_eq!(kernel_cmdline(false, false), KERNEL_CMDLINE_BASE);
+        assert_eq!(kernel_cmdline(GuestConsole::Off, false), KERNEL_CMDLINE_BASE);
     }
 }

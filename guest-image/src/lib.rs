@@ -30,8 +30,9 @@ use thiserror::Error;
 
 pub use agent::{AgentError, AGENT_BUILD_COMMAND, AGENT_ENV};
 pub use cmdline::{
-    kernel_cmdline, KERNEL_CMDLINE_BASE, KERNEL_CMDLINE_CONSOLE, KERNEL_CMDLINE_PVM,
-    PVM_CLEARCPUID, PVM_FLAG_NOFWAIT, PVM_FLAG_NOINT3TEST, PVM_FLAG_SYSCALL, PVM_USER_ENV,
+    kernel_cmdline, GuestConsole, KERNEL_CMDLINE_BASE, KERNEL_CMDLINE_CONSOLE,
+    KERNEL_CMDLINE_LOGGED, KERNEL_CMDLINE_PVM, PVM_CLEARCPUID, PVM_FLAG_NOFWAIT,
+    PVM_FLAG_NOINT3TEST, PVM_FLAG_SYSCALL, PVM_USER_ENV,
 };
 pub use elf::{check_static_x86_64, ElfError};
 pub use initramfs::{busybox_applets, write_initramfs, InitramfsContents, InitramfsError};

@@ -290,9 +290,21 @@ pub struct RunArgs {
     /// microVM: use this initramfs instead of the built image's.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
+    /// Virtual CPUs of a microVM (1-64); with the policy's `limits.vcpus` the smaller
+    /// wins.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub vcpus: Option<u32>,
+    /// Memory limit in MiB (16-1048576): a microVM's RAM, the process tiers' address
+    /// space; with the policy's `limits.memoryMiB` the smaller wins.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(16..=1_048_576))]
+    pub memory: Option<u64>,
     /// microVM: show the guest's serial console (slow: every byte is a VM exit).
     #[arg(long)]
     pub console: bool,
+    /// microVM: when the boot fails, print the whole guest console kept for the error
+    /// (warnings and errors of the guest kernel, the agent's lines), not only its tail.
+    #[arg(long)]
+    pub verbose: bool,
     /// microVM: give up when the guest agent has not answered after DUR.
     #[arg(long, value_name = "DUR")]
     pub boot_timeout: Option<String>,

@@ -51,6 +51,17 @@ pub fn effective_policy(args: &RunArgs) -> Result<Policy, Failure> {
         containment: args.backend.map(Into::into),
     };
     policy.apply_overrides(&overrides)?;
+    // The stricter (smaller) value wins, as for every flag that meets the policy.
+    let smaller = |flag: Option<u64>, policy: Option<u64>| match (flag, policy) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    policy.limits.vcpus = smaller(
+        args.vcpus.map(u64::from),
+        policy.limits.vcpus.map(u64::from),
+    )
+    .and_then(|v| u32::try_from(v).ok());
+    policy.limits.memory_mib = smaller(args.memory, policy.limits.memory_mib);
     Ok(policy)
 }
 
@@ -155,6 +166,7 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
                 image: guest_image::BuildOptions::default(),
                 progress: Some(Box::new(crate::progress::reporter(args.json))),
                 boot_timeout,
+                verbose: args.verbose,
                 vmm_binary: None,
                 system: guest_system(args.guest_system)?,
             },
@@ -163,11 +175,13 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
         if args.kernel.is_some()
             || args.initrd.is_some()
             || args.console
+            || args.verbose
+            || args.vcpus.is_some()
             || args.guest_system.is_some()
         {
             return Err(Failure::new(format!(
-                "--kernel, --initrd, --console and --guest-system apply to the microvm \
-                 backend, not {}",
+                "--kernel, --initrd, --console, --verbose, --vcpus and --guest-system apply \
+                 to the microvm backend, not {}",
                 containment.as_str()
             )));
         }

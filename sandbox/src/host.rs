@@ -114,11 +114,11 @@ pub fn kvm_kind() -> Result<&'static str, String> {
         .write(true)
         .open("/dev/kvm")
         .map_err(|e| format!("/dev/kvm: {e}"))?;
-    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-        Ok("kvm_pvm (nested, no VMX/SVM: guest kernel code is emulated)")
-    } else {
-        Ok("hardware KVM")
-    }
+    Ok(match vmm::hypervisor::kvm::detect_flavour() {
+        vmm::Flavour::Pvm => "kvm_pvm (nested, no VMX/SVM: guest kernel code is emulated)",
+        vmm::Flavour::HardwareVmx => "hardware KVM (Intel VMX)",
+        vmm::Flavour::HardwareSvm => "hardware KVM (AMD SVM)",
+    })
 }
 
 /// Whether `auto` may pick the microVM backend: /dev/kvm opens. (The guest image is
@@ -131,9 +131,11 @@ fn microvm_status() -> BackendStatus {
     let mut details = Vec::new();
     let kind = vmm::detect();
     let (available, reason) = match &kind {
-        vmm::HostKind::HardwareKvm => {
-            details
-                .push("hypervisor: hardware KVM (VMX/SVM); the guest kernel runs as stock".into());
+        vmm::HostKind::HardwareKvm { .. } => {
+            details.push(format!(
+                "hypervisor: {kind}; the guest kernel runs as stock, its timer is the \
+                 LAPIC in TSC-deadline mode with kvmclock"
+            ));
             (true, None)
         }
         vmm::HostKind::Pvm => {

@@ -7,8 +7,9 @@
 //! `VmHandle::kill`, or SIGTERM/SIGINT after `kill_on_termination_signals`) ends the VM
 //! through `exit::VmExit`, which kicks every vCPU out of guest code.
 //!
-//! The virtio-vsock device (`devices::vsock`, built on another branch) is compiled in with
-//! the `vsock` feature; without it a `VmConfig` asking for vsock is refused.
+//! Devices: the 8250 serial console, the i8042 reset line, the boot timer, and on
+//! virtio-mmio the userspace virtio-vsock device (`devices::vsock`) and one virtio-fs
+//! device per shared directory (`devices::fs`).
 //!
 //! ```no_run
 //! use vmm::{Vm, VmConfig};
@@ -37,6 +38,7 @@ pub mod vm;
 
 pub use config::{ConsoleMode, PvmMode, VmConfig, VsockConfig};
 pub use exit::ExitReason;
+pub use hypervisor::Flavour;
 pub use pvm::{detect, HostKind};
 pub use timeline::Stage;
 pub use vm::{kill_on_termination_signals, Vm, VmExitReport, VmHandle, VmmError};

@@ -2,9 +2,9 @@
 //! hypervisor (see the crate's PVM notes): a filtered CPUID, no MSR 0x10a, and the
 //! kernel's PVM boot flags on the command line.
 
-use std::path::Path;
-
 use serde::{Deserialize, Serialize};
+
+use crate::hypervisor::Flavour;
 
 /// Where `kvm_pvm` announces itself.
 pub const KVM_PVM_MODULE: &str = "/sys/module/kvm_pvm";
@@ -14,7 +14,13 @@ pub const KVM_PVM_MODULE: &str = "/sys/module/kvm_pvm";
 #[serde(rename_all = "snake_case")]
 pub enum HostKind {
     /// `/dev/kvm` backed by VMX or SVM.
-    HardwareKvm,
+    HardwareKvm {
+        /// VMX or SVM.
+        flavour: Flavour,
+        /// The host is itself a VM (its CPUID has the hypervisor bit): nested hardware
+        /// KVM, as in a cloud VM or our QEMU test lane, not bare metal.
+        nested: bool,
+    },
     /// `/dev/kvm` backed by the `kvm_pvm` pagetable-based hypervisor (guest kernel code
     /// is emulated).
     Pvm,
@@ -22,13 +28,32 @@ pub enum HostKind {
     NoKvm(String),
 }
 
+impl HostKind {
+    /// Hardware KVM, bare metal or nested.
+    pub fn is_hardware(&self) -> bool {
+        matches!(self, Self::HardwareKvm { .. })
+    }
+
+    /// A short label for figures measured on this host.
+    pub fn label(&self) -> String {
+        match self {
+            Self::HardwareKvm {
+                flavour,
+                nested: false,
+            } => format!("{flavour}, bare metal"),
+            Self::HardwareKvm {
+                flavour,
+                nested: true,
+            } => format!("nested {flavour}: the host is itself a VM"),
+            Self::Pvm => "KVM on kvm_pvm (guest kernel emulated)".into(),
+            Self::NoKvm(reason) => format!("no KVM: {reason}"),
+        }
+    }
+}
+
 impl std::fmt::Display for HostKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HostKind::HardwareKvm => write!(f, "hardware KVM"),
-            HostKind::Pvm => write!(f, "KVM on kvm_pvm (guest kernel emulated)"),
-            HostKind::NoKvm(reason) => write!(f, "no KVM: {reason}"),
-        }
+        f.write_str(&self.label())
     }
 }
 
@@ -46,25 +71,34 @@ pub enum PvmMode {
 }
 
 impl PvmMode {
-    /// Resolve the mode against the host.
+    /// Resolve the mode against the host's KVM flavour.
     pub fn enabled(self) -> bool {
+        self.enabled_for(crate::hypervisor::kvm::detect_flavour())
+    }
+
+    /// Resolve the mode against a known flavour.
+    pub fn enabled_for(self, flavour: Flavour) -> bool {
         match self {
-            PvmMode::Auto => Path::new(KVM_PVM_MODULE).exists(),
+            PvmMode::Auto => flavour == Flavour::Pvm,
             PvmMode::On => true,
             PvmMode::Off => false,
         }
     }
 }
 
-/// Find out what this host offers: open `/dev/kvm`, then look for `kvm_pvm`.
+/// Find out what this host offers: open `/dev/kvm`, then tell its flavour and whether
+/// the host itself runs under a hypervisor.
 pub fn detect() -> HostKind {
-    if let Err(e) = crate::hypervisor::kvm::probe() {
-        return HostKind::NoKvm(format!("{}: {e}", crate::hypervisor::kvm::KVM_PATH));
+    use crate::hypervisor::kvm;
+    if let Err(e) = kvm::probe() {
+        return HostKind::NoKvm(format!("{}: {e}", kvm::KVM_PATH));
     }
-    if Path::new(KVM_PVM_MODULE).exists() {
-        HostKind::Pvm
-    } else {
-        HostKind::HardwareKvm
+    match kvm::detect_flavour() {
+        Flavour::Pvm => HostKind::Pvm,
+        flavour => HostKind::HardwareKvm {
+            flavour,
+            nested: kvm::host_is_virtual(),
+        },
     }
 }
 
@@ -76,6 +110,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn auto_follows_the_flavour() {
+        assert!(PvmMode::Auto.enabled_for(Flavour::Pvm));
+        assert!(!PvmMode::Auto.enabled_for(Flavour::HardwareSvm));
+        assert!(!PvmMode::Auto.enabled_for(Flavour::HardwareVmx));
+        assert!(!PvmMode::Off.enabled_for(Flavour::Pvm));
+    }
+
+    #[test]
+    fn labels_tell_bare_metal_from_nested() {
+        let bare = HostKind::HardwareKvm {
+            flavour: Flavour::HardwareVmx,
+            nested: false,
+        };
+        let nested = HostKind::HardwareKvm {
+            flavour: Flavour::HardwareSvm,
+            nested: true,
+        };
+        assert_eq!(bare.label(), "hardware KVM (Intel VMX), bare metal");
+        assert!(nested.label().starts_with("nested hardware KVM (AMD SVM)"));
+        assert!(HostKind::Pvm.label().contains("kvm_pvm"));
+    }
+
+    #[test]
     fn explicit_modes_ignore_the_host() {
         assert!(PvmMode::On.enabled());
         assert!(!PvmMode::Off.enabled());
@@ -85,7 +142,7 @@ mod tests {
     fn detection_agrees_with_the_module_directory() {
         let kind = detect();
 
-        let expected_pvm = Path::new(KVM_PVM_MODULE).exists();
+        let expected_pvm = std::path::Path::new(KVM_PVM_MODULE).exists();
         assert_eq!(kind == HostKind::Pvm, expected_pvm, "{kind}");
     }
 }

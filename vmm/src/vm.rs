@@ -227,9 +227,8 @@ impl Vm {
             since_process_start_us = timeline::monotonic_ns().saturating_sub(start) / 1000,
             "vm setup begins"
         );
-        let pvm = config.pvm.enabled();
-
         let hypervisor: Box<dyn Hypervisor> = Box::new(KvmHypervisor::new()?);
+        let pvm = config.pvm.enabled_for(hypervisor.flavour());
         let vm: Arc<dyn hypervisor::Vm> = Arc::from(hypervisor.create_vm()?);
         let mem = memory::create_guest_memory(config.mem_mib)?;
 

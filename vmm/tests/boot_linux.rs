@@ -68,7 +68,7 @@ fn boot(kernel: &Path, name: &str) -> (vmm::VmExitReport, String) {
     let mut config = VmConfig::new(kernel, 128, 1);
     config.initrd = Some(selftest_initramfs(name));
     config.console = ConsoleMode::File(console.clone());
-    config.cmdline_extra = guest_image::kernel_cmdline(true, false);
+    config.cmdline_extra = guest_image::kernel_cmdline(guest_image::GuestConsole::Shown, false);
     config.pvm = PvmMode::Auto;
     config.pvm_cmdline = guest_image::KERNEL_CMDLINE_PVM.into();
     let vm = Vm::new(config).unwrap();

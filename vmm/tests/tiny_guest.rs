@@ -9,15 +9,7 @@ use std::time::Duration;
 
 use vmm::{ConsoleMode, ExitReason, Stage, Vm, VmConfig};
 
-const LOAD_ADDR: u64 = 0x10_0000;
-
-/// Code valid in both 32-bit protected mode and 64-bit mode.
-fn program(body: &[u8]) -> Vec<u8> {
-    let mut code = Vec::new();
-    code.extend_from_slice(body);
-    code.extend_from_slice(&[0xf4, 0xeb, 0xfd]); // hlt ; jmp back to hlt
-    code
-}
+use vmm::boot::tiny::{elf_kernel, program};
 
 fn polite_guest() -> Vec<u8> {
     program(&[
@@ -29,54 +21,6 @@ fn polite_guest() -> Vec<u8> {
         0xc6, 0x02, 0x02, // mov byte [edx], 2
         0xb0, 0xfe, 0xe6, 0x64, // mov al, 0xfe ; out 0x64, al (i8042 reset)
     ])
-}
-
-/// A minimal ELF64 executable loading `code` at `LOAD_ADDR`, with a Xen PVH entry note
-/// when `pvh` is set.
-fn elf_kernel(code: &[u8], pvh: bool) -> Vec<u8> {
-    let phnum: u16 = if pvh { 2 } else { 1 };
-    let phoff = 64u64;
-    let note_off = phoff + 56 * u64::from(phnum);
-    let note: Vec<u8> = if pvh {
-        let mut n = Vec::new();
-        n.extend_from_slice(&4u32.to_le_bytes()); // namesz
-        n.extend_from_slice(&4u32.to_le_bytes()); // descsz
-        n.extend_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
-        n.extend_from_slice(b"Xen\0");
-        n.extend_from_slice(&(LOAD_ADDR as u32).to_le_bytes());
-        n
-    } else {
-        Vec::new()
-    };
-    let code_off = (note_off + note.len() as u64).next_multiple_of(16);
-
-    let mut elf = Vec::new();
-    elf.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
-    elf.extend_from_slice(&1u32.to_le_bytes());
-    elf.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // e_entry
-    elf.extend_from_slice(&phoff.to_le_bytes());
-    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
-    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
-    for v in [64u16, 56, phnum, 64, 0, 0] {
-        elf.extend_from_slice(&v.to_le_bytes());
-    }
-    let mut phdr = |p_type: u32, offset: u64, addr: u64, size: u64| {
-        elf.extend_from_slice(&p_type.to_le_bytes());
-        elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
-        for v in [offset, addr, addr, size, size, 0x1000] {
-            elf.extend_from_slice(&v.to_le_bytes());
-        }
-    };
-    phdr(1, code_off, LOAD_ADDR, code.len() as u64);
-    if pvh {
-        phdr(4, note_off, 0, note.len() as u64);
-    }
-    elf.extend_from_slice(&note);
-    elf.resize(code_off as usize, 0);
-    elf.extend_from_slice(code);
-    elf
 }
 
 struct TempDir(PathBuf);
@@ -168,7 +112,10 @@ fn a_64_bit_entry_guest_with_an_initrd_boots_the_same_way() {
 fn a_triple_fault_ends_the_vm_cleanly() {
     let dir = TempDir::new("triple");
     // ud2 with an empty IDT: #UD -> #GP -> #DF -> shutdown.
-    let kernel = dir.file("vmlinux", &elf_kernel(&program(&[0x0f, 0x0b]), true));
+    let kernel = dir.file(
+        "vmlinux",
+        &elf_kernel(&vmm::boot::tiny::triple_fault(), true),
+    );
 
     let report = Vm::new(config(&kernel, 1)).unwrap().run().unwrap();
 

@@ -15,6 +15,7 @@
 //! sandbox's policy proxy on the host, reached through the guest agent's relay over
 //! vsock (see `net.rs` for the route and how allow-all is handled).
 
+mod boot_failure;
 mod net;
 pub mod shares;
 mod vmm_process;
@@ -39,8 +40,23 @@ type Client = AgentClient<std::os::unix::net::UnixStream, std::os::unix::net::Un
 /// Guest RAM when the policy sets no memory limit. Under kvm_pvm every page the guest
 /// touches for the first time costs milliseconds, so keep the default modest.
 pub const DEFAULT_MEM_MIB: u64 = 256;
-/// How long the guest may take to boot to a ready agent (a minute under kvm_pvm).
+/// How long the guest may take to boot to a ready agent under `kvm_pvm` (a boot takes
+/// about a minute there; ten on a busy host).
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// The same on hardware KVM, where a boot takes well under a second on bare metal and
+/// seconds in a nested or emulated host.
+pub const DEFAULT_BOOT_TIMEOUT_HARDWARE: Duration = Duration::from_secs(60);
+
+/// The boot timeout for this host's KVM flavour.
+pub fn default_boot_timeout() -> Duration {
+    if vmm::hypervisor::kvm::detect_flavour().is_hardware() {
+        DEFAULT_BOOT_TIMEOUT_HARDWARE
+    } else {
+        DEFAULT_BOOT_TIMEOUT
+    }
+}
+/// The guest console log in the runtime directory (when `--console` is off).
+const CONSOLE_LOG: &str = "console.log";
 /// Extra time the host waits past an exec's timeout for the agent's own kill to report.
 const TIMEOUT_GRACE: Duration = Duration::from_secs(30);
 
@@ -60,8 +76,10 @@ pub struct MicrovmOptions {
     pub image: guest_image::BuildOptions,
     /// Called while the image is being built.
     pub progress: Option<ProgressFn>,
-    /// Boot timeout; default [`DEFAULT_BOOT_TIMEOUT`].
+    /// Boot timeout; default [`default_boot_timeout`].
     pub boot_timeout: Option<Duration>,
+    /// Put the whole guest console into a boot failure's message (not just its tail).
+    pub verbose: bool,
     /// The binary that runs `__vmm` (default: this executable, which must call
     /// [`crate::init_hook`]; tests and other embedders point it at `mxc-vm`).
     pub vmm_binary: Option<PathBuf>,
@@ -306,19 +324,27 @@ impl Backend for MicrovmBackend {
             stage: "shares".into(),
             message: e.to_string(),
         })?;
+        let console = if self.opts.console {
+            guest_image::GuestConsole::Shown
+        } else {
+            guest_image::GuestConsole::Logged
+        };
         config.cmdline_extra = format!(
             "{} mxc.port={}{} {mounts}",
-            guest_image::kernel_cmdline(self.opts.console, false),
+            guest_image::kernel_cmdline(console, false),
             proto::AGENT_VSOCK_PORT,
             self.net.cmdline()
         );
         config.shares = self.files.shares.clone();
         config.share_run_as = shares::sudo_user();
         config.pvm_cmdline = guest_image::KERNEL_CMDLINE_PVM.to_string();
+        // Without --console the guest's warnings and the agent's lines are kept (capped
+        // by the VMM) for a boot failure's message.
+        let console_log = runtime.join(CONSOLE_LOG);
         config.console = if self.opts.console {
             vmm::ConsoleMode::Stdout
         } else {
-            vmm::ConsoleMode::Off
+            vmm::ConsoleMode::File(console_log.clone())
         };
         config.vsock = Some(vmm::VsockConfig {
             guest_cid: proto::GUEST_CID,
@@ -334,8 +360,10 @@ impl Backend for MicrovmBackend {
             self.opts.vmm_binary.as_deref(),
         )?;
         self.vmm = Some(process);
+        let console_log = (!self.opts.console).then_some(console_log);
 
-        let deadline = Instant::now() + self.opts.boot_timeout.unwrap_or(DEFAULT_BOOT_TIMEOUT);
+        let boot_timeout = self.opts.boot_timeout.unwrap_or_else(default_boot_timeout);
+        let deadline = Instant::now() + boot_timeout;
         // A refused try costs the guest kernel milliseconds of emulated work under
         // kvm_pvm but microseconds on hardware KVM, where a boot takes tens of ms.
         let poll = if vmm::PvmMode::Auto.enabled() {
@@ -343,13 +371,22 @@ impl Backend for MicrovmBackend {
         } else {
             Duration::from_millis(2)
         };
-        let mut last_error = String::from("no answer yet");
+        let mut last_error: Option<String> = None;
         loop {
             if let Some(vmm) = &mut self.vmm {
-                if let Some(failure) = vmm.exited_early() {
+                if let Some(early) = vmm.exited_early() {
+                    let message = boot_failure::BootFailure {
+                        what: early.what,
+                        report: early.report.as_ref(),
+                        last_error: last_error.as_deref(),
+                        console: console_log.as_deref(),
+                        verbose: self.opts.verbose,
+                    }
+                    .message();
+                    self.report = early.report;
                     return Err(SandboxError::Setup {
                         stage: "boot".into(),
-                        message: failure,
+                        message,
                     });
                 }
             }
@@ -366,16 +403,30 @@ impl Backend for MicrovmBackend {
                             message: refused.into_message(),
                         })
                     }
-                    Err(ConnectFailure::Other(e)) => last_error = e,
+                    Err(ConnectFailure::Other(e)) => last_error = Some(e),
                 }
             }
             if Instant::now() >= deadline {
+                // Stop the VMM so that it reports how far the boot got.
+                let report = self
+                    .vmm
+                    .as_mut()
+                    .and_then(|v| v.terminate(Duration::from_secs(5)));
+                let message = boot_failure::BootFailure {
+                    what: format!(
+                        "the guest agent did not send Ready within {} (--boot-timeout)",
+                        policy::format_duration(boot_timeout)
+                    ),
+                    report: report.as_ref(),
+                    last_error: last_error.as_deref(),
+                    console: console_log.as_deref(),
+                    verbose: self.opts.verbose,
+                }
+                .message();
+                self.report = report;
                 return Err(SandboxError::Setup {
                     stage: "boot".into(),
-                    message: format!(
-                        "the guest agent did not answer within {:?} ({last_error})",
-                        self.opts.boot_timeout.unwrap_or(DEFAULT_BOOT_TIMEOUT)
-                    ),
+                    message,
                 });
             }
             std::thread::sleep(poll);

@@ -24,6 +24,15 @@ fn monotonic_ns() -> u64 {
     (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
 }
 
+/// A VMM that exited while the guest was booting.
+#[derive(Debug)]
+pub(crate) struct EarlyExit {
+    /// Why, in words (the exit reason and the VMM log's last lines).
+    pub what: String,
+    /// The VMM's report, when it wrote one.
+    pub report: Option<vmm::VmExitReport>,
+}
+
 #[derive(Debug)]
 pub(crate) struct VmmProcess {
     child: Child,
@@ -82,21 +91,39 @@ impl VmmProcess {
         self.child.id() as i32
     }
 
-    /// `Some(why)` when the VMM has already exited (during boot that is a failure).
-    pub(crate) fn exited_early(&mut self) -> Option<String> {
+    /// `Some` when the VMM has already exited (during boot that is a failure): why, and
+    /// its report when it wrote one.
+    pub(crate) fn exited_early(&mut self) -> Option<EarlyExit> {
         let status = self.child.try_wait().ok().flatten()?;
         let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(5).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         let report = self.read_report();
         let reason = report
-            .map(|r| format!("{:?}", r.reason))
+            .as_ref()
+            .map(|r| r.reason.to_string())
             .unwrap_or_else(|| format!("VMM {status}"));
-        Some(format!(
-            "the VM ended before the agent answered: {reason}{}{}",
-            if tail.is_empty() { "" } else { "; VMM log: " },
-            tail.join(" | ")
-        ))
+        Some(EarlyExit {
+            what: format!(
+                "the VM ended before the agent answered ({reason}){}{}",
+                if tail.is_empty() { "" } else { "; VMM log: " },
+                tail.join(" | ")
+            ),
+            report,
+        })
+    }
+
+    /// Ask the VMM to stop (SIGTERM: it ends the VM and writes its report), kill it if
+    /// it has not exited within `grace`, and return the report.
+    pub(crate) fn terminate(&mut self, grace: Duration) -> Option<vmm::VmExitReport> {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on our own, not yet reaped child: the pid cannot have been
+            // reused.
+            unsafe {
+                libc::kill(self.pid(), libc::SIGTERM);
+            }
+        }
+        self.wait_or_kill(grace)
     }
 
     fn read_report(&self) -> Option<vmm::VmExitReport> {

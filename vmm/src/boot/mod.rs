@@ -12,6 +12,7 @@ pub mod image;
 mod linux;
 pub mod mptable;
 mod pvh;
+pub mod tiny;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};

@@ -30,12 +30,12 @@ use kvm_bindings::{
     kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH,
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    CpuidEntry, DescriptorTable, Hypervisor, HypervisorError, IoEventAddress, MsrEntry, Regs,
-    Result, Segment, SpecialRegs, SystemEventKind, Vcpu, VcpuExit, VcpuKick, VcpuX86, Vm,
+    CpuidEntry, DescriptorTable, Flavour, Hypervisor, HypervisorError, IoEventAddress, MsrEntry,
+    Regs, Result, Segment, SpecialRegs, SystemEventKind, Vcpu, VcpuExit, VcpuKick, VcpuX86, Vm,
 };
 
 /// Path of the KVM device.
@@ -52,20 +52,79 @@ const APIC_LVT_LINT1: usize = 0x360;
 const APIC_MODE_EXTINT: u32 = 0x7;
 const APIC_MODE_NMI: u32 = 0x4;
 
+/// Where the KVM vendor modules announce themselves.
+const KVM_PVM_MODULE: &str = "/sys/module/kvm_pvm";
+const KVM_INTEL_MODULE: &str = "/sys/module/kvm_intel";
+const KVM_AMD_MODULE: &str = "/sys/module/kvm_amd";
+
+/// CPUID leaf 1 ECX bits: VMX, TSC-deadline timer, running under a hypervisor.
+const CPUID_1_ECX_VMX: u32 = 1 << 5;
+const CPUID_1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+const CPUID_1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// CPUID leaf 0x8000_0001 ECX bit: SVM.
+const CPUID_8000_0001_ECX_SVM: u32 = 1 << 2;
+
+/// Which kind of KVM this host's `/dev/kvm` is, from the vendor module that is loaded
+/// (`kvm_pvm`, `kvm_intel`, `kvm_amd`), else from the host CPU's own VMX/SVM bits.
+pub fn detect_flavour() -> Flavour {
+    let loaded = |module: &str| std::path::Path::new(module).exists();
+    if loaded(KVM_PVM_MODULE) {
+        Flavour::Pvm
+    } else if loaded(KVM_AMD_MODULE) {
+        Flavour::HardwareSvm
+    } else if loaded(KVM_INTEL_MODULE) || host_cpuid(1).2 & CPUID_1_ECX_VMX != 0 {
+        Flavour::HardwareVmx
+    } else if host_cpuid(0x8000_0001).2 & CPUID_8000_0001_ECX_SVM != 0 {
+        Flavour::HardwareSvm
+    } else {
+        // /dev/kvm without VMX, SVM or a module we know: treat it like the one other
+        // software-backed KVM we know, which is the cautious choice (filtered CPUID).
+        Flavour::Pvm
+    }
+}
+
+/// Whether this host is itself a virtual machine: its CPUID has the hypervisor bit (a
+/// nested KVM, as in a cloud VM or our nested test lane, rather than bare metal).
+pub fn host_is_virtual() -> bool {
+    host_cpuid(1).2 & CPUID_1_ECX_HYPERVISOR != 0
+}
+
+/// The host CPU's CPUID `leaf` (sub-leaf 0) as (eax, ebx, ecx, edx); zeros for a leaf
+/// above the CPU's maximum.
+fn host_cpuid(leaf: u32) -> (u32, u32, u32, u32) {
+    use std::arch::x86_64::__cpuid;
+    let max = __cpuid(leaf & 0x8000_0000).eax;
+    if leaf > max {
+        return (0, 0, 0, 0);
+    }
+    let r = __cpuid(leaf);
+    (r.eax, r.ebx, r.ecx, r.edx)
+}
+
 /// KVM, opened from `/dev/kvm`.
 #[derive(Debug)]
 pub struct KvmHypervisor {
     kvm: Kvm,
+    flavour: Flavour,
 }
 
 impl KvmHypervisor {
-    /// Open `/dev/kvm` (close-on-exec).
+    /// Open `/dev/kvm` (close-on-exec) and find out what backs it.
     pub fn new() -> Result<Self> {
         let kvm = Kvm::new().map_err(|e| HypervisorError::Open {
             path: KVM_PATH,
             source: e.into(),
         })?;
-        Ok(Self { kvm })
+        Ok(Self {
+            kvm,
+            flavour: detect_flavour(),
+        })
+    }
+
+    /// Whether KVM emulates the LAPIC's TSC-deadline mode (it does not list the CPUID
+    /// bit in `KVM_GET_SUPPORTED_CPUID`, because userspace must opt in).
+    fn tsc_deadline_timer(&self) -> bool {
+        self.kvm.check_extension(Cap::TscDeadlineTimer)
     }
 }
 
@@ -74,22 +133,40 @@ impl Hypervisor for KvmHypervisor {
         "kvm"
     }
 
+    fn flavour(&self) -> Flavour {
+        self.flavour
+    }
+
     /// WHP: `WHvCreatePartition` + properties + `WHvSetupPartition`.
     fn create_vm(&self) -> Result<Box<dyn Vm>> {
         let fd = self
             .kvm
             .create_vm()
             .map_err(|e| HypervisorError::call("KVM_CREATE_VM", e))?;
-        Ok(Box::new(KvmVm { fd }))
+        Ok(Box::new(KvmVm {
+            fd,
+            pit: !self.tsc_deadline_timer(),
+        }))
     }
 
     /// WHP: `WHvGetCapability` for the processor features.
+    ///
+    /// With `KVM_CAP_TSC_DEADLINE_TIMER` the TSC-deadline bit is added: KVM emulates that
+    /// LAPIC timer mode on every flavour but leaves the bit out of the supported set, and a
+    /// Linux guest without it (and without a PIT) has no working timer under hardware
+    /// KVM ("APIC timer disabled due to verification failure").
     fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>> {
         let cpuid = self
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| HypervisorError::call("KVM_GET_SUPPORTED_CPUID", e))?;
-        Ok(cpuid.as_slice().iter().map(cpuid_from_kvm).collect())
+        let mut entries: Vec<CpuidEntry> = cpuid.as_slice().iter().map(cpuid_from_kvm).collect();
+        if self.tsc_deadline_timer() {
+            for e in entries.iter_mut().filter(|e| e.function == 1) {
+                e.ecx |= CPUID_1_ECX_TSC_DEADLINE;
+            }
+        }
+        Ok(entries)
     }
 }
 
@@ -97,6 +174,8 @@ impl Hypervisor for KvmHypervisor {
 #[derive(Debug)]
 pub struct KvmVm {
     fd: VmFd,
+    /// Whether `create_irqchip` adds a PIT (only where there is no TSC-deadline timer).
+    pit: bool,
 }
 
 impl Vm for KvmVm {
@@ -123,7 +202,8 @@ impl Vm for KvmVm {
 
     /// WHP: local APIC emulation as a partition property; IOAPIC and PIC in the VMM.
     ///
-    /// No PIT: the guest times with kvmclock and the TSC-deadline LAPIC timer, and
+    /// A PIT only where KVM has no TSC-deadline timer: elsewhere the guest times with
+    /// kvmclock and the TSC-deadline LAPIC timer (see `supported_cpuid`), and
     /// `KVM_CREATE_PIT2` costs a kernel thread per VM (0.1-4 ms, measured).
     fn create_irqchip(&self) -> Result<()> {
         self.fd
@@ -131,7 +211,17 @@ impl Vm for KvmVm {
             .map_err(|e| HypervisorError::call("KVM_SET_TSS_ADDR", e))?;
         self.fd
             .create_irq_chip()
-            .map_err(|e| HypervisorError::call("KVM_CREATE_IRQCHIP", e))
+            .map_err(|e| HypervisorError::call("KVM_CREATE_IRQCHIP", e))?;
+        if self.pit {
+            let config = kvm_bindings::kvm_pit_config {
+                flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            self.fd
+                .create_pit2(config)
+                .map_err(|e| HypervisorError::call("KVM_CREATE_PIT2", e))?;
+        }
+        Ok(())
     }
 
     /// WHP: `WHvCreateVirtualProcessor`.

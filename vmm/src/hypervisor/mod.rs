@@ -52,6 +52,39 @@ impl HypervisorError {
 /// Result type of this module.
 pub type Result<T> = std::result::Result<T, HypervisorError>;
 
+/// The kind of virtualization behind a hypervisor, detected once when it is opened.
+/// Every flavour-specific rule of the VMM (the `kvm_pvm` CPUID filter and kernel flags,
+/// how often to poll a booting guest, what the benchmarks call their figures) hangs off
+/// this value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Flavour {
+    /// Intel VT-x (`kvm_intel`).
+    HardwareVmx,
+    /// AMD-V (`kvm_amd`).
+    HardwareSvm,
+    /// The nested `kvm_pvm` hypervisor: no VMX/SVM; guest user code runs natively,
+    /// guest kernel code in KVM's instruction emulator.
+    Pvm,
+}
+
+impl Flavour {
+    /// Hardware-assisted virtualization (VMX or SVM).
+    pub fn is_hardware(self) -> bool {
+        matches!(self, Self::HardwareVmx | Self::HardwareSvm)
+    }
+}
+
+impl std::fmt::Display for Flavour {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::HardwareVmx => "hardware KVM (Intel VMX)",
+            Self::HardwareSvm => "hardware KVM (AMD SVM)",
+            Self::Pvm => "kvm_pvm (no VMX/SVM: guest kernel code is emulated)",
+        })
+    }
+}
+
 /// General-purpose registers of an x86-64 vCPU.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[allow(missing_docs)]
@@ -212,9 +245,12 @@ pub trait VcpuKick: Send + Sync + std::fmt::Debug {
 pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     /// Short name ("kvm").
     fn name(&self) -> &'static str;
+    /// What backs this hypervisor (detected once, when it was opened).
+    fn flavour(&self) -> Flavour;
     /// Create an empty VM (no memory, no vCPUs).
     fn create_vm(&self) -> Result<Box<dyn Vm>>;
-    /// x86: the CPUID leaves this hypervisor can present to a guest.
+    /// x86: the CPUID leaves this hypervisor can present to a guest, including features
+    /// it emulates without listing them (on KVM: the TSC-deadline timer).
     fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>>;
 }
 

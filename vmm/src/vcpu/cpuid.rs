@@ -1,7 +1,7 @@
 //! The CPUID a vCPU reports: the hypervisor's supported set, with this vCPU's APIC ID
-//! and the VM's topology (one thread per core, all cores in one package), and, under
-//! the `kvm_pvm` hypervisor, without the features its instruction emulator cannot run
-//! at CPL0.
+//! and the VM's topology (one thread per core, all cores in one package, one node), the
+//! KVM paravirtual features we want, no nested virtualization, and, under the `kvm_pvm`
+//! hypervisor only, without the features its instruction emulator cannot run at CPL0.
 
 use crate::hypervisor::CpuidEntry;
 
@@ -82,6 +82,28 @@ const PVM_HIDDEN: &[(u32, u32, Reg, u32)] = &[
 /// The XSAVE leaf (0xD) is dropped entirely under `kvm_pvm`.
 const XSAVE_LEAF: u32 = 0xd;
 
+/// Leaf 1 ECX bit 5: VMX. Leaf 0x8000_0001 ECX bit 2: SVM. The guest gets no nested
+/// virtualization (and so no `/dev/kvm` of its own): untrusted code has no use for it,
+/// and it is a large attack surface of the host kernel.
+const LEAF1_ECX_VMX: u32 = 1 << 5;
+const EXT1_ECX_SVM: u32 = 1 << 2;
+/// AMD's SVM feature leaf, meaningless without SVM.
+const SVM_LEAF: u32 = 0x8000_000a;
+
+/// KVM's paravirtual feature leaf (EAX holds the feature bits).
+const KVM_FEATURES_LEAF: u32 = 0x4000_0001;
+/// The KVM paravirtual features a guest gets, where the hypervisor offers them:
+/// kvmclock (0, 3) and its stable bit (24), no-op port-0x80 delays (1), steal time (5),
+/// PV EOI (6), PV spinlock unhalt (7), PV TLB flush (9) and PV IPIs (11). Left out:
+/// asynchronous page faults (4, 10, 14; the guest's memory is never swapped behind its
+/// back in a short-lived sandbox), halt-poll control (12), PV sched-yield (13), the
+/// extended MSI destination ID (15) and migration control (17).
+const KVM_FEATURES_WANTED: u32 = bits(&[0, 1, 3, 5, 6, 7, 9, 11, 24]);
+
+/// AMD cache topology (0x8000_001D) and extended APIC ID / core / node (0x8000_001E).
+const AMD_CACHE_LEAF: u32 = 0x8000_001d;
+const AMD_TOPOLOGY_LEAF: u32 = 0x8000_001e;
+
 const fn bits(mut list: &[u32]) -> u32 {
     let mut mask = 0;
     while let [bit, rest @ ..] = list {
@@ -125,6 +147,7 @@ pub fn vcpu_cpuid(
     pvm: bool,
 ) -> Vec<CpuidEntry> {
     let mut entries = supported.to_vec();
+    entries.retain(|e| e.function != SVM_LEAF);
     if pvm {
         filter_for_pvm(&mut entries);
     }
@@ -142,9 +165,12 @@ pub fn vcpu_cpuid(
                 } else {
                     e.edx &= !(1 << 28);
                 }
-                // ECX[31]: running under a hypervisor.
+                // ECX[31]: running under a hypervisor; no VMX for the guest.
                 e.ecx |= 1 << 31;
+                e.ecx &= !LEAF1_ECX_VMX;
             }
+            0x8000_0001 => e.ecx &= !EXT1_ECX_SVM,
+            KVM_FEATURES_LEAF => e.eax &= KVM_FEATURES_WANTED,
             4 => {
                 // Deterministic cache parameters: [31:26] cores per package - 1,
                 // [25:14] threads sharing this cache - 1 (the L3 is shared by all).
@@ -176,6 +202,21 @@ pub fn vcpu_cpuid(
             0x8000_0008 => {
                 // AMD: [15:12] APIC ID bits for cores, [7:0] cores per package - 1.
                 e.ecx = (e.ecx & !0xf0ff) | (core_bits << 12) | (count - 1);
+            }
+            AMD_CACHE_LEAF => {
+                // [25:14] logical processors sharing this cache - 1: the L3 is shared
+                // by all, L1 and L2 belong to one core.
+                let level = (e.eax >> 5) & 0x7;
+                let sharing = if level >= 3 { count - 1 } else { 0 };
+                e.eax = (e.eax & !(0xfff << 14)) | ((sharing & 0xfff) << 14);
+            }
+            AMD_TOPOLOGY_LEAF => {
+                // EAX: extended APIC ID; EBX: [15:8] threads per core - 1 (one),
+                // [7:0] core ID; ECX: [10:8] nodes per package - 1 (one), [7:0] node 0.
+                e.eax = apic;
+                e.ebx = apic & 0xff;
+                e.ecx = 0;
+                e.edx = 0;
             }
             _ => {}
         }
@@ -292,5 +333,91 @@ mod tests {
 
         assert_eq!(find(&cpuid, 7, 0).unwrap().ebx, u32::MAX);
         assert_eq!(find(&cpuid, 0xd, 0).unwrap().eax, 7);
+    }
+
+    #[test]
+    fn the_tsc_deadline_bit_the_hypervisor_offers_is_kept_on_every_flavour() {
+        let supported = [leaf(1, 0, 1 << 24)];
+
+        for pvm in [false, true] {
+            let cpuid = vcpu_cpuid(&supported, 0, 1, pvm);
+            assert_ne!(find(&cpuid, 1, 0).unwrap().ecx & (1 << 24), 0, "pvm={pvm}");
+        }
+    }
+
+    #[test]
+    fn the_guest_gets_no_nested_virtualization() {
+        let supported = [
+            leaf(1, 0, u32::MAX),
+            leaf(0x8000_0001, 0, u32::MAX),
+            leaf(SVM_LEAF, 0, u32::MAX),
+        ];
+
+        let cpuid = vcpu_cpuid(&supported, 0, 1, false);
+
+        assert_eq!(find(&cpuid, 1, 0).unwrap().ecx & LEAF1_ECX_VMX, 0);
+        assert_eq!(find(&cpuid, 0x8000_0001, 0).unwrap().ecx & EXT1_ECX_SVM, 0);
+        assert!(find(&cpuid, SVM_LEAF, 0).is_none());
+    }
+
+    #[test]
+    fn kvm_paravirt_features_are_the_wanted_subset() {
+        let supported = [
+            leaf(0x4000_0000, 0, 0x4000_0001),
+            leaf(KVM_FEATURES_LEAF, 0, 0x0100_7efb),
+        ];
+
+        let cpuid = vcpu_cpuid(&supported, 0, 1, false);
+
+        let features = find(&cpuid, KVM_FEATURES_LEAF, 0).unwrap().eax;
+        for (bit, name) in [
+            (0, "clocksource"),
+            (3, "clocksource2"),
+            (24, "clocksource stable"),
+            (6, "pv eoi"),
+            (7, "pv unhalt"),
+        ] {
+            assert_ne!(features & (1 << bit), 0, "{name}");
+        }
+        for (bit, name) in [
+            (4, "async pf"),
+            (10, "async pf vmexit"),
+            (14, "async pf int"),
+        ] {
+            assert_eq!(features & (1 << bit), 0, "{name}");
+        }
+        assert_eq!(find(&cpuid, 0x4000_0000, 0).unwrap().eax, 0x4000_0001);
+    }
+
+    #[test]
+    fn amd_topology_leaves_match_the_apic_ids() {
+        let supported = [
+            leaf(AMD_TOPOLOGY_LEAF, 0, 0),
+            CpuidEntry {
+                function: AMD_CACHE_LEAF,
+                index: 3,
+                eax: 0x0000_4163,
+                ..Default::default()
+            },
+            CpuidEntry {
+                function: AMD_CACHE_LEAF,
+                index: 0,
+                eax: 0x0000_0121,
+                ..Default::default()
+            },
+            leaf(0x8000_0008, 0, 0),
+        ];
+
+        let cpuid = vcpu_cpuid(&supported, 3, 4, false);
+
+        let topo = find(&cpuid, AMD_TOPOLOGY_LEAF, 0).unwrap();
+        assert_eq!((topo.eax, topo.ebx, topo.ecx), (3, 3, 0));
+        let l3 = find(&cpuid, AMD_CACHE_LEAF, 3).unwrap();
+        assert_eq!((l3.eax >> 14) & 0xfff, 3, "L3 shared by all 4");
+        assert_eq!(l3.eax & 0x3fff, 0x0163, "the cache level and type stay");
+        let l1 = find(&cpuid, AMD_CACHE_LEAF, 0).unwrap();
+        assert_eq!((l1.eax >> 14) & 0xfff, 0, "L1 per core");
+        let ext = find(&cpuid, 0x8000_0008, 0).unwrap();
+        assert_eq!((ext.ecx & 0xff, (ext.ecx >> 12) & 0xf), (3, 2));
     }
 }

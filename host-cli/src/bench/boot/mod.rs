@@ -12,6 +12,7 @@ mod child;
 mod qemu;
 mod svg;
 mod timeline;
+mod vs_qemu;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -48,6 +49,9 @@ struct Setup {
     pvm: bool,
     boot_timeout: Duration,
     qemu: PathBuf,
+    /// A one-instruction PVH guest that resets the machine through the i8042: booted by
+    /// both VMMs, spawn to reaped is the VMM's own setup and teardown.
+    reset_kernel: PathBuf,
     work: WorkDir,
     /// `/proc/loadavg` (1, 5, 15 min) when the benchmark began: boots on a busy host
     /// wait for CPU time.
@@ -82,6 +86,27 @@ impl Drop for WorkDir {
 enum Vmm {
     Ours(BootUntil),
     Qemu,
+    /// Our VMM booting the one-instruction guest that resets at once.
+    OursReset,
+    /// QEMU booting the same.
+    QemuReset,
+}
+
+impl Vmm {
+    fn program(self) -> &'static str {
+        match self {
+            Vmm::Ours(_) | Vmm::OursReset => "mxc-vm",
+            Vmm::Qemu | Vmm::QemuReset => "qemu",
+        }
+    }
+
+    fn until(self) -> &'static str {
+        match self {
+            Vmm::Ours(u) => until_name(u),
+            Vmm::Qemu => "ready",
+            Vmm::OursReset | Vmm::QemuReset => "first-instruction-reset",
+        }
+    }
 }
 
 fn until_name(until: BootUntil) -> &'static str {
@@ -161,7 +186,7 @@ fn die_with_parent(cmd: &mut Command) {
 
 /// The guest command line our VMM appends to its own (and QEMU gets in full).
 fn extra_cmdline(until: BootUntil) -> String {
-    let base = guest_image::kernel_cmdline(false, false);
+    let base = guest_image::kernel_cmdline(guest_image::GuestConsole::Off, false);
     match until {
         BootUntil::Ready => format!("{base} {BENCH_POWEROFF}"),
         _ => base,
@@ -169,7 +194,15 @@ fn extra_cmdline(until: BootUntil) -> String {
 }
 
 /// Boot our VMM as a child we spawn and reap ourselves (every mode but `output`).
-fn boot_direct(setup: &Setup, until: BootUntil, n: usize) -> Result<Boot, Failure> {
+/// The bytes of the one-instruction guest: `mov al, 0xfe; out 0x64, al` (reset through
+/// the i8042), entered through PVH.
+fn reset_kernel() -> Vec<u8> {
+    vmm::boot::tiny::elf_kernel(&vmm::boot::tiny::program(&[0xb0, 0xfe, 0xe6, 0x64]), true)
+}
+
+/// Boot our VMM as a child we spawn and reap ourselves: the image up to `until`, or
+/// with `reset` the one-instruction guest (which ends the VM at once).
+fn boot_direct(setup: &Setup, until: BootUntil, reset: bool, n: usize) -> Result<Boot, Failure> {
     let dir = setup.work.0.join(format!("vmm-{n}"));
     std::fs::create_dir_all(&dir)
         .map_err(|e| Failure::new(format!("cannot create {}: {e}", dir.display())))?;
@@ -178,11 +211,17 @@ fn boot_direct(setup: &Setup, until: BootUntil, n: usize) -> Result<Boot, Failur
         dir.join("report.json"),
         dir.join("vmm.log"),
     );
-    let mut config = vmm::VmConfig::new(&setup.kernel, setup.mem_mib, 1);
-    config.initrd = Some(setup.initrd.clone());
+    let kernel = if reset {
+        &setup.reset_kernel
+    } else {
+        &setup.kernel
+    };
+    let mut config = vmm::VmConfig::new(kernel, setup.mem_mib, 1);
+    config.initrd = (!reset).then(|| setup.initrd.clone());
     config.cmdline_extra = extra_cmdline(until);
     config.pvm_cmdline = guest_image::KERNEL_CMDLINE_PVM.to_string();
     let (stop_at, expected) = match until {
+        _ if reset => (None, vmm::ExitReason::GuestReset),
         BootUntil::FirstEntry => (Some(vmm::Stage::FirstVcpuEntry), vmm::ExitReason::Killed),
         BootUntil::FirstExit => (Some(vmm::Stage::FirstGuestExit), vmm::ExitReason::Killed),
         BootUntil::Ready | BootUntil::Output => (None, vmm::ExitReason::GuestReset),
@@ -335,7 +374,9 @@ fn ready_cmdline(pvm: bool) -> Result<String, Failure> {
     .map_err(|e| Failure::new(chain(&e)))
 }
 
-fn boot_qemu(setup: &Setup, n: usize) -> Result<Boot, Failure> {
+/// Boot QEMU to the agent's power-off at ready, or with `reset` the one-instruction
+/// guest.
+fn boot_qemu(setup: &Setup, reset: bool, n: usize) -> Result<Boot, Failure> {
     let cmdline = ready_cmdline(setup.pvm)?;
     let log_path = setup.work.0.join(format!("qemu-{n}.log"));
     let log = std::fs::File::create(&log_path)
@@ -344,8 +385,12 @@ fn boot_qemu(setup: &Setup, n: usize) -> Result<Boot, Failure> {
         .try_clone()
         .map_err(|e| Failure::new(format!("{}: {e}", log_path.display())))?;
     let args = qemu::QemuBoot {
-        kernel: &setup.kernel,
-        initrd: &setup.initrd,
+        kernel: if reset {
+            &setup.reset_kernel
+        } else {
+            &setup.kernel
+        },
+        initrd: (!reset).then_some(setup.initrd.as_path()),
         cmdline: &cmdline,
         mem_mib: setup.mem_mib,
         vcpus: 1,
@@ -395,8 +440,10 @@ fn boot_qemu(setup: &Setup, n: usize) -> Result<Boot, Failure> {
 fn boot_once(setup: &Setup, vmm: Vmm, n: usize) -> Result<Boot, Failure> {
     match vmm {
         Vmm::Ours(BootUntil::Output) => boot_lifecycle(setup, n),
-        Vmm::Ours(until) => boot_direct(setup, until, n),
-        Vmm::Qemu => boot_qemu(setup, n),
+        Vmm::Ours(until) => boot_direct(setup, until, false, n),
+        Vmm::OursReset => boot_direct(setup, BootUntil::Ready, true, n),
+        Vmm::Qemu => boot_qemu(setup, false, n),
+        Vmm::QemuReset => boot_qemu(setup, true, n),
     }
 }
 
@@ -417,6 +464,16 @@ fn series_for(args: &BenchBootArgs, qemu_name: &str) -> Vec<Series> {
         list.push(Series {
             name: format!("{qemu_name} (ready)"),
             vmm: Vmm::Qemu,
+            boots: vec![],
+        });
+        list.push(Series {
+            name: "mxc-vm (one-instruction guest)".into(),
+            vmm: Vmm::OursReset,
+            boots: vec![],
+        });
+        list.push(Series {
+            name: format!("{qemu_name} (one-instruction guest)"),
+            vmm: Vmm::QemuReset,
             boots: vec![],
         });
     }
@@ -473,7 +530,7 @@ fn goals(series: &[Series], host: &HostKind) -> Vec<Goal> {
     };
     let setup = p50(BootStage::FirstVcpuEntry);
     let ready = p50(BootStage::AgentReady);
-    let hardware = *host == HostKind::HardwareKvm;
+    let hardware = host.is_hardware();
     vec![
         Goal {
             goal: "vmm_setup (process start -> first vCPU entry)",
@@ -493,7 +550,7 @@ fn goals(series: &[Series], host: &HostKind) -> Vec<Goal> {
                 None
             },
             note: if hardware {
-                "measured on hardware KVM".into()
+                format!("measured on {host}")
             } else {
                 format!("does not apply here ({host}): guest kernel code is emulated")
             },
@@ -596,7 +653,7 @@ fn print_text(setup: &Setup, args: &BenchBootArgs, host: &HostKind, series: &[Se
     if args.vs_qemu {
         let rows: Vec<Vec<String>> = series
             .iter()
-            .filter(|s| matches!(s.vmm, Vmm::Qemu | Vmm::Ours(BootUntil::Ready)))
+            .filter(|s| !matches!(s.vmm, Vmm::Ours(u) if u != BootUntil::Ready))
             .map(|s| {
                 let exit: Vec<Duration> = s
                     .boots
@@ -633,8 +690,14 @@ fn print_text(setup: &Setup, args: &BenchBootArgs, host: &HostKind, series: &[Se
             )
         );
         if let Some((_, _, ratio)) = qemu_ratio(series) {
-            let _ = writeln!(out, "QEMU / mxc-vm at p50: {ratio:.3}\n");
+            let _ = writeln!(out, "QEMU / mxc-vm at p50 (ready): {ratio:.3}");
         }
+        let _ = writeln!(out, "{}", vs_qemu::ONE_INSTRUCTION);
+        let _ = writeln!(out, "vs QEMU goals ({host}):");
+        for g in vs_qemu::goals(series) {
+            let _ = writeln!(out, "  {g}");
+        }
+        let _ = writeln!(out);
     }
     let _ = writeln!(out, "goals:");
     for g in goals(series, host) {
@@ -678,8 +741,8 @@ fn print_json(setup: &Setup, args: &BenchBootArgs, host: &HostKind, series: &[Se
                 .collect();
             serde_json::json!({
                 "name": s.name,
-                "vmm": match s.vmm { Vmm::Ours(_) => "mxc-vm", Vmm::Qemu => "qemu" },
-                "until": match s.vmm { Vmm::Ours(u) => until_name(u), Vmm::Qemu => "ready" },
+                "vmm": s.vmm.program(),
+                "until": s.vmm.until(),
                 "stages": summarize_stages(&s.timelines()),
                 "peak_rss": rss_summary(&s.boots),
                 "runs": runs,
@@ -692,6 +755,8 @@ fn print_json(setup: &Setup, args: &BenchBootArgs, host: &HostKind, series: &[Se
             "mxc_vm_p50_ms": ours,
             "qemu_p50_ms": qemu,
             "qemu_over_mxc_vm_p50": ratio,
+            "one_instruction": vs_qemu::ONE_INSTRUCTION,
+            "goals": vs_qemu::goals(series),
         })
     });
     let value = serde_json::json!({
@@ -779,6 +844,9 @@ pub fn run(args: BenchBootArgs) -> Result<i32, Failure> {
     let work = std::env::temp_dir().join(format!("mxc-vm-bench-boot-{}", std::process::id()));
     std::fs::create_dir_all(&work)
         .map_err(|e| Failure::new(format!("cannot create {}: {e}", work.display())))?;
+    let reset_path = work.join("reset-vmlinux");
+    std::fs::write(&reset_path, reset_kernel())
+        .map_err(|e| Failure::new(format!("cannot write {}: {e}", reset_path.display())))?;
     let setup = Setup {
         exe,
         kernel,
@@ -787,6 +855,7 @@ pub fn run(args: BenchBootArgs) -> Result<i32, Failure> {
         pvm: host == HostKind::Pvm,
         boot_timeout,
         qemu: args.qemu.clone(),
+        reset_kernel: reset_path,
         work: WorkDir(work),
         load_before: loadavg(),
     };
@@ -967,7 +1036,13 @@ mod tests {
             boots: vec![boot_ending_at(10)],
         }];
 
-        let hardware = goals(&series, &HostKind::HardwareKvm);
+        let hardware = goals(
+            &series,
+            &HostKind::HardwareKvm {
+                flavour: vmm::Flavour::HardwareVmx,
+                nested: false,
+            },
+        );
         let pvm = goals(&series, &HostKind::Pvm);
 
         assert_eq!(hardware[0].met, Some(true));

@@ -20,7 +20,7 @@ pub const QEMU_MACHINE: &str = "microvm,acpi=off,pit=off,pic=off,rtc=off,isa-ser
 #[derive(Debug, Clone)]
 pub struct QemuBoot<'a> {
     pub kernel: &'a Path,
-    pub initrd: &'a Path,
+    pub initrd: Option<&'a Path>,
     pub cmdline: &'a str,
     pub mem_mib: u32,
     pub vcpus: u8,
@@ -57,8 +57,10 @@ impl QemuBoot<'_> {
             args.push(a.into());
         }
         args.push(self.kernel.into());
-        args.push("-initrd".into());
-        args.push(self.initrd.into());
+        if let Some(initrd) = self.initrd {
+            args.push("-initrd".into());
+            args.push(initrd.into());
+        }
         args.push("-append".into());
         args.push(self.cmdline.into());
         args
@@ -72,7 +74,7 @@ mod tests {
     fn boot(pvm: bool) -> Vec<String> {
         QemuBoot {
             kernel: Path::new("/k/vmlinux"),
-            initrd: Path::new("/k/initramfs.cpio"),
+            initrd: Some(Path::new("/k/initramfs.cpio")),
             cmdline: "reboot=k quiet",
             mem_mib: 256,
             vcpus: 1,
