@@ -232,3 +232,31 @@ fn guest_poweroff_ends_the_run() {
     // The command takes its own VM down mid-exec: mxc-vm reports that (125) and returns.
     assert_eq!(code(&out), 125, "{}", stderr(&out));
 }
+
+#[test]
+fn vcpus_flag_gives_the_guest_that_many_cpus_and_signals_pass_through() {
+    require_kvm();
+    for (vcpus, want) in [("2", "2\n"), ("4", "4\n")] {
+        // The command kills itself with SIGTERM after printing the CPU count: the exit
+        // status is 128 + 15, as on every tier.
+        let out = run_and_check_gone(
+            &[
+                "run",
+                "--backend",
+                "microvm",
+                "--guest-system",
+                "none",
+                "--vcpus",
+                vcpus,
+                "--",
+                "/bin/sh",
+                "-c",
+                "nproc; grep -c ^processor /proc/cpuinfo >&2; kill -TERM $$",
+            ],
+            b"",
+        );
+        assert_eq!(stdout(&out), want, "{}", stderr(&out));
+        assert_eq!(stderr(&out), want, "/proc/cpuinfo agrees");
+        assert_eq!(code(&out), 143, "{}", stderr(&out));
+    }
+}
