@@ -18,7 +18,8 @@ pub fn triple_fault() -> Vec<u8> {
 }
 
 /// A minimal ELF64 executable loading `code` at [`LOAD_ADDR`], with a Xen PVH entry
-/// note when `pvh` is set.
+/// note when `pvh` is set, laid out as a Linux vmlinux has it (a 64-bit descriptor,
+/// 4-byte note alignment), so that QEMU boots it too.
 pub fn elf_kernel(code: &[u8], pvh: bool) -> Vec<u8> {
     let phnum: u16 = if pvh { 2 } else { 1 };
     let phoff = 64u64;
@@ -26,10 +27,10 @@ pub fn elf_kernel(code: &[u8], pvh: bool) -> Vec<u8> {
     let note: Vec<u8> = if pvh {
         let mut n = Vec::new();
         n.extend_from_slice(&4u32.to_le_bytes()); // namesz
-        n.extend_from_slice(&4u32.to_le_bytes()); // descsz
+        n.extend_from_slice(&8u32.to_le_bytes()); // descsz
         n.extend_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
         n.extend_from_slice(b"Xen\0");
-        n.extend_from_slice(&(LOAD_ADDR as u32).to_le_bytes());
+        n.extend_from_slice(&LOAD_ADDR.to_le_bytes());
         n
     } else {
         Vec::new()
@@ -48,16 +49,16 @@ pub fn elf_kernel(code: &[u8], pvh: bool) -> Vec<u8> {
     for v in [64u16, 56, phnum, 64, 0, 0] {
         elf.extend_from_slice(&v.to_le_bytes());
     }
-    let mut phdr = |p_type: u32, offset: u64, addr: u64, size: u64| {
+    let mut phdr = |p_type: u32, offset: u64, addr: u64, size: u64, align: u64| {
         elf.extend_from_slice(&p_type.to_le_bytes());
         elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
-        for v in [offset, addr, addr, size, size, 0x1000] {
+        for v in [offset, addr, addr, size, size, align] {
             elf.extend_from_slice(&v.to_le_bytes());
         }
     };
-    phdr(1, code_off, LOAD_ADDR, code.len() as u64);
+    phdr(1, code_off, LOAD_ADDR, code.len() as u64, 0x1000);
     if pvh {
-        phdr(4, note_off, 0, note.len() as u64);
+        phdr(4, note_off, 0, note.len() as u64, 4);
     }
     elf.extend_from_slice(&note);
     elf.resize(code_off as usize, 0);
