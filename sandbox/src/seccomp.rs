@@ -1,6 +1,10 @@
 //! The seccomp filters every process-level sandbox installs, built with seccompiler.
 //!
-//! Two filters, because they need different errors:
+//! Three filters, because they need different errors:
+//! - the ABI filter, first: a call from any architecture but x86-64 kills the process,
+//!   and every x32 system call (number with bit 30, `__X32_SYSCALL_BIT`, set) fails with
+//!   EPERM. The other filters match x86-64 numbers only, so without it a denied call
+//!   would be reachable through its x32 number on a kernel with x32 enabled;
 //! - `clone3` fails with ENOSYS, so libc falls back to `clone`, whose flags a filter can
 //!   inspect (clone3 passes them in memory, out of a filter's reach);
 //! - everything else on the deny list fails with EPERM.
@@ -8,8 +12,8 @@
 use std::collections::BTreeMap;
 
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
+    sock_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -99,9 +103,18 @@ const CLONE_NS_FLAGS: &[u64] = &[
 /// Terminal ioctls that inject input or reach the console.
 const DENIED_IOCTLS: &[u64] = &[libc::TIOCSTI, 0x541C /* TIOCLINUX */];
 
+/// The x32 system-call bit (`__X32_SYSCALL_BIT`).
+pub const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+/// `AUDIT_ARCH_X86_64`: EM_X86_64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE.
+pub const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+/// Offsets in `struct seccomp_data`.
+const DATA_NR: u32 = 0;
+const DATA_ARCH: u32 = 4;
+
 /// Names of what the filters deny, for `mxc-vm backends` and documentation.
 pub fn describe() -> Vec<String> {
     let mut v: Vec<String> = DENIED_SYSCALLS.iter().map(|(_, n)| n.to_string()).collect();
+    v.push("every x32 system call (number with bit 30 set); any non-x86-64 ABI kills".into());
     v.push("clone3 (ENOSYS, so libc falls back to clone)".into());
     v.push("clone with namespace flags".into());
     v.push("socket/socketpair other than AF_UNIX, AF_INET, AF_INET6, AF_NETLINK".into());
@@ -153,6 +166,40 @@ fn deny_filter() -> Result<BpfProgram, SeccompError> {
     filter.try_into().map_err(SeccompError::Compile)
 }
 
+fn stmt(code: u32, k: u32) -> sock_filter {
+    jump(code, k, 0, 0)
+}
+
+fn jump(code: u32, k: u32, jt: u8, jf: u8) -> sock_filter {
+    sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    }
+}
+
+/// The ABI filter: not x86-64 → kill the process; an x32 number → EPERM; else allow
+/// (the next filters decide). Hand-written because seccompiler keys rules by exact
+/// system-call number and cannot test a bit of it.
+fn abi_filter() -> BpfProgram {
+    use libc::{BPF_ABS, BPF_JEQ, BPF_JMP, BPF_JSET, BPF_K, BPF_LD, BPF_RET, BPF_W};
+    vec![
+        stmt(BPF_LD | BPF_W | BPF_ABS, DATA_ARCH),
+        // x86-64: skip the kill.
+        jump(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0),
+        stmt(BPF_RET | BPF_K, libc::SECCOMP_RET_KILL_PROCESS),
+        stmt(BPF_LD | BPF_W | BPF_ABS, DATA_NR),
+        // x32 bit set: fall through to EPERM; else jump to allow.
+        jump(BPF_JMP | BPF_JSET | BPF_K, X32_SYSCALL_BIT, 0, 1),
+        stmt(
+            BPF_RET | BPF_K,
+            libc::SECCOMP_RET_ERRNO | (libc::EPERM as u32 & libc::SECCOMP_RET_DATA),
+        ),
+        stmt(BPF_RET | BPF_K, libc::SECCOMP_RET_ALLOW),
+    ]
+}
+
 /// The clone3 filter (ENOSYS).
 fn clone3_filter() -> Result<BpfProgram, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
@@ -167,12 +214,12 @@ fn clone3_filter() -> Result<BpfProgram, SeccompError> {
     filter.try_into().map_err(SeccompError::Compile)
 }
 
-/// Both filters, in the order they are installed.
+/// The filters, in the order they are installed.
 pub fn filters() -> Result<Vec<BpfProgram>, SeccompError> {
-    Ok(vec![clone3_filter()?, deny_filter()?])
+    Ok(vec![abi_filter(), clone3_filter()?, deny_filter()?])
 }
 
-/// Install both filters on the calling thread. NO_NEW_PRIVS must already be set.
+/// Install the filters on the calling thread. NO_NEW_PRIVS must already be set.
 pub fn install() -> Result<(), SeccompError> {
     for prog in filters()? {
         seccompiler::apply_filter(&prog).map_err(SeccompError::Install)?;
@@ -199,8 +246,119 @@ mod tests {
     #[test]
     fn filters_compile() {
         let progs = filters().expect("filters compile");
-        assert_eq!(progs.len(), 2);
+        assert_eq!(progs.len(), 3);
         assert!(progs.iter().all(|p| !p.is_empty()));
+    }
+
+    /// A classic-BPF interpreter for the instructions seccomp filters use, run over a
+    /// `struct seccomp_data` built from (nr, arch, args).
+    fn run(prog: &[sock_filter], nr: u32, arch: u32, args: [u64; 6]) -> u32 {
+        use libc::*;
+        let mut data = Vec::with_capacity(64);
+        data.extend_from_slice(&nr.to_ne_bytes());
+        data.extend_from_slice(&arch.to_ne_bytes());
+        data.extend_from_slice(&0u64.to_ne_bytes()); // instruction pointer
+        for a in args {
+            data.extend_from_slice(&a.to_ne_bytes());
+        }
+        let (mut acc, mut pc) = (0u32, 0usize);
+        loop {
+            let ins = &prog[pc];
+            let code = u32::from(ins.code);
+            pc += 1;
+            match code {
+                c if c == BPF_LD | BPF_W | BPF_ABS => {
+                    let at = ins.k as usize;
+                    acc = u32::from_ne_bytes(data[at..at + 4].try_into().unwrap());
+                }
+                c if c == BPF_ALU | BPF_AND | BPF_K => acc &= ins.k,
+                c if c == BPF_JMP | BPF_JA => pc += ins.k as usize,
+                c if c & 0x07 == BPF_JMP => {
+                    let taken = match c & 0xf0 {
+                        x if x == BPF_JEQ => acc == ins.k,
+                        x if x == BPF_JGT => acc > ins.k,
+                        x if x == BPF_JGE => acc >= ins.k,
+                        x if x == BPF_JSET => acc & ins.k != 0,
+                        other => panic!("unknown jump {other:#x}"),
+                    };
+                    pc += usize::from(if taken { ins.jt } else { ins.jf });
+                }
+                c if c == BPF_RET | BPF_K => return ins.k,
+                other => panic!("unknown BPF instruction {other:#x}"),
+            }
+        }
+    }
+
+    /// What the kernel does with all filters: the most restrictive action wins.
+    fn verdict(nr: u32, arch: u32, args: [u64; 6]) -> u32 {
+        let rank = |action: u32| match action & 0xffff_0000 {
+            a if a == libc::SECCOMP_RET_KILL_PROCESS => 0,
+            a if a == libc::SECCOMP_RET_ERRNO => 3,
+            a if a == libc::SECCOMP_RET_ALLOW => 9,
+            other => panic!("unexpected action {other:#x}"),
+        };
+        filters()
+            .unwrap()
+            .iter()
+            .map(|p| run(p, nr, arch, args))
+            .min_by_key(|a| rank(*a))
+            .unwrap()
+    }
+
+    const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
+
+    #[test]
+    fn every_denied_call_is_refused_under_its_x32_number_too() {
+        for (nr, name) in DENIED_SYSCALLS {
+            let nr = u32::try_from(*nr).unwrap();
+            assert_ne!(verdict(nr, AUDIT_ARCH_X86_64, [0; 6]), ALLOW, "{name}");
+            assert_ne!(
+                verdict(nr | X32_SYSCALL_BIT, AUDIT_ARCH_X86_64, [0; 6]),
+                ALLOW,
+                "{name} through its x32 number"
+            );
+        }
+        // x32 numbers of allowed calls are refused as well: the whole ABI is off.
+        let x32_read = X32_SYSCALL_BIT;
+        assert_eq!(
+            verdict(x32_read, AUDIT_ARCH_X86_64, [0; 6]),
+            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32
+        );
+        // An ordinary call is allowed.
+        assert_eq!(
+            verdict(libc::SYS_getpid as u32, AUDIT_ARCH_X86_64, [0; 6]),
+            ALLOW
+        );
+    }
+
+    #[test]
+    fn another_architecture_is_killed() {
+        const AUDIT_ARCH_I386: u32 = 3 | 0x4000_0000;
+        let v = verdict(libc::SYS_getpid as u32, AUDIT_ARCH_I386, [0; 6]);
+        assert_eq!(v, libc::SECCOMP_RET_KILL_PROCESS);
+    }
+
+    #[test]
+    fn argument_rules_still_hold() {
+        let unshare_user = [libc::CLONE_NEWUSER as u64, 0, 0, 0, 0, 0];
+        let vsock = [libc::AF_VSOCK as u64, 1, 0, 0, 0, 0];
+        let inet = [libc::AF_INET as u64, 1, 0, 0, 0, 0];
+        assert_ne!(
+            verdict(libc::SYS_clone as u32, AUDIT_ARCH_X86_64, unshare_user),
+            ALLOW
+        );
+        assert_ne!(
+            verdict(libc::SYS_socket as u32, AUDIT_ARCH_X86_64, vsock),
+            ALLOW
+        );
+        assert_eq!(
+            verdict(libc::SYS_socket as u32, AUDIT_ARCH_X86_64, inet),
+            ALLOW
+        );
+        assert_eq!(
+            verdict(libc::SYS_clone3 as u32, AUDIT_ARCH_X86_64, [0; 6]),
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32
+        );
     }
 
     #[test]
