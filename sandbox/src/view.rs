@@ -44,6 +44,19 @@ pub const ETC_ALLOWLIST: &[&str] = &[
     "timezone",
 ];
 
+/// Host paths no sandbox ever sees, on any tier, whatever the policy grants: password
+/// hashes, SSH host keys, TLS private keys. The process tiers mask each one that lies
+/// inside something they bind (the `/etc` allowlist's `ssl`, or a policy's grant); the
+/// microVM refuses to share them and hides them inside every share (`microvm/shares.rs`).
+pub const SECRET_PATHS: &[&str] = &[
+    "/etc/shadow",
+    "/etc/shadow-",
+    "/etc/gshadow",
+    "/etc/gshadow-",
+    "/etc/ssh",
+    "/etc/ssl/private",
+];
+
 /// The hostname the sandbox sees.
 pub const SANDBOX_HOSTNAME: &str = "mxc-sandbox";
 
@@ -129,8 +142,25 @@ impl SandboxView {
         v.landlock_rw.extend(["/tmp".into(), "/dev".into()]);
         v.landlock_ro.push("/proc".into());
         v.add_policy(fs);
+        v.mask_secrets();
         v.default_cwd = default_cwd(fs, host_cwd);
         v
+    }
+
+    /// Mask every secret path the binds so far would show (last, so that no later bind
+    /// can uncover one).
+    fn mask_secrets(&mut self) {
+        for secret in SECRET_PATHS.iter().map(Path::new) {
+            let Ok(meta) = std::fs::symlink_metadata(secret) else {
+                continue;
+            };
+            if self.is_visible(secret) {
+                self.ops.push(MountOp::Mask {
+                    dst: secret.to_path_buf(),
+                    dir: meta.is_dir(),
+                });
+            }
+        }
     }
 
     fn add_system_dirs(&mut self) {
@@ -296,13 +326,42 @@ mod tests {
     }
 
     #[test]
+    fn every_secret_a_bind_would_show_is_masked_last() {
+        // /etc/ssl is on the /etc allowlist; a policy may also grant all of /etc.
+        let fs = FsView {
+            entries: vec![entry("/etc", Access::ReadOnly, true)],
+            warnings: vec![],
+        };
+        let v = SandboxView::build(&fs, NetMode::LoopbackOnly, None);
+        for secret in SECRET_PATHS {
+            let Ok(meta) = std::fs::symlink_metadata(secret) else {
+                continue;
+            };
+            let mask = v.ops.iter().rposition(|o| {
+                *o == MountOp::Mask {
+                    dst: secret.into(),
+                    dir: meta.is_dir(),
+                }
+            });
+            let last_bind = v
+                .ops
+                .iter()
+                .rposition(|o| matches!(o, MountOp::Bind { .. }));
+            assert!(mask > last_bind, "{secret} is masked after every bind");
+        }
+    }
+
+    #[test]
     fn denied_path_outside_every_bind_needs_no_mask() {
         let fs = FsView {
             entries: vec![entry("/srv/secret", Access::Denied, true)],
             warnings: vec![],
         };
         let v = SandboxView::build(&fs, NetMode::LoopbackOnly, None);
-        assert!(!v.ops.iter().any(|o| matches!(o, MountOp::Mask { .. })));
+        assert!(!v
+            .ops
+            .iter()
+            .any(|o| matches!(o, MountOp::Mask { dst, .. } if dst.starts_with("/srv"))));
     }
 
     #[test]

@@ -498,6 +498,17 @@ fn mxc_vm_run_writes_into_the_project_with_the_hosts_python() {
     let _one = serialize();
     let dir = TempDir::new("vmfs-run");
     std::fs::create_dir(dir.join("project")).unwrap();
+    // Also: with all of /etc granted, no path of the secret list shows (entries listed
+    // or bytes read, summed over the list).
+    let probe: String = sandbox::view::SECRET_PATHS
+        .iter()
+        .map(|p| {
+            format!("if [ -d {p} ]; then ls -A {p} | wc -l; else cat {p} 2>/dev/null | wc -c; fi; ")
+        })
+        .collect();
+    let script = format!(
+        "python3 -c \"print(1)\" > out.txt; ({probe}) | awk '{{s += $1}} END {{print \"secrets:\", s}}'"
+    );
     let out = std::process::Command::new(mxc_vm_bin())
         .args([
             "run",
@@ -507,10 +518,12 @@ fn mxc_vm_run_writes_into_the_project_with_the_hosts_python() {
             "1800s",
             "--rw",
             "./project",
+            "--ro",
+            "/etc",
             "--",
             "sh",
             "-c",
-            "python3 -c \"print(1)\" > out.txt",
+            &script,
         ])
         .current_dir(dir.path())
         .stdin(std::process::Stdio::null())
@@ -520,6 +533,12 @@ fn mxc_vm_run_writes_into_the_project_with_the_hosts_python() {
     assert_eq!(
         std::fs::read_to_string(dir.join("project/out.txt")).unwrap(),
         "1\n"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "secrets: 0\n",
+        "{}",
+        stderr(&out)
     );
 }
 

@@ -35,6 +35,7 @@ both_backends!(
     json_output_streams_and_reports_exit,
     command_not_found_is_127,
     secrets_in_etc_and_home_are_invisible,
+    every_secret_path_is_hidden_even_under_a_grant,
     dangerous_syscalls_are_denied,
 );
 
@@ -330,6 +331,31 @@ fn secrets_in_etc_and_home_are_invisible(backend: &str) {
         !text.contains("SHADOW") && !text.contains("ROOT") && !text.contains("HOME"),
         "{text}"
     );
+}
+
+/// Every path on the one secret list is invisible on this tier: with the default system
+/// view (whose `/etc` allowlist has `ssl`) and when the policy grants all of `/etc`.
+fn every_secret_path_is_hidden_even_under_a_grant(backend: &str) {
+    for extra in [&[][..], &["--ro", "/etc"][..]] {
+        for secret in sandbox::view::SECRET_PATHS {
+            let Ok(meta) = std::fs::symlink_metadata(secret) else {
+                continue;
+            };
+            // Entries listed, or bytes read: none.
+            let probe = if meta.is_dir() {
+                format!("ls -A {secret} 2>/dev/null | wc -l")
+            } else {
+                format!("cat {secret} 2>/dev/null | wc -c")
+            };
+            let out = sh(backend, extra, &probe);
+            assert_eq!(
+                stdout(&out).trim(),
+                "0",
+                "{secret} with {extra:?}: {}",
+                stderr(&out)
+            );
+        }
+    }
 }
 
 fn dangerous_syscalls_are_denied(backend: &str) {

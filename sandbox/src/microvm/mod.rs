@@ -32,7 +32,7 @@ use proto::{Exec, Rlimits};
 use crate::output::{ExecIo, Limiter, StdinMode, StreamKind};
 use crate::{Backend, ExecOutcome, ExecRequest, ExitKind, SandboxError, SandboxSpec};
 
-pub use shares::{GuestFiles, SharesError, SystemView, NEVER_SHARED};
+pub use shares::{never_shared, GuestFiles, SharesError, SystemView};
 pub use vmm_process::{vmm_main, VMM_ARG};
 
 type Client = AgentClient<std::os::unix::net::UnixStream, std::os::unix::net::UnixStream>;

@@ -44,17 +44,15 @@ use policy::{Access, FsView};
 use proto::mounts::{GuestLink, GuestMount};
 use vmm::devices::fs::{share_tag, FsShareConfig, RunAs};
 
-pub use crate::view::{ETC_ALLOWLIST, SYSTEM_DIRS};
+pub use crate::view::{ETC_ALLOWLIST, SECRET_PATHS, SYSTEM_DIRS};
 
-/// Paths (relative to a system root) never shared with a guest.
-pub const NEVER_SHARED: &[&str] = &[
-    "etc/shadow",
-    "etc/shadow-",
-    "etc/gshadow",
-    "etc/gshadow-",
-    "etc/ssh",
-    "etc/ssl/private",
-];
+/// Paths (relative to a system root) never shared with a guest: the secret paths every
+/// tier hides ([`SECRET_PATHS`]).
+pub fn never_shared() -> impl Iterator<Item = &'static Path> {
+    SECRET_PATHS
+        .iter()
+        .map(|p| Path::new(p).strip_prefix("/").unwrap_or(Path::new(p)))
+}
 
 /// Host paths a policy cannot share: pseudo file systems of the host, and the guest's
 /// own root.
@@ -259,10 +257,7 @@ fn check_shareable(path: &Path) -> Result<(), SharesError> {
     if pseudo || path == Path::new("/") || path.starts_with(GUEST_PRIVATE) {
         return Err(SharesError::NotShareable(path.to_path_buf()));
     }
-    if NEVER_SHARED
-        .iter()
-        .any(|s| path.starts_with(Path::new("/").join(s)))
-    {
+    if never_shared().any(|s| path.starts_with(Path::new("/").join(s))) {
         return Err(SharesError::Secret(path.to_path_buf()));
     }
     Ok(())
@@ -415,7 +410,7 @@ fn denied_inside(view: &FsView, host: &Path, system_root: Option<&Path>) -> Vec<
         .collect();
     let roots = [Some(Path::new("/")), system_root];
     for root in roots.into_iter().flatten() {
-        for secret in NEVER_SHARED {
+        for secret in never_shared() {
             let path = root.join(secret);
             if path != host && path.starts_with(host) {
                 denied.insert(path);
