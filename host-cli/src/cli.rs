@@ -242,14 +242,13 @@ Flags compose with the policy file; on conflicts the stricter wins (a path in tw
 lists gets the stricter access, the smaller timeout applies). A command after `--`
 replaces the policy's command.
 
-Network: with allow or deny rules the sandbox has no route out except mxc-vm's policy
-proxy on 127.0.0.1:3128 inside it (HTTP_PROXY/HTTPS_PROXY/ALL_PROXY are set); refused
-connections get HTTP 403 with an X-Mxc-Deny header naming the rule. `default: deny`
-with no rules means no network at all; `default: allow` with no rules means the host
-network, unfiltered, on the process tiers (give --audit to put the proxy in front and
-log every connection). A microVM has no network device: its guest reaches the proxy
-over vsock, and allow-all goes through the proxy too (loopback, private and metadata
-addresses still need an IP rule).
+Network: no sandbox ever shares the host's network. With any network policy but
+deny-all the sandbox's only route out is mxc-vm's policy proxy on 127.0.0.1:3128 inside
+it (HTTP_PROXY/HTTPS_PROXY/ALL_PROXY are set); refused connections get HTTP 403 with an
+X-Mxc-Deny header naming the rule. `default: deny` with no rules means no network at
+all; `default: allow` with no rules lets every name and public address through the
+proxy, while loopback, private, link-local and metadata addresses still need an IP
+rule. A microVM has no network device: its guest reaches the proxy over vsock.
 
 Environment:
   MXC_VM_PROXY_HOSTS=FILE  resolve names the policy allows through this hosts file

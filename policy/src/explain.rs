@@ -7,6 +7,20 @@ use serde_json::{json, Value};
 use crate::duration::format_duration;
 use crate::model::{Action, Command, FsView, NetRule, Policy, PolicySource};
 
+/// How egress is carried on every tier: never the host's network namespace.
+pub fn egress_route_text(policy: &Policy) -> &'static str {
+    let n = &policy.network;
+    if n.is_deny_all() && n.upstream_proxy.is_none() {
+        "none: a private network (only the sandbox's own loopback; no proxy, no route out)"
+    } else {
+        "only the host-side policy proxy (127.0.0.1:3128 in the sandbox, HTTP_PROXY and \
+         HTTPS_PROXY set; a microVM reaches it over vsock): a private network otherwise, \
+         never the host's; the proxy decides every connection by the rules above and \
+         refuses loopback, private, link-local, CGNAT and cloud-metadata addresses unless \
+         an IP rule names them"
+    }
+}
+
 fn action_str(a: Action) -> &'static str {
     match a {
         Action::Allow => "allow",
@@ -93,6 +107,7 @@ pub fn explain(policy: &Policy, view: &FsView) -> Value {
                 "hostLoopback": action_str(policy.network.ingress.host_loopback),
             },
             "upstreamProxy": policy.network.upstream_proxy,
+            "route": egress_route_text(policy),
         },
         "limits": {
             "memoryMiB": l.memory_mib,
@@ -188,6 +203,7 @@ pub fn explain_text(policy: &Policy, view: &FsView) -> String {
             ),
         };
     }
+    let _ = writeln!(s, "network route: {}", egress_route_text(policy));
     let _ = writeln!(
         s,
         "network ingress: {}; host loopback: {}",

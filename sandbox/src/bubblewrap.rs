@@ -114,9 +114,6 @@ fn build_args(
         }
     };
     push(&[&"--new-session", &"--die-with-parent", &"--unshare-all"]);
-    if net == NetMode::Host {
-        push(&[&"--share-net"]);
-    }
     push(&[&"--cap-drop", &"ALL", &"--hostname", &SANDBOX_HOSTNAME]);
     let mut remount_ro: Vec<PathBuf> = Vec::new();
     for op in &view.ops {

@@ -98,14 +98,13 @@ pub enum NetMode {
     /// A private network namespace with only loopback, where 127.0.0.1:`port` is the
     /// host's policy proxy (the only way out; names are resolved by the proxy).
     Proxied { port: u16 },
-    /// The host's network, unfiltered (`default: allow` with no rules).
-    Host,
 }
 
 impl NetMode {
-    /// Whether the sandbox gets its own network namespace.
+    /// Whether the sandbox gets its own network namespace: always (no tier shares the
+    /// host's).
     pub fn private(self) -> bool {
-        self != NetMode::Host
+        true
     }
 }
 
@@ -227,7 +226,6 @@ impl SandboxView {
                  (HTTP_PROXY, HTTPS_PROXY) resolves allowed names on the host.\n\
                  nameserver 127.0.0.1\n"
             ),
-            NetMode::Host => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
         };
         self.ops.push(MountOp::File {
             dst: "/etc/resolv.conf".into(),

@@ -41,7 +41,7 @@ both_backends!(
     mxc_legacy_allowed_hosts_are_enforced,
     mxc_directional_cidr_rules_with_ports_are_enforced,
     egress_chains_through_the_upstream_proxy,
-    allow_all_is_the_host_network_unless_audited,
+    allow_all_never_shares_the_host_network,
 );
 
 const LAB_NAMES: &[&str] = &[
@@ -709,7 +709,11 @@ fn egress_chains_through_the_upstream_proxy(backend: &str) {
     );
 }
 
-fn allow_all_is_the_host_network_unless_audited(backend: &str) {
+/// Allow-all never shares the host's network namespace (with or without `--audit`): a
+/// host loopback listener and a host abstract Unix socket are out of reach, and through
+/// the proxy loopback is still refused (403) because no IP rule names it.
+fn allow_all_never_shares_the_host_network(backend: &str) {
+    use std::os::linux::net::SocketAddrExt;
     let dir = TempDir::new("allowall");
     let p = write_policy(
         dir.path(),
@@ -718,10 +722,22 @@ fn allow_all_is_the_host_network_unless_audited(backend: &str) {
     let audit = dir.s("audit.jsonl");
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
+    let name = format!("mxc-test-allowall-{}-{backend}", std::process::id());
+    let abstract_addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap();
+    let _abstract = std::os::unix::net::UnixListener::bind_addr(&abstract_addr).unwrap();
     let probe = format!(
-        "import socket,os\ns=socket.socket(); s.settimeout(3)\n\
-         try:\n  s.connect((\"127.0.0.1\",{port})); print(\"CONNECTED\")\n\
-         except OSError: print(\"FAILED\")\nprint(\"proxy\", os.environ.get(\"HTTP_PROXY\"))"
+        "import socket,os,urllib.request\n\
+         s=socket.socket(); s.settimeout(3)\n\
+         try:\n  s.connect((\"127.0.0.1\",{port})); print(\"tcp CONNECTED\")\n\
+         except OSError: print(\"tcp FAILED\")\n\
+         u=socket.socket(socket.AF_UNIX)\n\
+         try:\n  u.connect(\"\\0{name}\"); print(\"abstract CONNECTED\")\n\
+         except OSError: print(\"abstract FAILED\")\n\
+         os.environ.pop(\"NO_PROXY\", None); os.environ.pop(\"no_proxy\", None)\n\
+         try:\n  urllib.request.urlopen(\"http://127.0.0.1:{port}/\", timeout=5); print(\"proxy OPEN\")\n\
+         except urllib.error.HTTPError as e: print(\"proxy\", e.code)\n\
+         except OSError as e: print(\"proxy error\", e)\n\
+         print(\"env\", os.environ.get(\"HTTP_PROXY\"))"
     );
     let run = |extra: &[&str]| {
         let mut args = vec!["run", "--backend", backend, "--policy", &p];
@@ -730,21 +746,14 @@ fn allow_all_is_the_host_network_unless_audited(backend: &str) {
         tests::mxc_vm(&args)
     };
 
-    let open = run(&[]);
-    let audited = run(&["--audit", &audit]);
-
-    assert_eq!(
-        stdout(&open),
-        "CONNECTED\nproxy None\n",
-        "{}",
-        stderr(&open)
-    );
-    assert_eq!(
-        stdout(&audited),
-        "FAILED\nproxy http://127.0.0.1:3128\n",
-        "{}",
-        stderr(&audited)
-    );
+    for out in [run(&[]), run(&["--audit", &audit])] {
+        assert_eq!(
+            stdout(&out),
+            "tcp FAILED\nabstract FAILED\nproxy 403\nenv http://127.0.0.1:3128\n",
+            "{}",
+            stderr(&out)
+        );
+    }
     drop(listener);
 }
 

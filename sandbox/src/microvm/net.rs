@@ -13,16 +13,13 @@
 //! ([`egress_route`]):
 //! - **closed** (deny-all, no upstream proxy, no audit log): no proxy, no relay in the
 //!   guest, no proxy variables. Nothing can leave: there is nothing to leave through.
-//! - **proxied** (any rule, an upstream proxy, or `--audit`): the proxy, listening on
+//! - **proxied** (everything else, allow-all included): the proxy, listening on
 //!   `<runtime>/vsock.sock_1080` before the VM boots; the agent relays to it and every
 //!   command gets the same proxy variables as on the process tiers
-//!   ([`crate::proxy::proxy_env`]).
-//! - **unfiltered** (allow-all): the process tiers share the host's network here, but a VM
-//!   has no host network to share, so the microVM goes through the proxy in allow mode:
-//!   every name and public address is reachable, by programs that use the proxy
-//!   variables. Special addresses (loopback, private, link-local, CGNAT, cloud metadata)
-//!   are still refused unless an IP rule names them, exactly as on the process tiers
-//!   with `--audit`. This is stricter than the process tiers, never looser.
+//!   ([`crate::proxy::proxy_env`]). Allow-all is the proxy's allow mode: every name and
+//!   public address is reachable, by programs that use the proxy variables; special
+//!   addresses (loopback, private, link-local, CGNAT, cloud metadata) only when an IP
+//!   rule names them, exactly as on the process tiers.
 //!
 //! The proxy is the authority: the guest's relay forwards bytes and never decides.
 

@@ -1,18 +1,17 @@
 //! The network of the process-level tiers (native and bubblewrap).
 //!
+//! No sandbox ever shares the host's network namespace (its loopback services, abstract
+//! Unix sockets and listeners would all be reachable, in both directions).
+//!
 //! - `default: deny` with no allow rules: a private network namespace with only `lo`; no
 //!   proxy, nothing leaves.
-//! - `default: allow` with no deny rules and no upstream proxy: the host's network,
-//!   **unfiltered** (the sandbox shares the host's interfaces; nothing is decided or
-//!   logged).
-//! - anything else (allow or deny rules, an upstream proxy), or any policy when an audit
-//!   log is requested: a private namespace with only `lo`, where 127.0.0.1:3128 is the
-//!   host's policy proxy (see [`crate::proxy::handoff`]), and the command gets the proxy
-//!   variables. Programs that ignore them have no route at all.
+//! - anything else, allow-all included: a private namespace with only `lo`, where
+//!   127.0.0.1:3128 is the host's policy proxy (see [`crate::proxy::handoff`]), and the
+//!   command gets the proxy variables. Programs that ignore them have no route at all.
+//!   Allow-all is the proxy's allow mode: every name and public address, but loopback,
+//!   private, link-local and metadata addresses only when an IP rule names them.
 //!
-//! The same rule ([`egress_route`]) decides whether the microVM tier runs a proxy; see
-//! `crate::microvm` for what it does with an unfiltered policy (it has no host network
-//! to share).
+//! The same rule ([`egress_route`]) decides whether the microVM tier runs a proxy.
 
 use std::os::fd::OwnedFd;
 
@@ -27,21 +26,17 @@ use crate::{SandboxError, SandboxSpec};
 pub enum EgressRoute {
     /// Nothing may leave and nothing needs deciding or logging: no proxy, no route.
     Closed,
-    /// Everything may leave and nothing needs deciding or logging.
-    Unfiltered,
     /// Every connection is decided (and logged) by the sandbox's policy proxy.
     Proxied,
 }
 
-/// The route a policy needs: the proxy for any rule, an upstream proxy, or an audit log;
-/// otherwise deny-all is closed and allow-all unfiltered.
+/// The route a policy needs: closed for deny-all without an upstream proxy or audit
+/// log, else the proxy (allow-all too: there is no unfiltered route).
 pub fn egress_route(policy: &Policy, options: &NetOptions) -> EgressRoute {
     let n = &policy.network;
     let plain = n.upstream_proxy.is_none() && options.audit.is_none();
     if plain && n.is_deny_all() {
         EgressRoute::Closed
-    } else if plain && n.is_allow_all() {
-        EgressRoute::Unfiltered
     } else {
         EgressRoute::Proxied
     }
@@ -51,7 +46,6 @@ pub fn egress_route(policy: &Policy, options: &NetOptions) -> EgressRoute {
 pub fn net_mode(policy: &Policy, options: &NetOptions) -> NetMode {
     match egress_route(policy, options) {
         EgressRoute::Closed => NetMode::LoopbackOnly,
-        EgressRoute::Unfiltered => NetMode::Host,
         EgressRoute::Proxied => NetMode::Proxied {
             port: handoff::SANDBOX_PROXY_PORT,
         },
@@ -179,7 +173,7 @@ mod tests {
             net_mode(&policy(Action::Deny, &[]), &none),
             NetMode::LoopbackOnly
         );
-        assert_eq!(net_mode(&policy(Action::Allow, &[]), &none), NetMode::Host);
+        assert_eq!(net_mode(&policy(Action::Allow, &[]), &none), proxied);
         assert_eq!(
             net_mode(&policy(Action::Deny, &["pypi.org"]), &none),
             proxied
@@ -207,7 +201,7 @@ mod tests {
             routes,
             [
                 EgressRoute::Closed,
-                EgressRoute::Unfiltered,
+                EgressRoute::Proxied,
                 EgressRoute::Proxied,
                 EgressRoute::Proxied
             ]
