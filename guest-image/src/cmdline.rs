@@ -199,6 +199,9 @@ mod tests {
 
         assert!(line.starts_with(KERNEL_CMDLINE_CONSOLE));
         assert!(line.ends_with(KERNEL_CMDLINE_PVM));
-        assert_eq!(kernel_cmdline(GuestConsole::Off, false), KERNEL_CMDLINE_BASE);
+        assert_eq!(
+            kernel_cmdline(GuestConsole::Off, false),
+            KERNEL_CMDLINE_BASE
+        );
     }
 }
