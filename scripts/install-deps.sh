@@ -8,6 +8,7 @@ pkgs=(
   linux-source-6.1    # the guest kernel source (mxc-vm image build)
   flex bison bc libelf-dev libssl-dev make gcc cpio xz-utils  # kernel build
   python3 iproute2 curl openssl  # used by the tests
+  qemu-system-x86     # the nested hardware-KVM test lane (tests/hwkvm/)
 )
 missing=()
 for p in "${pkgs[@]}"; do
@@ -18,3 +19,5 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
 fi
+# The Debian kernel the nested hardware-KVM test lane boots (downloaded, not installed).
+"$(dirname "$0")/../tests/hwkvm/fetch-kernel.sh" >/dev/null
