@@ -77,6 +77,24 @@ fn failing_run(args: &[&str]) -> String {
     err
 }
 
+/// A boot of `kernel` and `initrd` that ends before the agent answers: one line naming
+/// that, and the kernel running as the stage reached. Returns stderr.
+fn failing_boot(kernel: &Path, initrd: &Path) -> String {
+    let err = failing_run(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+    ]);
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("the VM ended before the agent answered"),
+        "{err}"
+    );
+    assert!(err.contains("boot reached first_guest_exit"), "{err}");
+    err
+}
+
 #[test]
 fn a_triple_faulting_kernel_is_reported_with_its_stage() {
     let dir = TempDir::new("triple");
@@ -89,20 +107,9 @@ fn a_triple_faulting_kernel_is_reported_with_its_stage() {
     let initrd = dir.join("initrd");
     initramfs(&initrd, None);
 
-    let err = failing_run(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-    ]);
+    let err = failing_boot(&kernel, &initrd);
 
-    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
-    assert!(
-        err.contains("the VM ended before the agent answered"),
-        "{err}"
-    );
     assert!(err.contains("triple fault"), "{err}");
-    assert!(err.contains("boot reached first_guest_exit"), "{err}");
 }
 
 #[test]
@@ -112,19 +119,8 @@ fn a_kernel_without_the_agent_shows_the_guest_panic() {
     initramfs(&initrd, None);
     let kernel = guest_kernel();
 
-    let err = failing_run(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-    ]);
+    let err = failing_boot(&kernel, &initrd);
 
-    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
-    assert!(
-        err.contains("the VM ended before the agent answered"),
-        "{err}"
-    );
-    assert!(err.contains("boot reached first_guest_exit"), "{err}");
     assert!(err.contains("Kernel panic"), "the console tail: {err}");
 }
 

@@ -238,6 +238,18 @@ mod tests {
         assert!(!text.contains("line 1"), "only the tail: {text}");
     }
 
+    /// The message of a failure that has only a console log.
+    fn console_only(path: &Path, verbose: bool) -> String {
+        BootFailure {
+            what: "x".into(),
+            report: None,
+            last_error: None,
+            console: Some(path),
+            verbose,
+        }
+        .message()
+    }
+
     #[test]
     fn a_panic_line_above_its_stack_trace_is_shown() {
         let mut log = String::from("Kernel panic - not syncing: No working init found\n");
@@ -247,14 +259,7 @@ mod tests {
         log.push_str(" </TASK>\nKernel Offset: disabled\n");
         let (path, _gone) = console(&log);
 
-        let text = BootFailure {
-            what: "x".into(),
-            report: None,
-            last_error: None,
-            console: Some(&path),
-            verbose: false,
-        }
-        .message();
+        let text = console_only(&path, false);
 
         assert!(
             text.contains("Kernel panic - not syncing: No working init found | Kernel Offset"),
@@ -267,14 +272,7 @@ mod tests {
     fn verbose_gives_the_whole_console() {
         let (path, _gone) = console("first\nsecond\n");
 
-        let text = BootFailure {
-            what: "x".into(),
-            report: None,
-            last_error: None,
-            console: Some(&path),
-            verbose: true,
-        }
-        .message();
+        let text = console_only(&path, true);
 
         assert!(text.ends_with("guest console:\nfirst\nsecond"), "{text}");
         assert!(text.contains("no report"), "{text}");
@@ -285,14 +283,7 @@ mod tests {
         let long = "A".repeat(10_000);
         let (path, _gone) = console(&format!("\x1b[2Jevil\r\n{long}\n"));
 
-        let text = BootFailure {
-            what: "x".into(),
-            report: None,
-            last_error: None,
-            console: Some(&path),
-            verbose: false,
-        }
-        .message();
+        let text = console_only(&path, false);
 
         assert!(!text.contains('\x1b'), "{text}");
         assert!(text.len() < 1_000, "{}", text.len());
