@@ -42,6 +42,11 @@ ANSI = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|[@-Z\\^_`a-z{|}~])")
 QUIET = re.compile(r"^qemu-system-x86_64: warning: TCG doesn't support requested feature")
 # libtest's lines: one per test (its result on the same line unless --nocapture), and a
 # summary per executable, which the counts come from.
+# The nested host's own kernel stalled: QEMU's TCG emulation of the host (both of its
+# CPUs stuck with interrupts pending, seen after many nested VMs), not a test's doing.
+STALL = re.compile(r"soft lockup - CPU#|rcu_preempt self-detected stall|rcu: INFO: rcu_preempt detected stalls")
+# Exit status for a stalled nested host: run.sh runs the lane once more.
+EXIT_STALLED = 75
 TEST_LINE = re.compile(r"^test (\S+) \.\.\. ?(ok|FAILED|ignored)?")
 SUMMARY = re.compile(r"^test result: \w+\. (\d+) passed; (\d+) failed")
 
@@ -411,6 +416,8 @@ def main():
             counts[name] = (0, 1)
 
     bench_lines = None  # the boot benchmark's output while it runs
+    stalled = None  # the first stall message of the nested host's kernel
+    klog_seen = 0  # bytes of kernel.log already searched for one
     done = booted = False
     fail_line = None
     timed_out = False
@@ -422,9 +429,22 @@ def main():
                 try:
                     raw = lines.get(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
                 except queue.Empty:
+                    raw = b""
                     if time.monotonic() >= deadline:
                         timed_out = True
                         break
+                try:
+                    with open(klog_path, "rb") as k:
+                        k.seek(klog_seen)
+                        fresh = k.read()
+                except OSError:
+                    fresh = b""
+                klog_seen += len(fresh)
+                hit = STALL.search(fresh.decode("utf-8", "replace"))
+                if hit:
+                    stalled = hit.group(0)
+                    break
+                if raw == b"":
                     continue
                 if raw is None:
                     break
@@ -493,7 +513,10 @@ def main():
     bad = [f"{n} rc={results[n]}" + (f" (killed after {args.binary_limit}s)" if n in timeouts else "")
            for n, _ in bins if n in results and results[n] != 0]
     missing = [n for n, _ in bins if n not in results]
-    if fail_line:
+    if stalled:
+        reason = (f"the nested host's kernel stalled ({stalled!r} in {klog_path.name}; "
+                  f"{'in ' + current if current else 'no test running'}): QEMU killed")
+    elif fail_line:
         reason = f"nested host setup failed: {fail_line}"
     elif timed_out:
         reason = (f"time limit of {limit}s reached ({'in ' + current if current else 'no test running'}); "
@@ -517,6 +540,8 @@ def main():
     if reason:
         say("FAILED: " + reason)
     say(f"{passed} passed, {failed} failed")
+    if stalled:
+        return EXIT_STALLED
     return 1 if reason else 0
 
 
