@@ -55,6 +55,7 @@ pub fn default_boot_timeout() -> Duration {
         DEFAULT_BOOT_TIMEOUT
     }
 }
+
 /// The guest console log in the runtime directory (when `--console` is off).
 const CONSOLE_LOG: &str = "console.log";
 /// Extra time the host waits past an exec's timeout for the agent's own kill to report.
