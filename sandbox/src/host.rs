@@ -107,18 +107,12 @@ fn bubblewrap_status() -> BackendStatus {
     }
 }
 
-/// Whether /dev/kvm can be opened, and what kind of KVM it is.
-pub fn kvm_kind() -> Result<&'static str, String> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .map_err(|e| format!("/dev/kvm: {e}"))?;
-    Ok(match vmm::hypervisor::kvm::detect_flavour() {
-        vmm::Flavour::Pvm => "kvm_pvm (nested, no VMX/SVM: guest kernel code is emulated)",
-        vmm::Flavour::HardwareVmx => "hardware KVM (Intel VMX)",
-        vmm::Flavour::HardwareSvm => "hardware KVM (AMD SVM)",
-    })
+/// Whether /dev/kvm can be opened, and what kind of KVM it is ([`vmm::detect`]).
+pub fn kvm_kind() -> Result<String, String> {
+    match vmm::detect() {
+        vmm::HostKind::NoKvm(why) => Err(why),
+        kind => Ok(kind.label()),
+    }
 }
 
 /// Whether `auto` may pick the microVM backend: /dev/kvm opens. (The guest image is

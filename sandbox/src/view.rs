@@ -100,14 +100,6 @@ pub enum NetMode {
     Proxied { port: u16 },
 }
 
-impl NetMode {
-    /// Whether the sandbox gets its own network namespace: always (no tier shares the
-    /// host's).
-    pub fn private(self) -> bool {
-        true
-    }
-}
-
 /// The complete view, ready for a backend to realise.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxView {

@@ -199,9 +199,7 @@ pub fn run(args: BenchFsArgs) -> Result<i32, Failure> {
     let host = host_run(&host_dir, &args)?;
     let _ = writeln!(progress, "guest: booting a microVM (minutes under kvm_pvm)");
     let (guest, booted) = guest_run(&guest_dir, &args)?;
-    let host_kind = sandbox::host::kvm_kind()
-        .map(str::to_owned)
-        .unwrap_or_else(|e| e);
+    let host_kind = sandbox::host::kvm_kind().unwrap_or_else(|e| e);
     let mut out = std::io::stdout().lock();
     if args.json {
         let value = serde_json::json!({

@@ -373,22 +373,26 @@ impl Backend for MicrovmBackend {
             Duration::from_millis(2)
         };
         let mut last_error: Option<String> = None;
+        let verbose = self.opts.verbose;
+        let explain = |what: String, report: Option<&vmm::VmExitReport>, last: Option<&str>| {
+            let failure = boot_failure::BootFailure {
+                what,
+                report,
+                last_error: last,
+                console: console_log.as_deref(),
+                verbose,
+            };
+            SandboxError::Setup {
+                stage: "boot".into(),
+                message: failure.message(),
+            }
+        };
         loop {
             if let Some(vmm) = &mut self.vmm {
                 if let Some(early) = vmm.exited_early() {
-                    let message = boot_failure::BootFailure {
-                        what: early.what,
-                        report: early.report.as_ref(),
-                        last_error: last_error.as_deref(),
-                        console: console_log.as_deref(),
-                        verbose: self.opts.verbose,
-                    }
-                    .message();
+                    let error = explain(early.what, early.report.as_ref(), last_error.as_deref());
                     self.report = early.report;
-                    return Err(SandboxError::Setup {
-                        stage: "boot".into(),
-                        message,
-                    });
+                    return Err(error);
                 }
             }
             if self.socket()?.exists() {
@@ -413,22 +417,13 @@ impl Backend for MicrovmBackend {
                     .vmm
                     .as_mut()
                     .and_then(|v| v.terminate(Duration::from_secs(5)));
-                let message = boot_failure::BootFailure {
-                    what: format!(
-                        "the guest agent did not send Ready within {} (--boot-timeout)",
-                        policy::format_duration(boot_timeout)
-                    ),
-                    report: report.as_ref(),
-                    last_error: last_error.as_deref(),
-                    console: console_log.as_deref(),
-                    verbose: self.opts.verbose,
-                }
-                .message();
+                let what = format!(
+                    "the guest agent did not send Ready within {} (--boot-timeout)",
+                    policy::format_duration(boot_timeout)
+                );
+                let error = explain(what, report.as_ref(), last_error.as_deref());
                 self.report = report;
-                return Err(SandboxError::Setup {
-                    stage: "boot".into(),
-                    message,
-                });
+                return Err(error);
             }
             std::thread::sleep(poll);
         }

@@ -130,10 +130,9 @@ fn pid_one(plan: &InitPlan) -> i32 {
     if let Err(e) = mounts::finish_root() {
         return fail("mount", e);
     }
-    if plan.net.private() {
-        if let Err(e) = loopback_up() {
-            return fail("network", format!("bringing up lo: {e}"));
-        }
+    // Every sandbox has its own network namespace (no tier shares the host's).
+    if let Err(e) = loopback_up() {
+        return fail("network", format!("bringing up lo: {e}"));
     }
     if let NetMode::Proxied { port } = plan.net {
         let sent = handoff::bind_and_send(port, NET_FD);

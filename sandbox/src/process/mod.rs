@@ -200,6 +200,16 @@ impl Backend for ProcessBackend {
     }
 }
 
+/// The namespaces every process-tier sandbox gets, the network one included: no tier
+/// shares the host's network.
+const SANDBOX_NAMESPACES: libc::c_int = libc::CLONE_NEWUSER
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWCGROUP
+    | libc::CLONE_NEWNET;
+
 fn pipe_cloexec() -> Result<(OwnedFd, OwnedFd), SandboxError> {
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 writes two descriptors into the array we own.
@@ -258,15 +268,7 @@ fn spawn_and_supervise(
         .map(|c| CString::new(c.procs_file().into_os_string().into_encoded_bytes()))
         .transpose()
         .map_err(|_| SandboxError::Lifecycle("cgroup path contains NUL"))?;
-    let mut flags = libc::CLONE_NEWUSER
-        | libc::CLONE_NEWNS
-        | libc::CLONE_NEWPID
-        | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWCGROUP;
-    if plan.net.private() {
-        flags |= libc::CLONE_NEWNET;
-    }
+    let flags = SANDBOX_NAMESPACES;
     let status_raw = status_w.as_raw_fd();
     let plan_raw = plan_fd.as_raw_fd();
     let net_raw = net_fd.map_or(-1, |f| f.as_raw_fd());
@@ -387,15 +389,7 @@ fn spawn_forked(
         .map(|c| CString::new(c.procs_file().into_os_string().into_encoded_bytes()))
         .transpose()
         .map_err(|_| SandboxError::Lifecycle("cgroup path contains NUL"))?;
-    let mut flags = libc::CLONE_NEWUSER
-        | libc::CLONE_NEWNS
-        | libc::CLONE_NEWPID
-        | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWCGROUP;
-    if plan.net.private() {
-        flags |= libc::CLONE_NEWNET;
-    }
+    let flags = SANDBOX_NAMESPACES;
     let relay = if io.sink.is_some() {
         Some((pipe_cloexec()?, pipe_cloexec()?))
     } else {

@@ -66,7 +66,13 @@ const CPUID_8000_0001_ECX_SVM: u32 = 1 << 2;
 
 /// Which kind of KVM this host's `/dev/kvm` is, from the vendor module that is loaded
 /// (`kvm_pvm`, `kvm_intel`, `kvm_amd`), else from the host CPU's own VMX/SVM bits.
+/// Detected once per process (the modules cannot change under a running VMM).
 pub fn detect_flavour() -> Flavour {
+    static FLAVOUR: std::sync::OnceLock<Flavour> = std::sync::OnceLock::new();
+    *FLAVOUR.get_or_init(probe_flavour)
+}
+
+fn probe_flavour() -> Flavour {
     let loaded = |module: &str| std::path::Path::new(module).exists();
     if loaded(KVM_PVM_MODULE) {
         Flavour::Pvm
