@@ -13,15 +13,15 @@ use std::sync::Arc;
 
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
-use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
+use fuse_backend_rs::transport::{FuseBuf, Reader, VirtioFsWriter, Writer};
 use virtio_queue_017::{DescriptorChain, Queue, QueueT};
-use vm_memory_017::Bytes;
+use vm_memory_017::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::bridge::{GuestMemory017, GuestRam};
 use super::filter::PolicyFs;
-use super::protocol::{self, InHeader, OpClass, Verdict, IN_HEADER_LEN};
+use super::protocol::{self, InHeader, OpClass, Verdict, IN_HEADER_LEN, MAX_MESSAGE_LEN};
 use super::ratelimit::guest_warn;
 use crate::devices::virtio::{Interrupt, VIRTIO_MMIO_INT_VRING};
 
@@ -72,6 +72,8 @@ pub(crate) struct Serving {
     interrupt: Arc<Interrupt>,
     server: Server<Arc<PolicyFs>>,
     fs: Arc<PolicyFs>,
+    /// The readable bytes of the request being served (at most [`MAX_MESSAGE_LEN`]).
+    copy: Vec<u8>,
 }
 
 impl std::fmt::Debug for Serving {
@@ -102,6 +104,7 @@ impl Serving {
             interrupt,
             server: Server::new(fs.clone()),
             fs,
+            copy: Vec::new(),
         }
     }
 
@@ -155,6 +158,7 @@ impl Serving {
         let mem = self.ram.view();
         let server = &self.server;
         let fs = &*self.fs;
+        let copy = &mut self.copy;
         let Some(sq) = self.queues.get_mut(idx) else {
             return false;
         };
@@ -164,7 +168,7 @@ impl Serving {
                 return used;
             };
             let head = chain.head_index();
-            let len = serve_chain(server, fs, mem, chain);
+            let len = serve_chain(server, fs, mem, chain, copy);
             used |= add_used(sq, mem, head, len);
         }
         // More may be waiting: come back after the other fds had their turn.
@@ -213,63 +217,113 @@ fn add_used(sq: &mut ServedQueue, mem: &GuestMemory017, head: u16, len: u32) -> 
     }
 }
 
-/// Byte counts of a chain's two parts, or `None` if a readable descriptor follows a
-/// writable one (the virtio spec forbids it, and the FUSE reader and writer would each take
-/// their half from both sides of it).
-fn chain_lengths(chain: &Chain<'_>) -> Option<(usize, usize)> {
+/// One request, read from guest memory once: the descriptors in one walk of the chain, the
+/// readable bytes copied into the worker's buffer (the FUSE server parses that copy, never
+/// guest memory, so the driver cannot change a request between its check and its use), and
+/// the writer over the reply buffers.
+struct Request<'m> {
+    header: InHeader,
+    /// Bytes of the readable part (the copy holds `min(readable, MAX_MESSAGE_LEN)`).
+    readable: usize,
+    writable: usize,
+    writer: VirtioFsWriter<'m>,
+}
+
+/// Why a chain gets no reply at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unanswered {
+    /// A readable descriptor after a writable one (the virtio spec forbids it).
+    Order,
+    /// Fewer readable bytes than a request header.
+    NoHeader,
+    /// A readable buffer outside guest memory.
+    Outside,
+    /// The writable buffers are outside guest memory, or the driver changed the chain
+    /// between the walk and the writer's own.
+    Writer,
+}
+
+/// Take the request in `chain`: one walk of its descriptors, then a bounded copy of its
+/// readable bytes into `copy`.
+fn take_request<'m>(
+    mem: &'m GuestMemory017,
+    chain: Chain<'m>,
+    copy: &mut Vec<u8>,
+) -> Result<Request<'m>, Unanswered> {
+    // The descriptor iterator stops after as many descriptors as the queue has, so this
+    // walk, and the vector, are bounded by the queue size.
+    let descs: Vec<(GuestAddress, u32, bool)> = chain
+        .clone()
+        .map(|d| (d.addr(), d.len(), d.is_write_only()))
+        .collect();
     let (mut readable, mut writable) = (0usize, 0usize);
-    for desc in chain.clone() {
-        let len = desc.len() as usize;
-        if desc.is_write_only() {
-            writable = writable.saturating_add(len);
+    for &(_, len, write) in &descs {
+        if write {
+            writable = writable.saturating_add(len as usize);
         } else if writable > 0 {
-            return None;
+            return Err(Unanswered::Order);
         } else {
-            readable = readable.saturating_add(len);
+            readable = readable.saturating_add(len as usize);
         }
     }
-    Some((readable, writable))
-}
-
-/// The request header, copied from the chain's first readable bytes.
-fn read_header(mem: &GuestMemory017, chain: &Chain<'_>) -> Option<InHeader> {
-    let mut raw = [0u8; IN_HEADER_LEN];
+    if readable < IN_HEADER_LEN {
+        return Err(Unanswered::NoHeader);
+    }
+    // An over-long request is refused after its header is read: copy no more than a
+    // request may hold.
+    let take = readable.min(MAX_MESSAGE_LEN);
+    copy.clear();
+    copy.resize(take, 0);
     let mut filled = 0;
-    for desc in chain.clone().readable() {
-        let dst = raw.get_mut(filled..)?;
-        let n = dst.len().min(desc.len() as usize);
-        mem.read_slice(dst.get_mut(..n)?, desc.addr()).ok()?;
+    for &(addr, len, _) in descs.iter().filter(|d| !d.2) {
+        let n = (len as usize).min(take - filled);
+        let dst = copy
+            .get_mut(filled..filled + n)
+            .ok_or(Unanswered::Outside)?;
+        mem.read_slice(dst, addr).map_err(|_| Unanswered::Outside)?;
         filled += n;
-        if filled == IN_HEADER_LEN {
-            return Some(InHeader::parse(&raw));
+        if filled == take {
+            break;
         }
     }
-    None
+    let mut raw = [0u8; IN_HEADER_LEN];
+    raw.copy_from_slice(copy.get(..IN_HEADER_LEN).ok_or(Unanswered::NoHeader)?);
+    // The writer walks the chain for itself; it must find what this walk found, or the
+    // driver changed the chain meanwhile.
+    let writer = VirtioFsWriter::new(mem, chain).map_err(|_| Unanswered::Writer)?;
+    if writer.available_bytes() != writable {
+        return Err(Unanswered::Writer);
+    }
+    Ok(Request {
+        header: InHeader::parse(&raw),
+        readable,
+        writable,
+        writer,
+    })
 }
 
-/// Serve one request chain. Returns the number of bytes written into it.
+/// Serve one request chain, with `copy` as the buffer for its readable bytes. Returns the
+/// number of bytes written into it.
 fn serve_chain(
     server: &Server<Arc<PolicyFs>>,
     fs: &PolicyFs,
     mem: &GuestMemory017,
     chain: Chain<'_>,
+    copy: &mut Vec<u8>,
 ) -> u32 {
-    let Some((readable, writable)) = chain_lengths(&chain) else {
-        guest_warn!("fs: readable descriptor after a writable one, dropping request");
-        return 0;
+    let request = match take_request(mem, chain, copy) {
+        Ok(r) => r,
+        Err(why) => {
+            guest_warn!(?why, "fs: request that cannot be answered, dropping it");
+            return 0;
+        }
     };
-    let header = if readable >= IN_HEADER_LEN {
-        read_header(mem, &chain)
-    } else {
-        None
-    };
-    let Some(hdr) = header else {
-        guest_warn!(
-            readable,
-            "fs: request without a readable header, dropping it"
-        );
-        return 0;
-    };
+    let Request {
+        header: hdr,
+        readable,
+        writable,
+        writer,
+    } = request;
     match protocol::check(Some(&hdr), readable, writable) {
         Verdict::Drop => {
             guest_warn!(
@@ -290,38 +344,45 @@ fn serve_chain(
                     "fs: malformed request"
                 );
             }
-            reply_error(mem, chain, hdr.unique, errno)
+            reply_error(writer, hdr.unique, errno)
         }
         // The FUSE server answers DESTROY but reports 0 bytes written; answer it here.
         Verdict::Serve if hdr.opcode == protocol::opcode::DESTROY => {
             fs.destroy();
-            reply_error(mem, chain, hdr.unique, 0)
+            reply_error(writer, hdr.unique, 0)
         }
-        Verdict::Serve => serve(server, mem, chain, &hdr),
+        // `check` passed, so the copy holds the whole request.
+        Verdict::Serve => serve(
+            server,
+            copy.get_mut(..readable).unwrap_or_default(),
+            writer,
+            &hdr,
+        ),
     }
 }
 
 fn serve(
     server: &Server<Arc<PolicyFs>>,
-    mem: &GuestMemory017,
-    chain: Chain<'_>,
+    request: &mut [u8],
+    writer: VirtioFsWriter<'_>,
     hdr: &InHeader,
 ) -> u32 {
     let wants_reply = protocol::classify(hdr.opcode) == OpClass::Reply;
-    let reader = Reader::from_descriptor_chain(mem, chain.clone());
-    let writer = VirtioFsWriter::new(mem, chain.clone());
-    let result = match (reader, writer) {
-        (Ok(r), Ok(w)) => server
-            .handle_message(r, Writer::from(w), None, None)
-            .map_err(|e| e.to_string()),
-        (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
-    };
+    // A spare writer over the same buffers, for an error reply after a failure.
+    let spare = writer.clone();
+    let result = Reader::from_fuse_buffer(FuseBuf::new(request))
+        .map_err(|e| e.to_string())
+        .and_then(|r| {
+            server
+                .handle_message(r, Writer::from(writer), None, None)
+                .map_err(|e| e.to_string())
+        });
     match result {
         Ok(written) => u32::try_from(written).unwrap_or(0),
         Err(e) => {
             guest_warn!(opcode = hdr.opcode, error = %e, "fs: request failed");
             if wants_reply {
-                reply_error(mem, chain, hdr.unique, libc::EIO)
+                reply_error(spare, hdr.unique, libc::EIO)
             } else {
                 0
             }
@@ -329,13 +390,10 @@ fn serve(
     }
 }
 
-/// Write a header-only reply (`errno` 0: success) into `chain`. Returns the bytes written
-/// (0 if there is no room).
-fn reply_error(mem: &GuestMemory017, chain: Chain<'_>, unique: u64, errno: i32) -> u32 {
+/// Write a header-only reply (`errno` 0: success) through `writer`. Returns the bytes
+/// written (0 if there is no room).
+fn reply_error(mut writer: VirtioFsWriter<'_>, unique: u64, errno: i32) -> u32 {
     let out = protocol::error_reply(unique, errno);
-    let Ok(mut writer) = VirtioFsWriter::new(mem, chain) else {
-        return 0;
-    };
     match writer.write_all(&out) {
         Ok(()) => out.len() as u32,
         Err(_) => 0,

@@ -335,3 +335,48 @@ fn random_requests_never_stop_the_worker() {
     assert!(guest.statfs(1).is_ok());
     assert!(dir.root().exists());
 }
+
+/// A driver that rewrites its request while the device serves it: the opcode flips between
+/// GETATTR (served) and IOCTL (refused with ENOSYS before the FUSE server sees it). The
+/// device must serve the request it checked: a reply from the FUSE server's IOCTL path
+/// (ENOTTY) means the server read the request again after the check.
+#[test]
+fn a_request_rewritten_while_served_is_served_as_checked() {
+    use std::sync::atomic::AtomicBool;
+
+    let (_dir, mut guest) = serving_guest();
+    let mut request = Guest::header(72, op::GETATTR, 5, 1);
+    request.extend_from_slice(&[0u8; 32]); // GetattrIn, or IoctlIn with in_size 0
+    let at = raw(&guest, 0, &request);
+    let opcode_at = GuestAddress(at + 4);
+    let stop = Arc::new(AtomicBool::new(false));
+    let flipper = {
+        let (mem, stop) = (guest.mem.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut flips = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for opcode in [op::IOCTL, op::GETATTR] {
+                    mem.write_obj(opcode, opcode_at).unwrap();
+                }
+                flips += 1;
+            }
+            flips
+        })
+    };
+
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..3000 {
+        let used = guest.send_chain(REQUEST, &[(at, 72, false), (REPLY_BASE, 4096, true)]);
+        *seen.entry(guest.read_reply(used).errno).or_insert(0u32) += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let flips = flipper.join().unwrap();
+
+    assert!(flips > 0);
+    assert_eq!(seen.get(&libc::ENOTTY), None, "replies by errno: {seen:?}");
+    assert!(
+        seen.keys().all(|e| [0, libc::ENOSYS].contains(e)),
+        "replies by errno: {seen:?}"
+    );
+    assert!(still_serves(&mut guest));
+}
