@@ -19,6 +19,11 @@ hwkvm_rc=0
 tests/hwkvm/run.sh || hwkvm_rc=$?
 cargo test --workspace --locked
 if [ "$hwkvm_rc" -ne 0 ]; then
+  # Again here, at the end, what the lane said (a CI log shows its tail).
+  if [ -s target/hwkvm/summary.txt ]; then
+    echo "test.sh: ---- the nested hardware-KVM lane's summary (target/hwkvm/summary.txt) ----" >&2
+    cat target/hwkvm/summary.txt >&2
+  fi
   echo "test.sh: the nested hardware-KVM lane failed (exit $hwkvm_rc): see 'hwkvm:' lines above" >&2
   exit "$hwkvm_rc"
 fi

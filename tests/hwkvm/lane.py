@@ -51,7 +51,14 @@ TEST_LINE = re.compile(r"^test (\S+) \.\.\. ?(ok|FAILED|ignored)?")
 SUMMARY = re.compile(r"^test result: \w+\. (\d+) passed; (\d+) failed")
 
 
+# Everything said, kept for target/hwkvm/summary.txt: scripts/test.sh prints it again at
+# the very end of a failed run, where a CI log's tail shows it.
+SAID = []
+SUMMARY_PATH = None
+
+
 def say(msg):
+    SAID.append(f"hwkvm: {msg}")
     print(f"hwkvm: {msg}", flush=True)
 
 
@@ -318,6 +325,8 @@ def main():
     ap.add_argument("--bench-runs", default="5")
     ap.add_argument("libtest_args", nargs="*")
     args = ap.parse_args()
+    global SUMMARY_PATH
+    SUMMARY_PATH = args.out / "summary.txt"
     bins = test_executables(args.cargo_json, args.targets.split(), args.repo)
     limit = parse_limit(args.limit)
     args.binary_limit = parse_limit(args.binary_limit)
@@ -331,6 +340,7 @@ def main():
     moddir = kdir / "lib/modules" / release
 
     args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "summary.txt").unlink(missing_ok=True)
     initrd = args.out / "initrd.cpio"
     log_path = args.out / "console.log"
     klog_path = args.out / "kernel.log"
@@ -528,6 +538,7 @@ def main():
         if ktail:
             say(f"last kernel messages ({klog_path}):")
             for kl in ktail:
+                SAID.append("  " + kl)
                 print("  " + kl, flush=True)
     if bad:
         reason = (reason + "; " if reason else "") + "failed: " + ", ".join(bad)
@@ -540,10 +551,35 @@ def main():
     if reason:
         say("FAILED: " + reason)
     say(f"{passed} passed, {failed} failed")
+    if reason:
+        SAID.append(f"hwkvm: the last lines of the nested host's console ({log_path}):")
+        try:
+            lines = log_path.read_text(errors="replace").splitlines()[-25:]
+        except OSError:
+            lines = []
+        SAID.extend("  " + l for l in lines)
+    write_summary()
     if stalled:
         return EXIT_STALLED
     return 1 if reason else 0
 
 
+def write_summary():
+    if SUMMARY_PATH:
+        SUMMARY_PATH.parent.mkdir(parents=True, exist_ok=True)
+        SUMMARY_PATH.write_text("\n".join(SAID) + "\n")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except SystemExit as e:
+        if isinstance(e.code, str):  # raise SystemExit("hwkvm: ..."): a setup error
+            SAID.append(e.code)
+            write_summary()
+        raise
+    except Exception:
+        import traceback
+        SAID.append("hwkvm: lane.py failed:\n" + traceback.format_exc())
+        write_summary()
+        raise

@@ -15,10 +15,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo="$PWD"
+# What went wrong goes to target/hwkvm/summary.txt too: scripts/test.sh prints it again at
+# the end of a failed run (a CI log shows its tail). A failed step says which.
+summary="$repo/target/hwkvm/summary.txt"
+mkdir -p "$repo/target/hwkvm"
+rm -f "$summary"
+trap 'rc=$?; echo "hwkvm: run.sh stopped at line $LINENO (exit $rc): $BASH_COMMAND" | tee -a "$summary" >&2' ERR
 
 if ! command -v qemu-system-x86_64 >/dev/null; then
   if [ -n "${CI:-}" ]; then
-    echo "hwkvm: qemu-system-x86_64 is missing (install qemu-system-x86: scripts/install-deps.sh)" >&2
+    echo "hwkvm: qemu-system-x86_64 is missing (install qemu-system-x86: scripts/install-deps.sh)" | tee -a "$summary" >&2
     exit 1
   fi
   echo "hwkvm: skipped: no QEMU"
@@ -74,7 +80,6 @@ if [ -z "${MXC_VM_CACHE_DIR:-}" ]; then
   [ "$cache" = /root/.cache/mxc-vm ] || export MXC_VM_CACHE_DIR="$cache"
 fi
 
-mkdir -p target/hwkvm
 # --workspace, not -p tests: the same executables (same features) as scripts/test.sh's
 # `cargo test --workspace` runs, built once. The first call shows compile errors.
 cargo test --locked --workspace --no-run
@@ -89,6 +94,7 @@ for attempt in 1 2; do
     --smp "${MXC_VM_HWKVM_SMP:-1}" --mem "${MXC_VM_HWKVM_MEM:-4G}" -- "${libtest[@]}" || rc=$?
   [ "$rc" -eq 75 ] && [ "$attempt" -eq 1 ] || break
   echo "hwkvm: the nested host stalled (an emulation fault of QEMU's TCG); running the lane once more"
+  cp "$summary" "$repo/target/hwkvm/summary-attempt1.txt" 2>/dev/null || true
 done
 [ "$rc" -ne 75 ] || rc=1
 exit "$rc"
