@@ -66,6 +66,7 @@ impl From<sandbox::SandboxError> for Failure {
             sandbox::SandboxError::Setup { .. } => "setup",
             sandbox::SandboxError::Io { .. } => "io",
             sandbox::SandboxError::Lifecycle(_) => "internal",
+            sandbox::SandboxError::Interrupted { .. } => "interrupted",
         };
         Self {
             details: serde_json::json!({ "message": message, "kind": kind }),

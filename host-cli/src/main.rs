@@ -30,6 +30,7 @@ fn main() {
         Commands::Bench(cli::BenchCommand::Boot(a)) => a.json,
         Commands::Bench(cli::BenchCommand::Fs(a)) => a.json,
     };
+    let is_run = matches!(cli.command, Commands::Run(_));
     let result = match cli.command {
         Commands::Run(args) => run_cmd::run(*args),
         Commands::Policy(cmd) => policy_cmd::run(cmd),
@@ -37,6 +38,11 @@ fn main() {
         Commands::Bench(cmd) => bench::run(cmd),
         Commands::Image(cmd) => image_cmd::run(cmd),
     };
+    // A run stopped by SIGTERM, SIGINT or SIGHUP removed its sandbox on the way out
+    // (whatever the command or the backend said as it went) and ends as the signal would.
+    if let Some(signal) = is_run.then(sandbox::interrupt::taken).flatten() {
+        std::process::exit(run_cmd::report_interrupt(signal, json));
+    }
     let code = match result {
         Ok(code) => code,
         Err(failure) => failure.report(json),

@@ -141,7 +141,27 @@ fn guest_system(arg: Option<GuestSystemArg>) -> Result<SystemView, Failure> {
     })
 }
 
+/// Say that a signal stopped the run; returns the exit status, 128 + the signal.
+pub fn report_interrupt(signal: i32, json: bool) -> i32 {
+    let code = 128 + signal;
+    let name = sandbox::interrupt::name(signal);
+    if json {
+        jsonl::emit(&serde_json::json!({
+            "type": "interrupted",
+            "signal": name,
+            "exit_status": code,
+        }));
+    } else {
+        let text = format!("mxc-vm: stopped by {name}; the sandbox was stopped and removed\n");
+        let _ = std::io::stderr().lock().write_all(text.as_bytes());
+    }
+    code
+}
+
 pub fn run(args: RunArgs) -> Result<i32, Failure> {
+    // From here on SIGTERM, SIGINT and SIGHUP stop the sandbox and remove it.
+    sandbox::interrupt::install()
+        .map_err(|e| Failure::new(format!("installing the signal handlers: {e}")))?;
     let policy = effective_policy(&args)?;
     let base = std::env::current_dir().unwrap_or_else(|_| Path::new("/").to_path_buf());
     let view = policy::resolve_fs(&policy.filesystem, &base)?;

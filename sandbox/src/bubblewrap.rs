@@ -400,6 +400,7 @@ impl Backend for BubblewrapBackend {
         let mut child = cmd
             .spawn()
             .map_err(|e| SandboxError::io(format!("starting {}", bwrap.display()), e))?;
+        let root = crate::interrupt::Registered::new(child.id() as i32);
         drop(status_w);
         drop(inherited);
         // bwrap and the helper hold the sandbox end now.
@@ -422,6 +423,7 @@ impl Backend for BubblewrapBackend {
             &mut self.warnings,
         );
         let waited = child.wait();
+        drop(root);
         // The sandbox is gone: stop accepting (open connections end with `stop`).
         drop(server);
         drop(cgroup);

@@ -10,6 +10,7 @@
 
 pub mod bubblewrap;
 pub mod host;
+pub mod interrupt;
 pub mod limits;
 pub mod microvm;
 pub mod output;
@@ -48,6 +49,8 @@ pub enum SandboxError {
     },
     #[error("lifecycle misuse: {0}")]
     Lifecycle(&'static str),
+    #[error("stopped by {} before the command finished", interrupt::name(*.signal))]
+    Interrupted { signal: i32 },
 }
 
 impl SandboxError {
@@ -182,15 +185,19 @@ pub fn select_backend(choice: Containment) -> Containment {
 }
 
 /// provision → start → exec → stop → deprovision, for one command. Stop and deprovision
-/// run even when exec fails.
+/// run even when exec fails, or when a signal ([`interrupt`]) stopped the run.
 pub fn run_once(
     backend: &mut dyn Backend,
     spec: &SandboxSpec,
     req: &ExecRequest,
     io: &mut ExecIo<'_>,
 ) -> Result<ExecOutcome, SandboxError> {
+    interrupt::check()?;
     backend.provision(spec)?;
-    let result = backend.start().and_then(|()| backend.exec(req, io));
+    let result = interrupt::check()
+        .and_then(|()| backend.start())
+        .and_then(|()| interrupt::check())
+        .and_then(|()| backend.exec(req, io));
     let stopped = backend.stop();
     let deprovisioned = backend.deprovision();
     let outcome = result?;

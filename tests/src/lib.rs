@@ -133,3 +133,110 @@ pub fn pids_with(marker: &str) -> Vec<u32> {
 pub fn mount_table() -> String {
     std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default()
 }
+
+/// What a run stopped by a signal left: its exit code, stderr, the pid `mxc-vm` had, and
+/// the seconds from the signal to its exit.
+#[derive(Debug)]
+pub struct Signalled {
+    pub code: i32,
+    pub stderr: String,
+    pub pid: u32,
+    pub after_signal: f64,
+}
+
+/// Run `mxc-vm ARGS`; once its stdout has printed a line equal to `ready` (or at once
+/// when `ready` is `None`, after `delay`), send it `signal`, and wait for it to exit.
+/// Panics when it does not print `ready` within `limit`, or outlives the signal by
+/// `limit` (it is then killed).
+pub fn signal_a_run(
+    args: &[&str],
+    ready: Option<&str>,
+    delay: std::time::Duration,
+    signal: i32,
+    limit: std::time::Duration,
+) -> Signalled {
+    use std::io::{BufRead, BufReader, Read};
+    use std::sync::mpsc;
+    use std::time::Instant;
+
+    let mut child = Command::new(mxc_vm_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mxc-vm");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel::<String>();
+    let stdout = child.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut stderr_pipe = child.stderr.take().expect("stderr");
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr_pipe.read_to_string(&mut s);
+        s
+    });
+    if let Some(ready) = ready {
+        let end = Instant::now() + limit;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line == ready => break,
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "mxc-vm {args:?} never printed {ready:?}: {}",
+                        err_reader.join().unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+    std::thread::sleep(delay);
+    // SAFETY: kill() has no memory effects; the pid is our child, not yet reaped.
+    unsafe { libc::kill(pid as i32, signal) };
+    let sent = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if sent.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "mxc-vm {args:?} still ran {limit:?} after signal {signal}: {}",
+                err_reader.join().unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let after_signal = sent.elapsed().as_secs_f64();
+    Signalled {
+        code: status.code().unwrap_or(-1),
+        stderr: err_reader.join().unwrap_or_default(),
+        pid,
+        after_signal,
+    }
+}
+
+/// Entries of the system temp dir whose names start with `mxc-vm-<pid>-` (the runtime
+/// directories of the mxc-vm process `pid`).
+pub fn runtime_dirs_of(pid: u32) -> Vec<String> {
+    let prefix = format!("mxc-vm-{pid}-");
+    std::fs::read_dir(std::env::temp_dir())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -270,3 +270,58 @@ fn vcpus_flag_gives_the_guest_that_many_cpus_and_signals_pass_through() {
         assert_eq!(code(&out), 143, "{}", stderr(&out));
     }
 }
+
+/// SIGTERM to `mxc-vm run` while its command runs, and SIGINT while the VM still boots:
+/// the VM is stopped, its runtime directory (config, report, log, vsock sockets) and VMM
+/// process are gone, and mxc-vm exits 128+N saying why.
+#[test]
+fn signals_stop_the_vm_and_leave_nothing() {
+    require_kvm();
+    let limit = Duration::from_secs(60);
+    let running = tests::signal_a_run(
+        &[
+            "run",
+            "--backend",
+            "microvm",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo ready; sleep 1000",
+        ],
+        Some("ready"),
+        Duration::ZERO,
+        libc::SIGTERM,
+        // The boot comes first: a minute and more under kvm_pvm.
+        Duration::from_secs(900),
+    );
+    let booting = tests::signal_a_run(
+        &["run", "--backend", "microvm", "--", "/bin/true"],
+        None,
+        Duration::from_millis(300),
+        libc::SIGINT,
+        limit,
+    );
+
+    for (run, signal, name) in [
+        (&running, libc::SIGTERM, "SIGTERM"),
+        (&booting, libc::SIGINT, "SIGINT"),
+    ] {
+        assert_eq!(run.code, 128 + signal, "{name}: {}", run.stderr);
+        assert!(
+            run.stderr.contains(&format!("stopped by {name}")),
+            "{name}: {}",
+            run.stderr
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let marker = format!("mxc-vm-{}-", run.pid);
+        assert!(
+            pids_with(&marker).is_empty(),
+            "{name}: a VMM process is left"
+        );
+        assert_eq!(
+            tests::runtime_dirs_of(run.pid),
+            Vec::<String>::new(),
+            "{name}"
+        );
+    }
+}

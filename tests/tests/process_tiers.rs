@@ -37,6 +37,7 @@ both_backends!(
     secrets_in_etc_and_home_are_invisible,
     every_secret_path_is_hidden_even_under_a_grant,
     dangerous_syscalls_are_denied,
+    signals_stop_the_sandbox_and_leave_nothing,
 );
 
 fn run(backend: &str, extra: &[&str], cmd: &[&str]) -> std::process::Output {
@@ -294,6 +295,55 @@ fn nothing_is_left_behind(backend: &str) {
     assert_eq!(pids_with(&format!("sleep {marker}")), Vec::<u32>::new());
     assert_eq!(mount_table(), mounts_before);
     assert_eq!(tmp_after, tmp_before);
+}
+
+/// SIGTERM (`timeout`, a service manager), SIGINT (Ctrl-C) and SIGHUP (a closed terminal)
+/// to mxc-vm while its sandbox runs: the sandbox dies, nothing of it is left (processes,
+/// mounts, temp dirs), and mxc-vm exits 128+N saying why. Once with the policy proxy
+/// (allowed egress), whose network namespace and listener must go too.
+fn signals_stop_the_sandbox_and_leave_nothing(backend: &str) {
+    let mounts_before = mount_table();
+    let dir = TempDir::new("signals");
+    let allow_all = policy_file(
+        &dir,
+        "allow-all.json",
+        r#"{"version":"1","network":{"egress":{"default":"allow"}}}"#,
+    );
+    for (i, (signal, name)) in [
+        (libc::SIGTERM, "SIGTERM"),
+        (libc::SIGINT, "SIGINT"),
+        (libc::SIGHUP, "SIGHUP"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let marker = format!("3{}.{}5", std::process::id() % 1000, i + 1);
+        let script = format!("sleep {marker} & sleep {marker} & echo ready; wait");
+        let mut args = vec!["run", "--backend", backend];
+        if signal == libc::SIGHUP {
+            args.extend(["--policy", &allow_all]);
+        }
+        args.extend(["--", "/bin/sh", "-c", &script]);
+
+        let run = tests::signal_a_run(
+            &args,
+            Some("ready"),
+            std::time::Duration::ZERO,
+            signal,
+            std::time::Duration::from_secs(30),
+        );
+
+        assert_eq!(run.code, 128 + signal, "{name}: {}", run.stderr);
+        assert!(
+            run.stderr.contains(&format!("stopped by {name}")),
+            "{name}: {}",
+            run.stderr
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert_eq!(pids_with(&format!("sleep {marker}")), Vec::<u32>::new());
+        assert_eq!(tests::runtime_dirs_of(run.pid), Vec::<String>::new());
+    }
+    assert_eq!(mount_table(), mounts_before);
 }
 
 fn json_output_streams_and_reports_exit(backend: &str) {

@@ -264,6 +264,7 @@ fn make_runtime_dir(id: &str) -> Result<PathBuf, SandboxError> {
         .map(PathBuf::from)
         .filter(|p| p.is_dir())
         .unwrap_or_else(std::env::temp_dir);
+    sweep_stale_runtime_dirs(&base);
     let dir = base.join(format!("mxc-vm-{id}"));
     std::fs::DirBuilder::new()
         .mode(0o700)
@@ -273,6 +274,42 @@ fn make_runtime_dir(id: &str) -> Result<PathBuf, SandboxError> {
 }
 
 use std::os::unix::fs::DirBuilderExt;
+
+/// Remove the runtime directories of runs whose mxc-vm process is gone (killed with
+/// SIGKILL, or a crash): `mxc-vm-<pid>-<hex>` in `base`, ours, with no process `<pid>`.
+/// Returns how many were removed.
+fn sweep_stale_runtime_dirs(base: &Path) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return 0;
+    };
+    // SAFETY: geteuid() has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("mxc-vm-"))
+            .and_then(|rest| rest.split_once('-'))
+            .filter(|(_, tag)| !tag.is_empty() && tag.bytes().all(|b| b.is_ascii_hexdigit()))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let ours = entry
+            .path()
+            .symlink_metadata()
+            .is_ok_and(|m| m.is_dir() && m.uid() == uid);
+        if ours
+            && !Path::new(&format!("/proc/{pid}")).exists()
+            && std::fs::remove_dir_all(entry.path()).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    removed
+}
 
 impl Backend for MicrovmBackend {
     fn name(&self) -> &'static str {
@@ -410,6 +447,9 @@ impl Backend for MicrovmBackend {
                     }
                     Err(ConnectFailure::Other(e)) => last_error = Some(e),
                 }
+            }
+            if let Some(signal) = crate::interrupt::taken() {
+                return Err(SandboxError::Interrupted { signal });
             }
             if Instant::now() >= deadline {
                 // Stop the VMM so that it reports how far the boot got.
@@ -691,5 +731,29 @@ mod tests {
     fn deny_all_without_shares_is_enforceable() {
         let policy = Policy::empty(PolicySource::Cli);
         assert!(check_enforceable(&spec_with(policy), &SystemView::None).is_ok());
+    }
+
+    #[test]
+    fn stale_runtime_dirs_of_dead_runs_are_swept_and_others_kept() {
+        let base = std::env::temp_dir().join(format!("mxc-sweep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        // No process has a pid above the kernel's limit (4194304 at most).
+        let dead = base.join("mxc-vm-99999999-0badcafe");
+        let alive = base.join(format!("mxc-vm-{}-0badcafe", std::process::id()));
+        let other = base.join("mxc-vm-99999999-notours");
+        let file = base.join("mxc-vm-99999999-abc");
+        for d in [&dead, &alive, &other] {
+            std::fs::create_dir(d).unwrap();
+        }
+        std::fs::write(dead.join("vmm.json"), b"{}").unwrap();
+        std::fs::write(&file, b"").unwrap();
+
+        let removed = sweep_stale_runtime_dirs(&base);
+
+        assert_eq!(removed, 1);
+        assert!(!dead.exists());
+        assert!(alive.exists() && other.exists() && file.exists());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

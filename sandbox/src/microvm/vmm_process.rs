@@ -38,6 +38,8 @@ pub(crate) struct VmmProcess {
     child: Child,
     report_path: PathBuf,
     log_path: PathBuf,
+    /// A signal to mxc-vm kills the VMM, and with it the VM ([`crate::interrupt`]).
+    _root: crate::interrupt::Registered,
 }
 
 impl VmmProcess {
@@ -81,6 +83,7 @@ impl VmmProcess {
             .spawn()
             .map_err(|e| SandboxError::io("starting the VMM process", e))?;
         Ok(Self {
+            _root: crate::interrupt::Registered::new(child.id() as i32),
             child,
             report_path,
             log_path,

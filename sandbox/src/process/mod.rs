@@ -304,6 +304,7 @@ fn spawn_and_supervise(
     let mut child = cmd
         .spawn()
         .map_err(|e| SandboxError::io("starting the sandbox init", e))?;
+    let _root = crate::interrupt::Registered::new(child.id() as i32);
     drop(status_w);
     drop(plan_fd);
     let pipes = Pipes {
@@ -462,6 +463,7 @@ fn spawn_forked(
         stderr,
         status: Some(status_r),
     };
+    let _root = crate::interrupt::Registered::new(pid);
     let mut killer = PidKiller { pid };
     let result = supervise::supervise(
         pipes,
