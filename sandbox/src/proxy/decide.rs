@@ -21,7 +21,7 @@ use policy::{Action, Destination, Egress, IpNet, NetRule, NetTarget, Protocol};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpecialRange {
     /// `loopback`, `private`, `link-local`, `cgnat`, `metadata`, `unspecified`,
-    /// `multicast` or `reserved`.
+    /// `multicast`, `reserved`, or `host` (an address of the host's own interfaces).
     pub kind: &'static str,
     /// The whole range (the most specific one that contains the address).
     pub block: IpNet,
@@ -33,7 +33,13 @@ const fn v4(a: u8, b: u8, c: u8, d: u8, prefix: u8) -> (IpAddr, u8) {
 
 /// IPv4 special ranges, most specific first.
 const V4_SPECIAL: &[((IpAddr, u8), &str)] = &[
+    // Cloud metadata and platform services: AWS, GCP, Azure IMDS and OpenStack; Azure's
+    // wire server (a public address); Alibaba Cloud (inside the CGNAT range); Oracle
+    // Cloud's (inside 192.0.0.0/24).
     (v4(169, 254, 169, 254, 32), "metadata"),
+    (v4(168, 63, 129, 16, 32), "metadata"),
+    (v4(100, 100, 100, 200, 32), "metadata"),
+    (v4(192, 0, 0, 192, 32), "metadata"),
     (v4(0, 0, 0, 0, 8), "unspecified"),
     (v4(127, 0, 0, 0, 8), "loopback"),
     (v4(10, 0, 0, 0, 8), "private"),
@@ -210,7 +216,23 @@ pub(crate) fn check_address(
             ),
         });
     }
-    let Some(special) = special_range(addr) else {
+    // One of the host's own addresses reaches its services as loopback would, whatever
+    // range it is in (a public address of the host included): only a rule for that very
+    // address opens it, not one for its range.
+    let own = || {
+        crate::proxy::sys::host_address(addr).then(|| SpecialRange {
+            kind: "host",
+            block: IpNet {
+                addr,
+                prefix: if addr.is_ipv4() { 32 } else { 128 },
+            },
+        })
+    };
+    let special = match special_range(addr) {
+        Some(s) if s.kind == "loopback" => Some(s),
+        other => own().or(other),
+    };
+    let Some(special) = special else {
         return Ok(None);
     };
     let explicit = egress.allow.iter().find(|r| match r.target {
@@ -274,7 +296,11 @@ mod tests {
             ("172.31.255.255", Some("private")),
             ("192.168.0.1", Some("private")),
             ("100.64.0.1", Some("cgnat")),
-            ("100.100.100.200", Some("cgnat")),
+            ("100.100.100.199", Some("cgnat")),
+            ("100.100.100.200", Some("metadata")),
+            ("168.63.129.16", Some("metadata")),
+            ("168.63.129.17", None),
+            ("192.0.0.192", Some("metadata")),
             ("169.254.169.254", Some("metadata")),
             ("169.254.170.2", Some("link-local")),
             ("0.0.0.0", Some("unspecified")),
@@ -374,5 +400,30 @@ mod tests {
             "network.egress.deny[0] 198.51.100.0/24:80"
         );
         assert_eq!(check_address(&e, ip("198.51.100.9"), 443), Ok(None));
+    }
+
+    /// A sandbox allowed everything connects to one of the host's own addresses (a
+    /// service on 0.0.0.0 answers there as on loopback): refused unless a rule names that
+    /// very address; a rule for its whole range is not enough.
+    #[test]
+    fn the_hosts_own_addresses_need_a_rule_naming_them() {
+        let own: Vec<IpAddr> = crate::proxy::sys::interface_addresses()
+            .into_iter()
+            .filter(|a| special_range(*a).is_none_or(|s| s.kind != "loopback"))
+            .filter(|a| !matches!(a, IpAddr::V6(v) if v.segments()[0] & 0xffc0 == 0xfe80))
+            .collect();
+        assert!(!own.is_empty(), "this host has no address but loopback");
+        let allow_all = egress(Action::Allow, &[], &[]);
+        for addr in own {
+            let range = if addr.is_ipv4() { "0.0.0.0/0" } else { "::/0" };
+            let exact = egress(Action::Deny, &[&addr.to_string()], &[]);
+            let wide = egress(Action::Deny, &[range], &[]);
+
+            let refused = check_address(&allow_all, addr, 80).unwrap_err();
+
+            assert_eq!(refused.rule, format!("host-address {}", show_addr(addr)));
+            assert!(check_address(&wide, addr, 80).is_err(), "{addr}");
+            assert!(check_address(&exact, addr, 80).is_ok(), "{addr}");
+        }
     }
 }

@@ -46,13 +46,50 @@ pub trait Resolver: Send + Sync + fmt::Debug {
     fn resolve(&self, name: &str) -> Result<Vec<IpAddr>, ResolveError>;
 }
 
-/// The host's resolver (getaddrinfo: /etc/hosts, then DNS, as the host is configured).
+/// The host's resolver: `/etc/hosts`, then DNS (getaddrinfo) with the name made absolute
+/// (a trailing dot), so that the host's search domains are never appended to a name the
+/// policy allowed (`api.example.com` must not become `api.example.com.corp.internal`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemResolver;
 
+/// The form of `name` the system resolver asks DNS for: absolute.
+fn absolute(name: &str) -> String {
+    let mut fqdn = name.trim_end_matches('.').to_string();
+    fqdn.push('.');
+    fqdn
+}
+
+/// The addresses `/etc/hosts`-format `text` gives `name` (lines that do not parse are
+/// skipped, as the C library does), if any.
+fn hosts_lookup(text: &str, name: &str) -> Option<Vec<IpAddr>> {
+    let mut out: Vec<IpAddr> = Vec::new();
+    for line in text.lines() {
+        let mut fields = line.split('#').next().unwrap_or("").split_whitespace();
+        let Some(Ok(ip)) = fields.next().map(str::parse::<IpAddr>) else {
+            continue;
+        };
+        if fields.any(|n| n.trim_end_matches('.').eq_ignore_ascii_case(name))
+            && !out.contains(&ip)
+            && out.len() < MAX_ADDRESSES
+        {
+            out.push(ip);
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
 impl Resolver for SystemResolver {
     fn resolve(&self, name: &str) -> Result<Vec<IpAddr>, ResolveError> {
-        let addrs = (name, 0u16)
+        use std::io::Read;
+        // getaddrinfo looks an absolute name up in DNS only: read /etc/hosts here.
+        let mut hosts = String::new();
+        if let Ok(file) = std::fs::File::open("/etc/hosts") {
+            let _ = file.take(MAX_HOSTS_FILE).read_to_string(&mut hosts);
+        }
+        if let Some(found) = hosts_lookup(&hosts, name) {
+            return Ok(found);
+        }
+        let addrs = (absolute(name).as_str(), 0u16)
             .to_socket_addrs()
             .map_err(|source| ResolveError::Lookup {
                 name: name.to_string(),
@@ -148,6 +185,37 @@ impl Resolver for HostsResolver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dns_is_asked_for_the_absolute_name_only() {
+        assert_eq!(absolute("api.example.com"), "api.example.com.");
+        assert_eq!(absolute("intranet"), "intranet.");
+        assert_eq!(absolute("a.example."), "a.example.");
+    }
+
+    #[test]
+    fn the_hosts_file_is_read_like_the_c_library_does() {
+        let text = "127.0.0.1 localhost\n# 10.0.0.1 commented\nnot-an-ip name\n\
+                    ::1 localhost ip6-localhost\n10.1.1.1 Build.Example build\n";
+
+        assert_eq!(
+            hosts_lookup(text, "localhost"),
+            Some(vec!["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()])
+        );
+        assert_eq!(
+            hosts_lookup(text, "build.example"),
+            Some(vec!["10.1.1.1".parse().unwrap()])
+        );
+        assert_eq!(hosts_lookup(text, "commented"), None);
+        assert_eq!(hosts_lookup(text, "name"), None);
+        assert_eq!(
+            SystemResolver
+                .resolve("localhost")
+                .ok()
+                .map(|a| !a.is_empty()),
+            Some(true)
+        );
+    }
 
     #[test]
     fn hosts_file_lists_names_and_aliases() {

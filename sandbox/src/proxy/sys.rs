@@ -3,8 +3,10 @@
 //! and passing a listening socket between processes.
 
 use std::io;
+use std::net::IpAddr;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Sets or clears O_NONBLOCK.
@@ -514,4 +516,58 @@ impl SplicePipe {
         self.held = self.held.saturating_sub(n);
         Ok(n)
     }
+}
+
+/// How long the list of the host's addresses is trusted before it is read again.
+const HOST_ADDRESSES_TTL: Duration = Duration::from_secs(2);
+
+/// The host's interface addresses (of this thread's network namespace: the proxy's runs in
+/// the host's), read with getifaddrs(3) at most every [`HOST_ADDRESSES_TTL`].
+static HOST_ADDRESSES: Mutex<Option<(Instant, Vec<IpAddr>)>> = Mutex::new(None);
+
+/// Whether `addr` is an address of one of the host's network interfaces.
+pub(crate) fn host_address(addr: IpAddr) -> bool {
+    let mut cache = HOST_ADDRESSES.lock().unwrap_or_else(|e| e.into_inner());
+    let fresh = cache
+        .as_ref()
+        .is_some_and(|(at, _)| at.elapsed() < HOST_ADDRESSES_TTL);
+    if !fresh {
+        *cache = Some((Instant::now(), interface_addresses()));
+    }
+    cache.as_ref().is_some_and(|(_, list)| list.contains(&addr))
+}
+
+/// Every IPv4 and IPv6 address of this namespace's interfaces (empty if they cannot be
+/// read).
+pub(crate) fn interface_addresses() -> Vec<IpAddr> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, alive until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points at a sockaddr whose family says its real type.
+            let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+            if family == libc::AF_INET {
+                // SAFETY: an AF_INET sockaddr is a sockaddr_in.
+                let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
+                out.push(IpAddr::from(
+                    u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                ));
+            } else if family == libc::AF_INET6 {
+                // SAFETY: an AF_INET6 sockaddr is a sockaddr_in6.
+                let sin6 = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in6>() };
+                out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    out
 }
