@@ -14,6 +14,7 @@
 //! | access | `EROFS` for `W_OK` on a read-only share |
 //! | create, mknod, mkdir, symlink, link, rename target | a denied name: `EACCES` (it cannot be created, and whether it exists is not said) |
 //! | unlink, rmdir, rename source | a denied or hidden name: `ENOENT` |
+//! | unlink, rmdir, rename source or target | a directory above a denied path: `EBUSY` (it may not move, or the rule would not follow it on the host) |
 //! | modes (create, mknod, mkdir, setattr) | set-user-ID and set-group-ID bits removed; mknod only for regular files, FIFOs and sockets |
 //! | creations | run with the server's own credentials (the guest's uid and gid are not adopted) |
 //! | inodes held by the guest | at most `max_inodes` (`ENFILE`) |
@@ -116,8 +117,8 @@ struct State {
 /// What a name in a directory is, for the guest.
 enum NameState {
     Absent,
-    /// It exists and the guest may see it; its mode.
-    Visible(u32),
+    /// It exists and the guest may see it; its mode and host inode.
+    Visible(u32, InodeId),
     Denied,
 }
 
@@ -352,7 +353,7 @@ impl PolicyFs {
                 Ok(if hidden {
                     NameState::Denied
                 } else {
-                    NameState::Visible(entry.attr.st_mode)
+                    NameState::Visible(entry.attr.st_mode, stat_id(&entry.attr))
                 })
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(NameState::Absent),
@@ -390,12 +391,14 @@ impl PolicyFs {
         }
     }
 
-    /// Checks for an existing name that will be removed or moved.
+    /// Checks for an existing name that will be removed or moved: visible, and not a
+    /// directory above a denied path (`EBUSY`, as for a mount point).
     fn removable(&self, parent: u64, name: &CStr) -> io::Result<()> {
         let dir = self.dir(parent)?;
         check_name(name)?;
         match self.name_state(parent, dir.id, name)? {
-            NameState::Visible(_) => Ok(()),
+            NameState::Visible(_, id) if self.share.denied.is_pinned(id) => Err(err(libc::EBUSY)),
+            NameState::Visible(..) => Ok(()),
             NameState::Absent | NameState::Denied => Err(err(libc::ENOENT)),
         }
     }
@@ -646,7 +649,12 @@ impl FileSystem for PolicyFs {
             return Err(err(libc::EINVAL));
         }
         self.removable(olddir, oldname)?;
-        self.creatable(newdir, newname)?;
+        // The target is replaced (or, with RENAME_EXCHANGE, moved): a pinned one neither.
+        if let NameState::Visible(_, id) = self.creatable(newdir, newname)? {
+            if self.share.denied.is_pinned(id) {
+                return Err(err(libc::EBUSY));
+            }
+        }
         self.inner
             .rename(ctx, olddir, oldname, newdir, newname, flags)
     }
@@ -709,13 +717,13 @@ impl FileSystem for PolicyFs {
         self.writable()?;
         let exclusive = args.flags & libc::O_EXCL as u32 != 0;
         match self.creatable(parent, name)? {
-            NameState::Visible(_) if exclusive => return Err(err(libc::EEXIST)),
-            NameState::Visible(mode) if mode & libc::S_IFMT == libc::S_IFDIR => {
+            NameState::Visible(..) if exclusive => return Err(err(libc::EEXIST)),
+            NameState::Visible(mode, _) if mode & libc::S_IFMT == libc::S_IFDIR => {
                 return Err(err(libc::EISDIR))
             }
             // An existing file is opened here rather than by the passthrough's create,
             // which keeps a lookup reference it never gives back when that open fails.
-            NameState::Visible(_) => return self.open_existing(ctx, parent, name, args.flags),
+            NameState::Visible(..) => return self.open_existing(ctx, parent, name, args.flags),
             NameState::Absent | NameState::Denied => {}
         }
         self.room_for_inode()?;

@@ -47,6 +47,10 @@ pub struct DeniedSet {
     /// `(root directory, names)`: when set, every other name directly under the root is
     /// denied.
     root_allowlist: Option<(InodeId, HashSet<Vec<u8>>)>,
+    /// The directories between the share's root and a denied path: the guest may not
+    /// rename, remove or replace them, or the denied path would move out from under its
+    /// rule on the host (where the next sandbox resolves the rule by path again).
+    pinned: HashSet<InodeId>,
 }
 
 impl DeniedSet {
@@ -62,6 +66,11 @@ impl DeniedSet {
         }
         // Avoid allocating for the common case of no denied names at all.
         !self.names.is_empty() && self.names.contains(&(parent, name.to_vec()))
+    }
+
+    /// Whether `id` is a directory above a denied path (see the field).
+    pub fn is_pinned(&self, id: InodeId) -> bool {
+        self.pinned.contains(&id)
     }
 
     pub fn inode_count(&self) -> usize {
@@ -182,6 +191,13 @@ fn add_denied(set: &mut DeniedSet, root: &Path, path: &Path) -> Result<(), FsErr
     let parent_md = metadata(&parent, path)?;
     set.names
         .insert((InodeId::of(&parent_md), name.as_bytes().to_vec()));
+    // Pin the directories from the denied path's parent up to (not including) the root.
+    let mut dir = parent.as_path();
+    while dir != root && dir.starts_with(root) {
+        set.pinned.insert(InodeId::of(&metadata(dir, path)?));
+        let Some(up) = dir.parent() else { break };
+        dir = up;
+    }
     match fs::symlink_metadata(&full) {
         Ok(md) => {
             set.inodes.insert(InodeId::of(&md));

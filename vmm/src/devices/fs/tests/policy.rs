@@ -675,3 +675,41 @@ fn create_of_an_existing_name_opens_it_or_fails_cleanly() {
     assert_eq!(directory, Some(libc::EISDIR));
     assert_eq!(guest.usage(), (0, 0));
 }
+
+/// The attack of review hole 1: `mv /T/d /T/d2; mkdir /T/d` would leave the host's denied
+/// file at `/T/d2/secret`, where the next sandbox's rule (`/T/d/secret`) no longer finds
+/// it. Every directory between the share's root and a denied path stays where it is:
+/// renaming, removing or replacing it is refused with `EBUSY`; other directories move.
+#[test]
+fn directories_above_a_denied_path_cannot_be_moved_removed_or_replaced() {
+    let dir = TempDir::new();
+    std::fs::create_dir_all(dir.path("d/deeper")).unwrap();
+    std::fs::write(dir.path("d/deeper/secret"), b"s").unwrap();
+    std::fs::create_dir(dir.path("waiting")).unwrap();
+    std::fs::create_dir(dir.path("free")).unwrap();
+    std::fs::create_dir(dir.path("spare")).unwrap();
+    let denied = [dir.path("d/deeper/secret"), dir.path("waiting/later.env")];
+    let before = snapshot(dir.root());
+    let mut guest = Guest::new(&share_of(dir.root(), false, &denied));
+    guest.init();
+    let d = guest.lookup(1, "d").unwrap();
+
+    let attacks = [
+        guest.rename(1, "d", 1, "d2").err(),
+        guest.rename(d.nodeid, "deeper", 1, "moved").err(),
+        guest.rmdir(d.nodeid, "deeper").err(),
+        guest.rmdir(1, "waiting").err(),
+        guest.rename(1, "waiting", 1, "elsewhere").err(),
+        guest.rename(1, "spare", 1, "waiting").err(),
+        guest
+            .rename2(1, "spare", 1, "d", libc::RENAME_EXCHANGE)
+            .err(),
+    ];
+    let unchanged = snapshot(dir.root()) == before;
+    let free_moves = guest.rename(1, "free", 1, "free2").err();
+
+    assert_eq!(attacks, [Some(libc::EBUSY); 7]);
+    assert!(unchanged);
+    assert_eq!(free_moves, None);
+    assert!(dir.path("d/deeper/secret").exists() && dir.path("free2").is_dir());
+}
