@@ -231,6 +231,7 @@ impl SandboxView {
             match entry.access {
                 Access::Denied => {
                     if self.is_visible(&entry.path) {
+                        self.pin_parents(&entry.path);
                         self.ops.push(MountOp::Mask {
                             dst: entry.path.clone(),
                             dir: entry.is_dir,
@@ -251,6 +252,44 @@ impl SandboxView {
                         self.landlock_rw.push(entry.path.clone());
                     }
                 }
+            }
+        }
+    }
+
+    /// Make every directory between `path`'s innermost read-write bind and `path` a mount
+    /// point of its own (a bind onto itself): the kernel refuses to rename or remove a
+    /// mount point (`EBUSY`), so the sandbox cannot move a denied path out from under its
+    /// mask (`mv /T/d /T/d2` would carry the mask along and leave the host's file at
+    /// `/T/d2/secret`, where the next run's rule does not find it). The mask on the
+    /// denied path itself is a mount point already.
+    fn pin_parents(&mut self, path: &Path) {
+        let Some(MountOp::Bind {
+            dst: grant,
+            readonly: false,
+            ..
+        }) =
+            self.ops.iter().rev().find(
+                |op| matches!(op, MountOp::Bind { dst, dir: true, .. } if path.starts_with(dst)),
+            )
+        else {
+            return; // read-only: nothing below it can be renamed anyway
+        };
+        let grant = grant.clone();
+        let mut parents: Vec<PathBuf> = path
+            .ancestors()
+            .skip(1)
+            .take_while(|p| *p != grant && p.starts_with(&grant))
+            .map(Path::to_path_buf)
+            .collect();
+        parents.reverse();
+        for dir in parents {
+            if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+                self.ops.push(MountOp::Bind {
+                    src: dir.clone(),
+                    dst: dir,
+                    readonly: false,
+                    dir: true,
+                });
             }
         }
     }

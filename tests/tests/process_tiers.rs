@@ -38,6 +38,7 @@ both_backends!(
     every_secret_path_is_hidden_even_under_a_grant,
     dangerous_syscalls_are_denied,
     signals_stop_the_sandbox_and_leave_nothing,
+    a_denied_path_cannot_be_moved_out_from_under_its_rule,
 );
 
 fn run(backend: &str, extra: &[&str], cmd: &[&str]) -> std::process::Output {
@@ -75,6 +76,42 @@ fn denied_path_is_unreadable(backend: &str) {
     );
     assert!(stdout(&out).contains("fine"));
     assert!(!stdout(&out).contains("TOPSECRET"), "{}", stdout(&out));
+}
+
+/// Review hole 1: inside a read-write grant, `mv T/d T/d2; mkdir T/d` carried the mask
+/// along with the directory and left the host's file at `T/d2/secret`, which the next
+/// run's rule (`T/d/secret`) no longer covers. Every directory between the grant and
+/// the denied path, and the denied path itself, must stay where they are.
+fn a_denied_path_cannot_be_moved_out_from_under_its_rule(backend: &str) {
+    let dir = TempDir::new("pinned");
+    std::fs::create_dir_all(dir.join("T/d/deeper")).unwrap();
+    std::fs::write(dir.join("T/d/deeper/secret"), "TOPSECRET").unwrap();
+    std::fs::create_dir(dir.join("T/free")).unwrap();
+    let t = dir.s("T");
+    let script = format!(
+        "cd {t} || exit 9
+         for attempt in 'mv d d2' 'mv d/deeper moved' 'mv d/deeper/secret s' \
+                        'rm -rf d' 'rmdir d/deeper' 'mv -T free d'; do
+           if $attempt 2>/dev/null; then echo \"ALLOWED: $attempt\"; fi
+         done
+         mv free free2 && echo MOVED-FREE
+         cat d/deeper/secret d2/deeper/secret 2>/dev/null"
+    );
+
+    let out = sh(
+        backend,
+        &["--rw", &t, "--deny", &dir.s("T/d/deeper/secret")],
+        &script,
+    );
+
+    let text = stdout(&out);
+    assert!(!text.contains("ALLOWED"), "{text}\n{}", stderr(&out));
+    assert!(!text.contains("TOPSECRET"), "{text}");
+    assert!(text.contains("MOVED-FREE"), "{text}\n{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("T/d/deeper/secret")).unwrap(),
+        "TOPSECRET"
+    );
 }
 
 fn readonly_path_is_unwritable(backend: &str) {
