@@ -314,18 +314,12 @@ impl Backend for BubblewrapBackend {
                 output_truncated: false,
             });
         }
-        let cgroup = match enforcement {
-            Enforcement::Cgroup2 { parent } => Some(
-                SandboxCgroup::create(parent, &spec.id, &spec.policy.limits).map_err(|e| {
-                    SandboxError::Setup {
-                        stage: "cgroup".into(),
-                        message: e.to_string(),
-                    }
-                })?,
-            ),
-            Enforcement::Rlimits { .. } => None,
-        };
-        let rlimits = limits::rlimits(&spec.policy.limits, cgroup.is_some());
+        let cgroup = SandboxCgroup::for_sandbox(enforcement, &spec.id, &spec.policy.limits)
+            .map_err(|e| SandboxError::Setup {
+                stage: "cgroup".into(),
+                message: e.to_string(),
+            })?;
+        let rlimits = limits::rlimits(&spec.policy.limits, enforcement, cgroup.is_some());
         let handoff = self.network.begin_exec()?;
         let net_raw = handoff.as_ref().map_or(-1, |(fd, _)| fd.as_raw_fd());
         let helper = match (&self.helper, &handoff) {

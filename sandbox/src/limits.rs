@@ -1,4 +1,8 @@
-//! Resource limits: a delegated cgroup v2 when the host offers one, else rlimits.
+//! Resource limits: a delegated cgroup v2 when the host offers one; else cgroup v1's pids
+//! controller for `pids` (with `RLIMIT_AS` for memory); else rlimits.
+//!
+//! `RLIMIT_NPROC` alone does not hold when mxc-vm runs as root: the kernel exempts the
+//! initial namespace's uid 0, so a sandbox of root's could fork without bound.
 
 use std::path::{Path, PathBuf};
 
@@ -34,6 +38,9 @@ pub struct Rlimit {
 pub enum Enforcement {
     /// A delegated cgroup v2 directory under which mxc-vm creates one cgroup per sandbox.
     Cgroup2 { parent: PathBuf },
+    /// No cgroup v2, but a writable cgroup v1 pids hierarchy: one pids cgroup per sandbox
+    /// for `pids`, RLIMIT_AS for memory.
+    PidsV1 { parent: PathBuf, why: String },
     /// No usable cgroup: per-process rlimits (RLIMIT_AS for memory, RLIMIT_NPROC inside the
     /// sandbox's own user namespace for pids).
     Rlimits { why: String },
@@ -43,6 +50,10 @@ impl Enforcement {
     pub fn describe(&self) -> String {
         match self {
             Enforcement::Cgroup2 { parent } => format!("cgroup v2 under {}", parent.display()),
+            Enforcement::PidsV1 { parent, why } => format!(
+                "pids by the cgroup v1 pids controller under {}, memory by RLIMIT_AS ({why})",
+                parent.display()
+            ),
             Enforcement::Rlimits { why } => format!("rlimits ({why})"),
         }
     }
@@ -52,8 +63,52 @@ impl Enforcement {
 pub fn detect() -> Enforcement {
     match delegated_cgroup() {
         Ok(parent) => Enforcement::Cgroup2 { parent },
-        Err(why) => Enforcement::Rlimits { why },
+        Err(why) => match pids_v1_cgroup() {
+            Ok(parent) => Enforcement::PidsV1 { parent, why },
+            Err(v1) => Enforcement::Rlimits {
+                why: format!("{why}; {v1}"),
+            },
+        },
     }
+}
+
+/// Our own cgroup in a writable cgroup v1 hierarchy with the pids controller.
+fn pids_v1_cgroup() -> Result<PathBuf, String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+    // Fields: ... mount-point(4) options(5) ... "-" fstype source super-options.
+    let mount = mountinfo
+        .lines()
+        .find_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mut r = right.split_whitespace();
+            let (fstype, _source, opts) = (r.next()?, r.next()?, r.next()?);
+            (fstype == "cgroup" && opts.split(',').any(|o| o == "pids"))
+                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
+                .flatten()
+        })
+        .ok_or("no cgroup v1 pids hierarchy is mounted")?;
+    let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+    let rel = own
+        .lines()
+        .find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            controllers.split(',').any(|c| c == "pids").then_some(path)
+        })
+        .ok_or("this process is in no cgroup v1 pids cgroup")?;
+    let dir = mount.join(rel.trim_start_matches('/'));
+    if !writable(&dir) {
+        return Err(format!("{} is not writable", dir.display()));
+    }
+    Ok(dir)
+}
+
+fn writable(dir: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: access() only reads the NUL-terminated path we pass.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
 }
 
 /// Our own cgroup v2 directory if it is writable and offers the memory and pids
@@ -80,32 +135,33 @@ fn delegated_cgroup() -> Result<PathBuf, String> {
             ));
         }
     }
-    // SAFETY: access() only reads the NUL-terminated path we pass.
-    let writable = unsafe {
-        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-            .map_err(|e| e.to_string())?;
-        libc::access(c.as_ptr(), libc::W_OK) == 0
-    };
-    if !writable {
+    if !writable(&dir) {
         return Err(format!("{} is not writable", dir.display()));
     }
     Ok(dir)
 }
 
-/// The rlimits that carry the policy's limits when there is no cgroup, plus the ones every
-/// sandbox gets (no core dumps).
-pub fn rlimits(limits: &Limits, with_cgroup: bool) -> Vec<Rlimit> {
+/// The rlimits that carry the policy's limits a cgroup does not (`cgroup`: the sandbox
+/// has one, made under `enforcement`), plus the ones every sandbox gets (no core dumps).
+pub fn rlimits(limits: &Limits, enforcement: &Enforcement, cgroup: bool) -> Vec<Rlimit> {
     let mut v = vec![Rlimit {
         resource: libc::RLIMIT_CORE,
         value: 0,
     }];
-    if !with_cgroup {
+    let (memory_by_cgroup, pids_by_cgroup) = match enforcement {
+        Enforcement::Cgroup2 { .. } => (cgroup, cgroup),
+        Enforcement::PidsV1 { .. } => (false, cgroup),
+        Enforcement::Rlimits { .. } => (false, false),
+    };
+    if !memory_by_cgroup {
         if let Some(mib) = limits.memory_mib {
             v.push(Rlimit {
                 resource: libc::RLIMIT_AS,
                 value: mib.saturating_mul(1024 * 1024),
             });
         }
+    }
+    if !pids_by_cgroup {
         if let Some(pids) = limits.pids {
             v.push(Rlimit {
                 resource: libc::RLIMIT_NPROC,
@@ -135,16 +191,46 @@ pub fn apply_rlimits(limits: &[Rlimit]) -> std::io::Result<()> {
 #[derive(Debug)]
 pub struct SandboxCgroup {
     path: PathBuf,
+    /// A cgroup v1 pids cgroup (no `cgroup.kill`, only `pids.max`).
+    v1: bool,
 }
 
 impl SandboxCgroup {
+    /// The sandbox's cgroup for `enforcement`, or `None` where limits are rlimits only.
+    pub fn for_sandbox(
+        enforcement: &Enforcement,
+        id: &str,
+        limits: &Limits,
+    ) -> Result<Option<Self>, LimitsError> {
+        match enforcement {
+            Enforcement::Cgroup2 { parent } => Self::create(parent, id, limits).map(Some),
+            Enforcement::PidsV1 { parent, .. } => {
+                Self::create_pids_v1(parent, id, limits).map(Some)
+            }
+            Enforcement::Rlimits { .. } => Ok(None),
+        }
+    }
+
+    fn create_pids_v1(parent: &Path, id: &str, limits: &Limits) -> Result<Self, LimitsError> {
+        let path = parent.join(format!("mxc-vm-{id}"));
+        std::fs::create_dir(&path).map_err(|source| LimitsError::Create {
+            path: path.clone(),
+            source,
+        })?;
+        let cg = SandboxCgroup { path, v1: true };
+        if let Some(pids) = limits.pids {
+            cg.write("pids.max", &pids.to_string())?;
+        }
+        Ok(cg)
+    }
+
     pub fn create(parent: &Path, id: &str, limits: &Limits) -> Result<Self, LimitsError> {
         let path = parent.join(format!("mxc-vm-{id}"));
         std::fs::create_dir(&path).map_err(|source| LimitsError::Create {
             path: path.clone(),
             source,
         })?;
-        let cg = SandboxCgroup { path };
+        let cg = SandboxCgroup { path, v1: false };
         if let Some(mib) = limits.memory_mib {
             let bytes = mib.saturating_mul(1024 * 1024).to_string();
             cg.write("memory.max", &bytes)?;
@@ -178,7 +264,15 @@ impl SandboxCgroup {
 impl Drop for SandboxCgroup {
     fn drop(&mut self) {
         // Killing the members first lets rmdir succeed even if something escaped the wait.
-        let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
+        if self.v1 {
+            let procs = std::fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                // SAFETY: kill() has no memory effects; these are the sandbox's processes.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        } else {
+            let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
+        }
         for _ in 0..50 {
             if std::fs::remove_dir(&self.path).is_ok() {
                 return;
@@ -199,7 +293,7 @@ mod tests {
             pids: Some(32),
             ..Limits::default()
         };
-        let v = rlimits(&limits, false);
+        let v = rlimits(&limits, &Enforcement::Rlimits { why: String::new() }, false);
         assert!(v.contains(&Rlimit {
             resource: libc::RLIMIT_AS,
             value: 64 << 20
@@ -216,7 +310,13 @@ mod tests {
             memory_mib: Some(64),
             ..Limits::default()
         };
-        let v = rlimits(&limits, true);
+        let v = rlimits(
+            &limits,
+            &Enforcement::Cgroup2 {
+                parent: PathBuf::new(),
+            },
+            true,
+        );
         assert!(!v.iter().any(|r| r.resource == libc::RLIMIT_AS));
     }
 }

@@ -259,9 +259,39 @@ fn policy_file(dir: &TempDir, name: &str, text: &str) -> String {
     path.display().to_string()
 }
 
+/// `limits.pids` holds even when mxc-vm runs as root (the kernel exempts root from
+/// RLIMIT_NPROC, so a cgroup must count): of 100 forks with `pids: 32`, fewer than 32
+/// succeed. Then a fork bomb: stopped, and nothing of it is left.
 fn fork_bomb_is_stopped_by_pids_limit(backend: &str) {
     let dir = TempDir::new("forkbomb");
     let p = policy_file(&dir, "p.json", r#"{"version":"1","limits":{"pids":32}}"#);
+    let forks = run(
+        backend,
+        &["--policy", &p, "--timeout", "30s"],
+        &[
+            "python3",
+            "-c",
+            "import os, time\n\
+             n = 0\n\
+             for i in range(100):\n\
+             \x20   try:\n\
+             \x20       pid = os.fork()\n\
+             \x20   except OSError:\n\
+             \x20       continue\n\
+             \x20   if pid == 0:\n\
+             \x20       time.sleep(3)\n\
+             \x20       os._exit(0)\n\
+             \x20   n += 1\n\
+             print(f'forked={n}', flush=True)\n",
+        ],
+    );
+    let forked: usize = stdout(&forks)
+        .trim()
+        .strip_prefix("forked=")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{}{}", stdout(&forks), stderr(&forks)));
+    assert!(forked < 32, "{forked} of 100 forks succeeded with pids: 32");
+
     let out = sh(
         backend,
         &["--policy", &p, "--timeout", "3s"],

@@ -147,24 +147,18 @@ impl Backend for ProcessBackend {
         if req.argv.is_empty() {
             return Err(SandboxError::NoCommand);
         }
-        let cgroup = match enforcement {
-            Enforcement::Cgroup2 { parent } => Some(
-                SandboxCgroup::create(parent, &spec.id, &spec.policy.limits).map_err(|e| {
-                    SandboxError::Setup {
-                        stage: "cgroup".into(),
-                        message: e.to_string(),
-                    }
-                })?,
-            ),
-            Enforcement::Rlimits { .. } => None,
-        };
+        let cgroup = SandboxCgroup::for_sandbox(enforcement, &spec.id, &spec.policy.limits)
+            .map_err(|e| SandboxError::Setup {
+                stage: "cgroup".into(),
+                message: e.to_string(),
+            })?;
         let plan = InitPlan {
             view: view.clone(),
             argv: req.argv.clone(),
             env: with_proxy_env(compose_env(&req.env), net),
             cwd: req.cwd.clone().unwrap_or_else(|| view.default_cwd.clone()),
             net,
-            rlimits: limits::rlimits(&spec.policy.limits, cgroup.is_some()),
+            rlimits: limits::rlimits(&spec.policy.limits, enforcement, cgroup.is_some()),
         };
         let handoff = self.network.begin_exec()?;
         let mut warnings = Vec::new();
