@@ -216,7 +216,9 @@ pub fn explain_text(policy: &Policy, view: &FsView) -> String {
 
     let l = &policy.limits;
     let limits: Vec<String> = [
-        l.memory_mib.map(|v| format!("memory {v} MiB")),
+        l.memory_mib.map(|v| {
+            format!("memory {v} MiB (on the process tiers /tmp, a RAM disk, holds at most {v} MiB)")
+        }),
         l.vcpus.map(|v| format!("vcpus {v}")),
         l.pids.map(|v| format!("pids {v}")),
         l.timeout.map(|v| format!("timeout {}", format_duration(v))),

@@ -395,8 +395,9 @@ fn explain_text_reads_top_to_bottom() {
     assert!(lines
         .iter()
         .any(|l| l.starts_with("  readwrite  /base/project [missing]")));
-    assert!(lines
-        .iter()
-        .any(|l| l.starts_with("limits: memory 512 MiB, vcpus 1")));
+    assert!(lines.iter().any(|l| l.starts_with(
+        "limits: memory 512 MiB (on the process tiers /tmp, a RAM disk, holds at most 512 MiB), \
+         vcpus 1"
+    )));
     assert!(lines.contains(&"warnings:"));
 }

@@ -134,11 +134,15 @@ fn build_args(
                 dst,
                 mode,
                 readonly,
+                size,
             } => {
                 if *readonly {
                     remount_ro.push(dst.clone());
                 }
                 let perms = format!("{mode:04o}");
+                if let Some(bytes) = size {
+                    push(&[&"--size", &bytes.to_string()]);
+                }
                 push(&[&"--perms", &perms, &"--tmpfs", dst]);
             }
             MountOp::File { dst, contents } => {
@@ -260,7 +264,9 @@ impl Backend for BubblewrapBackend {
             reason: "bwrap is not installed (apt-get install bubblewrap)".into(),
         })?;
         let cwd = std::env::current_dir().ok();
-        self.view = Some(SandboxView::build(&spec.view, net, cwd.as_deref()));
+        let mut view = SandboxView::build(&spec.view, net, cwd.as_deref());
+        view.limit_tmp(spec.policy.limits.memory_mib);
+        self.view = Some(view);
         self.net = Some(net);
         self.bwrap = Some(bwrap);
         self.enforcement = Some(limits::detect());

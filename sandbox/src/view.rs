@@ -81,6 +81,8 @@ pub enum MountOp {
         mode: u32,
         /// Made read-only once everything below it is in place.
         readonly: bool,
+        /// Its size limit in bytes (`None`: the kernel's default, half the host's RAM).
+        size: Option<u64>,
     },
     /// A small read-only file at `dst`.
     File { dst: PathBuf, contents: String },
@@ -128,6 +130,7 @@ impl SandboxView {
             dst: "/tmp".into(),
             mode: 0o1777,
             readonly: false,
+            size: None,
         });
         v.ops.push(MountOp::Proc);
         v.landlock_rw.extend(["/tmp".into(), "/dev".into()]);
@@ -136,6 +139,18 @@ impl SandboxView {
         v.mask_secrets();
         v.default_cwd = default_cwd(fs, host_cwd);
         v
+    }
+
+    /// Size the sandbox's RAM-backed `/tmp` within the memory limit, so that writing to it
+    /// cannot bypass `limits.memoryMiB` (a tmpfs defaults to half the host's RAM).
+    pub fn limit_tmp(&mut self, memory_mib: Option<u64>) {
+        for op in &mut self.ops {
+            if let MountOp::Tmpfs { dst, size, .. } = op {
+                if dst == Path::new("/tmp") {
+                    *size = memory_mib.map(|m| m.saturating_mul(1 << 20));
+                }
+            }
+        }
     }
 
     /// Mask every secret path the binds so far would show (last, so that no later bind
@@ -184,6 +199,7 @@ impl SandboxView {
             dst: "/etc".into(),
             mode: 0o755,
             readonly: true,
+            size: None,
         });
         for name in ETC_ALLOWLIST {
             let path = Path::new("/etc").join(name);

@@ -39,6 +39,7 @@ both_backends!(
     dangerous_syscalls_are_denied,
     signals_stop_the_sandbox_and_leave_nothing,
     a_denied_path_cannot_be_moved_out_from_under_its_rule,
+    the_ram_backed_tmp_is_bounded_by_the_memory_limit,
 );
 
 fn run(backend: &str, extra: &[&str], cmd: &[&str]) -> std::process::Output {
@@ -309,6 +310,37 @@ fn fork_bomb_is_stopped_by_pids_limit(backend: &str) {
     );
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(pids_with("bomb").is_empty());
+}
+
+/// Review hole 8: `/tmp` is a tmpfs (RAM), so writing 512 MiB there with
+/// `memoryMiB: 128` used host memory past the limit. It now holds at most the limit.
+fn the_ram_backed_tmp_is_bounded_by_the_memory_limit(backend: &str) {
+    let dir = TempDir::new("tmpfs");
+    let p = policy_file(
+        &dir,
+        "p.json",
+        r#"{"version":"1","limits":{"memoryMiB":128}}"#,
+    );
+
+    let out = sh(
+        backend,
+        &["--policy", &p, "--timeout", "60s"],
+        "dd if=/dev/zero of=/tmp/big bs=1M count=512 2>/dev/null; echo rc=$?; \
+         du -m /tmp/big | cut -f1",
+    );
+
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    assert_ne!(lines.next(), Some("rc=0"), "{text}{}", stderr(&out));
+    let mib: u64 = lines
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(u64::MAX);
+    assert!(
+        mib <= 128,
+        "{mib} MiB written to /tmp: {text}{}",
+        stderr(&out)
+    );
 }
 
 fn memory_hog_is_stopped_by_memory_limit(backend: &str) {

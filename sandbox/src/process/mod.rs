@@ -115,7 +115,9 @@ impl Backend for ProcessBackend {
         let net = net_mode(&spec.policy, &spec.net);
         self.network = net::SandboxNet::provision(spec, net)?;
         let cwd = std::env::current_dir().ok();
-        self.view = Some(SandboxView::build(&spec.view, net, cwd.as_deref()));
+        let mut view = SandboxView::build(&spec.view, net, cwd.as_deref());
+        view.limit_tmp(spec.policy.limits.memory_mib);
+        self.view = Some(view);
         self.net = Some(net);
         self.enforcement = Some(limits::detect());
         self.spec = Some(spec.clone());

@@ -270,6 +270,7 @@ pub(crate) fn build_root(view: &SandboxView) -> Result<(), MountError> {
                 dst,
                 mode,
                 readonly,
+                size,
             } => {
                 let target = under(NEWROOT, dst);
                 if *readonly {
@@ -281,7 +282,10 @@ pub(crate) fn build_root(view: &SandboxView) -> Result<(), MountError> {
                     &target,
                     Some("tmpfs"),
                     libc::MS_NOSUID | libc::MS_NODEV,
-                    Some(&format!("mode={mode:o}")),
+                    Some(&match size {
+                        Some(bytes) => format!("mode={mode:o},size={bytes}"),
+                        None => format!("mode={mode:o}"),
+                    }),
                 )?;
             }
             MountOp::File { dst, contents } => {
