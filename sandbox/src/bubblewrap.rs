@@ -152,7 +152,13 @@ fn build_args(
                 push(&[&"--ro-bind-data", &fd, dst]);
             }
             MountOp::Dev => push(&[&"--dev", &"/dev"]),
-            MountOp::Proc => push(&[&"--proc", &"/proc"]),
+            MountOp::Proc => {
+                // Read-only, as Landlock keeps it on the process tier: a sandbox of root's
+                // runs as the host's uid 0, and /proc/sys holds settings of the whole
+                // host (kernel.core_pattern among them).
+                push(&[&"--proc", &"/proc"]);
+                remount_ro.push("/proc".into());
+            }
         }
     }
     if let Some(h) = &helper {

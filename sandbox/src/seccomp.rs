@@ -103,6 +103,34 @@ const CLONE_NS_FLAGS: &[u64] = &[
 /// Terminal ioctls that inject input or reach the console.
 const DENIED_IOCTLS: &[u64] = &[libc::TIOCSTI, 0x541C /* TIOCLINUX */];
 
+/// Calls that set a file's mode, with the index of their mode argument: refused when the
+/// mode carries set-user-ID or set-group-ID. A sandbox of root's writes its files as host
+/// root, so such a file in a read-write grant would hand root to whoever runs it on the
+/// host. (`open` and `openat` only create with their mode; without O_CREAT the C library
+/// passes 0.)
+const MODE_SETTERS: &[(i64, u8)] = &[
+    (libc::SYS_chmod, 1),
+    (libc::SYS_fchmod, 1),
+    (libc::SYS_fchmodat, 2),
+    (452, 2), // fchmodat2
+    (libc::SYS_open, 2),
+    (libc::SYS_openat, 3),
+    (libc::SYS_creat, 1),
+    (libc::SYS_mknod, 1),
+    (libc::SYS_mknodat, 2),
+];
+const SET_ID_BITS: [u64; 2] = [libc::S_ISUID as u64, libc::S_ISGID as u64];
+
+/// Extended attributes cannot be set (EOPNOTSUPP, which programs take for a file system
+/// without them): `security.capability` would give a file in a grant capabilities on the
+/// host, as set-user-ID would give it root.
+const XATTR_SETTERS: &[i64] = &[
+    libc::SYS_setxattr,
+    libc::SYS_lsetxattr,
+    libc::SYS_fsetxattr,
+    463, // setxattrat
+];
+
 /// The x32 system-call bit (`__X32_SYSCALL_BIT`).
 pub const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 /// `AUDIT_ARCH_X86_64`: EM_X86_64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE.
@@ -119,6 +147,12 @@ pub fn describe() -> Vec<String> {
     v.push("clone with namespace flags".into());
     v.push("socket/socketpair other than AF_UNIX, AF_INET, AF_INET6, AF_NETLINK".into());
     v.push("ioctl TIOCSTI, TIOCLINUX".into());
+    v.push(
+        "set-user-ID and set-group-ID modes (chmod, fchmod, fchmodat, fchmodat2, open, \
+         openat, creat, mknod, mknodat); openat2 (ENOSYS, so libc falls back to openat)"
+            .into(),
+    );
+    v.push("setting extended attributes (EOPNOTSUPP)".into());
     v
 }
 
@@ -155,6 +189,14 @@ fn deny_filter() -> Result<BpfProgram, SeccompError> {
         ioctl_rules.push(rule(vec![cond(1, SeccompCmpOp::Eq, *req)?])?);
     }
     rules.insert(libc::SYS_ioctl, ioctl_rules);
+
+    for (nr, arg) in MODE_SETTERS {
+        let mut set_id = Vec::new();
+        for bit in SET_ID_BITS {
+            set_id.push(rule(vec![cond(*arg, SeccompCmpOp::MaskedEq(bit), bit)?])?);
+        }
+        rules.insert(*nr, set_id);
+    }
 
     let filter = SeccompFilter::new(
         rules,
@@ -200,10 +242,12 @@ fn abi_filter() -> BpfProgram {
     ]
 }
 
-/// The clone3 filter (ENOSYS).
+/// The filter of calls that answer ENOSYS, so that the C library falls back to one the
+/// other filters can judge: clone3 (its flags are in memory), openat2 (its mode too).
 fn clone3_filter() -> Result<BpfProgram, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     rules.insert(libc::SYS_clone3, vec![]);
+    rules.insert(437, vec![]); // openat2
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
@@ -214,9 +258,28 @@ fn clone3_filter() -> Result<BpfProgram, SeccompError> {
     filter.try_into().map_err(SeccompError::Compile)
 }
 
+/// The filter of calls that answer EOPNOTSUPP: setting extended attributes.
+fn xattr_filter() -> Result<BpfProgram, SeccompError> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> =
+        XATTR_SETTERS.iter().map(|nr| (*nr, vec![])).collect();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EOPNOTSUPP as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(SeccompError::Build)?;
+    filter.try_into().map_err(SeccompError::Compile)
+}
+
 /// The filters, in the order they are installed.
 pub fn filters() -> Result<Vec<BpfProgram>, SeccompError> {
-    Ok(vec![abi_filter(), clone3_filter()?, deny_filter()?])
+    Ok(vec![
+        abi_filter(),
+        clone3_filter()?,
+        deny_filter()?,
+        xattr_filter()?,
+    ])
 }
 
 /// Install the filters on the calling thread. NO_NEW_PRIVS must already be set.
@@ -246,7 +309,7 @@ mod tests {
     #[test]
     fn filters_compile() {
         let progs = filters().expect("filters compile");
-        assert_eq!(progs.len(), 3);
+        assert_eq!(progs.len(), 4);
         assert!(progs.iter().all(|p| !p.is_empty()));
     }
 
@@ -329,6 +392,30 @@ mod tests {
             verdict(libc::SYS_getpid as u32, AUDIT_ARCH_X86_64, [0; 6]),
             ALLOW
         );
+    }
+
+    #[test]
+    fn set_id_modes_and_extended_attributes_are_refused() {
+        let x64 = AUDIT_ARCH_X86_64;
+        let eperm = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+        for (nr, arg) in MODE_SETTERS {
+            let nr = u32::try_from(*nr).unwrap();
+            let with = |mode: u64| {
+                let mut args = [0u64; 6];
+                args[usize::from(*arg)] = mode;
+                verdict(nr, x64, args)
+            };
+            assert_eq!(with(0o4755), eperm, "{nr} with set-user-ID");
+            assert_eq!(with(0o2755), eperm, "{nr} with set-group-ID");
+            assert_eq!(with(0o755), ALLOW, "{nr} with an ordinary mode");
+            assert_eq!(with(0o1777), ALLOW, "{nr} with the sticky bit");
+        }
+        for nr in XATTR_SETTERS {
+            let v = verdict(u32::try_from(*nr).unwrap(), x64, [0; 6]);
+            assert_eq!(v, libc::SECCOMP_RET_ERRNO | libc::EOPNOTSUPP as u32);
+        }
+        let openat2 = verdict(437, x64, [0; 6]);
+        assert_eq!(openat2, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32);
     }
 
     #[test]
