@@ -658,6 +658,9 @@ fn upstream_proxy(
     (proxy, server, url, dir)
 }
 
+/// Through an upstream proxy (`runtimeConfig.networkProxy`), and the attack of review hole
+/// 6: allowed names that resolve to a metadata or loopback address are refused here, and
+/// never handed to the upstream proxy to resolve and reach.
 fn egress_chains_through_the_upstream_proxy(backend: &str) {
     let (lab, hosts) = lab();
     let (upstream, server, url, dir) = upstream_proxy(&hosts);
@@ -666,7 +669,10 @@ fn egress_chains_through_the_upstream_proxy(backend: &str) {
         &serde_json::json!({
             "version": "0.8.0-alpha",
             "process": {"commandLine": "true"},
-            "network": {"defaultPolicy": "deny", "allowedHosts": ["allowed.test", "denied.test"]},
+            "network": {
+                "defaultPolicy": "deny",
+                "allowedHosts": ["allowed.test", "denied.test", "meta.test", "loop.test"]
+            },
             "runtimeConfig": {"networkProxy": url},
         })
         .to_string(),
@@ -681,7 +687,9 @@ fn egress_chains_through_the_upstream_proxy(backend: &str) {
         &[],
         &format!(
             "curl -sS --cacert {ca} https://allowed.test/; curl -sS http://allowed.test/; \
-             curl -s -o /dev/null -w '%{{http_code}}' http://denied.test/"
+             curl -s -o /dev/null -w '%{{http_code}}' http://denied.test/; \
+             curl -s -o /dev/null -w ' %{{http_code}}' http://meta.test/latest/meta-data; \
+             curl -s -o /dev/null -w ' %{{http_code}}' http://loop.test/"
         ),
     );
     server.stop();
@@ -690,7 +698,12 @@ fn egress_chains_through_the_upstream_proxy(backend: &str) {
 
     assert_eq!(
         stdout(&out),
-        "hello from the lab: allowed.test /\nhello from the lab: allowed.test /\n403",
+        "hello from the lab: allowed.test /\nhello from the lab: allowed.test /\n403 403 403",
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("metadata address"),
         "{}",
         stderr(&out)
     );

@@ -165,8 +165,27 @@ fn serve(shared: &Shared, client: RawFd, rec: &mut AuditRecord) -> Result<(), Fa
     let connect_deadline = Instant::now() + cfg.connect_timeout;
     let (server, mut server_early) = match &shared.upstream {
         Some(up) => {
-            if let Host::Ip(a) = target.host {
-                rec.address_rule = decide::check_address(&cfg.egress, a, target.port)?;
+            // The upstream proxy resolves the name again, but every address it could
+            // reach is checked here first: a name may resolve to a private, loopback or
+            // metadata address. A name that does not resolve here cannot be checked, so
+            // it is refused (fail closed).
+            let addrs = match &target.host {
+                Host::Ip(a) => vec![*a],
+                Host::Name(n) => cfg.resolver.resolve(n).map_err(|e| {
+                    Fail::error(
+                        502,
+                        "resolve-failed",
+                        format!(
+                            "{e}: its addresses must be checked before the request goes to \
+                             the upstream proxy"
+                        ),
+                    )
+                })?,
+            };
+            for a in addrs {
+                if let Some(rule) = decide::check_address(&cfg.egress, a, target.port)? {
+                    rec.address_rule = Some(rule);
+                }
             }
             rec.resolved = Some(format!("via {}", up.url));
             let fd = up
