@@ -211,13 +211,18 @@ impl SandboxCgroup {
         }
     }
 
-    fn create_pids_v1(parent: &Path, id: &str, limits: &Limits) -> Result<Self, LimitsError> {
+    /// A new, empty cgroup `mxc-vm-<id>` under `parent`.
+    fn make(parent: &Path, id: &str, v1: bool) -> Result<Self, LimitsError> {
         let path = parent.join(format!("mxc-vm-{id}"));
         std::fs::create_dir(&path).map_err(|source| LimitsError::Create {
             path: path.clone(),
             source,
         })?;
-        let cg = SandboxCgroup { path, v1: true };
+        Ok(SandboxCgroup { path, v1 })
+    }
+
+    fn create_pids_v1(parent: &Path, id: &str, limits: &Limits) -> Result<Self, LimitsError> {
+        let cg = Self::make(parent, id, true)?;
         if let Some(pids) = limits.pids {
             cg.write("pids.max", &pids.to_string())?;
         }
@@ -225,12 +230,7 @@ impl SandboxCgroup {
     }
 
     pub fn create(parent: &Path, id: &str, limits: &Limits) -> Result<Self, LimitsError> {
-        let path = parent.join(format!("mxc-vm-{id}"));
-        std::fs::create_dir(&path).map_err(|source| LimitsError::Create {
-            path: path.clone(),
-            source,
-        })?;
-        let cg = SandboxCgroup { path, v1: false };
+        let cg = Self::make(parent, id, false)?;
         if let Some(mib) = limits.memory_mib {
             let bytes = mib.saturating_mul(1024 * 1024).to_string();
             cg.write("memory.max", &bytes)?;

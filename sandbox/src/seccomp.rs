@@ -198,10 +198,15 @@ fn deny_filter() -> Result<BpfProgram, SeccompError> {
         rules.insert(*nr, set_id);
     }
 
+    compile(rules, libc::EPERM)
+}
+
+/// A filter that answers `errno` to the calls `rules` match and allows the rest.
+fn compile(rules: BTreeMap<i64, Vec<SeccompRule>>, errno: i32) -> Result<BpfProgram, SeccompError> {
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
+        SeccompAction::Errno(errno as u32),
         TargetArch::x86_64,
     )
     .map_err(SeccompError::Build)?;
@@ -248,28 +253,13 @@ fn clone3_filter() -> Result<BpfProgram, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     rules.insert(libc::SYS_clone3, vec![]);
     rules.insert(437, vec![]); // openat2
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        TargetArch::x86_64,
-    )
-    .map_err(SeccompError::Build)?;
-    filter.try_into().map_err(SeccompError::Compile)
+    compile(rules, libc::ENOSYS)
 }
 
 /// The filter of calls that answer EOPNOTSUPP: setting extended attributes.
 fn xattr_filter() -> Result<BpfProgram, SeccompError> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> =
-        XATTR_SETTERS.iter().map(|nr| (*nr, vec![])).collect();
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EOPNOTSUPP as u32),
-        TargetArch::x86_64,
-    )
-    .map_err(SeccompError::Build)?;
-    filter.try_into().map_err(SeccompError::Compile)
+    let rules = XATTR_SETTERS.iter().map(|nr| (*nr, vec![])).collect();
+    compile(rules, libc::EOPNOTSUPP)
 }
 
 /// The filters, in the order they are installed.

@@ -163,25 +163,23 @@ fn serve(shared: &Shared, client: RawFd, rec: &mut AuditRecord) -> Result<(), Fa
     rec.rule = decide::decide(&cfg.egress, decision_target, target.port)?;
 
     let connect_deadline = Instant::now() + cfg.connect_timeout;
+    // The addresses of the target, resolved only after the allow decision.
+    let addresses = |why: &str| match &target.host {
+        Host::Ip(a) => Ok(vec![*a]),
+        Host::Name(n) => cfg
+            .resolver
+            .resolve(n)
+            .map_err(|e| Fail::error(502, "resolve-failed", format!("{e} ({why})"))),
+    };
     let (server, mut server_early) = match &shared.upstream {
         Some(up) => {
             // The upstream proxy resolves the name again, but every address it could
             // reach is checked here first: a name may resolve to a private, loopback or
             // metadata address. A name that does not resolve here cannot be checked, so
             // it is refused (fail closed).
-            let addrs = match &target.host {
-                Host::Ip(a) => vec![*a],
-                Host::Name(n) => cfg.resolver.resolve(n).map_err(|e| {
-                    Fail::error(
-                        502,
-                        "resolve-failed",
-                        format!(
-                            "{e}: its addresses must be checked before the request goes to \
-                             the upstream proxy"
-                        ),
-                    )
-                })?,
-            };
+            let addrs = addresses(
+                "its addresses must be checked before the request goes to the upstream proxy",
+            )?;
             for a in addrs {
                 if let Some(rule) = decide::check_address(&cfg.egress, a, target.port)? {
                     rec.address_rule = Some(rule);
@@ -194,16 +192,7 @@ fn serve(shared: &Shared, client: RawFd, rec: &mut AuditRecord) -> Result<(), Fa
             (fd, Vec::new())
         }
         None => {
-            let addrs = match &target.host {
-                Host::Ip(a) => vec![*a],
-                Host::Name(n) => cfg.resolver.resolve(n).map_err(|e| {
-                    Fail::error(
-                        502,
-                        "resolve-failed",
-                        format!("{e} (after the allow decision)"),
-                    )
-                })?,
-            };
+            let addrs = addresses("after the allow decision")?;
             let (fd, addr, address_rule) =
                 connect_checked(shared, &addrs, target.port, connect_deadline)?;
             rec.resolved = Some(addr.to_string());
