@@ -145,7 +145,8 @@ pub struct Signalled {
 }
 
 /// Run `mxc-vm ARGS`; once its stdout has printed a line equal to `ready` (or at once
-/// when `ready` is `None`, after `delay`), send it `signal`, and wait for it to exit.
+/// when `ready` is `None`, after `delay`), call `before` with its pid, send it `signal`,
+/// and wait for it to exit.
 /// Panics when it does not print `ready` within `limit`, or outlives the signal by
 /// `limit` (it is then killed).
 pub fn signal_a_run(
@@ -154,6 +155,7 @@ pub fn signal_a_run(
     delay: std::time::Duration,
     signal: i32,
     limit: std::time::Duration,
+    before: &dyn Fn(u32),
 ) -> Signalled {
     use std::io::{BufRead, BufReader, Read};
     use std::sync::mpsc;
@@ -201,6 +203,11 @@ pub fn signal_a_run(
         }
     }
     std::thread::sleep(delay);
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| before(pid))) {
+        let _ = child.kill();
+        let _ = child.wait();
+        std::panic::resume_unwind(panic);
+    }
     // SAFETY: kill() has no memory effects; the pid is our child, not yet reaped.
     unsafe { libc::kill(pid as i32, signal) };
     let sent = Instant::now();

@@ -293,6 +293,18 @@ fn signals_stop_the_vm_and_leave_nothing() {
         libc::SIGTERM,
         // The boot comes first: a minute and more under kvm_pvm.
         Duration::from_secs(900),
+        // While the guest runs, the VMM is under its seccomp filter (vmm::seccomp).
+        &|pid| {
+            let vmm = pids_with(&format!("mxc-vm-{pid}-"));
+            assert_eq!(vmm.len(), 1, "one VMM process: {vmm:?}");
+            let status = std::fs::read_to_string(format!("/proc/{}/status", vmm[0])).unwrap();
+            assert!(
+                status
+                    .lines()
+                    .any(|l| l.split_whitespace().eq(["Seccomp:", "2"])),
+                "the VMM runs without its seccomp filter:\n{status}"
+            );
+        },
     );
     let booting = tests::signal_a_run(
         &["run", "--backend", "microvm", "--", "/bin/true"],
@@ -300,6 +312,7 @@ fn signals_stop_the_vm_and_leave_nothing() {
         Duration::from_millis(300),
         libc::SIGINT,
         limit,
+        &|_| {},
     );
 
     for (run, signal, name) in [

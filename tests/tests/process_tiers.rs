@@ -430,6 +430,7 @@ fn signals_stop_the_sandbox_and_leave_nothing(backend: &str) {
             std::time::Duration::ZERO,
             signal,
             std::time::Duration::from_secs(30),
+            &|_| {},
         );
 
         assert_eq!(run.code, 128 + signal, "{name}: {}", run.stderr);

@@ -32,6 +32,7 @@ pub mod hypervisor;
 pub mod layout;
 pub mod memory;
 pub mod pvm;
+pub mod seccomp;
 pub mod timeline;
 pub mod vcpu;
 pub mod vm;

@@ -193,6 +193,12 @@ pub fn vmm_main(args: &[std::ffi::OsString]) -> i32 {
     if let Err(e) = vmm::kill_on_termination_signals(&handle) {
         eprintln!("mxc-vm vmm: signal handlers: {e}");
     }
+    // From here on the guest runs: no program, mount, namespace, BPF, ... from this
+    // process (vmm::seccomp). The threads the VM starts inherit the filter.
+    if let Err(e) = vmm::seccomp::install() {
+        eprintln!("mxc-vm vmm: {}", super::crate_chain(&e));
+        return 1;
+    }
     match vm.run() {
         Ok(report) => {
             if let Ok(json) = serde_json::to_vec(&report) {
