@@ -575,7 +575,9 @@ fn tunnels_chain_through_an_upstream_proxy() {
     let echo = echo_server();
     let upstream = Harness::new(egress(&["allowed.test", "127.0.0.1"], &[]), |_| {});
     let up_url = format!("http://{}", upstream.addr);
-    let h = Harness::new(egress(&["allowed.test"], &[]), |c| {
+    // allowed.test resolves to loopback here: our proxy checks the addresses before it
+    // hands the name on, so loopback needs its IP rule, as without an upstream.
+    let h = Harness::new(egress(&["allowed.test", "127.0.0.1"], &[]), |c| {
         c.upstream = Some(up_url.clone());
     });
 
@@ -605,7 +607,7 @@ fn tunnels_chain_through_an_upstream_proxy() {
 fn an_upstream_that_refuses_gives_502() {
     let upstream = Harness::new(egress(&[], &[]), |_| {});
     let up_url = format!("http://{}", upstream.addr);
-    let h = Harness::new(egress(&["allowed.test"], &[]), |c| {
+    let h = Harness::new(egress(&["allowed.test", "127.0.0.1"], &[]), |c| {
         c.upstream = Some(up_url);
     });
 
