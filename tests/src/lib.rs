@@ -2,6 +2,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 //! (Test support code: panicking on a broken test environment is the point.)
 
+pub mod escape;
 pub mod net;
 
 use std::path::{Path, PathBuf};

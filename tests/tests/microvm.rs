@@ -338,3 +338,97 @@ fn signals_stop_the_vm_and_leave_nothing() {
         );
     }
 }
+
+/// The escape suite's attacks on host files and the host's network (tests/src/escape.rs,
+/// SECURITY.md), in one VM: read-write and read-only shares with denied paths, an
+/// ungranted directory, the host's loopback listener and abstract socket.
+#[test]
+fn the_vm_contains_the_escape_suites_host_attacks() {
+    use tests::escape::{attacks, judge, shown, Ctx, MICROVM_ATTACKS, PRELUDE};
+    require_kvm();
+    let ctx = Ctx::new("microvm");
+    let (ro, rw, deny) = ctx.grants();
+    let mut policy = Policy::empty(PolicySource::Cli);
+    let overrides = policy::Overrides {
+        ro,
+        rw: rw.clone(),
+        deny,
+        ..policy::Overrides::default()
+    };
+    policy
+        .apply_overrides_at(&overrides, std::path::Path::new("/"))
+        .unwrap();
+    let view = policy::resolve_fs(&policy.filesystem, std::path::Path::new("/")).unwrap();
+    let spec = SandboxSpec {
+        policy,
+        view,
+        id: format!("escape-{}", std::process::id()),
+        net: Default::default(),
+    };
+    let mut vm = MicrovmBackend::new(MicrovmOptions {
+        vmm_binary: Some(mxc_vm_bin()),
+        ..MicrovmOptions::default()
+    });
+    vm.provision(&spec).expect("provision");
+    vm.start().expect("boot to agent ready");
+
+    let chosen: Vec<_> = attacks()
+        .into_iter()
+        .filter(|a| MICROVM_ATTACKS.contains(&a.name))
+        .collect();
+    assert_eq!(
+        chosen.len(),
+        MICROVM_ATTACKS.len(),
+        "every named attack exists"
+    );
+    // One Python process runs every attack in turn (each in its own globals, after a
+    // line naming it): a process start in the guest costs seconds under kvm_pvm.
+    let mut program = format!("{PRELUDE}\nG = dict(globals())\n");
+    for a in &chosen {
+        let hex: String = a.code.bytes().map(|b| format!("{b:02x}")).collect();
+        program.push_str(&format!(
+            "print('@@ATTACK {}', flush=True)\nprint('MARKER-RAN', flush=True)\n\
+             try:\n    exec(bytes.fromhex('{hex}').decode(), dict(G))\n\
+             except BaseException as e:\n    print('RAISED:', repr(e), flush=True)\n",
+            a.name
+        ));
+    }
+    let mut r = req(&["python3", "-c", &program]);
+    r.env = ctx.env();
+    r.cwd = Some(rw[0].clone());
+    let (_, out) = exec(&mut vm, &r);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut failures = Vec::new();
+    for a in &chosen {
+        let start = format!("@@ATTACK {}\n", a.name);
+        let section = stdout.split(start.as_str()).nth(1).map_or("", |rest| {
+            rest.split("@@ATTACK ").next().unwrap_or_default()
+        });
+        let verdict = judge(&ctx, a, section.as_bytes());
+        eprintln!(
+            "microvm: {:<45} {} {}",
+            a.name,
+            if verdict.is_ok() {
+                "contained"
+            } else {
+                "ESCAPED"
+            },
+            shown(section.as_bytes())
+        );
+        if let Err(why) = verdict {
+            failures.push(format!("{}: {why}\n    output: {}", a.name, section.trim()));
+        }
+    }
+    if !failures.is_empty() {
+        eprintln!("stderr: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    vm.stop().unwrap();
+    vm.deprovision().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {} attacks escaped the VM:\n{}",
+        failures.len(),
+        chosen.len(),
+        failures.join("\n")
+    );
+}
