@@ -616,6 +616,16 @@ fn next_control(reader: &mut FrameReader<UnixStream>) -> Option<Control> {
         .map(|f| f.to_control().unwrap())
 }
 
+/// The agent closed the connection: an end of stream or, when our bytes were still
+/// unread in its queue as it closed, a reset (the kernel's way to say the same).
+fn connection_ends(reader: &mut FrameReader<UnixStream>) {
+    match reader.read_frame() {
+        Ok(None) => {}
+        Err(proto::ProtoError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("expected the connection to end, got {other:?}"),
+    }
+}
+
 /// The agent still serves a fresh connection.
 fn still_serves(agent: &Agent) {
     let mut client = agent.client();
@@ -634,7 +644,7 @@ fn unknown_frame_kind_gets_error_then_close() {
         next_control(&mut reader),
         Some(Control::Error { id: None, .. })
     ));
-    assert_eq!(next_control(&mut reader), None);
+    connection_ends(&mut reader);
     still_serves(&agent);
 }
 
@@ -649,7 +659,7 @@ fn oversized_frame_gets_error_then_close() {
         panic!("expected an error");
     };
     assert!(message.contains("exceeds the maximum"), "{message}");
-    assert_eq!(next_control(&mut reader), None);
+    connection_ends(&mut reader);
     still_serves(&agent);
 }
 
@@ -706,7 +716,7 @@ fn version_mismatch_gets_error_then_close() {
         panic!("expected an error");
     };
     assert!(message.contains("version mismatch"), "{message}");
-    assert_eq!(next_control(&mut reader), None);
+    connection_ends(&mut reader);
     still_serves(&agent);
 }
 
@@ -1028,7 +1038,7 @@ fn a_host_that_overruns_the_stdin_window_is_cut_off() {
         panic!("expected an error");
     };
     assert!(message.contains("overran its stdin window"), "{message}");
-    assert_eq!(next_control(&mut reader), None);
+    connection_ends(&mut reader);
     still_serves(&agent);
 }
 
