@@ -133,6 +133,20 @@ fn connect_via(h: &Harness, target: &str) -> (TcpStream, String) {
     (s, head)
 }
 
+/// Opens a tunnel to `allowed.test:port` and passes its gate (a ClientHello naming the
+/// host, echoed back), so any bytes follow.
+fn open_tunnel(h: &Harness, port: u16) -> (TcpStream, String) {
+    let (mut s, head) = connect_via(h, &format!("allowed.test:{port}"));
+    if head.starts_with("HTTP/1.1 200") {
+        let hello = client_hello("allowed.test");
+        s.write_all(&hello).unwrap();
+        let mut back = vec![0u8; hello.len()];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(back, hello);
+    }
+    (s, head)
+}
+
 /// An echo server on 127.0.0.1; counts connections and bytes it received.
 struct Echo {
     port: u16,
@@ -244,7 +258,7 @@ fn an_allowed_name_tunnels_to_its_server() {
     let echo = echo_server();
     let h = Harness::new(egress(&["allowed.test", "127.0.0.1"], &[]), |_| {});
 
-    let (mut s, head) = connect_via(&h, &format!("allowed.test:{}", echo.port));
+    let (mut s, head) = open_tunnel(&h, echo.port);
     s.write_all(b"ping").unwrap();
     let mut back = [0u8; 4];
     s.read_exact(&mut back).unwrap();
@@ -265,7 +279,8 @@ fn an_allowed_name_tunnels_to_its_server() {
         Some("network.egress.allow[1] 127.0.0.1")
     );
     assert_eq!(a.resolved, Some(format!("127.0.0.1:{}", echo.port)));
-    assert_eq!((a.bytes_up, a.bytes_down), (4, 4));
+    let hello = client_hello("allowed.test").len() as u64;
+    assert_eq!((a.bytes_up, a.bytes_down), (hello + 4, hello + 4));
     assert_eq!(a.sandbox, "test-sandbox");
 }
 
@@ -515,7 +530,7 @@ fn bandwidth_is_capped_by_the_token_bucket() {
     let h = Harness::new(egress(&["allowed.test", "127.0.0.1"], &[]), |c| {
         c.bandwidth_bps = Some(1 << 20);
     });
-    let (s, _) = connect_via(&h, &format!("allowed.test:{}", echo.port));
+    let (s, _) = open_tunnel(&h, echo.port);
     let mut reader = s.try_clone().unwrap();
     let total = 1usize << 20;
 
@@ -545,7 +560,7 @@ fn many_concurrent_tunnels_stay_separate() {
 
     let mut open: Vec<TcpStream> = (0..n)
         .map(|_| {
-            let (s, head) = connect_via(&h, &format!("allowed.test:{}", echo.port));
+            let (s, head) = open_tunnel(&h, echo.port);
             assert!(head.starts_with("HTTP/1.1 200"), "{head}");
             s
         })
@@ -581,7 +596,7 @@ fn tunnels_chain_through_an_upstream_proxy() {
         c.upstream = Some(up_url.clone());
     });
 
-    let (mut s, head) = connect_via(&h, &format!("allowed.test:{}", echo.port));
+    let (mut s, head) = open_tunnel(&h, echo.port);
     s.write_all(b"chained").unwrap();
     let mut back = [0u8; 7];
     s.read_exact(&mut back).unwrap();
@@ -655,7 +670,7 @@ fn an_accepted_stream_of_any_kind_can_be_served() {
     let t = std::thread::spawn(move || p.serve_connection(OwnedFd::from(theirs)));
     write!(
         ours,
-        "CONNECT allowed.test:{} HTTP/1.1\r\n\r\nunix",
+        "CONNECT allowed.test:{} HTTP/1.1\r\n\r\nGET /unix HTTP/1.1\r\nHost: allowed.test\r\n\r\n",
         echo.port
     )
     .unwrap();
@@ -666,7 +681,10 @@ fn an_accepted_stream_of_any_kind_can_be_served() {
     proxy.shutdown();
 
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
-    assert!(reply.ends_with("\r\n\r\nunix"), "{reply}");
+    assert!(
+        reply.ends_with("\r\n\r\nGET /unix HTTP/1.1\r\nHost: allowed.test\r\n\r\n"),
+        "{reply}"
+    );
     assert_eq!(
         std::fs::read_to_string(&audit.0).unwrap().lines().count(),
         1
@@ -727,7 +745,7 @@ fn hostile_request_bytes_never_take_the_proxy_down() {
         let mut sink = Vec::new();
         let _ = s.read_to_end(&mut sink);
     }
-    let (mut ok, head) = connect_via(&h, &format!("allowed.test:{}", echo.port));
+    let (mut ok, head) = open_tunnel(&h, echo.port);
     ok.write_all(b"still here").unwrap();
     let mut back = [0u8; 10];
     ok.read_exact(&mut back).unwrap();
@@ -737,4 +755,120 @@ fn hostile_request_bytes_never_take_the_proxy_down() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(&back, b"still here");
     assert_eq!(audit.len(), 201);
+}
+
+/// Sends `bytes` through a tunnel to `allowed.test` and reads what comes back until the
+/// proxy closes it.
+fn through_tunnel(h: &Harness, port: u16, bytes: &[u8]) -> Vec<u8> {
+    let (mut s, head) = connect_via(h, &format!("allowed.test:{port}"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut back = Vec::new();
+    let _ = s.read_to_end(&mut back);
+    back
+}
+
+#[test]
+fn a_tunnel_to_a_name_carries_only_what_shows_that_name() {
+    let echo = echo_server();
+    let h = Harness::new(egress(&["allowed.test", "127.0.0.1"], &[]), |_| {});
+
+    // TLS without a server name: where it goes cannot be checked.
+    let mut no_sni = client_hello("x");
+    {
+        // Drop the server_name extension: the extensions block becomes empty.
+        let ext_len = 2 + 10;
+        let cut = no_sni.len() - ext_len;
+        no_sni.truncate(cut);
+        no_sni.extend_from_slice(&[0, 0]);
+        let hs_len = no_sni.len() - 9;
+        no_sni[6..9].copy_from_slice(&(hs_len as u32).to_be_bytes()[1..]);
+        let rec_len = (no_sni.len() - 5) as u16;
+        no_sni[3..5].copy_from_slice(&rec_len.to_be_bytes());
+    }
+    let alert = through_tunnel(&h, echo.port, &no_sni);
+    // Another protocol (here SSH's greeting): nothing names a host.
+    let ssh = through_tunnel(&h, echo.port, b"SSH-2.0-OpenSSH_9.2\r\n");
+    // Plain HTTP for another host through a tunnel to an allowed one (domain fronting).
+    let fronted = through_tunnel(
+        &h,
+        echo.port,
+        b"GET / HTTP/1.1\r\nHost: evil.test\r\nConnection: close\r\n\r\n",
+    );
+    // An absolute target naming another host than the Host header.
+    let split = through_tunnel(
+        &h,
+        echo.port,
+        b"GET http://evil.test/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n",
+    );
+    let before = echo.received.load(Ordering::SeqCst);
+    // Plain HTTP whose Host is the tunnel's host passes, its body with it ...
+    let good = b"POST /ok HTTP/1.1\r\nHost: Allowed.Test:80\r\nContent-Length: 3\r\n\r\nabc";
+    let passed = {
+        let (mut s, _) = connect_via(&h, &format!("allowed.test:{}", echo.port));
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(good).unwrap();
+        let mut back = vec![0u8; good.len()];
+        s.read_exact(&mut back).unwrap();
+        // ... and a second request on the same tunnel (its Host unchecked) ends it.
+        s.write_all(b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n")
+            .unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        (back, String::from_utf8_lossy(&rest).into_owned())
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let audit = h.finish();
+
+    assert_eq!(
+        alert,
+        vec![0x15, 3, 1, 0, 2, 2, 49],
+        "a TLS access_denied alert"
+    );
+    assert!(ssh.is_empty(), "{ssh:?}");
+    let fronted = String::from_utf8_lossy(&fronted);
+    assert!(
+        fronted.starts_with("HTTP/1.1 403 Forbidden\r\n"),
+        "{fronted}"
+    );
+    assert!(
+        fronted.contains("X-Mxc-Deny: tunnel-host-mismatch"),
+        "{fronted}"
+    );
+    assert!(fronted.contains("is for \"evil.test\""), "{fronted}");
+    let split = String::from_utf8_lossy(&split);
+    assert!(split.contains("X-Mxc-Deny: tunnel-unchecked"), "{split}");
+    assert_eq!(before, 0, "nothing refused reached the server");
+    assert_eq!(passed.0, good);
+    assert!(
+        passed.1.contains("X-Mxc-Deny: tunnel-second-request"),
+        "{}",
+        passed.1
+    );
+    assert_eq!(echo.received.load(Ordering::SeqCst), good.len());
+    let rules: Vec<&str> = audit.iter().map(|a| a.rule.as_str()).collect();
+    for rule in [
+        "tls-no-sni",
+        "tunnel-unchecked",
+        "tunnel-host-mismatch",
+        "tunnel-second-request",
+    ] {
+        assert!(rules.contains(&rule), "{rule} in {rules:?}");
+    }
+}
+
+#[test]
+fn a_tunnel_to_an_address_rule_carries_any_protocol() {
+    let echo = echo_server();
+    let h = Harness::new(egress(&["127.0.0.1"], &[]), |_| {});
+    let (mut s, head) = connect_via(&h, &format!("127.0.0.1:{}", echo.port));
+    s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").unwrap();
+    let mut back = [0u8; 21];
+    s.read_exact(&mut back).unwrap();
+    drop(s);
+    h.finish();
+
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(&back, b"SSH-2.0-OpenSSH_9.2\r\n");
 }

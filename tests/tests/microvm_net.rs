@@ -135,7 +135,7 @@ fn one_vm_reaches_allowed_names_only_through_the_host_proxy() {
     assert_eq!(r.outcome.exit, ExitKind::Code(0), "{r:?}");
     assert_eq!(r.stdout, "hello from the lab: allowed.test /page?x=1\n");
 
-    // A CONNECT tunnel to an allowed name carries any bytes (here HTTP inside it).
+    // A CONNECT tunnel to an allowed name carries plain HTTP whose Host is that name.
     let r = sh(
         &mut vm,
         &nc_proxy(

@@ -282,6 +282,14 @@ fn serve(shared: &Shared, client: RawFd, rec: &mut AuditRecord) -> Result<(), Fa
             let _ = sys::send(client, &tls::ACCESS_DENIED_ALERT);
             return Err(Fail::deny(0, "tls-hello", why));
         }
+        End::Unchecked { rule, why, http } => {
+            if http {
+                let _ = sys::send(client, &http::refusal(403, "X-Mxc-Deny", rule, &why));
+            } else if rule.starts_with("tls") {
+                let _ = sys::send(client, &tls::ACCESS_DENIED_ALERT);
+            }
+            return Err(Fail::deny(0, rule, why));
+        }
     }
     Ok(())
 }

@@ -36,6 +36,8 @@ pub(crate) enum HttpError {
     HostMismatch { header: String, target: String },
     #[error("more than one Host header")]
     DuplicateHost,
+    #[error("no Host header")]
+    NoHost,
     #[error("conflicting body lengths (Content-Length with Transfer-Encoding, or several)")]
     AmbiguousBody,
     #[error("unsupported Transfer-Encoding \"{0}\"")]
@@ -207,6 +209,80 @@ pub(crate) fn parse_authority(s: &str, default_port: Option<u16>) -> Result<Auth
         Host::Name(policy::parse_domain(host_text).map_err(|_| bad())?)
     };
     Ok(Authority { host, port })
+}
+
+/// What the first bytes through a tunnel to a host name are, read as plain HTTP.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum InTunnel {
+    /// Not enough bytes yet to tell, or the head is not complete.
+    NeedMore,
+    /// Not an HTTP/1 request.
+    NotHttp,
+    /// A complete request head: the host it names (its Host header, and its target when
+    /// that is absolute), the head's length and how its body is framed.
+    Request {
+        host: Host,
+        head_len: usize,
+        body: BodyFraming,
+    },
+}
+
+/// Reads the start of a tunnel's client bytes as an HTTP/1 request, for the check that its
+/// Host names the tunnel's host.
+pub(crate) fn request_in_tunnel(bytes: &[u8]) -> Result<InTunnel, HttpError> {
+    // A method is a short run of capital letters followed by a space.
+    let method_len = bytes
+        .iter()
+        .take(24)
+        .take_while(|b| b.is_ascii_uppercase())
+        .count();
+    match bytes.get(method_len) {
+        Some(b' ') if method_len > 0 => {}
+        None if method_len == bytes.len() && method_len < 24 => return Ok(InTunnel::NeedMore),
+        _ => return Ok(InTunnel::NotHttp),
+    }
+    let Some(head_len) = head_end(&bytes[..bytes.len().min(MAX_HEAD + 4)]) else {
+        return if bytes.len() > MAX_HEAD {
+            Err(HttpError::TooLarge)
+        } else {
+            Ok(InTunnel::NeedMore)
+        };
+    };
+    let head = parse_head(&bytes[..head_len])?;
+    if head.method == "CONNECT" {
+        return Err(HttpError::RequestLine);
+    }
+    let mut hosts = head.all("host");
+    let header = match (hosts.next(), hosts.next()) {
+        (Some(one), None) => one,
+        (None, _) => return Err(HttpError::NoHost),
+        (Some(_), Some(_)) => return Err(HttpError::DuplicateHost),
+    };
+    let named = parse_authority(header, Some(80))?;
+    if head
+        .target
+        .get(..7)
+        .is_some_and(|p| p.eq_ignore_ascii_case("http://"))
+    {
+        let authority = head.target[7..]
+            .split(['/', '?', '#'])
+            .next()
+            .unwrap_or_default();
+        let target = parse_authority(authority, Some(80))?;
+        if target.host != named.host {
+            return Err(HttpError::HostMismatch {
+                header: header.to_string(),
+                target: head.target.to_string(),
+            });
+        }
+    } else if !head.target.starts_with('/') && head.target != "*" {
+        return Err(HttpError::Target(head.target.to_string()));
+    }
+    Ok(InTunnel::Request {
+        host: named.host,
+        head_len,
+        body: body_framing(&head)?,
+    })
 }
 
 /// Hop-by-hop headers, never forwarded.
@@ -839,5 +915,50 @@ mod tests {
             response_status(b"SSH-2.0\r\n\r\n"),
             Err(HttpError::Response)
         );
+    }
+
+    #[test]
+    fn requests_in_a_tunnel_name_their_host() {
+        let name = |n: &str| Host::Name(n.to_string());
+        assert_eq!(request_in_tunnel(b"GE"), Ok(InTunnel::NeedMore));
+        assert_eq!(
+            request_in_tunnel(b"GET / HTTP/1.1\r\nHost: a.test"),
+            Ok(InTunnel::NeedMore)
+        );
+        assert_eq!(request_in_tunnel(b"SSH-2.0-x\r\n"), Ok(InTunnel::NotHttp));
+        assert_eq!(request_in_tunnel(b"get / HTTP/1.1"), Ok(InTunnel::NotHttp));
+        assert_eq!(request_in_tunnel(&[0u8; 40]), Ok(InTunnel::NotHttp));
+        assert_eq!(
+            request_in_tunnel(
+                b"POST /x HTTP/1.1\r\nHost: A.Test:8080\r\nContent-Length: 2\r\n\r\nab"
+            ),
+            Ok(InTunnel::Request {
+                host: name("a.test"),
+                head_len: 58,
+                body: BodyFraming::Length(2)
+            })
+        );
+        assert_eq!(
+            request_in_tunnel(b"GET http://b.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n"),
+            Err(HttpError::HostMismatch {
+                header: "a.test".into(),
+                target: "http://b.test/".into()
+            })
+        );
+        assert_eq!(
+            request_in_tunnel(b"GET / HTTP/1.1\r\n\r\n"),
+            Err(HttpError::NoHost)
+        );
+        assert_eq!(
+            request_in_tunnel(b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n"),
+            Err(HttpError::DuplicateHost)
+        );
+        assert_eq!(
+            request_in_tunnel(b"CONNECT a.test:1 HTTP/1.1\r\nHost: a.test\r\n\r\n"),
+            Err(HttpError::RequestLine)
+        );
+        let mut huge = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        huge.resize(MAX_HEAD + 10, b'a');
+        assert_eq!(request_in_tunnel(&huge), Err(HttpError::TooLarge));
     }
 }

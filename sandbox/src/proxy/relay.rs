@@ -10,7 +10,7 @@ use std::os::fd::RawFd;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::http::{BodyLimit, HttpError};
+use super::http::{self, BodyLimit, Host as HttpHost, HttpError, InTunnel};
 use super::sys;
 use super::tls::{self, Hello};
 
@@ -70,10 +70,16 @@ impl TokenBucket {
 pub(crate) enum Gate {
     /// Nothing: pass everything.
     Open,
-    /// A CONNECT to a host name: a TLS ClientHello among the first bytes must name it.
+    /// A CONNECT to a host name: the client's first bytes are held until they show the
+    /// name they are for -- a TLS ClientHello's server name or a plain-HTTP request's
+    /// Host -- and it is the CONNECT host. Anything else (TLS without a server name, other
+    /// protocols) is refused: the tunnel's destination could not be checked.
     Sni { host: String },
     /// A forwarded request: only its body passes; the rest is dropped.
     Body(BodyLimit),
+    /// A plain-HTTP request checked at the start of a tunnel: its body passes; a second
+    /// request (whose Host was not checked) ends the tunnel.
+    OneRequest(BodyLimit),
 }
 
 /// Why a relay ended.
@@ -91,6 +97,13 @@ pub(crate) enum End {
     SniMismatch { sni: String },
     /// The tunnel's first bytes were a malformed or oversized TLS handshake.
     BadHello(&'static str),
+    /// The tunnel's bytes do not show a destination that is the CONNECT host: `rule` for
+    /// the audit line, `why` for the person; `http`: the client speaks HTTP (it gets a 403).
+    Unchecked {
+        rule: &'static str,
+        why: String,
+        http: bool,
+    },
     /// The forwarded request's body framing was broken.
     BadBody(HttpError),
 }
@@ -528,17 +541,23 @@ fn apply_gate(gate: &mut Gate, flow: &mut Flow, new_from: usize) -> Result<(), E
                 Err(End::BadHello("the TLS ClientHello is too large"))
             }
             Hello::NeedMore => Ok(()),
-            Hello::NotTls | Hello::Sni(None) => {
-                *gate = Gate::Open;
-                Ok(())
-            }
             Hello::Sni(Some(sni)) if sni.trim_end_matches('.') == host.as_str() => {
                 *gate = Gate::Open;
                 Ok(())
             }
             Hello::Sni(Some(sni)) => Err(End::SniMismatch { sni }),
+            Hello::Sni(None) => Err(End::Unchecked {
+                rule: "tls-no-sni",
+                why: format!(
+                    "the TLS ClientHello through the tunnel to \"{host}\" names no server, \
+                     so where it goes cannot be checked"
+                ),
+                http: false,
+            }),
             Hello::Malformed(why) => Err(End::BadHello(why)),
+            Hello::NotTls => plain_http_gate(gate, flow),
         },
+        Gate::OneRequest(limit) => feed_one_request(limit, flow, new_from),
         Gate::Body(limit) => {
             if limit.done() {
                 flow.end = new_from;
@@ -555,6 +574,78 @@ fn apply_gate(gate: &mut Gate, flow: &mut Flow, new_from: usize) -> Result<(), E
             }
             Ok(())
         }
+    }
+}
+
+/// Passes the body of a tunnel's checked plain-HTTP request (`flow.buf[from..flow.end]`
+/// are new bytes); a byte after it starts a request whose Host is unchecked.
+fn feed_one_request(limit: &mut BodyLimit, flow: &mut Flow, from: usize) -> Result<(), End> {
+    let new = &flow.buf[from..flow.end];
+    let n = if limit.done() {
+        0
+    } else {
+        limit.feed(new).map_err(End::BadBody)?
+    };
+    if n < new.len() {
+        return Err(End::Unchecked {
+            rule: "tunnel-second-request",
+            why: "a second plain-HTTP request in one tunnel: open a tunnel for each (each \
+                  request's Host is checked)"
+                .to_string(),
+            http: true,
+        });
+    }
+    Ok(())
+}
+
+/// The first bytes through a tunnel to a host name are not TLS: plain HTTP whose Host is
+/// that name passes (one request), anything else is refused.
+fn plain_http_gate(gate: &mut Gate, flow: &mut Flow) -> Result<(), End> {
+    let Gate::Sni { host } = gate else {
+        return Ok(());
+    };
+    let refuse = |rule, why: String, http| Err(End::Unchecked { rule, why, http });
+    match http::request_in_tunnel(&flow.buf[flow.start..flow.end]) {
+        Ok(InTunnel::NeedMore) if flow.end == flow.buf.len() => refuse(
+            "tunnel-unchecked",
+            "the request head through the tunnel is too large".to_string(),
+            true,
+        ),
+        Ok(InTunnel::NeedMore) => Ok(()),
+        Ok(InTunnel::NotHttp) => refuse(
+            "tunnel-unchecked",
+            format!(
+                "the bytes through the tunnel to \"{host}\" are neither TLS nor HTTP, so \
+                 where they go cannot be checked by name (an IP rule for the address allows \
+                 other protocols)"
+            ),
+            false,
+        ),
+        Ok(InTunnel::Request {
+            host: named,
+            head_len,
+            body,
+        }) => {
+            if !matches!(&named, HttpHost::Name(n) if n == host) {
+                return refuse(
+                    "tunnel-host-mismatch",
+                    format!(
+                        "the request through the tunnel to \"{host}\" is for \"{named}\" \
+                         (domain fronting)"
+                    ),
+                    true,
+                );
+            }
+            let mut limit = BodyLimit::new(&body);
+            feed_one_request(&mut limit, flow, flow.start + head_len)?;
+            *gate = Gate::OneRequest(limit);
+            Ok(())
+        }
+        Err(e) => refuse(
+            "tunnel-unchecked",
+            format!("the request through the tunnel to \"{host}\": {e}"),
+            true,
+        ),
     }
 }
 
