@@ -3,6 +3,7 @@
 //! (Test support code: panicking on a broken test environment is the point.)
 
 pub mod escape;
+pub mod leaks;
 pub mod net;
 
 use std::path::{Path, PathBuf};
