@@ -241,6 +241,9 @@ fn parse_bwrap_status(line: &[u8]) -> Option<Status> {
 
 struct BwrapKiller<'a> {
     child: &'a mut Child,
+    /// The sandbox's PID 1 (bwrap's own init, in the new PID namespace), from bwrap's
+    /// status.
+    init: Option<i32>,
 }
 
 impl Killer for BwrapKiller<'_> {
@@ -250,6 +253,40 @@ impl Killer for BwrapKiller<'_> {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         let _ = self.child.kill();
+    }
+
+    fn started(&mut self, pid: i32) {
+        self.init = Some(pid);
+    }
+}
+
+/// Makes this process the reaper of its orphaned descendants. bwrap's outer process
+/// exits as soon as the command's status is known, before its child -- the sandbox's
+/// PID 1 -- has exited; that child would otherwise go to the host's init, which may
+/// leave it a zombie for a long time.
+fn become_subreaper() -> bool {
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes a flag and touches no memory.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0 }
+}
+
+/// Kills and reaps the sandbox's PID 1 once bwrap's outer process is gone (it is then
+/// our child, as we are a subreaper): the whole PID namespace ends with it. Nothing is
+/// done when it is not our child (bwrap reaped it): its pid may be another process's now.
+fn reap_init(init: i32) {
+    // SAFETY: a zeroed siginfo_t is a valid out-parameter; waitid with WNOWAIT only
+    // asks whether `init` is our child, reaping nothing. Once it says so, `init` stays
+    // our child until waitpid reaps it, so kill cannot reach a reused pid.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+        if libc::waitid(libc::P_PID, init as libc::id_t, &mut info, flags) != 0 {
+            return;
+        }
+        libc::kill(init, libc::SIGKILL);
+        let mut status = 0;
+        while libc::waitpid(init, &mut status, 0) < 0
+            && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+        {}
     }
 }
 
@@ -403,6 +440,7 @@ impl Backend for BubblewrapBackend {
                 Ok(())
             });
         }
+        let reaper = become_subreaper();
         let mut child = cmd
             .spawn()
             .map_err(|e| SandboxError::io(format!("starting {}", bwrap.display()), e))?;
@@ -419,7 +457,10 @@ impl Backend for BubblewrapBackend {
             stderr: child.stderr.take().map(OwnedFd::from),
             status: Some(status_r),
         };
-        let mut killer = BwrapKiller { child: &mut child };
+        let mut killer = BwrapKiller {
+            child: &mut child,
+            init: None,
+        };
         let result = supervise::supervise(
             pipes,
             io,
@@ -428,7 +469,11 @@ impl Backend for BubblewrapBackend {
             parse_bwrap_status,
             &mut self.warnings,
         );
+        let init = killer.init;
         let waited = child.wait();
+        if let (true, Some(init)) = (reaper, init) {
+            reap_init(init);
+        }
         drop(root);
         // The sandbox is gone: stop accepting (open connections end with `stop`).
         drop(server);

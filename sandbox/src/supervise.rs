@@ -45,6 +45,8 @@ pub(crate) fn parse_status(line: &[u8]) -> Option<Status> {
 /// What the supervisor needs to kill the sandbox.
 pub(crate) trait Killer {
     fn kill(&mut self, extra_pid: Option<i32>);
+    /// The sandbox reported the pid of its first process (its PID 1).
+    fn started(&mut self, _pid: i32) {}
 }
 
 /// The pipes of a running sandboxed command, as seen by the host.
@@ -161,6 +163,7 @@ pub(crate) fn supervise(
                         if let Some(s) = parse(&line) {
                             if let Status::Child { pid } = s {
                                 child_pid = Some(pid);
+                                killer.started(pid);
                                 if timed_out {
                                     killer.kill(child_pid);
                                 }
