@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use serde_json::{json, Value};
 
 use crate::duration::format_duration;
-use crate::model::{Action, Command, FsView, NetRule, Policy, PolicySource};
+use crate::model::{Access, Action, Command, FsView, NetRule, Policy, PolicySource};
 
 /// How egress is carried on every tier: never the host's network namespace.
 pub fn egress_route_text(policy: &Policy) -> &'static str {
@@ -173,7 +173,14 @@ pub fn explain_text(policy: &Policy, view: &FsView) -> String {
     }
     for e in &view.entries {
         let origins: Vec<String> = e.origins.iter().map(|o| o.to_string()).collect();
-        let missing = if e.exists { "" } else { " [missing]" };
+        let missing = match (e.exists, e.access) {
+            (true, _) => "",
+            (false, Access::Denied) => {
+                " [missing: the microVM denies it by name; the process tiers refuse a \
+                 missing denied path that a grant would show]"
+            }
+            (false, _) => " [missing]",
+        };
         let _ = writeln!(
             s,
             "  {:<9}  {}{missing}  <- {}",

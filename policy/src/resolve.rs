@@ -83,11 +83,16 @@ pub fn resolve_fs(fs: &Filesystem, base_dir: &Path) -> Result<FsView, PolicyErro
             );
         }
         if !exists {
+            let kept = if rule.access == Access::Denied {
+                "the microVM denies it by name; the process tiers refuse it where a grant \
+                 would show it"
+            } else {
+                "the rule is kept; nothing is created"
+            };
             warnings.push(format!(
-                "{}: {} does not exist (the {} rule is kept; nothing is created)",
+                "{}: {} does not exist ({kept})",
                 rule.origin,
                 canon.display(),
-                rule.access.as_str()
             ));
         }
         let is_dir = exists && std::fs::metadata(&canon).is_ok_and(|m| m.is_dir());

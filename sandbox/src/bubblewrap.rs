@@ -301,13 +301,14 @@ impl Backend for BubblewrapBackend {
             NetMode::Proxied { .. } => Some(helper_exe()?),
             _ => None,
         };
-        self.network = SandboxNet::provision(spec, net)?;
         let bwrap = bwrap_path().ok_or(SandboxError::Unavailable {
             backend: "bubblewrap",
             reason: "bwrap is not installed (apt-get install bubblewrap)".into(),
         })?;
         let cwd = std::env::current_dir().ok();
         let mut view = SandboxView::build(&spec.view, net, cwd.as_deref());
+        view.refuse_missing_denies(&spec.view, "bubblewrap")?;
+        self.network = SandboxNet::provision(spec, net)?;
         view.limit_tmp(spec.policy.limits.memory_mib);
         self.view = Some(view);
         self.net = Some(net);

@@ -311,6 +311,42 @@ impl SandboxView {
     }
 
     /// Whether `path` would be visible in the sandbox given the ops so far.
+    /// Refuses what the process tiers cannot keep: a deny rule for a path that does not
+    /// exist yet, where a grant would show it. A mask needs something to cover; a file
+    /// the host creates there during the run would be visible inside. (The microVM's fs
+    /// server denies such a path by name.)
+    pub(crate) fn refuse_missing_denies(
+        &self,
+        fs: &FsView,
+        backend: &'static str,
+    ) -> Result<(), crate::SandboxError> {
+        let masked = |p: &Path| {
+            self.ops
+                .iter()
+                .any(|op| matches!(op, MountOp::Mask { dst, .. } if p.starts_with(dst)))
+        };
+        match fs.entries.iter().find(|e| {
+            e.access == Access::Denied && !e.exists && self.is_visible(&e.path) && !masked(&e.path)
+        }) {
+            None => Ok(()),
+            Some(e) => Err(crate::SandboxError::Unenforceable {
+                backend,
+                what: format!(
+                    "the deny rule for {} (from {}): the path does not exist, and a file the \
+                     host created there during the run would be visible inside, as a mask \
+                     needs something to cover; create it first (an empty file will do), or \
+                     use --backend microvm, which denies it by name",
+                    e.path.display(),
+                    e.origins
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }),
+        }
+    }
+
     fn is_visible(&self, path: &Path) -> bool {
         self.ops.iter().any(|op| match op {
             MountOp::Bind { dst, .. } => path.starts_with(dst),

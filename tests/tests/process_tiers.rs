@@ -40,6 +40,7 @@ both_backends!(
     signals_stop_the_sandbox_and_leave_nothing,
     a_denied_path_cannot_be_moved_out_from_under_its_rule,
     the_ram_backed_tmp_is_bounded_by_the_memory_limit,
+    a_missing_denied_path_a_grant_would_show_is_refused,
 );
 
 fn run(backend: &str, extra: &[&str], cmd: &[&str]) -> std::process::Output {
@@ -113,6 +114,52 @@ fn a_denied_path_cannot_be_moved_out_from_under_its_rule(backend: &str) {
         std::fs::read_to_string(dir.join("T/d/deeper/secret")).unwrap(),
         "TOPSECRET"
     );
+}
+
+/// A deny rule for a file that does not exist yet cannot be kept by a mask (nothing to
+/// cover): a file the host writes there during the run would be visible. The attack: the
+/// host creates the file while the sandbox runs; the policy is refused before anything
+/// runs. Outside every grant such a rule is harmless and accepted.
+fn a_missing_denied_path_a_grant_would_show_is_refused(backend: &str) {
+    let dir = TempDir::new("later");
+    std::fs::create_dir_all(dir.join("work")).unwrap();
+    let later = dir.s("work/later.env");
+    let script = format!(
+        "i=0; while [ ! -e {later} ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done; \
+         cat {later} 2>/dev/null || echo NOT-SEEN"
+    );
+    let writer = {
+        let later = later.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            std::fs::write(later, "HOST-SECRET-LATER").unwrap();
+        })
+    };
+    let out = sh(
+        backend,
+        &["--rw", &dir.s("work"), "--deny", &later],
+        &script,
+    );
+    writer.join().unwrap();
+    let outside = run(
+        backend,
+        &["--deny", "/nonexistent-mxc/later.env"],
+        &["true"],
+    );
+
+    assert!(
+        !stdout(&out).contains("HOST-SECRET-LATER"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(code(&out), 125, "{}", stderr(&out));
+    assert!(stderr(&out).contains(&later), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--backend microvm"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(code(&outside), 0, "{}", stderr(&outside));
 }
 
 fn readonly_path_is_unwritable(backend: &str) {

@@ -113,9 +113,10 @@ impl Backend for ProcessBackend {
 
     fn provision(&mut self, spec: &SandboxSpec) -> Result<(), SandboxError> {
         let net = net_mode(&spec.policy, &spec.net);
-        self.network = net::SandboxNet::provision(spec, net)?;
         let cwd = std::env::current_dir().ok();
         let mut view = SandboxView::build(&spec.view, net, cwd.as_deref());
+        view.refuse_missing_denies(&spec.view, "process")?;
+        self.network = net::SandboxNet::provision(spec, net)?;
         view.limit_tmp(spec.policy.limits.memory_mib);
         self.view = Some(view);
         self.net = Some(net);
