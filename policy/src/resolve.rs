@@ -55,6 +55,8 @@ pub fn resolve_fs(fs: &Filesystem, base_dir: &Path) -> Result<FsView, PolicyErro
     };
     let mut entries: BTreeMap<PathBuf, ViewEntry> = BTreeMap::new();
     let mut warnings = Vec::new();
+    // Grants whose paths go through symlinks: (field, path, the links followed).
+    let mut granted_through = Vec::new();
     for rule in &fs.rules {
         let at = origin_path(&rule.origin);
         let text = rule.path.as_os_str();
@@ -69,9 +71,12 @@ pub fn resolve_fs(fs: &Filesystem, base_dir: &Path) -> Result<FsView, PolicyErro
         } else {
             base.join(&rule.path)
         };
-        let (canon, exists) = canonicalize_lenient(&abs).map_err(|m| {
+        let (canon, exists, links) = canonicalize_following(&abs).map_err(|m| {
             PolicyError::invalid(at.clone(), format!("cannot resolve {}: {m}", abs.display()))
         })?;
+        if rule.access != Access::Denied && !links.is_empty() {
+            granted_through.push((at.clone(), abs.clone(), links));
+        }
         if rule.access == Access::ReadWrite && canon == Path::new("/") {
             let why = if is_root_lexically(&abs) {
                 String::new()
@@ -106,6 +111,7 @@ pub fn resolve_fs(fs: &Filesystem, base_dir: &Path) -> Result<FsView, PolicyErro
         e.access = e.access.min(rule.access);
         e.origins.push(rule.origin.clone());
     }
+    refuse_planted_links(&entries, &granted_through)?;
     let mut view = FsView {
         entries: entries.into_values().collect(),
         warnings,
@@ -114,6 +120,41 @@ pub fn resolve_fs(fs: &Filesystem, base_dir: &Path) -> Result<FsView, PolicyErro
     repeat_rules_through_aliases(&mut view);
     repeat_rules_through_mounts(&mut view);
     Ok(view)
+}
+
+/// A grant is never resolved through a symlink that sits in a read-write directory of the
+/// same policy: the sandbox can write there, so an earlier run could have planted the link
+/// to turn the next run's rule towards any host path (`ln -s ~/.ssh T/config`, then
+/// `--ro T/config`).
+fn refuse_planted_links(
+    entries: &BTreeMap<PathBuf, ViewEntry>,
+    granted_through: &[(String, PathBuf, Vec<PathBuf>)],
+) -> Result<(), PolicyError> {
+    let writable: Vec<&Path> = entries
+        .values()
+        .filter(|e| e.access == Access::ReadWrite && e.exists && e.is_dir)
+        .map(|e| e.path.as_path())
+        .collect();
+    for (at, path, links) in granted_through {
+        for link in links {
+            let parent = link.parent().unwrap_or(link);
+            if let Some(dir) = writable.iter().find(|w| parent.starts_with(w)) {
+                return Err(PolicyError::invalid(
+                    at.clone(),
+                    format!(
+                        "{} goes through the symlink {}, which is inside the read-write \
+                         directory {}: the sandbox can write there, so the link may be its \
+                         own; a grant is not resolved through it",
+                        path.display(),
+                        link.display(),
+                        dir.display()
+                    ),
+                )
+                .with_hint("name the link's target in the rule instead"));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn origin_path(o: &Origin) -> String {
@@ -337,9 +378,11 @@ fn repeat_rules_through_mounts(view: &mut FsView) {
 }
 
 /// Resolves every symlink in `path` (absolute), including a dangling last one, and
-/// applies `..` to the resolved prefix. Returns the canonical path and whether it
-/// exists; once a component is missing, the rest is joined lexically.
-pub(crate) fn canonicalize_lenient(path: &Path) -> Result<(PathBuf, bool), String> {
+/// applies `..` to the resolved prefix. Returns the canonical path, whether it exists,
+/// and every symlink followed (its own path, whose parent is canonical); once a
+/// component is missing, the rest is joined lexically.
+fn canonicalize_following(path: &Path) -> Result<(PathBuf, bool, Vec<PathBuf>), String> {
+    let mut links = Vec::new();
     let mut todo: VecDeque<OsString> = parts(path);
     let mut out = PathBuf::from("/");
     let mut hops = 0;
@@ -361,6 +404,7 @@ pub(crate) fn canonicalize_lenient(path: &Path) -> Result<(PathBuf, bool), Strin
                     return Err("too many levels of symbolic links".into());
                 }
                 let target = std::fs::read_link(&cand).map_err(|e| e.to_string())?;
+                links.push(cand);
                 if target.is_absolute() {
                     out = PathBuf::from("/");
                 }
@@ -384,7 +428,7 @@ pub(crate) fn canonicalize_lenient(path: &Path) -> Result<(PathBuf, bool), Strin
             Err(e) => return Err(format!("cannot inspect {}: {e}", cand.display())),
         }
     }
-    Ok((out, !missing))
+    Ok((out, !missing, links))
 }
 
 /// Normal and `..` components of a path, as strings (root and `.` dropped).
@@ -428,8 +472,8 @@ mod tests {
 
     #[test]
     fn lenient_canonicalization_keeps_missing_tails() {
-        let (p, exists) =
-            canonicalize_lenient(Path::new("/definitely-missing-x/a/../b/./c")).unwrap();
+        let (p, exists, _) =
+            canonicalize_following(Path::new("/definitely-missing-x/a/../b/./c")).unwrap();
 
         assert_eq!(p, PathBuf::from("/definitely-missing-x/b/c"));
         assert!(!exists);
@@ -437,7 +481,7 @@ mod tests {
 
     #[test]
     fn lenient_canonicalization_of_existing_paths_matches_std() {
-        let (p, exists) = canonicalize_lenient(Path::new("/proc/self/../self")).unwrap();
+        let (p, exists, _) = canonicalize_following(Path::new("/proc/self/../self")).unwrap();
 
         assert_eq!(p, std::fs::canonicalize("/proc/self").unwrap());
         assert!(exists);

@@ -397,3 +397,49 @@ fn a_policy_file_resolves_relative_to_its_own_directory() {
     assert_eq!(view.access_for(&t.join("proj/.env")), Access::Denied);
     assert_eq!(view.access_for(&t.join("elsewhere")), Access::Denied);
 }
+
+/// The attack: an earlier run, allowed to write in `project`, replaced `project/config`
+/// with a link to a host directory no rule grants; the next run's `--ro project/config`
+/// must not grant that directory.
+#[test]
+fn a_grant_through_a_link_in_a_read_write_directory_is_refused() {
+    let t = TempDir::new("planted");
+    mkdirs(&t, &["project", "home/.ssh"]);
+    write(&t, "home/.ssh/id_ed25519");
+    symlink(t.join("home/.ssh"), t.join("project/config")).unwrap();
+
+    let err = resolve_fs(
+        &Filesystem {
+            rules: vec![
+                rule("project", Access::ReadWrite, "filesystem.readwrite[0]"),
+                rule("project/config", Access::ReadOnly, "filesystem.readonly[0]"),
+            ],
+        },
+        t.path(),
+    )
+    .unwrap_err();
+    // A deny rule through such a link still resolves (it only hides more), and a link
+    // outside every read-write directory is followed as before.
+    symlink(t.join("home/.ssh"), t.join("ssh-link")).unwrap();
+    let fine = resolve(
+        t.path(),
+        vec![
+            rule("project", Access::ReadWrite, "filesystem.readwrite[0]"),
+            rule("project/config", Access::Denied, "filesystem.denied[0]"),
+            rule("ssh-link", Access::ReadOnly, "filesystem.readonly[1]"),
+        ],
+    );
+
+    assert_eq!(err.path(), "filesystem.readonly[0]");
+    assert!(
+        err.message().contains("inside the read-write directory"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message().contains("project/config"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(fine.access_for(&t.join("home/.ssh")), Access::Denied);
+}
