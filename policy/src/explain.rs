@@ -47,6 +47,13 @@ fn egress_rows(p: &Policy) -> Vec<(Action, Option<&NetRule>)> {
         .collect()
 }
 
+/// What each tier does with FIFOs, Unix sockets and device nodes made in a read-write
+/// grant.
+const SPECIAL_FILES: &str = "device nodes are refused on every tier; FIFOs and Unix sockets \
+     in read-write grants are refused on process (Landlock), left inert on the host by the \
+     microVM (no host process can reach the guest through them), and allowed on bubblewrap \
+     (a host process that opens one talks to the sandbox)";
+
 /// The effective policy as JSON: each path with its access and origins, each network
 /// rule in evaluation order, limits, containment, process and warnings.
 pub fn explain(policy: &Policy, view: &FsView) -> Value {
@@ -98,6 +105,7 @@ pub fn explain(policy: &Policy, view: &FsView) -> Value {
         "filesystem": {
             "default": "denied",
             "paths": paths,
+            "specialFiles": SPECIAL_FILES,
             "warnings": view.warnings,
         },
         "network": {
@@ -189,6 +197,8 @@ pub fn explain_text(policy: &Policy, view: &FsView) -> String {
             origins.join(", ")
         );
     }
+
+    let _ = writeln!(s, "  special files: {SPECIAL_FILES}");
 
     let _ = writeln!(s, "network egress (first match wins):");
     for (i, (action, rule)) in egress_rows(policy).into_iter().enumerate() {

@@ -108,8 +108,12 @@ pub struct SandboxView {
     pub ops: Vec<MountOp>,
     /// Paths Landlock grants read (and execute) access beneath.
     pub landlock_ro: Vec<PathBuf>,
-    /// Paths Landlock grants full access beneath.
+    /// Paths Landlock grants write access beneath: every kind of file but FIFOs and Unix
+    /// sockets, which a host process could open to talk to the sandbox.
     pub landlock_rw: Vec<PathBuf>,
+    /// The sandbox's own directories (its tmpfs `/tmp`, its `/dev`): full access, FIFOs
+    /// and sockets included, as no host process sees them.
+    pub landlock_private: Vec<PathBuf>,
     /// Working directory when neither the request nor the policy names one.
     pub default_cwd: PathBuf,
 }
@@ -121,6 +125,7 @@ impl SandboxView {
             ops: Vec::new(),
             landlock_ro: Vec::new(),
             landlock_rw: Vec::new(),
+            landlock_private: Vec::new(),
             default_cwd: PathBuf::from("/tmp"),
         };
         v.add_system_dirs();
@@ -133,9 +138,18 @@ impl SandboxView {
             size: None,
         });
         v.ops.push(MountOp::Proc);
-        v.landlock_rw.extend(["/tmp".into(), "/dev".into()]);
+        v.landlock_private.extend(["/tmp".into(), "/dev".into()]);
         v.landlock_ro.push("/proc".into());
         v.add_policy(fs);
+        // Landlock rights reach through mount points: where a read-write grant lies
+        // below (or above) a private directory, that directory gets the grants' rights.
+        let granted = v.landlock_rw.clone();
+        let (shared, private): (Vec<PathBuf>, Vec<PathBuf>) = v
+            .landlock_private
+            .drain(..)
+            .partition(|p| granted.iter().any(|g| p.starts_with(g) || g.starts_with(p)));
+        v.landlock_private = private;
+        v.landlock_rw.extend(shared);
         v.mask_secrets();
         v.default_cwd = default_cwd(fs, host_cwd);
         v

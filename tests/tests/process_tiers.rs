@@ -623,6 +623,86 @@ fn bad_duration_flag_fails_with_125() {
     assert!(stderr(&out).contains("--timeout"));
 }
 
+/// A FIFO or a Unix socket made in a read-write grant is a channel a host process could
+/// open (a socket where the host's tools look for a daemon's, e.g. `.git/`): Landlock
+/// refuses making them in grants on the process tier; the sandbox's own /tmp keeps them.
+#[test]
+fn fifos_and_sockets_cannot_be_made_in_a_grant_on_the_process_tier() {
+    if process_landlock_abi() < 1 {
+        eprintln!("skipped: no Landlock on this kernel");
+        return;
+    }
+    // Outside /tmp: Landlock rights reach through mount points, so a grant below /tmp
+    // takes the sandbox's own /tmp down to the grants' rights.
+    let base = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("fifo-{}", std::process::id()));
+    let dir = Scratch(base.clone());
+    std::fs::create_dir_all(base.join("work")).unwrap();
+    let script = format!(
+        "import os, socket\n\
+         for p in ['{w}/fifo', '/tmp/fifo']:\n\
+         \x20   try:\n        os.mkfifo(p); print('MADE', p)\n\
+         \x20   except OSError as e:\n        print('REFUSED', p, e.strerror)\n\
+         for p in ['{w}/daemon.sock', '/tmp/daemon.sock']:\n\
+         \x20   s = socket.socket(socket.AF_UNIX)\n\
+         \x20   try:\n        s.bind(p); print('MADE', p)\n\
+         \x20   except OSError as e:\n        print('REFUSED', p, e.strerror)\n",
+        w = dir.s("work")
+    );
+    let out = run(
+        "process",
+        &["--rw", &dir.s("work")],
+        &["python3", "-c", &script],
+    );
+    let text = stdout(&out);
+
+    assert_eq!(code(&out), 0, "{text}\n{}", stderr(&out));
+    assert!(
+        text.contains(&format!("REFUSED {}/fifo", dir.s("work"))),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("REFUSED {}/daemon.sock", dir.s("work"))),
+        "{text}"
+    );
+    assert!(
+        text.contains("MADE /tmp/fifo") && text.contains("MADE /tmp/daemon.sock"),
+        "{text}"
+    );
+    assert!(!dir.join("work/fifo").exists() && !dir.join("work/daemon.sock").exists());
+}
+
+/// A directory removed on drop.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn join(&self, p: &str) -> std::path::PathBuf {
+        self.0.join(p)
+    }
+    fn s(&self, p: &str) -> String {
+        self.0.join(p).display().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn process_landlock_abi() -> i32 {
+    let out = mxc_vm(&["backends", "--json"]);
+    let text = stdout(&out);
+    text.split("landlock ABI ")
+        .nth(1)
+        .and_then(|r| {
+            r.split(|c: char| !c.is_ascii_digit())
+                .find(|s| !s.is_empty())
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 #[test]
 fn policy_check_and_explain_work() {
     let dir = TempDir::new("explain");

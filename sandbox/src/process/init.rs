@@ -242,7 +242,11 @@ fn command(plan: &InitPlan) -> i32 {
     let Ok(prog) = CString::new(program.as_os_str().as_bytes()) else {
         return exec_failed("program path contains NUL".into(), 126);
     };
-    match landlock_rules::restrict(&plan.view.landlock_ro, &plan.view.landlock_rw) {
+    match landlock_rules::restrict(
+        &plan.view.landlock_ro,
+        &plan.view.landlock_rw,
+        &plan.view.landlock_private,
+    ) {
         Ok(Some(warning)) => report(&Status::Warning { message: warning }),
         Ok(None) => {}
         Err(e) => return fail("landlock", e),

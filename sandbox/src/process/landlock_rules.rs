@@ -19,9 +19,16 @@ pub(crate) enum LandlockError {
 
 /// Restrict the calling process. Returns a warning when the kernel enforces less than
 /// asked (or nothing at all).
-pub(crate) fn restrict(ro: &[PathBuf], rw: &[PathBuf]) -> Result<Option<String>, LandlockError> {
+/// `private` trees get every right; `rw` trees every right but making FIFOs and Unix
+/// sockets (a host process could open those to talk to the sandbox).
+pub(crate) fn restrict(
+    ro: &[PathBuf],
+    rw: &[PathBuf],
+    private: &[PathBuf],
+) -> Result<Option<String>, LandlockError> {
     let read = AccessFs::from_read(TARGET_ABI);
     let all = AccessFs::from_all(TARGET_ABI);
+    let write = all & !(AccessFs::MakeFifo | AccessFs::MakeSock);
     let mut ruleset = Ruleset::default()
         .handle_access(all)?
         .scope(Scope::from_all(TARGET_ABI))?
@@ -30,7 +37,7 @@ pub(crate) fn restrict(ro: &[PathBuf], rw: &[PathBuf]) -> Result<Option<String>,
     // and writing files stays limited to the granted trees.
     let root = [PathBuf::from("/")];
     let list = AccessFs::ReadDir.into();
-    for (paths, access) in [(&root[..], list), (ro, read), (rw, all)] {
+    for (paths, access) in [(&root[..], list), (ro, read), (rw, write), (private, all)] {
         for path in paths {
             // A path the view did not create (e.g. a missing optional system dir) is
             // simply not granted.
