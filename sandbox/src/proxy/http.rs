@@ -1,7 +1,8 @@
 //! The HTTP/1.x the proxy speaks: parsing request heads from the sandbox (hostile input:
-//! every length is bounded, anything ambiguous is refused), rewriting a plain-HTTP
-//! request for the origin, the refusal responses, and the framing of request bodies so a
-//! client cannot smuggle a second request to another host through one connection.
+//! `httparse` reads them, every length is bounded, anything ambiguous is refused),
+//! rewriting a plain-HTTP request for the origin, the refusal responses, and the framing
+//! of request bodies so a client cannot smuggle a second request to another host through
+//! one connection.
 
 use std::net::IpAddr;
 
@@ -118,46 +119,45 @@ pub(crate) fn head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
 }
 
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
-fn is_token(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(is_tchar)
-}
-
-/// Parses a request head (including its final blank line).
+/// Parses a request head (including its final blank line) with `httparse`, then holds it
+/// to what the proxy accepts: the whole head and nothing after it, HTTP/1.0 or 1.1, a
+/// target of visible ASCII, header values in UTF-8.
 pub(crate) fn parse_head(bytes: &[u8]) -> Result<Head<'_>, HttpError> {
     if bytes.len() > MAX_HEAD {
         return Err(HttpError::TooLarge);
     }
-    let text = std::str::from_utf8(bytes).map_err(|_| HttpError::HeaderLine)?;
-    let text = text.strip_suffix("\r\n\r\n").ok_or(HttpError::HeaderLine)?;
-    let mut lines = text.split("\r\n");
-    let line = lines.next().ok_or(HttpError::RequestLine)?;
-    let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut slots);
+    let parsed = req.parse(bytes).map_err(|e| match e {
+        httparse::Error::TooManyHeaders => HttpError::TooManyHeaders,
+        httparse::Error::Version => HttpError::Version,
+        httparse::Error::HeaderName | httparse::Error::HeaderValue => HttpError::HeaderLine,
+        _ => HttpError::RequestLine,
+    })?;
+    // The head ends exactly at our blank line (no bare-LF ends, nothing after it), and
+    // starts with the request line (no blank lines before it).
+    if parsed != httparse::Status::Complete(bytes.len())
+        || !bytes.ends_with(b"\r\n\r\n")
+        || bytes.starts_with(b"\r")
+        || bytes.starts_with(b"\n")
+    {
+        return Err(HttpError::HeaderLine);
+    }
+    let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
         return Err(HttpError::RequestLine);
     };
-    if !is_token(method) || target.is_empty() || target.bytes().any(|b| b <= b' ' || b >= 0x7f) {
+    if target.is_empty() || target.bytes().any(|b| b <= b' ' || b >= 0x7f) {
         return Err(HttpError::RequestLine);
     }
-    if version != "HTTP/1.1" && version != "HTTP/1.0" {
-        return Err(HttpError::Version);
-    }
-    let mut headers = Vec::new();
-    for line in lines {
-        if headers.len() == MAX_HEADERS {
-            return Err(HttpError::TooManyHeaders);
-        }
-        let (name, value) = line.split_once(':').ok_or(HttpError::HeaderLine)?;
-        // No obsolete line folding, no whitespace before the colon, no control bytes.
-        if !is_token(name) || value.bytes().any(|b| (b < b' ' && b != b'\t') || b == 0x7f) {
-            return Err(HttpError::HeaderLine);
-        }
-        headers.push((name, value.trim_matches([' ', '\t'])));
+    let version = match minor {
+        0 => "HTTP/1.0",
+        1 => "HTTP/1.1",
+        _ => return Err(HttpError::Version),
+    };
+    let mut headers = Vec::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let value = std::str::from_utf8(h.value).map_err(|_| HttpError::HeaderLine)?;
+        headers.push((h.name, value.trim_matches([' ', '\t'])));
     }
     Ok(Head {
         method,
@@ -808,6 +808,23 @@ mod tests {
                 HttpError::HeaderLine,
             ),
             (b"G(T http://a/ HTTP/1.1\r\n\r\n", HttpError::RequestLine),
+            (
+                b"GET http://a/ HTTP/1.1\r\nX : a\r\n\r\n",
+                HttpError::HeaderLine,
+            ),
+            (
+                b"GET http://a/ HTTP/1.1\nX: a\n\r\n\r\n",
+                HttpError::HeaderLine,
+            ),
+            (b"\r\nGET http://a/ HTTP/1.1\r\n\r\n", HttpError::HeaderLine),
+            (
+                b"GET http://a/\xc3\xa9 HTTP/1.1\r\n\r\n",
+                HttpError::RequestLine,
+            ),
+            (
+                b"GET http://a/ HTTP/1.1\r\nX: a\r\n\r\nextra",
+                HttpError::HeaderLine,
+            ),
         ];
 
         for (bytes, want) in cases {
