@@ -65,6 +65,34 @@ impl HostState {
     }
 }
 
+impl HostState {
+    /// What is here now that was not at `before`: processes, cgroups, sockets and temp
+    /// entries not there then, and more mounts or network namespaces than then. (Things
+    /// that were there and went away are no leak: another test's run ending.)
+    pub fn left_since(&self, before: &HostState) -> Vec<String> {
+        let mut left = Vec::new();
+        let new = |now: &BTreeSet<String>, then: &BTreeSet<String>, what: &str| {
+            now.difference(then)
+                .map(|x| format!("{what} {x}"))
+                .collect::<Vec<_>>()
+        };
+        left.extend(new(&self.processes, &before.processes, "process"));
+        left.extend(new(&self.cgroups, &before.cgroups, "cgroup"));
+        left.extend(new(&self.unix_sockets, &before.unix_sockets, "socket"));
+        left.extend(new(&self.temp, &before.temp, "temp entry"));
+        if self.mounts > before.mounts {
+            left.push(format!("{} mounts more", self.mounts - before.mounts));
+        }
+        if self.net_namespaces > before.net_namespaces {
+            left.push(format!(
+                "{} network namespaces more",
+                self.net_namespaces - before.net_namespaces
+            ));
+        }
+        left
+    }
+}
+
 fn walk_cgroups(dir: &std::path::Path, depth: usize, out: &mut BTreeSet<String>) {
     if depth > 4 {
         return;
