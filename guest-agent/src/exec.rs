@@ -144,8 +144,12 @@ pub fn child_spec(exec: &Exec, is_root: bool) -> Result<ChildSpec, ExecError> {
         rlimits,
         cgroup_procs: None,
         reset_oom_score: false,
+        identity: (is_root && !exec.root).then_some((NOBODY, NOBODY)),
     })
 }
+
+/// The unprivileged user and group commands run as unless the host asks for root.
+pub const NOBODY: u32 = proto::GUEST_USER;
 
 /// Turns the child's 8-byte failure report into a message for the host.
 pub fn describe_failure(report: &[u8], exec: &Exec) -> String {
@@ -168,6 +172,10 @@ pub fn describe_failure(report: &[u8], exec: &Exec) -> String {
         ),
         sys::STEP_RLIMIT => format!("cannot apply rlimits: {err}"),
         sys::STEP_EXEC => format!("cannot execute {program:?}: {err}"),
+        sys::STEP_IDENTITY => format!(
+            "cannot switch to the unprivileged user {NOBODY}:{NOBODY}: {err} (ask for root \
+             in the guest to run as root)"
+        ),
         _ => format!("the child failed to start: {err}"),
     }
 }

@@ -537,6 +537,8 @@ pub struct ChildSpec {
     pub cgroup_procs: Option<RawFd>,
     /// Reset the OOM score (the agent, as PID 1, protects itself with -1000).
     pub reset_oom_score: bool,
+    /// Switch to this uid and gid (supplementary groups: the gid alone) before `execve`.
+    pub identity: Option<(libc::uid_t, libc::gid_t)>,
 }
 
 /// Steps of the child setup, reported with the errno when one fails.
@@ -551,6 +553,8 @@ pub const STEP_CHDIR: u32 = 4;
 pub const STEP_RLIMIT: u32 = 5;
 /// `execve` failed for every candidate.
 pub const STEP_EXEC: u32 = 6;
+/// Switching to the unprivileged identity failed.
+pub const STEP_IDENTITY: u32 = 7;
 
 /// Forks a child that joins a new session (and so its own process group), wires its
 /// standard streams to `stdio`, and executes `spec`. A failure before `execve` succeeds
@@ -594,9 +598,7 @@ pub fn spawn(spec: &ChildSpec, stdio: [RawFd; 3], report: RawFd) -> io::Result<l
                 child_fail(report, STEP_DUP);
             }
         }
-        if libc::chdir(spec.cwd.as_ptr()) == -1 {
-            child_fail(report, STEP_CHDIR);
-        }
+        // Limits first: raising a hard limit needs the privilege dropped next.
         for &(resource, value) in &spec.rlimits {
             let lim = libc::rlimit {
                 rlim_cur: value,
@@ -605,6 +607,20 @@ pub fn spawn(spec: &ChildSpec, stdio: [RawFd; 3], report: RawFd) -> io::Result<l
             if libc::setrlimit(resource, &lim) == -1 {
                 child_fail(report, STEP_RLIMIT);
             }
+        }
+        if let Some((uid, gid)) = spec.identity {
+            // The gid first: once the uid changes, the right to change gids is gone.
+            let groups = [gid];
+            if libc::setgroups(1, groups.as_ptr()) == -1
+                || libc::setresgid(gid, gid, gid) == -1
+                || libc::setresuid(uid, uid, uid) == -1
+            {
+                child_fail(report, STEP_IDENTITY);
+            }
+        }
+        // As the command's own user, so the directory is one it may enter.
+        if libc::chdir(spec.cwd.as_ptr()) == -1 {
+            child_fail(report, STEP_CHDIR);
         }
         let mut best = libc::ENOENT;
         for prog in &spec.programs {

@@ -101,10 +101,13 @@ impl Drop for Agent {
     }
 }
 
+/// An exec as the agent's own user: these tests are about how commands run, and write
+/// into the test's directory (`commands_run_as_nobody_unless_root_is_asked` is about who).
 fn cmd(argv: &[&str]) -> Exec {
     Exec {
         argv: argv.iter().map(|s| s.to_string()).collect(),
         env: BTreeMap::from([("PATH".to_string(), "/usr/bin:/bin".to_string())]),
+        root: true,
         ..Exec::default()
     }
 }
@@ -517,6 +520,34 @@ fn nproc_without_a_pids_cgroup_is_refused_as_root() {
 fn nix_is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// The attack: a command that kills (or traces, or replaces) the agent. As `nobody` it
+/// cannot; as root (asked for) it runs as root. Only meaningful when the agent is root.
+#[test]
+fn commands_run_as_nobody_unless_root_is_asked() {
+    if !nix_is_root() {
+        eprintln!("skipped: the agent is not root here");
+        return;
+    }
+    let agent = Agent::start();
+    let mut client = agent.client();
+    let agent_pid = agent.child.id();
+    let as_nobody = Exec {
+        root: false,
+        ..sh(&format!(
+            "id -u; id -g; kill -9 {agent_pid} 2>/dev/null && echo KILLED || echo REFUSED"
+        ))
+    };
+    let nobody = client.exec_output(as_nobody, None).unwrap();
+    let root = client.exec_output(sh("id -u"), None).unwrap();
+
+    assert_eq!(
+        String::from_utf8_lossy(&nobody.stdout),
+        "65534\n65534\nREFUSED\n"
+    );
+    assert_eq!(String::from_utf8_lossy(&root.stdout), "0\n");
+    still_serves(&agent);
 }
 
 #[test]

@@ -106,8 +106,11 @@ impl Drop for Init {
     }
 }
 
+/// As root: the agent runs in a user namespace that maps only root, so there is no
+/// `nobody` to switch to (and the busybox-style poweroff below needs root).
 fn sh(script: &str) -> Exec {
     Exec {
+        root: true,
         argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
         env: BTreeMap::from([(
             "PATH".to_string(),

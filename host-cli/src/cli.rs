@@ -312,6 +312,11 @@ pub struct RunArgs {
     /// rootfs from `mxc-vm image build --rootfs`) or `none` (busybox only).
     #[arg(long, value_enum, value_name = "VIEW")]
     pub guest_system: Option<GuestSystemArg>,
+    /// microVM: run the command as root in the guest (the policy's
+    /// `process.guestRoot`). By default it runs as the unprivileged user `nobody`, which
+    /// cannot signal, trace or replace the guest agent.
+    #[arg(long)]
+    pub guest_root: bool,
     /// Append one JSON line per network decision (allowed or denied connection) to
     /// FILE. This puts the policy proxy in front of every network policy, allow-all
     /// included (then loopback and private addresses need an IP rule, as always

@@ -49,6 +49,7 @@ pub fn effective_policy(args: &RunArgs) -> Result<Policy, Failure> {
         cwd: args.cwd.clone(),
         command: (!args.command.is_empty()).then(|| args.command.clone()),
         containment: args.backend.map(Into::into),
+        guest_root: args.guest_root,
     };
     policy.apply_overrides(&overrides)?;
     // The stricter (smaller) value wins, as for every flag that meets the policy.

@@ -54,6 +54,17 @@ const SPECIAL_FILES: &str = "device nodes are refused on every tier; FIFOs and U
      microVM (no host process can reach the guest through them), and allowed on bubblewrap \
      (a host process that opens one talks to the sandbox)";
 
+/// Who the command runs as, on each tier.
+fn user_text(policy: &Policy) -> &'static str {
+    if policy.process.guest_root {
+        "root in the microVM's guest (process.guestRoot); on the process tiers root inside \
+         their own namespaces, without capabilities"
+    } else {
+        "nobody (65534) in the microVM's guest (process.guestRoot: true for root); on the \
+         process tiers root inside their own namespaces, without capabilities"
+    }
+}
+
 /// The effective policy as JSON: each path with its access and origins, each network
 /// rule in evaluation order, limits, containment, process and warnings.
 pub fn explain(policy: &Policy, view: &FsView) -> Value {
@@ -101,6 +112,8 @@ pub fn explain(policy: &Policy, view: &FsView) -> Value {
             "cwd": policy.process.cwd.as_ref().map(|c| c.display().to_string()),
             "env": policy.process.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
             "timeout": policy.process.timeout.map(format_duration),
+            "guestRoot": policy.process.guest_root,
+            "user": user_text(policy),
         },
         "filesystem": {
             "default": "denied",
@@ -174,6 +187,7 @@ pub fn explain_text(policy: &Policy, view: &FsView) -> String {
     if let Some(t) = policy.process.timeout {
         let _ = writeln!(s, "  timeout: {}", format_duration(t));
     }
+    let _ = writeln!(s, "  user: {}", user_text(policy));
 
     let _ = writeln!(s, "filesystem (everything else: denied):");
     if view.entries.is_empty() {

@@ -80,6 +80,9 @@ pub struct Process {
     pub env: Vec<(String, String)>,
     /// Wall-clock timeout of the command.
     pub timeout: Option<Duration>,
+    /// In the microVM, run the command as root in the guest (default: the unprivileged
+    /// user `nobody`, which cannot signal, trace or replace the guest agent).
+    pub guest_root: bool,
 }
 
 /// Access granted to a path. Ordered from strictest to most permissive, so

@@ -391,6 +391,7 @@ fn process(src: &Source<'_>, p: MxcProcess) -> Result<Process, PolicyError> {
         cwd: p.cwd.map(|c| src.abs(c.0)),
         env: env_list(src, "process.env", p.env.unwrap_or_default())?,
         timeout,
+        guest_root: false,
     })
 }
 

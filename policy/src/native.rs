@@ -93,6 +93,11 @@ pub(crate) struct NativeProcess {
     pub env: Option<Vec<Str<EnvKind>>>,
     /// Wall-clock timeout of the command.
     pub timeout: Option<Str<DurationKind>>,
+    /// In the microVM, run the command as root in the guest. By default it runs as the
+    /// unprivileged user `nobody` (65534), which cannot signal, trace or replace the guest
+    /// agent. The process tiers run every command as root inside their own namespaces,
+    /// without capabilities, and ignore this field.
+    pub guest_root: Option<bool>,
 }
 
 /// Filesystem rules; relative paths are relative to the policy file.
@@ -239,6 +244,7 @@ fn process(src: &Source<'_>, p: NativeProcess) -> Result<Process, PolicyError> {
         cwd: p.cwd.map(|c| src.abs(c.0)),
         env: env_list(src, "process.env", p.env.unwrap_or_default())?,
         timeout: p.timeout.map(|t| t.0),
+        guest_root: p.guest_root.unwrap_or(false),
     })
 }
 

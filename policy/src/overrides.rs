@@ -27,6 +27,8 @@ pub struct Overrides {
     pub command: Option<Vec<String>>,
     /// `--backend NAME`
     pub containment: Option<Containment>,
+    /// `--guest-root`
+    pub guest_root: bool,
 }
 
 impl Policy {
@@ -115,6 +117,7 @@ impl Policy {
         if let Some(c) = o.containment {
             self.containment = c;
         }
+        self.process.guest_root |= o.guest_root;
         Ok(())
     }
 }

@@ -73,6 +73,9 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The vsock port the guest agent listens on (override with `mxc.port=` on the guest
 /// kernel command line).
 pub const AGENT_VSOCK_PORT: u32 = 1024;
+/// The unprivileged uid and gid (`nobody`, `nogroup`) the agent runs commands as unless
+/// an exec asks for root.
+pub const GUEST_USER: u32 = 65534;
 
 /// The vsock port of the host-side network policy proxy (issue 4).
 pub const PROXY_VSOCK_PORT: u32 = 1080;

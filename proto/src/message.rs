@@ -158,6 +158,11 @@ pub struct Exec {
     /// A pseudo-terminal; not supported yet, must be false.
     #[serde(default)]
     pub pty: bool,
+    /// Run as root. Otherwise an agent running as root runs the command as the
+    /// unprivileged user `nobody` (65534:65534), which cannot signal, trace or replace the
+    /// agent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub root: bool,
 }
 
 impl Exec {

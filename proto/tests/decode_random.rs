@@ -101,6 +101,7 @@ fn sample_messages() -> Vec<Control> {
                 ..Rlimits::default()
             },
             pty: false,
+            root: true,
         }),
         Control::StdinClose { id: 7 },
         Control::StdinCredit {

@@ -215,7 +215,8 @@ fn mxc_vm_run_microvm_timeout_kills_command_and_vm() {
 fn guest_poweroff_ends_the_run() {
     require_kvm();
     // Busybox's poweroff: without the host's system view the initramfs's /sbin is the
-    // guest's (the host's /usr has no poweroff that works without an init system).
+    // guest's (the host's /usr has no poweroff that works without an init system). It
+    // signals PID 1, which only root may: --guest-root.
     let out = run_and_check_gone(
         &[
             "run",
@@ -223,6 +224,7 @@ fn guest_poweroff_ends_the_run() {
             "microvm",
             "--guest-system",
             "none",
+            "--guest-root",
             "--",
             "/sbin/poweroff",
             "-f",
@@ -421,8 +423,26 @@ fn the_vm_contains_the_escape_suites_host_attacks() {
     if !failures.is_empty() {
         eprintln!("stderr: {}", String::from_utf8_lossy(&out.stderr));
     }
+    // Commands run as nobody: the guest agent (PID 1) is out of their reach, and the VM
+    // serves on.
+    let (_, who) = exec(
+        &mut vm,
+        &req(&[
+            "/bin/sh",
+            "-c",
+            "id -u; id -g; kill -9 1 2>/dev/null && echo KILLED || echo REFUSED",
+        ]),
+    );
+    let (_, alive) = exec(&mut vm, &req(&["echo", "still serving"]));
     vm.stop().unwrap();
     vm.deprovision().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&who.stdout),
+        "65534\n65534\nREFUSED\n",
+        "{}",
+        String::from_utf8_lossy(&who.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&alive.stdout), "still serving\n");
     assert!(
         failures.is_empty(),
         "{} of {} attacks escaped the VM:\n{}",

@@ -64,6 +64,10 @@ pub struct VmConfig {
     /// VMM's own user, without capabilities.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub share_run_as: Option<RunAs>,
+    /// The uid and gid the guest's commands run as: files the shares' server owns are
+    /// shown to the guest as theirs. `None`: ownership is shown as it is on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_guest_owner: Option<u32>,
     /// Whether to apply the `kvm_pvm` changes.
     #[serde(default)]
     pub pvm: PvmMode,
@@ -117,6 +121,7 @@ impl VmConfig {
             vsock: None,
             shares: Vec::new(),
             share_run_as: None,
+            share_guest_owner: None,
             pvm: PvmMode::Auto,
             pvm_cmdline: String::new(),
             start_monotonic_ns: None,

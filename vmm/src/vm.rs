@@ -382,6 +382,7 @@ impl Vm {
         let options = ServerOptions {
             limits: fs::limits_within_fd_budget(self.config.shares.len())?,
             run_as: self.config.share_run_as,
+            guest_owner: self.config.share_guest_owner,
         };
         for share in self.config.shares.clone() {
             let device = Fs::with_options(&share, options)?;

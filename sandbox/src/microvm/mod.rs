@@ -375,6 +375,10 @@ impl Backend for MicrovmBackend {
         );
         config.shares = self.files.shares.clone();
         config.share_run_as = shares::sudo_user();
+        // Commands run as `nobody` unless the policy asks for root in the guest: the
+        // shares then show the server's own files as nobody's, so nobody may write where
+        // the policy lets the sandbox write.
+        config.share_guest_owner = (!spec.policy.process.guest_root).then_some(proto::GUEST_USER);
         config.pvm_cmdline = guest_image::KERNEL_CMDLINE_PVM.to_string();
         // Without --console the guest's warnings and the agent's lines are kept (capped
         // by the VMM) for a boot failure's message.
@@ -506,6 +510,7 @@ impl Backend for MicrovmBackend {
                 nproc: spec.policy.limits.pids.map(u64::from),
                 ..Rlimits::default()
             },
+            root: spec.policy.process.guest_root,
             ..Exec::default()
         };
         let start = Instant::now();

@@ -11,7 +11,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::bridge::{self, GuestRam};
 use super::creds::{self, RunAs};
-use super::filter::PolicyFs;
+use super::filter::{OwnerMap, PolicyFs};
 use super::queue_handler::Serving;
 use super::share::{self, PreparedShare};
 use super::{FsError, FsShareConfig, ServerOptions};
@@ -85,7 +85,18 @@ impl Fs {
         if let Some(dst) = config.get_mut(TAG_LEN..) {
             dst.copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
         }
-        let fs = PolicyFs::new(prepared, options.limits)?;
+        let owner = options.guest_owner.map(|guest| {
+            let host = match options.run_as {
+                Some(r) => (r.uid, r.gid),
+                // SAFETY: geteuid(2) and getegid(2) have no preconditions and cannot fail.
+                None => unsafe { (libc::geteuid(), libc::getegid()) },
+            };
+            OwnerMap {
+                host,
+                guest: (guest, guest),
+            }
+        });
+        let fs = PolicyFs::new(prepared, options.limits, owner)?;
         Ok(Self {
             tag,
             readonly,

@@ -127,7 +127,31 @@ pub struct PolicyFs {
     inner: PassthroughFs<()>,
     share: PreparedShare,
     limits: FsLimits,
+    owner: Option<OwnerMap>,
     state: Mutex<State>,
+}
+
+/// Files the server's own user owns are shown to the guest as owned by the guest's
+/// command user: the guest kernel checks permissions against the owner it is shown
+/// (virtiofs mounts with `default_permissions`), and that user may then change what the
+/// server may change, as the server's own checks decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnerMap {
+    /// The server's uid and gid (its `RunAs`, else the VMM's own).
+    pub host: (u32, u32),
+    /// The guest uid and gid shown for them.
+    pub guest: (u32, u32),
+}
+
+impl OwnerMap {
+    fn present(&self, st: &mut stat64) {
+        if st.st_uid == self.host.0 {
+            st.st_uid = self.guest.0;
+        }
+        if st.st_gid == self.host.1 {
+            st.st_gid = self.guest.1;
+        }
+    }
 }
 
 impl std::fmt::Debug for PolicyFs {
@@ -141,7 +165,11 @@ impl std::fmt::Debug for PolicyFs {
 
 impl PolicyFs {
     /// Open the share's root and set up the passthrough behind the policy.
-    pub fn new(share: PreparedShare, limits: FsLimits) -> Result<Self, FsError> {
+    pub fn new(
+        share: PreparedShare,
+        limits: FsLimits,
+        owner: Option<OwnerMap>,
+    ) -> Result<Self, FsError> {
         if limits.max_inodes == 0 || limits.max_handles == 0 {
             return Err(FsError::InvalidLimits {
                 max_inodes: limits.max_inodes,
@@ -187,6 +215,7 @@ impl PolicyFs {
             inner,
             share,
             limits,
+            owner,
             state: Mutex::new(State::default()),
         })
     }
@@ -325,18 +354,28 @@ impl PolicyFs {
 
     /// Hand `entry` (one passthrough reference) to the guest if the policy lets it see it;
     /// otherwise give the reference back.
-    fn admit(&self, entry: Entry) -> io::Result<Entry> {
+    fn admit(&self, mut entry: Entry) -> io::Result<Entry> {
         let result = if self.hidden(&entry.attr) {
             Err(err(libc::ENOENT))
         } else {
             self.track(&entry)
         };
         match result {
-            Ok(()) => Ok(entry),
+            Ok(()) => {
+                self.present(&mut entry.attr);
+                Ok(entry)
+            }
             Err(e) => {
                 self.inner.forget(&SERVER_CTX, entry.inode, 1);
                 Err(e)
             }
+        }
+    }
+
+    /// The attributes as the guest is shown them (see [`OwnerMap`]).
+    fn present(&self, st: &mut stat64) {
+        if let Some(map) = &self.owner {
+            map.present(st);
         }
     }
 
@@ -535,7 +574,9 @@ impl FileSystem for PolicyFs {
         if let Some(h) = handle {
             self.handle(inode, h, known.kind() == libc::S_IFDIR)?;
         }
-        self.inner.getattr(ctx, inode, handle)
+        let (mut st, timeout) = self.inner.getattr(ctx, inode, handle)?;
+        self.present(&mut st);
+        Ok((st, timeout))
     }
 
     fn setattr(
@@ -560,7 +601,9 @@ impl FileSystem for PolicyFs {
         }
         let mut attr = attr;
         attr.st_mode &= !SET_ID_BITS;
-        self.inner.setattr(ctx, inode, attr, handle, valid)
+        let (mut st, timeout) = self.inner.setattr(ctx, inode, attr, handle, valid)?;
+        self.present(&mut st);
+        Ok((st, timeout))
     }
 
     fn readlink(&self, ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
@@ -955,6 +998,8 @@ impl FileSystem for PolicyFs {
                     return Err(e);
                 }
                 let node = entry.inode;
+                let mut entry = entry;
+                self.present(&mut entry.attr);
                 let added = add_entry(dirent, entry);
                 match added {
                     Ok(n) if n > 0 => {}

@@ -160,6 +160,9 @@ pub struct ServerOptions {
     /// Serve as this user and group (needs `mxc-vm` to run as root); `None`: as the VMM's
     /// own user, without capabilities.
     pub run_as: Option<RunAs>,
+    /// The uid (and gid) the guest's commands run as: files the server's user owns are
+    /// shown to the guest as theirs ([`filter::OwnerMap`]); `None`: shown as they are.
+    pub guest_owner: Option<u32>,
 }
 
 /// Errors setting up a share or its device.

@@ -52,7 +52,12 @@ impl SyncDevice {
             Arc::new(AtomicU32::new(0)),
             EventFd::new(EFD_NONBLOCK).unwrap(),
         ));
-        let fs = PolicyFs::new(share::prepare(share_cfg).unwrap(), FsLimits::default()).unwrap();
+        let fs = PolicyFs::new(
+            share::prepare(share_cfg).unwrap(),
+            FsLimits::default(),
+            None,
+        )
+        .unwrap();
         Self {
             mem,
             queue: DriverQueue::new(1),

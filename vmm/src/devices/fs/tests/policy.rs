@@ -422,7 +422,7 @@ fn limited(max_inodes: usize, max_handles: usize) -> ServerOptions {
             max_inodes,
             max_handles,
         },
-        run_as: None,
+        ..ServerOptions::default()
     }
 }
 
@@ -712,4 +712,41 @@ fn directories_above_a_denied_path_cannot_be_moved_removed_or_replaced() {
     assert!(unchanged);
     assert_eq!(free_moves, None);
     assert!(dir.path("d/deeper/secret").exists() && dir.path("free2").is_dir());
+}
+
+/// Commands in the guest run as `nobody`: the guest kernel checks permissions against the
+/// owner it is shown, so the server's own files are shown as the guest user's, and other
+/// owners as they are.
+#[test]
+fn files_the_server_owns_are_shown_as_the_guest_users() {
+    assert!(is_root(), "this test needs root");
+    let dir = TempDir::new();
+    std::fs::write(dir.path("ours"), b"server's").unwrap();
+    std::fs::write(dir.path("theirs"), b"another user's").unwrap();
+    std::os::unix::fs::chown(dir.path("theirs"), Some(4321), Some(4321)).unwrap();
+    let mut guest = Guest::with_options(
+        &share_of(dir.root(), false, &[]),
+        ServerOptions {
+            guest_owner: Some(65534),
+            ..ServerOptions::default()
+        },
+    );
+    guest.init();
+
+    let ours = guest.lookup(1, "ours").unwrap();
+    let theirs = guest.lookup(1, "theirs").unwrap();
+    let root = guest.getattr(1).unwrap();
+    let (made, fh) = guest.create(1, "made", libc::O_WRONLY, 0o644).unwrap();
+    guest.release(made.nodeid, fh).unwrap();
+
+    assert_eq!((ours.attr.uid, ours.attr.gid), (65534, 65534));
+    assert_eq!((theirs.attr.uid, theirs.attr.gid), (4321, 4321));
+    assert_eq!((root.attr.uid, root.attr.gid), (65534, 65534));
+    assert_eq!((made.attr.uid, made.attr.gid), (65534, 65534));
+    let md = std::fs::metadata(dir.path("made")).unwrap();
+    assert_eq!(
+        (md.uid(), md.gid()),
+        (0, 0),
+        "on the host: the server's own"
+    );
 }
