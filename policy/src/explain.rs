@@ -139,6 +139,7 @@ pub fn explain(policy: &Policy, view: &FsView) -> Value {
             "maxConnections": l.max_connections,
             "bandwidthBytesPerSec": l.bandwidth_bps,
             "idleTimeout": l.idle_timeout.map(format_duration),
+            "diskMiB": l.disk_mib,
         },
         "lifecycle": {"destroyOnExit": policy.lifecycle.destroy_on_exit},
         "warnings": policy.warnings,
@@ -258,6 +259,12 @@ pub fn explain_text(policy: &Policy, view: &FsView) -> String {
         l.bandwidth_bps.map(|v| format!("bandwidth {v} B/s")),
         l.idle_timeout
             .map(|v| format!("idle timeout {}", format_duration(v))),
+        l.disk_mib.map(|v| {
+            format!(
+                "disk {v} MiB written into read-write grants (counted by the microVM; the \
+                 process tiers refuse it)"
+            )
+        }),
     ]
     .into_iter()
     .flatten()

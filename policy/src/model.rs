@@ -244,6 +244,8 @@ pub struct Limits {
     pub bandwidth_bps: Option<u64>,
     /// Network: idle timeout of a proxied connection.
     pub idle_timeout: Option<Duration>,
+    /// Most MiB written into read-write grants in one run (microVM only).
+    pub disk_mib: Option<u64>,
 }
 
 /// Isolation backend choice.

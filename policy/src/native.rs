@@ -183,6 +183,12 @@ pub(crate) struct NativeLimits {
     pub bandwidth_bytes_per_sec: Option<u64>,
     /// Idle timeout of a proxied connection.
     pub idle_timeout: Option<Str<DurationKind>>,
+    /// Most MiB the command may write into its read-write grants in one run (writes,
+    /// file extensions and allocations, counted as made; ENOSPC past it). The microVM
+    /// counts them on the host; the process tiers refuse the limit (they cannot count).
+    #[serde(rename = "diskMiB")]
+    #[schemars(range(min = 1))]
+    pub disk_mib: Option<u64>,
 }
 
 /// Lowest memory limit accepted: less cannot start a useful sandbox.
@@ -425,6 +431,12 @@ fn limits(src: &Source<'_>, l: NativeLimits) -> Result<Limits, PolicyError> {
     positive(l.output_bytes, "outputBytes")?;
     positive(l.max_connections.map(u64::from), "maxConnections")?;
     positive(l.bandwidth_bytes_per_sec, "bandwidthBytesPerSec")?;
+    positive(l.disk_mib, "diskMiB")?;
+    if let Some(d) = l.disk_mib {
+        if d.checked_mul(1 << 20).is_none() {
+            return Err(src.err("limits.diskMiB", format!("{d} MiB is too large")));
+        }
+    }
     Ok(Limits {
         memory_mib: l.memory_mib,
         vcpus: l.vcpus,
@@ -434,5 +446,6 @@ fn limits(src: &Source<'_>, l: NativeLimits) -> Result<Limits, PolicyError> {
         max_connections: l.max_connections,
         bandwidth_bps: l.bandwidth_bytes_per_sec,
         idle_timeout: l.idle_timeout.map(|t| t.0),
+        disk_mib: l.disk_mib,
     })
 }

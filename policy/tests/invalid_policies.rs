@@ -311,6 +311,20 @@ const NATIVE: &[Case] = &[
         None,
     ),
     case(
+        "{\"version\": \"1\", \"limits\": {\"diskMiB\": 0}}",
+        "limits.diskMiB",
+        Some("0}"),
+        "must be greater than zero",
+        None,
+    ),
+    case(
+        "{\"version\": \"1\", \"limits\": {\"diskMiB\": 18446744073709551615}}",
+        "limits.diskMiB",
+        Some("18446744073709551615}"),
+        "18446744073709551615 MiB is too large",
+        None,
+    ),
+    case(
         "{\"version\": \"1\", \"limits\": {\"outputBytes\": -1}}",
         "limits.outputBytes",
         Some("-1}"),

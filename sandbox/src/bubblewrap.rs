@@ -308,6 +308,7 @@ impl Backend for BubblewrapBackend {
         let cwd = std::env::current_dir().ok();
         let mut view = SandboxView::build(&spec.view, net, cwd.as_deref());
         view.refuse_missing_denies(&spec.view, "bubblewrap")?;
+        limits::refuse_disk_limit(&spec.policy.limits, "bubblewrap")?;
         self.network = SandboxNet::provision(spec, net)?;
         view.limit_tmp(spec.policy.limits.memory_mib);
         self.view = Some(view);

@@ -282,6 +282,24 @@ impl Drop for SandboxCgroup {
     }
 }
 
+/// The process tiers cannot count what a command writes into its grants (`RLIMIT_FSIZE`
+/// bounds one file, not the total): `limits.diskMiB` is refused there.
+pub(crate) fn refuse_disk_limit(
+    limits: &Limits,
+    backend: &'static str,
+) -> Result<(), crate::SandboxError> {
+    match limits.disk_mib {
+        None => Ok(()),
+        Some(mib) => Err(crate::SandboxError::Unenforceable {
+            backend,
+            what: format!(
+                "limits.diskMiB ({mib} MiB): only the microVM counts what a command writes \
+                 into its grants; use --backend microvm"
+            ),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@ use policy::{Policy, PolicySource};
 use sandbox::microvm::{MicrovmBackend, MicrovmOptions};
 use sandbox::output::{Collect, StdinMode};
 use sandbox::{Backend, ExecIo, ExecRequest, ExitKind, SandboxSpec};
-use tests::{code, mxc_vm_bin, pids_with, require_kvm, stderr, stdout};
+use tests::{code, mxc_vm, mxc_vm_bin, pids_with, require_kvm, stderr, stdout};
 
 fn req(argv: &[&str]) -> ExecRequest {
     ExecRequest {
@@ -502,4 +502,44 @@ fn sequential_vm_runs_leave_nothing_behind() {
     assert_eq!(pids_with(&marker), Vec::<u32>::new(), "processes left");
     assert!(sockets.is_empty(), "sockets left: {sockets:?}");
     assert_eq!(tests::mount_table().lines().count(), mounts_before);
+}
+
+/// `limits.diskMiB`: what the command writes into its grants is counted on the host;
+/// past the limit the guest gets ENOSPC and no more lands on the host disk.
+#[test]
+fn a_disk_limit_stops_writes_into_the_grants() {
+    require_kvm();
+    let dir = tests::TempDir::new("vm-disk");
+    std::fs::create_dir_all(dir.join("work")).unwrap();
+    let policy = dir.join("p.json");
+    std::fs::write(
+        &policy,
+        format!(
+            r#"{{"version":"1","filesystem":{{"readwrite":["{}"]}},"limits":{{"diskMiB":4}}}}"#,
+            dir.s("work")
+        ),
+    )
+    .unwrap();
+    let out = mxc_vm(&[
+        "run",
+        "--backend",
+        "microvm",
+        "--policy",
+        &policy.display().to_string(),
+        "--",
+        "/bin/sh",
+        "-c",
+        &format!(
+            "dd if=/dev/zero of={}/big bs=1M count=16 2>&1 | grep -o 'No space left on device'; \
+             echo dd-done",
+            dir.s("work")
+        ),
+    ]);
+    let text = stdout(&out);
+    let written = std::fs::metadata(dir.join("work/big")).map_or(0, |m| m.len());
+
+    assert_eq!(code(&out), 0, "{text}{}", stderr(&out));
+    assert!(text.contains("No space left on device"), "{text}");
+    assert!(written <= 4 << 20, "{written} bytes reached the host");
+    assert!(written > 0, "{text}");
 }

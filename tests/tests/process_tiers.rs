@@ -41,6 +41,7 @@ both_backends!(
     a_denied_path_cannot_be_moved_out_from_under_its_rule,
     the_ram_backed_tmp_is_bounded_by_the_memory_limit,
     a_missing_denied_path_a_grant_would_show_is_refused,
+    a_disk_limit_is_refused,
 );
 
 fn run(backend: &str, extra: &[&str], cmd: &[&str]) -> std::process::Output {
@@ -160,6 +161,23 @@ fn a_missing_denied_path_a_grant_would_show_is_refused(backend: &str) {
         stderr(&out)
     );
     assert_eq!(code(&outside), 0, "{}", stderr(&outside));
+}
+
+/// `limits.diskMiB` needs the microVM, which counts what is written; the process tiers
+/// say so instead of running without it.
+fn a_disk_limit_is_refused(backend: &str) {
+    let dir = TempDir::new("disk");
+    let p = dir.join("p.json");
+    std::fs::write(&p, r#"{"version":"1","limits":{"diskMiB":4}}"#).unwrap();
+    let out = run(backend, &["--policy", &p.display().to_string()], &["true"]);
+
+    assert_eq!(code(&out), 125, "{}", stderr(&out));
+    assert!(stderr(&out).contains("limits.diskMiB"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--backend microvm"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 fn readonly_path_is_unwritable(backend: &str) {

@@ -68,6 +68,9 @@ pub struct VmConfig {
     /// shown to the guest as theirs. `None`: ownership is shown as it is on the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub share_guest_owner: Option<u32>,
+    /// The most bytes the guest may write into all shares together (`ENOSPC` past it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_write_limit: Option<u64>,
     /// Whether to apply the `kvm_pvm` changes.
     #[serde(default)]
     pub pvm: PvmMode,
@@ -122,6 +125,7 @@ impl VmConfig {
             shares: Vec::new(),
             share_run_as: None,
             share_guest_owner: None,
+            share_write_limit: None,
             pvm: PvmMode::Auto,
             pvm_cmdline: String::new(),
             start_monotonic_ns: None,

@@ -384,8 +384,12 @@ impl Vm {
             run_as: self.config.share_run_as,
             guest_owner: self.config.share_guest_owner,
         };
+        let budget = self
+            .config
+            .share_write_limit
+            .map(|bytes| Arc::new(fs::WriteBudget::new(bytes)));
         for share in self.config.shares.clone() {
-            let device = Fs::with_options(&share, options)?;
+            let device = Fs::with_budget(&share, options, budget.clone())?;
             self.add_virtio_device(Arc::new(Mutex::new(device)))?;
         }
         steps.done("add shares");

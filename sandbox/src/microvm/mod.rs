@@ -379,6 +379,7 @@ impl Backend for MicrovmBackend {
         // shares then show the server's own files as nobody's, so nobody may write where
         // the policy lets the sandbox write.
         config.share_guest_owner = (!spec.policy.process.guest_root).then_some(proto::GUEST_USER);
+        config.share_write_limit = spec.policy.limits.disk_mib.map(|m| m << 20);
         config.pvm_cmdline = guest_image::KERNEL_CMDLINE_PVM.to_string();
         // Without --console the guest's warnings and the agent's lines are kept (capped
         // by the VMM) for a boot failure's message.

@@ -116,6 +116,7 @@ impl Backend for ProcessBackend {
         let cwd = std::env::current_dir().ok();
         let mut view = SandboxView::build(&spec.view, net, cwd.as_deref());
         view.refuse_missing_denies(&spec.view, "process")?;
+        limits::refuse_disk_limit(&spec.policy.limits, "process")?;
         self.network = net::SandboxNet::provision(spec, net)?;
         view.limit_tmp(spec.policy.limits.memory_mib);
         self.view = Some(view);

@@ -14,6 +14,7 @@ use super::creds::{self, RunAs};
 use super::filter::{OwnerMap, PolicyFs};
 use super::queue_handler::Serving;
 use super::share::{self, PreparedShare};
+use super::WriteBudget;
 use super::{FsError, FsShareConfig, ServerOptions};
 use crate::devices::virtio::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 
@@ -64,11 +65,24 @@ impl Fs {
     /// A device for `share`: resolves its paths, collects its denied inodes and opens its
     /// root now, so configuration errors surface before the VM boots.
     pub fn with_options(share: &FsShareConfig, options: ServerOptions) -> Result<Self, FsError> {
-        let prepared = share::prepare(share)?;
-        Self::from_prepared(prepared, options)
+        Self::with_budget(share, options, None)
     }
 
-    pub fn from_prepared(prepared: PreparedShare, options: ServerOptions) -> Result<Self, FsError> {
+    /// [`Fs::with_options`], with a write budget shared with the VM's other shares.
+    pub fn with_budget(
+        share: &FsShareConfig,
+        options: ServerOptions,
+        budget: Option<Arc<WriteBudget>>,
+    ) -> Result<Self, FsError> {
+        let prepared = share::prepare(share)?;
+        Self::from_prepared(prepared, options, budget)
+    }
+
+    pub fn from_prepared(
+        prepared: PreparedShare,
+        options: ServerOptions,
+        budget: Option<Arc<WriteBudget>>,
+    ) -> Result<Self, FsError> {
         if options.run_as.is_some() {
             // SAFETY: geteuid(2) has no preconditions and cannot fail.
             let uid = unsafe { libc::geteuid() };
@@ -96,7 +110,7 @@ impl Fs {
                 guest: (guest, guest),
             }
         });
-        let fs = PolicyFs::new(prepared, options.limits, owner)?;
+        let fs = PolicyFs::new(prepared, options.limits, owner)?.with_budget(budget);
         Ok(Self {
             tag,
             readonly,

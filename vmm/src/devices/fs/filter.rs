@@ -26,7 +26,7 @@
 use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{
@@ -41,7 +41,7 @@ use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
 use super::share::{InodeId, PreparedShare};
-use super::{FsError, FsLimits};
+use super::{FsError, FsLimits, WriteBudget};
 
 /// The FUSE node id of a share's root.
 pub const ROOT_ID: u64 = 1;
@@ -128,6 +128,7 @@ pub struct PolicyFs {
     share: PreparedShare,
     limits: FsLimits,
     owner: Option<OwnerMap>,
+    budget: Option<Arc<WriteBudget>>,
     state: Mutex<State>,
 }
 
@@ -216,8 +217,26 @@ impl PolicyFs {
             share,
             limits,
             owner,
+            budget: None,
             state: Mutex::new(State::default()),
         })
+    }
+
+    /// Writes, extensions and allocations take from `budget` first (`ENOSPC` past it).
+    pub fn with_budget(mut self, budget: Option<Arc<WriteBudget>>) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    /// Takes `n` bytes from the write budget, if there is one.
+    fn take_budget(&self, n: u64) -> io::Result<()> {
+        self.budget.as_ref().map_or(Ok(()), |b| b.take(n))
+    }
+
+    fn give_back_budget(&self, n: u64) {
+        if let Some(b) = &self.budget {
+            b.give_back(n);
+        }
     }
 
     pub fn share(&self) -> &PreparedShare {
@@ -601,7 +620,19 @@ impl FileSystem for PolicyFs {
         }
         let mut attr = attr;
         attr.st_mode &= !SET_ID_BITS;
-        let (mut st, timeout) = self.inner.setattr(ctx, inode, attr, handle, valid)?;
+        // Growing a file (truncate upwards) takes the growth from the write budget.
+        let growth = match (&self.budget, valid.contains(SetattrValid::SIZE)) {
+            (Some(_), true) => {
+                let (now, _) = self.inner.getattr(&SERVER_CTX, inode, None)?;
+                (attr.st_size.max(0) as u64).saturating_sub(now.st_size.max(0) as u64)
+            }
+            _ => 0,
+        };
+        self.take_budget(growth)?;
+        let (mut st, timeout) = self
+            .inner
+            .setattr(ctx, inode, attr, handle, valid)
+            .inspect_err(|_| self.give_back_budget(growth))?;
         self.present(&mut st);
         Ok((st, timeout))
     }
@@ -843,9 +874,13 @@ impl FileSystem for PolicyFs {
     ) -> io::Result<usize> {
         self.writable()?;
         let open = self.handle(inode, handle, false)?;
-        self.inner.write(
+        self.take_budget(u64::from(size))?;
+        let written = self.inner.write(
             ctx, inode, handle, r, size, offset, None, false, open.flags, 0,
-        )
+        );
+        let used = written.as_ref().map_or(0, |n| *n as u64);
+        self.give_back_budget(u64::from(size).saturating_sub(used));
+        written
     }
 
     fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
@@ -869,8 +904,18 @@ impl FileSystem for PolicyFs {
     ) -> io::Result<()> {
         self.writable()?;
         self.handle(inode, handle, false)?;
-        self.inner
-            .fallocate(ctx, inode, handle, mode, offset, length)
+        // Punching or collapsing frees space; every other mode may allocate `length`.
+        let frees =
+            mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_COLLAPSE_RANGE) as u32 != 0;
+        let cost = if frees { 0 } else { length };
+        self.take_budget(cost)?;
+        let result = self
+            .inner
+            .fallocate(ctx, inode, handle, mode, offset, length);
+        if result.is_err() {
+            self.give_back_budget(cost);
+        }
+        result
     }
 
     fn release(

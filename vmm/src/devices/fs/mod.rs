@@ -87,6 +87,7 @@
 //! the known limits of the hiding rules, and the measured cost per request.
 
 pub mod bridge;
+pub mod budget;
 pub mod creds;
 pub mod device;
 mod event_handler;
@@ -104,6 +105,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use budget::WriteBudget;
 pub use creds::RunAs;
 pub use device::{Fs, FS_DEVICE_TYPE, NUM_QUEUES, QUEUE_SIZE, TAG_LEN};
 

@@ -7,7 +7,9 @@ use fuse_backend_rs::abi::fuse_abi::SetattrIn;
 
 use super::client::Listed;
 use super::*;
-use crate::devices::fs::{FsLimits, RunAs};
+use std::sync::Arc;
+
+use crate::devices::fs::{Fs, FsLimits, RunAs, WriteBudget};
 
 /// Everything about a tree that a change would show: path, type and mode, size, mtime,
 /// links, owner, content checksum or link target.
@@ -749,4 +751,48 @@ fn files_the_server_owns_are_shown_as_the_guest_users() {
         (0, 0),
         "on the host: the server's own"
     );
+}
+
+/// `limits.diskMiB`: writes, extensions and allocations into every share of a VM take
+/// from one budget; past it the guest gets ENOSPC and nothing more lands on the host.
+#[test]
+fn writes_past_the_budget_get_enospc_across_shares() {
+    let (a, b) = (TempDir::new(), TempDir::new());
+    let budget = Arc::new(WriteBudget::new(10_000));
+    let mut one = Guest::activate(
+        Fs::with_budget(
+            &share_of(a.root(), false, &[]),
+            ServerOptions::default(),
+            Some(budget.clone()),
+        )
+        .unwrap(),
+    );
+    let mut two = Guest::activate(
+        Fs::with_budget(
+            &share_of(b.root(), false, &[]),
+            ServerOptions::default(),
+            Some(budget.clone()),
+        )
+        .unwrap(),
+    );
+    one.init();
+    two.init();
+
+    let (f, fh) = one.create(1, "f", libc::O_WRONLY, 0o644).unwrap();
+    let first = one.write(f.nodeid, fh, 0, &[1u8; 6_000]);
+    let (g, gh) = two.create(1, "g", libc::O_WRONLY, 0o644).unwrap();
+    let over = two.write(g.nodeid, gh, 0, &[2u8; 5_000]).err();
+    let fits = two.write(g.nodeid, gh, 0, &[2u8; 4_000]);
+    let grow = one.truncate(f.nodeid, 1 << 20).err();
+    let alloc = two.fallocate(g.nodeid, gh, 1 << 20).err();
+    one.release(f.nodeid, fh).unwrap();
+    two.release(g.nodeid, gh).unwrap();
+
+    assert_eq!(first.unwrap(), 6_000);
+    assert_eq!(over, Some(libc::ENOSPC));
+    assert_eq!(fits.unwrap(), 4_000);
+    assert_eq!((grow, alloc), (Some(libc::ENOSPC), Some(libc::ENOSPC)));
+    assert_eq!(budget.left(), 0);
+    assert_eq!(std::fs::metadata(a.path("f")).unwrap().len(), 6_000);
+    assert_eq!(std::fs::metadata(b.path("g")).unwrap().len(), 4_000);
 }
