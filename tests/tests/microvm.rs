@@ -453,13 +453,19 @@ fn the_vm_contains_the_escape_suites_host_attacks() {
 }
 
 /// Sequential VM runs through the real binary leave nothing behind: no process (the
-/// VMM included), runtime directory, socket or mount. 20 runs on hardware KVM (the
-/// nested lane); one under kvm_pvm, where a boot takes a minute.
+/// VMM included), runtime directory, socket or mount. `MXC_VM_SOAK_VM_RUNS` runs (5 by
+/// default) on hardware KVM; one under kvm_pvm, where a boot takes a minute. Each run is
+/// bounded (`--timeout`), so a VM that stops answering fails the test with its run
+/// number instead of holding it: in the nested lane one run in a few hundred has been
+/// seen to hang (QEMU's TCG emulating SVM, not yet explained).
 #[test]
 fn sequential_vm_runs_leave_nothing_behind() {
     require_kvm();
     let runs = if vmm::hypervisor::kvm::detect_flavour().is_hardware() {
-        20
+        std::env::var("MXC_VM_SOAK_VM_RUNS")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(5)
     } else {
         1
     };
@@ -476,7 +482,7 @@ fn sequential_vm_runs_leave_nothing_behind() {
         let out = std::process::Command::new(mxc_vm_bin())
             .env("TMPDIR", &tmp)
             .env("XDG_RUNTIME_DIR", &tmp)
-            .args(["run", "--backend", "microvm", "--rw"])
+            .args(["run", "--backend", "microvm", "--timeout", "300s", "--rw"])
             .arg(&work)
             .args(["--", "/bin/sh", "-c"])
             .arg(format!("echo {n} > {}/out-{n}", work.display()))
