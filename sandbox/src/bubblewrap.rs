@@ -264,9 +264,11 @@ impl Killer for BwrapKiller<'_> {
 /// exits as soon as the command's status is known, before its child -- the sandbox's
 /// PID 1 -- has exited; that child would otherwise go to the host's init, which may
 /// leave it a zombie for a long time.
+/// The flag is process-wide: set once.
 fn become_subreaper() -> bool {
+    static SET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes a flag and touches no memory.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0 }
+    *SET.get_or_init(|| unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0 })
 }
 
 /// Kills and reaps the sandbox's PID 1 once bwrap's outer process is gone (it is then
@@ -307,8 +309,7 @@ impl Backend for BubblewrapBackend {
         })?;
         let cwd = std::env::current_dir().ok();
         let mut view = SandboxView::build(&spec.view, net, cwd.as_deref());
-        view.refuse_missing_denies(&spec.view, "bubblewrap")?;
-        limits::refuse_disk_limit(&spec.policy.limits, "bubblewrap")?;
+        view.refuse_unenforceable(spec, "bubblewrap")?;
         self.network = SandboxNet::provision(spec, net)?;
         view.limit_tmp(spec.policy.limits.memory_mib);
         self.view = Some(view);

@@ -325,11 +325,22 @@ impl SandboxView {
     }
 
     /// Whether `path` would be visible in the sandbox given the ops so far.
+    /// Refuses, before anything is set up, what a process tier cannot enforce for `spec`:
+    /// a deny rule for a missing path a grant would show, and `limits.diskMiB`.
+    pub(crate) fn refuse_unenforceable(
+        &self,
+        spec: &crate::SandboxSpec,
+        backend: &'static str,
+    ) -> Result<(), crate::SandboxError> {
+        self.refuse_missing_denies(&spec.view, backend)?;
+        crate::limits::refuse_disk_limit(&spec.policy.limits, backend)
+    }
+
     /// Refuses what the process tiers cannot keep: a deny rule for a path that does not
     /// exist yet, where a grant would show it. A mask needs something to cover; a file
     /// the host creates there during the run would be visible inside. (The microVM's fs
     /// server denies such a path by name.)
-    pub(crate) fn refuse_missing_denies(
+    fn refuse_missing_denies(
         &self,
         fs: &FsView,
         backend: &'static str,

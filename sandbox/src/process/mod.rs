@@ -115,8 +115,7 @@ impl Backend for ProcessBackend {
         let net = net_mode(&spec.policy, &spec.net);
         let cwd = std::env::current_dir().ok();
         let mut view = SandboxView::build(&spec.view, net, cwd.as_deref());
-        view.refuse_missing_denies(&spec.view, "process")?;
-        limits::refuse_disk_limit(&spec.policy.limits, "process")?;
+        view.refuse_unenforceable(spec, "process")?;
         self.network = net::SandboxNet::provision(spec, net)?;
         view.limit_tmp(spec.policy.limits.memory_mib);
         self.view = Some(view);
