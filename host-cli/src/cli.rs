@@ -141,6 +141,12 @@ pub struct BenchBootArgs {
     /// Give up on a boot after DUR (e.g. 90s, 10m).
     #[arg(long, value_name = "DUR", default_value = "10m")]
     pub boot_timeout: String,
+    /// Profile the guest kernel instead: boot `--runs` times to agent ready with
+    /// `initcall_debug` and the kernel log on the console, then print the slowest
+    /// initcalls and the largest gaps of the last boot (the console slows every boot,
+    /// so compare shares, not absolute times).
+    #[arg(long, conflicts_with = "vs_qemu")]
+    pub profile: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -197,6 +203,10 @@ pub struct BenchExecArgs {
     /// Backends to measure.
     #[arg(long = "backend", default_values_t = ["process".to_string(), "bubblewrap".to_string()])]
     pub backends: Vec<String>,
+    /// Then time each setup stage of the process tier over `--runs` more runs and print
+    /// where the milliseconds go (p50/p90 per stage).
+    #[arg(long)]
+    pub stages: bool,
     #[arg(long)]
     pub json: bool,
 }

@@ -17,6 +17,7 @@ use cli::{Cli, Commands};
 fn main() {
     // Re-executions of this binary as the process sandbox's init never return from here.
     sandbox::init_hook();
+    sandbox::stages::mark("host: main");
     let cli = Cli::parse();
     let json = match &cli.command {
         Commands::Run(a) => a.json,

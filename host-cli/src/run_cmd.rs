@@ -164,8 +164,10 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
     sandbox::interrupt::install()
         .map_err(|e| Failure::new(format!("installing the signal handlers: {e}")))?;
     let policy = effective_policy(&args)?;
+    sandbox::stages::mark("host: policy");
     let base = std::env::current_dir().unwrap_or_else(|_| Path::new("/").to_path_buf());
     let view = policy::resolve_fs(&policy.filesystem, &base)?;
+    sandbox::stages::mark("host: policy resolved");
     for w in &view.warnings {
         warn(args.json, w);
     }
@@ -231,6 +233,8 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
         output_limit: policy.limits.output_bytes,
     };
     let outcome = sandbox::run_once(backend.as_mut(), &spec, &req, &mut io)?;
+    sandbox::stages::mark("host: done");
+    sandbox::stages::flush(backend.name());
     if outcome.output_truncated {
         warn(
             args.json,

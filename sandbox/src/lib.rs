@@ -17,6 +17,7 @@ pub mod output;
 pub mod process;
 pub mod proxy;
 pub mod seccomp;
+pub mod stages;
 mod supervise;
 pub mod view;
 

@@ -272,10 +272,24 @@ pub fn filters() -> Result<Vec<BpfProgram>, SeccompError> {
     ])
 }
 
+/// The filters compiled once per process: [`prepare`] before forking a sandbox means
+/// its processes install them without compiling again.
+static COMPILED: std::sync::OnceLock<Vec<BpfProgram>> = std::sync::OnceLock::new();
+
+/// Compile the filters now (once per process), so that [`install`] in a forked child
+/// only loads them.
+pub fn prepare() -> Result<(), SeccompError> {
+    if COMPILED.get().is_none() {
+        let _ = COMPILED.set(filters()?);
+    }
+    Ok(())
+}
+
 /// Install the filters on the calling thread. NO_NEW_PRIVS must already be set.
 pub fn install() -> Result<(), SeccompError> {
-    for prog in filters()? {
-        seccompiler::apply_filter(&prog).map_err(SeccompError::Install)?;
+    prepare()?;
+    for prog in COMPILED.get().into_iter().flatten() {
+        seccompiler::apply_filter(prog).map_err(SeccompError::Install)?;
     }
     Ok(())
 }

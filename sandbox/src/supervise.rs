@@ -26,6 +26,9 @@ pub enum Status {
     Exit { code: i32 },
     /// The command was killed by a signal.
     Signal { signal: i32 },
+    /// A setup stage ended at this `CLOCK_MONOTONIC` time (only when stages are timed,
+    /// see [`crate::stages`]).
+    Stage { name: String, at_ns: u64 },
 }
 
 impl Status {
@@ -161,6 +164,10 @@ pub(crate) fn supervise(
                     while let Some(pos) = status_buf.iter().position(|b| *b == b'\n') {
                         let line: Vec<u8> = status_buf.drain(..=pos).collect();
                         if let Some(s) = parse(&line) {
+                            if let Status::Stage { name, at_ns } = &s {
+                                crate::stages::record(name, *at_ns);
+                                continue;
+                            }
                             if let Status::Child { pid } = s {
                                 child_pid = Some(pid);
                                 killer.started(pid);

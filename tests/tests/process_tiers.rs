@@ -773,3 +773,54 @@ fn mxc_command_line_runs_through_sh() {
     let out = mxc_vm(&["run", "--policy", &p]);
     assert_eq!(stdout(&out), "one\ntwo\n", "{}", stderr(&out));
 }
+
+/// `MXC_VM_STAGES` (what `bench exec --stages` reads): every setup stage of the process
+/// tier is timed, in order, from the host and from each of the sandbox's processes, and
+/// a run's output and exit code are unchanged.
+#[test]
+fn stage_times_cover_every_process_of_a_run() {
+    let dir = TempDir::new("stages");
+    let file = dir.join("stages.jsonl");
+    let out = std::process::Command::new(tests::mxc_vm_bin())
+        .args([
+            "run",
+            "--backend",
+            "process",
+            "--",
+            "sh",
+            "-c",
+            "echo hi; exit 3",
+        ])
+        .env("MXC_VM_STAGES", &file)
+        .output()
+        .unwrap();
+    assert_eq!(
+        (code(&out), stdout(&out).as_str()),
+        (3, "hi\n"),
+        "{}",
+        stderr(&out)
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    let run: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(run["backend"], "process");
+    let stages: Vec<(String, u64)> = serde_json::from_value(run["stages"].clone()).unwrap();
+    let names: Vec<&str> = stages.iter().map(|(n, _)| n.as_str()).collect();
+    for expected in [
+        "host: main",
+        "init: namespaces, id maps",
+        "root built",
+        "pid 1: /proc, pivot_root",
+        "command: landlock",
+        "command: seccomp",
+        "command ran",
+        "host: init reaped",
+        "host: done",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    assert_eq!(stages.first().map(|(_, t)| *t), Some(0));
+    assert!(stages.windows(2).all(|w| w[0].1 <= w[1].1), "{stages:?}");
+}

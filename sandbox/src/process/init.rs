@@ -42,6 +42,21 @@ fn report(status: &Status) {
     unsafe { libc::write(STATUS_FD, line.as_ptr().cast(), line.len()) };
 }
 
+/// Report the end of a setup stage, when the plan asks for stage times.
+fn stage(plan: &InitPlan, name: &str) {
+    stage_at(plan, name, crate::stages::now_ns());
+}
+
+/// Report a stage that ended at `at_ns`, when the plan asks for stage times.
+pub(crate) fn stage_at(plan: &InitPlan, name: &str, at_ns: u64) {
+    if plan.stages {
+        report(&Status::Stage {
+            name: name.into(),
+            at_ns,
+        });
+    }
+}
+
 fn fail(stage: &str, message: impl std::fmt::Display) -> i32 {
     report(&Status::Error {
         stage: stage.into(),
@@ -84,6 +99,7 @@ pub(crate) fn run_plan(plan: &InitPlan) -> i32 {
     if let Err(e) = mounts::build_root(&plan.view) {
         return fail("mount", e);
     }
+    stage(plan, "root built");
     // SAFETY: fork in a single-threaded process.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
@@ -130,6 +146,7 @@ fn pid_one(plan: &InitPlan) -> i32 {
     if let Err(e) = mounts::finish_root() {
         return fail("mount", e);
     }
+    stage(plan, "pid 1: /proc, pivot_root");
     // Every sandbox has its own network namespace (no tier shares the host's).
     if let Err(e) = loopback_up() {
         return fail("network", format!("bringing up lo: {e}"));
@@ -147,6 +164,7 @@ fn pid_one(plan: &InitPlan) -> i32 {
     }
     // SAFETY: sethostname reads the buffer of the given length.
     unsafe { libc::sethostname(SANDBOX_HOSTNAME.as_ptr().cast(), SANDBOX_HOSTNAME.len()) };
+    stage(plan, "pid 1: network");
 
     // SAFETY: fork in a single-threaded process.
     let child = unsafe { libc::fork() };
@@ -173,6 +191,7 @@ fn pid_one(plan: &InitPlan) -> i32 {
         if r != child {
             continue;
         }
+        stage(plan, "command ran");
         if libc::WIFEXITED(status) {
             let code = libc::WEXITSTATUS(status);
             report(&Status::Exit { code });
@@ -225,6 +244,7 @@ fn command(plan: &InitPlan) -> i32 {
             SETUP_FAILED,
         );
     }
+    stage(plan, "command: forked, rlimits");
     let program = match resolve_program(plan) {
         Ok(p) => p,
         Err((message, code)) => return exec_failed(message, code),
@@ -251,6 +271,7 @@ fn command(plan: &InitPlan) -> i32 {
         Ok(None) => {}
         Err(e) => return fail("landlock", e),
     }
+    stage(plan, "command: landlock");
     if let Err(e) = drop_capabilities() {
         return fail("capabilities", e);
     }
@@ -258,9 +279,11 @@ fn command(plan: &InitPlan) -> i32 {
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return fail("no_new_privs", std::io::Error::last_os_error());
     }
+    stage(plan, "command: capabilities");
     if let Err(e) = crate::seccomp::install() {
         return fail("seccomp", e);
     }
+    stage(plan, "command: seccomp");
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
     let mut env_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();

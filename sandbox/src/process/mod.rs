@@ -61,6 +61,9 @@ pub(crate) struct InitPlan {
     pub cwd: PathBuf,
     pub net: NetMode,
     pub rlimits: Vec<Rlimit>,
+    /// Report each setup stage's time (see [`crate::stages`]).
+    #[serde(default)]
+    pub stages: bool,
 }
 
 /// Compose the environment: base variables, then the request's (which win).
@@ -115,13 +118,21 @@ impl Backend for ProcessBackend {
         let net = net_mode(&spec.policy, &spec.net);
         let cwd = std::env::current_dir().ok();
         let mut view = SandboxView::build(&spec.view, net, cwd.as_deref());
+        crate::stages::mark("host: view built");
         view.refuse_unenforceable(spec, "process")?;
         self.network = net::SandboxNet::provision(spec, net)?;
         view.limit_tmp(spec.policy.limits.memory_mib);
         self.view = Some(view);
         self.net = Some(net);
         self.enforcement = Some(limits::detect());
+        crate::stages::mark("host: limits detected");
+        // Compiled here, once: the sandbox's command only loads them.
+        crate::seccomp::prepare().map_err(|e| SandboxError::Setup {
+            stage: "seccomp".into(),
+            message: e.to_string(),
+        })?;
         self.spec = Some(spec.clone());
+        crate::stages::mark("host: provisioned");
         Ok(())
     }
 
@@ -162,7 +173,9 @@ impl Backend for ProcessBackend {
             cwd: req.cwd.clone().unwrap_or_else(|| view.default_cwd.clone()),
             net,
             rlimits: limits::rlimits(&spec.policy.limits, enforcement, cgroup.is_some()),
+            stages: crate::stages::enabled(),
         };
+        crate::stages::mark("host: cgroup, plan");
         let handoff = self.network.begin_exec()?;
         let mut warnings = Vec::new();
         let outcome = spawn_and_supervise(
@@ -177,6 +190,7 @@ impl Backend for ProcessBackend {
         drop(handoff);
         self.warnings.extend(warnings);
         drop(cgroup);
+        crate::stages::mark("host: cgroup removed");
         outcome
     }
 
@@ -295,6 +309,7 @@ fn spawn_and_supervise(
                     plan: plan_raw,
                     net: net_raw,
                 },
+                &mut [0; 2],
             )
         });
     }
@@ -428,6 +443,7 @@ fn spawn_forked(
             plan: -1,
             net: net_raw,
         };
+        let mut times = [0u64; 2];
         let code = match child_setup(
             cgroup_procs.as_deref(),
             ppid,
@@ -435,8 +451,13 @@ fn spawn_forked(
             uid_map.as_bytes(),
             gid_map.as_bytes(),
             fds,
+            &mut times,
         ) {
-            Ok(()) => init::run_plan(plan),
+            Ok(()) => {
+                init::stage_at(plan, "init: cgroup joined", times[0]);
+                init::stage_at(plan, "init: namespaces, id maps", times[1]);
+                init::run_plan(plan)
+            }
             Err(_) => {
                 // SAFETY: writing our own buffer to the status pipe.
                 unsafe { libc::write(status_raw, error_line.as_ptr().cast(), error_line.len()) };
@@ -460,6 +481,7 @@ fn spawn_forked(
         stderr,
         status: Some(status_r),
     };
+    crate::stages::mark("host: forked");
     let _root = crate::interrupt::Registered::new(pid);
     let mut killer = PidKiller { pid };
     let result = supervise::supervise(
@@ -474,6 +496,7 @@ fn spawn_forked(
         killer.kill(None);
     }
     wait_pid(pid);
+    crate::stages::mark("host: init reaped");
     result
 }
 
@@ -488,6 +511,7 @@ struct Inherit {
 /// Runs in the forked child before exec: join the cgroup, die with the parent, enter
 /// new namespaces, map our uid/gid to root inside, and put the status pipe, the plan and
 /// the proxy handoff socket (when `net_fd` is not -1) on fixed descriptor numbers.
+/// `times` gets when the cgroup was joined and when the namespaces were ready.
 fn child_setup(
     cgroup_procs: Option<&std::ffi::CStr>,
     parent: libc::pid_t,
@@ -495,6 +519,7 @@ fn child_setup(
     uid_map: &[u8],
     gid_map: &[u8],
     fds: Inherit,
+    times: &mut [u64; 2],
 ) -> std::io::Result<()> {
     let Inherit {
         status: status_fd,
@@ -504,6 +529,7 @@ fn child_setup(
     if let Some(procs) = cgroup_procs {
         write_file(procs, b"0")?;
     }
+    times[0] = crate::stages::now_ns();
     // SAFETY: plain system calls without memory arguments.
     unsafe {
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
@@ -519,6 +545,7 @@ fn child_setup(
     write_file(c"/proc/self/setgroups", b"deny")?;
     write_file(c"/proc/self/uid_map", uid_map)?;
     write_file(c"/proc/self/gid_map", gid_map)?;
+    times[1] = crate::stages::now_ns();
     // Move the descriptors out of the way first, so placing one cannot clobber another.
     // SAFETY: fcntl/dup2/close on descriptors this process owns.
     unsafe {

@@ -94,16 +94,36 @@ pub(crate) fn make_readonly(path: &Path, recursive: bool) -> Result<(), MountErr
     Ok(())
 }
 
+/// `mkdir -p` for the sandbox's own tmpfs trees: one `mkdir` when the parent exists
+/// (the usual case), ancestors only on ENOENT, and an existing directory is fine. What
+/// exists but is not a directory fails at the next step that needs one.
 fn mkdir_p(path: &Path) -> Result<(), MountError> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(path)
-        .map_err(|source| MountError {
+    match std::fs::DirBuilder::new().mode(0o755).create(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = path.parent().filter(|p| *p != path) {
+                mkdir_p(parent)?;
+            }
+            std::fs::DirBuilder::new()
+                .mode(0o755)
+                .create(path)
+                .or_else(|e| match e.kind() {
+                    std::io::ErrorKind::AlreadyExists => Ok(()),
+                    _ => Err(e),
+                })
+                .map_err(|source| MountError {
+                    what: "mkdir",
+                    path: path.to_path_buf(),
+                    source,
+                })
+        }
+        Err(source) => Err(MountError {
             what: "mkdir",
             path: path.to_path_buf(),
             source,
-        })
+        }),
+    }
 }
 
 /// Create an empty file to bind over, unless something is there already.
@@ -203,11 +223,7 @@ pub(crate) fn build_root(view: &SandboxView) -> Result<(), MountError> {
                 if let Some(parent) = target.parent() {
                     mkdir_p(parent)?;
                 }
-                std::fs::copy(under(OLDROOT, src), &target).map_err(|source| MountError {
-                    what: "copy",
-                    path: target.clone(),
-                    source,
-                })?;
+                copy_file(&under(OLDROOT, src), &target)?;
             }
             MountOp::Bind {
                 src,
@@ -308,6 +324,37 @@ pub(crate) fn build_root(view: &SandboxView) -> Result<(), MountError> {
         make_readonly(&m, false)?;
     }
     make_readonly(Path::new(NEWROOT), false)
+}
+
+/// Copy a (small, host-owned) file onto the sandbox's tmpfs with its permission bits:
+/// plain reads and writes, since `std::fs::copy` first tries copy_file_range, which
+/// never works from the host's file system to a tmpfs, and sets the mode separately.
+fn copy_file(src: &Path, dst: &Path) -> Result<(), MountError> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    fn failed<'a>(
+        what: &'static str,
+        path: &'a Path,
+    ) -> impl FnOnce(std::io::Error) -> MountError + 'a {
+        move |source| MountError {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+    let mut from = std::fs::File::open(src).map_err(failed("open", src))?;
+    let mode = from.metadata().map_err(failed("stat", src))?.mode() & 0o7777;
+    let mut data = Vec::new();
+    from.read_to_end(&mut data).map_err(failed("read", src))?;
+    let mut to = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)
+        .map_err(failed("copy", dst))?;
+    to.write_all(&data).map_err(failed("copy", dst))?;
+    // Exactly the host file's bits, whatever the umask.
+    to.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(failed("copy", dst))
 }
 
 /// A minimal /dev: a tmpfs with the harmless character devices bound from the host.

@@ -9,6 +9,7 @@
 //! the agent powering the VM off as soon as it is ready, in both VMMs.
 
 mod child;
+mod profile;
 mod qemu;
 mod svg;
 mod timeline;
@@ -56,6 +57,8 @@ struct Setup {
     /// `/proc/loadavg` (1, 5, 15 min) when the benchmark began: boots on a busy host
     /// wait for CPU time.
     load_before: String,
+    /// Profiled boots (`--profile`): the kernel log of each is kept here.
+    profile_log: Option<PathBuf>,
 }
 
 /// The 1, 5 and 15 minute load averages (empty if unreadable).
@@ -219,6 +222,10 @@ fn boot_direct(setup: &Setup, until: BootUntil, reset: bool, n: usize) -> Result
     let mut config = vmm::VmConfig::new(kernel, setup.mem_mib, 1);
     config.initrd = (!reset).then(|| setup.initrd.clone());
     config.cmdline_extra = extra_cmdline(until);
+    if setup.profile_log.is_some() && !reset {
+        config.cmdline_extra = format!("{} {}", config.cmdline_extra, profile::PROFILE_CMDLINE);
+        config.console = vmm::ConsoleMode::File(dir.join("console.log"));
+    }
     config.pvm_cmdline = guest_image::KERNEL_CMDLINE_PVM.to_string();
     let (stop_at, expected) = match until {
         _ if reset => (None, vmm::ExitReason::GuestReset),
@@ -278,6 +285,10 @@ fn boot_direct(setup: &Setup, until: BootUntil, reset: bool, n: usize) -> Result
         &report,
         &[(BootStage::ProcessExit, anchor.mono_ns(reaped.exited_at))],
     );
+    if let Some(keep) = setup.profile_log.as_ref().filter(|_| !reset) {
+        std::fs::copy(dir.join("console.log"), keep)
+            .map_err(|e| Failure::new(format!("no kernel log of the profiled boot: {e}")))?;
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(Boot {
         timeline,
@@ -717,7 +728,13 @@ fn print_text(setup: &Setup, args: &BenchBootArgs, host: &HostKind, series: &[Se
     }
 }
 
-fn print_json(setup: &Setup, args: &BenchBootArgs, host: &HostKind, series: &[Series]) {
+fn print_json(
+    setup: &Setup,
+    args: &BenchBootArgs,
+    host: &HostKind,
+    series: &[Series],
+    profile: Option<&profile::Profile>,
+) {
     let series_json: Vec<serde_json::Value> = series
         .iter()
         .map(|s| {
@@ -776,6 +793,7 @@ fn print_json(setup: &Setup, args: &BenchBootArgs, host: &HostKind, series: &[Se
         "series": series_json,
         "vs_qemu": vs_qemu,
         "goals": goals(series, host),
+        "profile": profile,
     });
     let _ = writeln!(
         std::io::stdout().lock(),
@@ -821,7 +839,11 @@ impl Progress {
     }
 }
 
-pub fn run(args: BenchBootArgs) -> Result<i32, Failure> {
+pub fn run(mut args: BenchBootArgs) -> Result<i32, Failure> {
+    if args.profile {
+        // The profiled boots are our VMM's own, to agent ready.
+        args.until = BootUntil::Ready;
+    }
     if args.runs == 0 {
         return Err(Failure::new("--runs must be at least 1"));
     }
@@ -856,8 +878,9 @@ pub fn run(args: BenchBootArgs) -> Result<i32, Failure> {
         boot_timeout,
         qemu: args.qemu.clone(),
         reset_kernel: reset_path,
-        work: WorkDir(work),
         load_before: loadavg(),
+        profile_log: args.profile.then(|| work.join("kernel-log.txt")),
+        work: WorkDir(work),
     };
     let qemu_name = Path::new(&setup.qemu)
         .file_name()
@@ -926,10 +949,22 @@ pub fn run(args: BenchBootArgs) -> Result<i32, Failure> {
         std::fs::write(path, svg::render(&title, &refs))
             .map_err(|e| Failure::new(format!("cannot write {}: {e}", path.display())))?;
     }
+    let profiled = setup
+        .profile_log
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .map(|log| {
+            let mut p = profile::analyse(&log, 15);
+            profile::name_addresses(&mut p, &setup.kernel);
+            p
+        });
     if args.json {
-        print_json(&setup, &args, &host, &series);
+        print_json(&setup, &args, &host, &series, profiled.as_ref());
     } else {
         print_text(&setup, &args, &host, &series);
+        if let Some(p) = &profiled {
+            let _ = write!(std::io::stdout().lock(), "{}", profile::render(p));
+        }
     }
     Ok(0)
 }
@@ -950,6 +985,7 @@ mod tests {
             kernel: None,
             initrd: None,
             boot_timeout: "1m".into(),
+            profile: false,
             json: false,
         }
     }
