@@ -32,6 +32,37 @@ pub enum Commands {
     /// Measure latency against a baseline in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Serve the HTTP/JSON API for code-execution services (long-lived sandboxes, execs
+    /// with streamed output, files in and out) on a Unix socket, optionally on TCP.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The Unix socket to listen on (mode 0600) [default: $XDG_RUNTIME_DIR/mxc-vm/serve.sock,
+    /// else /tmp/mxc-vm-<uid>/serve.sock].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Also listen on TCP at ADDRESS:PORT (needs --token-file; clients send
+    /// `Authorization: Bearer <token>`).
+    #[arg(long, value_name = "ADDRESS:PORT")]
+    pub listen: Option<String>,
+    /// File holding the bearer token for --listen (at least 16 printable characters).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Most sandboxes at once (more are answered 429).
+    #[arg(long, default_value_t = 64)]
+    pub max_sandboxes: usize,
+    /// Most execs running at once across all sandboxes (more are answered 429).
+    #[arg(long, default_value_t = 64)]
+    pub max_execs: usize,
+    /// Most bytes of a JSON request body (more are answered 413; file uploads stream and
+    /// have no such limit).
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body: usize,
+    /// Timeout of an exec that names none (and whose policy names none).
+    #[arg(long, value_name = "DUR", default_value = "10m")]
+    pub exec_timeout: String,
 }
 
 #[derive(Debug, Subcommand)]

@@ -9,6 +9,7 @@ mod jsonl;
 mod policy_cmd;
 mod progress;
 mod run_cmd;
+mod serve;
 
 use clap::Parser;
 
@@ -30,6 +31,7 @@ fn main() {
         Commands::Bench(cli::BenchCommand::Proxy(a)) => a.json,
         Commands::Bench(cli::BenchCommand::Boot(a)) => a.json,
         Commands::Bench(cli::BenchCommand::Fs(a)) => a.json,
+        Commands::Serve(_) => false,
     };
     let is_run = matches!(cli.command, Commands::Run(_));
     let result = match cli.command {
@@ -38,6 +40,7 @@ fn main() {
         Commands::Backends(args) => backends_cmd::run(args),
         Commands::Bench(cmd) => bench::run(cmd),
         Commands::Image(cmd) => image_cmd::run(cmd),
+        Commands::Serve(args) => serve::run(args),
     };
     // A run stopped by SIGTERM, SIGINT or SIGHUP removed its sandbox on the way out
     // (whatever the command or the backend said as it went) and ends as the signal would.

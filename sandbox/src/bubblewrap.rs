@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use crate::limits::{self, Enforcement, SandboxCgroup};
-use crate::output::{ExecIo, StdinMode};
+use crate::output::ExecIo;
 use crate::process::net::SandboxNet;
 use crate::process::{compose_env, net_mode, with_proxy_env};
 use crate::proxy::handoff::NET_HELPER_ARG;
@@ -407,10 +407,11 @@ impl Backend for BubblewrapBackend {
             .map_err(|_| SandboxError::Lifecycle("cgroup path contains NUL"))?;
         let mut cmd = Command::new(bwrap);
         cmd.args(&args).env_clear();
-        cmd.stdin(match io.stdin {
-            StdinMode::Inherit => Stdio::inherit(),
-            StdinMode::Null => Stdio::null(),
-        });
+        cmd.stdin(
+            io.stdin
+                .stdio()
+                .map_err(|e| SandboxError::io("duplicating stdin", e))?,
+        );
         if io.sink.is_some() {
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         }

@@ -24,7 +24,7 @@ static TAKEN: AtomicI32 = AtomicI32::new(0);
 /// The pid of the process that installed the handler (a forked child is not it).
 static OWNER: AtomicI32 = AtomicI32::new(0);
 /// Processes to SIGKILL on a signal; 0 is a free slot.
-static ROOTS: [AtomicI32; 8] = [const { AtomicI32::new(0) }; 8];
+static ROOTS: [AtomicI32; 256] = [const { AtomicI32::new(0) }; 256];
 
 extern "C" fn on_signal(sig: libc::c_int) {
     // SAFETY: getpid() is async-signal-safe and has no preconditions.

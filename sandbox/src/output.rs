@@ -59,6 +59,24 @@ pub enum StdinMode {
     Inherit,
     /// The command's stdin is empty.
     Null,
+    /// The command reads this descriptor (the read end of a pipe, say), which the caller
+    /// keeps open until the exec returns.
+    Fd(std::os::fd::RawFd),
+}
+
+impl StdinMode {
+    /// A `Stdio` for a spawned child: inherited, empty, or a duplicate of the descriptor.
+    pub fn stdio(self) -> std::io::Result<std::process::Stdio> {
+        Ok(match self {
+            StdinMode::Inherit => std::process::Stdio::inherit(),
+            StdinMode::Null => std::process::Stdio::null(),
+            StdinMode::Fd(fd) => {
+                // SAFETY: the caller keeps `fd` open for the exec; we only duplicate it.
+                let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                std::process::Stdio::from(borrowed.try_clone_to_owned()?)
+            }
+        })
+    }
 }
 
 /// The I/O wiring for one exec.

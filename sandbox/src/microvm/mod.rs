@@ -595,7 +595,7 @@ fn run_agent_exec(
     timeout: Option<Duration>,
     on_hang: impl FnOnce() + Send + 'static,
 ) -> Result<(proto::Exit, bool), SandboxError> {
-    let inherit_stdin = writer.io.stdin == StdinMode::Inherit;
+    let stdin = writer.io.stdin;
     let shared = Rc::new(RefCell::new(writer));
     let mut out = KindWriter {
         shared: Rc::clone(&shared),
@@ -606,8 +606,17 @@ fn run_agent_exec(
         kind: StreamKind::Stderr,
     };
     let mut agent_io = AgentIo::new(&mut out, &mut err);
-    if inherit_stdin {
-        agent_io = agent_io.with_stdin(Box::new(std::io::stdin()));
+    match stdin {
+        StdinMode::Inherit => agent_io = agent_io.with_stdin(Box::new(std::io::stdin())),
+        StdinMode::Fd(fd) => {
+            // SAFETY: the caller keeps `fd` open for the exec; we only duplicate it.
+            let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            let owned = borrowed
+                .try_clone_to_owned()
+                .map_err(|e| SandboxError::io("duplicating stdin", e))?;
+            agent_io = agent_io.with_stdin(Box::new(std::fs::File::from(owned)));
+        }
+        StdinMode::Null => {}
     }
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     if let Some(t) = timeout {

@@ -286,10 +286,11 @@ fn spawn_and_supervise(
 
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg0("mxc-vm-sandbox").arg(INIT_ARG).env_clear();
-    cmd.stdin(match io.stdin {
-        StdinMode::Inherit => Stdio::inherit(),
-        StdinMode::Null => Stdio::null(),
-    });
+    cmd.stdin(
+        io.stdin
+            .stdio()
+            .map_err(|e| SandboxError::io("duplicating stdin", e))?,
+    );
     let relay = io.sink.is_some();
     if relay {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -413,7 +414,11 @@ fn spawn_forked(
             std::fs::File::open("/dev/null")
                 .map_err(|e| SandboxError::io("opening /dev/null", e))?,
         ),
-        StdinMode::Inherit => None,
+        StdinMode::Inherit | StdinMode::Fd(_) => None,
+    };
+    let stdin_fd = match io.stdin {
+        StdinMode::Fd(fd) => Some(fd),
+        _ => None,
     };
     let status_raw = status_w.as_raw_fd();
     let net_raw = net_fd.map_or(-1, |f| f.as_raw_fd());
@@ -436,6 +441,9 @@ fn spawn_forked(
             }
             if let Some(null) = &null {
                 libc::dup2(null.as_raw_fd(), 0);
+            }
+            if let Some(fd) = stdin_fd {
+                libc::dup2(fd, 0);
             }
         }
         let fds = Inherit {

@@ -1,0 +1,456 @@
+//! The service's sandboxes. Each lives on a thread of its own that owns its backend
+//! (provisioned and started once, stopped and deprovisioned when the sandbox is deleted,
+//! expires or the service stops) and runs its execs one after another, streaming output
+//! to the HTTP response as it comes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use policy::{Containment, FsView};
+use sandbox::output::{ExecIo, OutputSink, StdinMode, StreamKind};
+use sandbox::{ExecOutcome, ExecRequest, ExitKind, SandboxSpec};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use super::error::ApiError;
+use super::metrics::Metrics;
+
+/// What a client may ask of the service at once.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_sandboxes: usize,
+    pub max_execs: usize,
+    /// The exec timeout when neither the request nor the policy names one.
+    pub default_exec_timeout: Duration,
+}
+
+/// One event of an exec, as streamed to the client.
+#[derive(Debug)]
+pub enum ExecEvent {
+    Output(StreamKind, Vec<u8>),
+    Exit(ExecOutcome),
+    Failed(ApiError),
+}
+
+/// A request to run one command.
+pub struct ExecJob {
+    pub req: ExecRequest,
+    pub stdin: Option<Vec<u8>>,
+    pub events: mpsc::Sender<ExecEvent>,
+}
+
+enum Job {
+    Exec(ExecJob),
+    Stop,
+}
+
+/// A live sandbox.
+pub struct Entry {
+    pub id: String,
+    pub backend: Containment,
+    pub labels: BTreeMap<String, String>,
+    pub created: SystemTime,
+    created_at: Instant,
+    pub ttl: Option<Duration>,
+    pub idle_ttl: Option<Duration>,
+    last_used: Mutex<Instant>,
+    /// The policy's resolved file view: what the files API may touch.
+    pub view: FsView,
+    pub policy_timeout: Option<Duration>,
+    /// Execs accepted and not yet finished (the sandbox's thread counts them down).
+    pub running: Arc<AtomicUsize>,
+    pub execs: AtomicU64,
+    jobs: Mutex<std_mpsc::Sender<Job>>,
+}
+
+/// A sandbox as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct SandboxInfo {
+    pub id: String,
+    pub backend: &'static str,
+    pub state: &'static str,
+    pub labels: BTreeMap<String, String>,
+    pub created_unix_ms: u128,
+    pub ttl_s: Option<u64>,
+    pub idle_ttl_s: Option<u64>,
+    pub running_execs: usize,
+    pub execs: u64,
+}
+
+impl Entry {
+    pub fn info(&self) -> SandboxInfo {
+        SandboxInfo {
+            id: self.id.clone(),
+            backend: self.backend.as_str(),
+            state: "running",
+            labels: self.labels.clone(),
+            created_unix_ms: self
+                .created
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis()),
+            ttl_s: self.ttl.map(|d| d.as_secs()),
+            idle_ttl_s: self.idle_ttl.map(|d| d.as_secs()),
+            running_execs: self.running.load(Ordering::SeqCst),
+            execs: self.execs.load(Ordering::SeqCst),
+        }
+    }
+
+    pub fn touch(&self) {
+        if let Ok(mut t) = self.last_used.lock() {
+            *t = Instant::now();
+        }
+    }
+
+    /// Whether a TTL has run out (the idle one only counts while no exec runs).
+    fn expired(&self, now: Instant) -> bool {
+        let idle_since = self.last_used.lock().map_or(now, |t| *t);
+        let absolute = self
+            .ttl
+            .is_some_and(|t| now.duration_since(self.created_at) >= t);
+        let idle = self.idle_ttl.is_some_and(|t| {
+            self.running.load(Ordering::SeqCst) == 0 && now.duration_since(idle_since) >= t
+        });
+        absolute || idle
+    }
+
+    /// Queue an exec; the sandbox's thread runs it after those queued before.
+    pub fn submit(&self, job: ExecJob) -> Result<(), ApiError> {
+        self.running.fetch_add(1, Ordering::SeqCst);
+        self.execs.fetch_add(1, Ordering::SeqCst);
+        self.touch();
+        let sent = self
+            .jobs
+            .lock()
+            .map_err(|_| ApiError::internal("sandbox state is poisoned"))?
+            .send(Job::Exec(job));
+        sent.map_err(|_| {
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            ApiError::gone(&self.id)
+        })
+    }
+
+    fn stop(&self) {
+        if let Ok(tx) = self.jobs.lock() {
+            let _ = tx.send(Job::Stop);
+        }
+    }
+}
+
+/// What `POST /v1/sandboxes` asks for, validated.
+pub struct CreateRequest {
+    pub policy: policy::Policy,
+    pub labels: BTreeMap<String, String>,
+    pub ttl: Option<Duration>,
+    pub idle_ttl: Option<Duration>,
+}
+
+/// Every sandbox of the service.
+pub struct Registry {
+    sandboxes: Mutex<HashMap<String, Arc<Entry>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    pub limits: Limits,
+    pub metrics: Arc<Metrics>,
+    next: AtomicU64,
+}
+
+impl Registry {
+    pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Self {
+        Self {
+            sandboxes: Mutex::new(HashMap::new()),
+            threads: Mutex::new(Vec::new()),
+            limits,
+            metrics,
+            next: AtomicU64::new(1),
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Result<Arc<Entry>, ApiError> {
+        self.sandboxes
+            .lock()
+            .map_err(|_| ApiError::internal("registry is poisoned"))?
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(format!("no sandbox {id:?}")))
+    }
+
+    pub fn list(&self) -> Vec<Arc<Entry>> {
+        let mut all: Vec<Arc<Entry>> = self
+            .sandboxes
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        all.sort_by_key(|e| e.created_at);
+        all
+    }
+
+    pub fn running_execs(&self) -> usize {
+        self.list()
+            .iter()
+            .map(|e| e.running.load(Ordering::SeqCst))
+            .sum()
+    }
+
+    /// Provision and start a sandbox (blocking: a microVM boots here).
+    pub fn create(&self, req: CreateRequest) -> Result<Arc<Entry>, ApiError> {
+        let count = self.sandboxes.lock().map(|m| m.len()).unwrap_or(0);
+        if count >= self.limits.max_sandboxes {
+            return Err(ApiError::too_many(format!(
+                "the service already runs {count} sandboxes (--max-sandboxes {})",
+                self.limits.max_sandboxes
+            )));
+        }
+        let policy = req.policy;
+        let containment = sandbox::select_backend(policy.containment);
+        let base = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+        let view = policy::resolve_fs(&policy.filesystem, &base)
+            .map_err(|e| ApiError::bad_policy(e.to_string()))?;
+        let id = format!(
+            "sb-{}-{}",
+            std::process::id(),
+            self.next.fetch_add(1, Ordering::SeqCst)
+        );
+        let spec = SandboxSpec {
+            policy: policy.clone(),
+            view: view.clone(),
+            id: id.clone(),
+            net: Default::default(),
+        };
+        let (jobs_tx, jobs_rx) = std_mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = std_mpsc::sync_channel::<Result<(), ApiError>>(1);
+        let metrics = Arc::clone(&self.metrics);
+        let running = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&running);
+        let thread = std::thread::Builder::new()
+            .name(format!("sandbox {id}"))
+            .spawn(move || sandbox_thread(containment, spec, jobs_rx, ready_tx, metrics, counted))
+            .map_err(|e| ApiError::internal(format!("cannot start a sandbox thread: {e}")))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(ApiError::internal("the sandbox thread ended during setup"));
+            }
+        }
+        let now = Instant::now();
+        let entry = Arc::new(Entry {
+            id: id.clone(),
+            backend: containment,
+            labels: req.labels,
+            created: SystemTime::now(),
+            created_at: now,
+            ttl: req.ttl,
+            idle_ttl: req.idle_ttl,
+            last_used: Mutex::new(now),
+            view,
+            policy_timeout: policy.process.timeout,
+            running,
+            execs: AtomicU64::new(0),
+            jobs: Mutex::new(jobs_tx),
+        });
+        if let Ok(mut m) = self.sandboxes.lock() {
+            m.insert(id, Arc::clone(&entry));
+        }
+        if let Ok(mut t) = self.threads.lock() {
+            t.retain(|h| !h.is_finished());
+            t.push(thread);
+        }
+        self.metrics.created(containment.as_str());
+        Ok(entry)
+    }
+
+    /// Remove a sandbox: it stops once its queued execs are done.
+    pub fn delete(&self, id: &str) -> Result<Arc<Entry>, ApiError> {
+        let entry = self
+            .sandboxes
+            .lock()
+            .map_err(|_| ApiError::internal("registry is poisoned"))?
+            .remove(id)
+            .ok_or_else(|| ApiError::not_found(format!("no sandbox {id:?}")))?;
+        entry.stop();
+        self.metrics.deleted(entry.backend.as_str());
+        Ok(entry)
+    }
+
+    /// Delete every sandbox whose TTL ran out; returns their ids.
+    pub fn reap_expired(&self) -> Vec<String> {
+        let now = Instant::now();
+        let expired: Vec<String> = self
+            .list()
+            .into_iter()
+            .filter(|e| e.expired(now))
+            .map(|e| e.id.clone())
+            .collect();
+        for id in &expired {
+            let _ = self.delete(id);
+        }
+        expired
+    }
+
+    /// Stop every sandbox and wait for their threads (service shutdown).
+    pub fn shutdown(&self) {
+        let ids: Vec<String> = self.list().into_iter().map(|e| e.id.clone()).collect();
+        for id in ids {
+            let _ = self.delete(&id);
+        }
+        let threads = self
+            .threads
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends output chunks to the exec's HTTP response; a client that went away only
+/// loses the output (the command runs on to its end or its timeout).
+struct ChannelSink {
+    tx: mpsc::Sender<ExecEvent>,
+}
+
+impl OutputSink for ChannelSink {
+    fn chunk(&mut self, kind: StreamKind, data: &[u8]) -> std::io::Result<()> {
+        let _ = self
+            .tx
+            .blocking_send(ExecEvent::Output(kind, data.to_vec()));
+        Ok(())
+    }
+}
+
+fn sandbox_thread(
+    containment: Containment,
+    spec: SandboxSpec,
+    jobs: std_mpsc::Receiver<Job>,
+    ready: std_mpsc::SyncSender<Result<(), ApiError>>,
+    metrics: Arc<Metrics>,
+    running: Arc<AtomicUsize>,
+) {
+    let mut backend = match make_backend(containment) {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let started = backend
+        .provision(&spec)
+        .and_then(|()| backend.start())
+        .map_err(|e| ApiError::unprocessable("sandbox_refused", super::error::chain(&e)));
+    if let Err(e) = started {
+        let _ = backend.stop();
+        let _ = backend.deprovision();
+        let _ = ready.send(Err(e));
+        return;
+    }
+    let _ = ready.send(Ok(()));
+    let output_limit = spec.policy.limits.output_bytes;
+    for job in jobs {
+        let Job::Exec(job) = job else { break };
+        let events = job.events.clone();
+        let start = Instant::now();
+        let event = match run_exec(backend.as_mut(), job, output_limit) {
+            Ok(outcome) => {
+                metrics.exec_done(start.elapsed(), &outcome);
+                ExecEvent::Exit(outcome)
+            }
+            Err(e) => ExecEvent::Failed(e),
+        };
+        running.fetch_sub(1, Ordering::SeqCst);
+        let _ = events.blocking_send(event);
+    }
+    let _ = backend.stop();
+    let _ = backend.deprovision();
+}
+
+fn make_backend(containment: Containment) -> Result<Box<dyn sandbox::Backend>, ApiError> {
+    match containment {
+        Containment::Microvm => Ok(Box::new(sandbox::microvm::MicrovmBackend::new(
+            sandbox::microvm::MicrovmOptions {
+                kernel: None,
+                initrd: None,
+                console: false,
+                image: guest_image::BuildOptions::default(),
+                progress: None,
+                boot_timeout: None,
+                verbose: false,
+                vmm_binary: None,
+                system: Default::default(),
+            },
+        ))),
+        other => sandbox::backend_for(other)
+            .map_err(|e| ApiError::unprocessable("backend_unavailable", e.to_string())),
+    }
+}
+
+fn run_exec(
+    backend: &mut dyn sandbox::Backend,
+    job: ExecJob,
+    output_limit: Option<u64>,
+) -> Result<ExecOutcome, ApiError> {
+    let mut sink = ChannelSink {
+        tx: job.events.clone(),
+    };
+    // Stdin bytes go through a pipe, written by a thread of their own so that a command
+    // that does not read them cannot block the sandbox.
+    let mut writer = None;
+    let mut read_end = None;
+    if let Some(bytes) = job.stdin {
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe2 writes two new descriptors into our array.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(ApiError::internal(format!(
+                "cannot create a pipe: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: both descriptors were just created and are owned by nobody else.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        writer = Some(std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = std::fs::File::from(w).write_all(&bytes);
+        }));
+        read_end = Some(r);
+    }
+    let stdin = match &read_end {
+        Some(r) => StdinMode::Fd(r.as_raw_fd()),
+        None => StdinMode::Null,
+    };
+    let mut io = ExecIo {
+        stdin,
+        sink: Some(&mut sink),
+        output_limit,
+    };
+    let result = backend.exec(&job.req, &mut io);
+    // The command is gone: its end of the pipe closes, and so does the writer's.
+    drop(read_end);
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
+    result.map_err(|e| ApiError::unprocessable("exec_failed", super::error::chain(&e)))
+}
+
+/// The exit event's JSON.
+pub fn exit_json(outcome: &ExecOutcome) -> serde_json::Value {
+    let (code, signal) = match outcome.exit {
+        ExitKind::Code(c) => (Some(c), None),
+        ExitKind::Signal(s) => (None, Some(s)),
+    };
+    serde_json::json!({
+        "type": "exit",
+        "exit_code": code,
+        "signal": signal,
+        "timed_out": outcome.timed_out,
+        "output_truncated": outcome.output_truncated,
+        "duration_ms": outcome.duration.as_secs_f64() * 1000.0,
+    })
+}

@@ -1,0 +1,649 @@
+//! `mxc-vm serve`, end to end through its Unix socket and TCP: the API's routes and
+//! errors, sandboxes with execs and files on the process tiers, limits, TTLs, the
+//! token on TCP, and a load run (20 sandboxes at once, 1,000 execs) after which SIGTERM
+//! leaves nothing behind.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tests::leaks::HostState;
+use tests::TempDir;
+
+/// The load test counts host-wide; the others must not run beside it.
+static HOST: Mutex<()> = Mutex::new(());
+
+struct Server {
+    child: Child,
+    socket: PathBuf,
+    tcp: Option<String>,
+    _dir: TempDir,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Self {
+        let dir = TempDir::new("serve");
+        let socket = dir.join("api.sock");
+        let mut child = Command::new(tests::mxc_vm_bin())
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).expect("a listening line");
+        assert_eq!(v["type"], "listening", "{line}");
+        Self {
+            child,
+            socket,
+            tcp: v["tcp"].as_str().map(str::to_string),
+            _dir: dir,
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, body: &[u8]) -> Reply {
+        let stream = UnixStream::connect(&self.socket).unwrap();
+        exchange(stream, method, path, body, &[])
+    }
+
+    fn json(&self, method: &str, path: &str, body: serde_json::Value) -> Reply {
+        self.call(method, path, body.to_string().as_bytes())
+    }
+
+    fn stop(mut self) -> i32 {
+        // SAFETY: kill() on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        std::os::unix::process::ExitStatusExt::into_raw(status) >> 8
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Reply {
+    status: u16,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+    /// The `{"error": {"code", "message"}}` of an error reply.
+    fn error(&self) -> (u16, String, String) {
+        let v = self.json();
+        (
+            self.status,
+            v["error"]["code"].as_str().unwrap_or("?").to_string(),
+            v["error"]["message"].as_str().unwrap_or("?").to_string(),
+        )
+    }
+    fn lines(&self) -> Vec<serde_json::Value> {
+        self.body
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect()
+    }
+}
+
+/// One HTTP/1.1 request (`Connection: close`), the whole reply read, chunked bodies
+/// decoded.
+fn exchange<S: Read + Write>(
+    mut stream: S,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: mxc\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a reply head");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut rest = raw[split + 4..].to_vec();
+    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = Vec::new();
+        loop {
+            let eol = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16)
+                .unwrap();
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+            rest = rest[eol + 2 + size + 2..].to_vec();
+        }
+        rest = out;
+    }
+    Reply { status, body: rest }
+}
+
+fn b64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn unb64(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        _ => 63,
+    };
+    let mut out = Vec::new();
+    for chunk in s.as_bytes().chunks(4) {
+        let pad = chunk.iter().filter(|c| **c == b'=').count();
+        let n = chunk
+            .iter()
+            .filter(|c| **c != b'=')
+            .enumerate()
+            .fold(0u32, |acc, (i, c)| {
+                acc | (u32::from(val(*c)) << (18 - 6 * i))
+            });
+        for i in 0..3 - pad {
+            out.push((n >> (16 - 8 * i)) as u8);
+        }
+    }
+    out
+}
+
+/// Run a command; (stdout, stderr, the exit event).
+fn exec(server: &Server, id: &str, body: serde_json::Value) -> (String, String, serde_json::Value) {
+    let reply = server.json("POST", &format!("/v1/sandboxes/{id}/exec"), body);
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let (mut out, mut err, mut exit) = (Vec::new(), Vec::new(), serde_json::Value::Null);
+    for event in reply.lines() {
+        match event["type"].as_str().unwrap() {
+            "stdout" => out.extend(unb64(event["data_b64"].as_str().unwrap())),
+            "stderr" => err.extend(unb64(event["data_b64"].as_str().unwrap())),
+            _ => exit = event,
+        }
+    }
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+        exit,
+    )
+}
+
+fn create(server: &Server, body: serde_json::Value) -> String {
+    let reply = server.json("POST", "/v1/sandboxes", body);
+    assert_eq!(
+        reply.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    reply.json()["id"].as_str().unwrap().to_string()
+}
+
+fn path_str(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn health_openapi_and_every_error_is_json() {
+    let _host = HOST.lock().unwrap_or_else(|e| e.into_inner());
+    let server = Server::start(&["--max-body", "2000"]);
+
+    let health = server.call("GET", "/v1/health", b"");
+    assert_eq!(
+        (health.status, health.json()),
+        (200, serde_json::json!({"status": "ok"}))
+    );
+    let api = server.call("GET", "/v1/openapi.json", b"");
+    assert_eq!(api.json()["openapi"], "3.0.3");
+    let metrics = server.call("GET", "/metrics", b"");
+    assert!(String::from_utf8_lossy(&metrics.body)
+        .contains("# TYPE mxc_exec_duration_seconds histogram"));
+
+    let cases: Vec<(Reply, u16, &str, &str)> = vec![
+        (
+            server.call("GET", "/nowhere", b""),
+            404,
+            "not_found",
+            "/nowhere",
+        ),
+        (
+            server.call("DELETE", "/v1/health", b""),
+            405,
+            "method_not_allowed",
+            "DELETE",
+        ),
+        (
+            server.call("POST", "/v1/sandboxes", b"{bad"),
+            400,
+            "malformed_request",
+            "invalid request body",
+        ),
+        (
+            server.call("POST", "/v1/sandboxes", br#"{"policy": 3}"#),
+            400,
+            "malformed_request",
+            "`policy`",
+        ),
+        (
+            server.call("POST", "/v1/sandboxes", br#"{"colour": "red"}"#),
+            400,
+            "malformed_request",
+            "colour",
+        ),
+        (
+            server.call("POST", "/v1/sandboxes", br#"{"backend": "lxd"}"#),
+            400,
+            "unsupported_containment",
+            "lxd",
+        ),
+        (
+            server.call(
+                "POST",
+                "/v1/sandboxes",
+                br#"{"policy": {"version": "1", "filesystem": {"deny": []}}}"#,
+            ),
+            400,
+            "policy_validation",
+            "filesystem.deny",
+        ),
+        (
+            server.call("POST", "/v1/sandboxes", &vec![b' '; 5000]),
+            413,
+            "body_too_large",
+            "2000",
+        ),
+        (
+            server.call("GET", "/v1/sandboxes/sb-none", b""),
+            404,
+            "not_found",
+            "sb-none",
+        ),
+        (
+            server.call(
+                "POST",
+                "/v1/sandboxes/sb-none/exec",
+                br#"{"argv":["true"]}"#,
+            ),
+            404,
+            "not_found",
+            "sb-none",
+        ),
+    ];
+    for (reply, status, code, needle) in cases {
+        let (s, c, m) = reply.error();
+        assert_eq!((s, c.as_str()), (status, code), "{m}");
+        assert!(m.contains(needle), "{m:?} should name {needle:?}");
+    }
+    assert_eq!(server.stop(), 128 + libc::SIGTERM);
+}
+
+#[test]
+fn a_process_sandbox_runs_many_commands_and_moves_files_under_its_policy() {
+    let _host = HOST.lock().unwrap_or_else(|e| e.into_inner());
+    let server = Server::start(&[]);
+    let dir = TempDir::new("serve-files");
+    for d in ["rw/sub", "rw/secret", "ro"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    std::fs::write(dir.join("rw/secret/key"), "top secret").unwrap();
+    std::fs::write(dir.join("ro/readme"), "read me").unwrap();
+    std::os::unix::fs::symlink(dir.join("rw/secret/key"), dir.join("rw/sub/link")).unwrap();
+    let (rw, ro) = (path_str(&dir.join("rw")), path_str(&dir.join("ro")));
+    for backend in ["process", "bubblewrap"] {
+        let id = create(
+            &server,
+            serde_json::json!({
+                "backend": backend,
+                "labels": {"team": "a"},
+                "policy": {"version": "1", "filesystem": {
+                    "readwrite": [rw], "readonly": [ro], "denied": [format!("{rw}/secret")]}},
+            }),
+        );
+        let info = server
+            .call("GET", &format!("/v1/sandboxes/{id}"), b"")
+            .json();
+        assert_eq!(
+            (info["backend"].as_str(), info["labels"]["team"].as_str()),
+            (Some(backend), Some("a"))
+        );
+
+        // Commands: output streamed per stream, stdin, exit code, env, cwd, timeout.
+        let (out, err, exit) = exec(
+            &server,
+            &id,
+            serde_json::json!({"argv": ["sh", "-c", "echo out; echo err >&2; cat; echo $X; pwd; exit 7"],
+                                "stdin_b64": b64(b"from stdin\n"), "env": {"X": "y"}, "cwd": rw}),
+        );
+        assert_eq!(out, format!("out\nfrom stdin\ny\n{rw}\n"));
+        assert_eq!(
+            (err.as_str(), exit["exit_code"].as_i64()),
+            ("err\n", Some(7))
+        );
+        let (_, _, exit) = exec(
+            &server,
+            &id,
+            serde_json::json!({"argv": ["sleep", "10"], "timeout_ms": 300}),
+        );
+        assert_eq!(exit["timed_out"], true, "{exit}");
+        let (out, _, exit) = exec(
+            &server,
+            &id,
+            serde_json::json!({"argv": ["cat", format!("{rw}/secret/key")]}),
+        );
+        assert_eq!((out.as_str(), exit["exit_code"].as_i64()), ("", Some(1)));
+        let (_, err, exit) = exec(
+            &server,
+            &id,
+            serde_json::json!({"argv": ["no-such-program"]}),
+        );
+        assert_eq!(exit["exit_code"].as_i64(), Some(127), "{err}");
+
+        // Files: written where the policy allows, read back, seen by the sandbox.
+        let files = |p: &str| format!("/v1/sandboxes/{id}/files?path={p}");
+        let up = server.call(
+            "PUT",
+            &files(&format!("{rw}/sub/up.txt")),
+            b"uploaded bytes",
+        );
+        assert_eq!((up.status, up.json()["bytes"].as_u64()), (201, Some(14)));
+        assert_eq!(
+            server
+                .call("GET", &files(&format!("{rw}/sub/up.txt")), b"")
+                .body,
+            b"uploaded bytes"
+        );
+        let (out, _, _) = exec(
+            &server,
+            &id,
+            serde_json::json!({"argv": ["cat", format!("{rw}/sub/up.txt")]}),
+        );
+        assert_eq!(out, "uploaded bytes");
+        assert_eq!(
+            server
+                .call("GET", &files(&format!("{ro}/readme")), b"")
+                .body,
+            b"read me"
+        );
+        let listing = server
+            .call("GET", &format!("/v1/sandboxes/{id}/list?path={rw}"), b"")
+            .json();
+        let names: Vec<&str> = listing["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["sub"], "the denied directory is not listed");
+
+        // What the policy withholds is refused with the rule, and nothing changes.
+        let refusals = [
+            (
+                server.call("GET", &files(&format!("{rw}/secret/key")), b""),
+                403,
+                "path_denied",
+                "rule:",
+            ),
+            (
+                server.call("PUT", &files(&format!("{rw}/secret/new")), b"x"),
+                403,
+                "path_denied",
+                "secret",
+            ),
+            (
+                server.call("PUT", &files(&format!("{ro}/readme")), b"x"),
+                403,
+                "read_only",
+                "rule:",
+            ),
+            (
+                server.call("GET", &files(&format!("{rw}/sub/link")), b""),
+                403,
+                "path_denied",
+                "symlink",
+            ),
+            (
+                server.call("GET", &files("/etc/passwd"), b""),
+                403,
+                "path_denied",
+                "not granted",
+            ),
+            (
+                server.call("GET", &files(&format!("{rw}/../ro/readme")), b""),
+                400,
+                "bad_path",
+                "..",
+            ),
+            (
+                server.call("GET", &files(&format!("{rw}/sub/none")), b""),
+                404,
+                "not_found",
+                "does not exist",
+            ),
+            (
+                server.call("GET", &files(&format!("{rw}/sub")), b""),
+                400,
+                "is_a_directory",
+                "list",
+            ),
+            (
+                server.call("GET", &format!("/v1/sandboxes/{id}/files"), b""),
+                400,
+                "bad_request",
+                "path",
+            ),
+        ];
+        for (reply, status, code, needle) in refusals {
+            let (s, c, m) = reply.error();
+            assert_eq!((s, c.as_str()), (status, code), "{m}");
+            assert!(m.contains(needle), "{m:?} should say {needle:?}");
+        }
+        assert_eq!(
+            std::fs::read_to_string(dir.join("rw/secret/key")).unwrap(),
+            "top secret"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("ro/readme")).unwrap(),
+            "read me"
+        );
+        assert!(!dir.join("rw/secret/new").exists());
+
+        let deleted = server
+            .call("DELETE", &format!("/v1/sandboxes/{id}"), b"")
+            .json();
+        assert_eq!(
+            (deleted["state"].as_str(), deleted["execs"].as_u64()),
+            (Some("deleted"), Some(5))
+        );
+        assert_eq!(
+            server
+                .call("GET", &format!("/v1/sandboxes/{id}"), b"")
+                .status,
+            404
+        );
+    }
+    assert_eq!(server.stop(), 128 + libc::SIGTERM);
+}
+
+#[test]
+fn limits_and_ttls() {
+    let _host = HOST.lock().unwrap_or_else(|e| e.into_inner());
+    let server = Server::start(&["--max-sandboxes", "1"]);
+    let id = create(
+        &server,
+        serde_json::json!({"backend": "process", "ttl_s": 1}),
+    );
+    let (status, code, message) = server
+        .json(
+            "POST",
+            "/v1/sandboxes",
+            serde_json::json!({"backend": "process"}),
+        )
+        .error();
+    assert_eq!((status, code.as_str()), (429, "limit_reached"), "{message}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server
+        .call("GET", &format!("/v1/sandboxes/{id}"), b"")
+        .status
+        == 200
+    {
+        assert!(Instant::now() < deadline, "the TTL never reaped {id}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let idle = create(
+        &server,
+        serde_json::json!({"backend": "process", "idle_ttl_s": 1}),
+    );
+    std::thread::sleep(Duration::from_millis(1600));
+    assert_eq!(
+        server
+            .call("GET", &format!("/v1/sandboxes/{idle}"), b"")
+            .status,
+        404
+    );
+    assert_eq!(server.stop(), 128 + libc::SIGTERM);
+}
+
+#[test]
+fn tcp_needs_a_token_and_checks_it() {
+    let _host = HOST.lock().unwrap_or_else(|e| e.into_inner());
+    let no_token = Command::new(tests::mxc_vm_bin())
+        .args([
+            "serve",
+            "--socket",
+            "/nonexistent/s.sock",
+            "--listen",
+            "0.0.0.0:0",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&no_token.stderr);
+    assert_eq!(no_token.status.code(), Some(125), "{text}");
+    assert!(
+        text.contains("--token-file") && text.contains("other machines"),
+        "{text}"
+    );
+
+    let dir = TempDir::new("serve-token");
+    let token = "0123456789abcdef-token";
+    std::fs::write(dir.join("token"), format!("{token}\n")).unwrap();
+    let server = Server::start(&["--listen", "127.0.0.1:0", "--token-file", &dir.s("token")]);
+    let addr = server.tcp.clone().expect("a TCP address");
+    let call = |headers: &[(&str, &str)]| {
+        exchange(
+            std::net::TcpStream::connect(&addr).unwrap(),
+            "GET",
+            "/v1/health",
+            b"",
+            headers,
+        )
+    };
+    assert_eq!(call(&[]).error().0, 401);
+    assert_eq!(
+        call(&[("Authorization", "Bearer wrong")]).error().1,
+        "unauthorized"
+    );
+    let bearer = format!("Bearer {token}");
+    assert_eq!(call(&[("Authorization", &bearer)]).status, 200);
+    // The Unix socket is its owner's alone and needs no token.
+    let meta = std::fs::metadata(&server.socket).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+        0o600
+    );
+    assert_eq!(server.call("GET", "/v1/health", b"").status, 200);
+    assert_eq!(server.stop(), 128 + libc::SIGTERM);
+}
+
+/// 20 sandboxes at once, 50 execs in each (1,000 in all), then SIGTERM with sandboxes
+/// still open: no process, mount, cgroup, socket or temp entry is left.
+#[test]
+fn a_load_run_then_sigterm_leaves_nothing_behind() {
+    let _host = HOST.lock().unwrap_or_else(|e| e.into_inner());
+    let before = HostState::now();
+    let server = Server::start(&[]);
+    let dir = TempDir::new("serve-load");
+    let rw = path_str(dir.path());
+    std::thread::scope(|s| {
+        for t in 0..20 {
+            let (server, rw) = (&server, &rw);
+            s.spawn(move || {
+                let backend = if t % 2 == 0 { "process" } else { "bubblewrap" };
+                let id = create(
+                    server,
+                    serde_json::json!({"backend": backend, "policy": {"version": "1",
+                        "filesystem": {"readwrite": [rw]}, "limits": {"pids": 64}}}),
+                );
+                for i in 0..50 {
+                    let (out, _, exit) = exec(
+                        server,
+                        &id,
+                        serde_json::json!({"argv": ["sh", "-c", format!("echo {t}-{i} | tee {rw}/{t}")]}),
+                    );
+                    assert_eq!((out, exit["exit_code"].as_i64()), (format!("{t}-{i}\n"), Some(0)));
+                }
+            });
+        }
+    });
+    let listed = server.call("GET", "/v1/sandboxes", b"").json();
+    assert_eq!(listed["sandboxes"].as_array().unwrap().len(), 20);
+    let metrics = String::from_utf8(server.call("GET", "/metrics", b"").body).unwrap();
+    assert!(
+        metrics.contains("mxc_exec_duration_seconds_count 1000"),
+        "{metrics}"
+    );
+    assert_eq!(server.stop(), 128 + libc::SIGTERM);
+    drop(dir);
+    let left = HostState::now().left_since(&before);
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
