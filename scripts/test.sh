@@ -18,6 +18,9 @@ cargo build --locked -p host-cli
 hwkvm_rc=0
 tests/hwkvm/run.sh || hwkvm_rc=$?
 cargo test --workspace --locked
+# The SDKs against a real `mxc-vm serve` (target/debug/mxc-vm, built above).
+python3 -m unittest discover -s sdk/python/tests
+node --test sdk/typescript/test/sdk.test.js
 if [ "$hwkvm_rc" -ne 0 ]; then
   # Again here, at the end, what the lane said (a CI log shows its tail).
   if [ -s target/hwkvm/summary.txt ]; then

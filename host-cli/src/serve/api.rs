@@ -388,8 +388,9 @@ async fn exec(
     id: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let entry = svc.registry.get(id)?;
+    // The body first: a client still sending it would not see an earlier answer.
     let body: ExecBody = read_json(req.into_body(), svc.max_body).await?;
+    let entry = svc.registry.get(id)?;
     if body.argv.is_empty() {
         return Err(ApiError::bad_request(
             "malformed_request",
@@ -502,15 +503,42 @@ fn download(
     Ok(r)
 }
 
+/// Most bytes of a refused upload read before answering: a client that sends its whole
+/// body before reading (most do) then sees the answer, not a closed connection.
+const DRAIN_LIMIT: u64 = 64 << 20;
+
+async fn drain(body: &mut Incoming) {
+    let mut seen = 0u64;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(chunk) = frame.into_data() {
+            seen += chunk.len() as u64;
+            if seen > DRAIN_LIMIT {
+                break;
+            }
+        }
+    }
+}
+
 async fn upload(
     svc: &Arc<Service>,
     id: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let entry = svc.registry.get(id)?;
-    entry.touch();
-    let p = path_param(&req)?;
-    let upload = files::open_write(&entry.view, &p).inspect_err(|e| denied(svc, e))?;
+    let p = path_param(&req);
+    let mut body = req.into_body();
+    let opened = p.and_then(|p| {
+        let entry = svc.registry.get(id)?;
+        entry.touch();
+        let upload = files::open_write(&entry.view, &p).inspect_err(|e| denied(svc, e))?;
+        Ok((p, upload))
+    });
+    let (p, upload) = match opened {
+        Ok(o) => o,
+        Err(e) => {
+            drain(&mut body).await;
+            return Err(e);
+        }
+    };
     // The body goes to a new file beside the target as it arrives, on a thread of its
     // own (any size, little memory), and replaces the target only when all of it came:
     // a failed upload leaves the old file as it was.
@@ -524,7 +552,6 @@ async fn upload(
         }
         Ok((upload, total))
     });
-    let mut body = req.into_body();
     let mut failed = None;
     while let Some(frame) = body.frame().await {
         match frame {
