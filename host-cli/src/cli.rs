@@ -103,6 +103,27 @@ pub enum BenchCommand {
     /// File I/O in a microVM guest on a virtio-fs share against the same operations on
     /// the host: sequential write/read throughput, create/stat/unlink latency.
     Fs(BenchFsArgs),
+    /// An exec round trip through `mxc-vm serve` in a live process sandbox against
+    /// `mxc-vm run` of the same command and fork+exec; then many clients at once.
+    Serve(BenchServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchServeArgs {
+    /// Measured rounds (each runs every series once).
+    #[arg(long, default_value_t = 200)]
+    pub runs: usize,
+    /// Unmeasured rounds first.
+    #[arg(long, default_value_t = 10)]
+    pub warmup: usize,
+    /// Clients at once in the concurrent part (each with a sandbox of its own).
+    #[arg(long, default_value_t = 20)]
+    pub clients: usize,
+    /// Execs per client in the concurrent part.
+    #[arg(long, default_value_t = 50)]
+    pub concurrent_execs: usize,
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// How far each measured boot goes.

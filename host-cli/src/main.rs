@@ -31,6 +31,7 @@ fn main() {
         Commands::Bench(cli::BenchCommand::Proxy(a)) => a.json,
         Commands::Bench(cli::BenchCommand::Boot(a)) => a.json,
         Commands::Bench(cli::BenchCommand::Fs(a)) => a.json,
+        Commands::Bench(cli::BenchCommand::Serve(a)) => a.json,
         Commands::Serve(_) => false,
     };
     let is_run = matches!(cli.command, Commands::Run(_));

@@ -4,6 +4,7 @@ mod boot;
 mod exec;
 mod fs;
 mod proxy;
+mod serve;
 pub mod stats;
 
 use crate::cli::BenchCommand;
@@ -15,5 +16,6 @@ pub fn run(cmd: BenchCommand) -> Result<i32, Failure> {
         BenchCommand::Proxy(args) => proxy::run(args),
         BenchCommand::Boot(args) => boot::run(args),
         BenchCommand::Fs(args) => fs::run(args),
+        BenchCommand::Serve(args) => serve::run(args),
     }
 }
