@@ -6,6 +6,7 @@ mod cli;
 mod failure;
 mod image_cmd;
 mod jsonl;
+mod lxc_exec;
 mod policy_cmd;
 mod progress;
 mod run_cmd;
@@ -19,6 +20,19 @@ fn main() {
     // Re-executions of this binary as the process sandbox's init never return from here.
     sandbox::init_hook();
     sandbox::stages::mark("host: main");
+    // Started as MXC's executor (a link named lxc-exec): its contract, not our CLI.
+    if std::env::args_os()
+        .next()
+        .as_deref()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|n| n == lxc_exec::NAME)
+    {
+        let rest: Vec<String> = std::env::args_os()
+            .skip(1)
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        std::process::exit(lxc_exec::main(&rest));
+    }
     let cli = Cli::parse();
     let json = match &cli.command {
         Commands::Run(a) => a.json,

@@ -160,10 +160,15 @@ pub fn report_interrupt(signal: i32, json: bool) -> i32 {
 }
 
 pub fn run(args: RunArgs) -> Result<i32, Failure> {
+    let policy = effective_policy(&args)?;
+    run_with_policy(args, policy)
+}
+
+/// `run` with the policy already made (the flags' overrides applied), e.g. by `lxc-exec`.
+pub fn run_with_policy(args: RunArgs, policy: Policy) -> Result<i32, Failure> {
     // From here on SIGTERM, SIGINT and SIGHUP stop the sandbox and remove it.
     sandbox::interrupt::install()
         .map_err(|e| Failure::new(format!("installing the signal handlers: {e}")))?;
-    let policy = effective_policy(&args)?;
     sandbox::stages::mark("host: policy");
     let base = std::env::current_dir().unwrap_or_else(|_| Path::new("/").to_path_buf());
     let view = policy::resolve_fs(&policy.filesystem, &base)?;
