@@ -31,11 +31,23 @@ pub fn run(cmd: PolicyCommand) -> Result<i32, Failure> {
                 let _ = writeln!(
                     out,
                     "{}",
-                    serde_json::to_string_pretty(&policy::explain(&policy, &view))
-                        .unwrap_or_default()
+                    serde_json::to_string_pretty(&policy::explain_with_system(
+                        &policy,
+                        &view,
+                        &sandbox::view::system_view_summary()
+                    ))
+                    .unwrap_or_default()
                 );
             } else {
-                let _ = write!(out, "{}", policy::explain_text(&policy, &view));
+                let _ = write!(
+                    out,
+                    "{}",
+                    policy::explain_text_with_system(
+                        &policy,
+                        &view,
+                        &sandbox::view::system_view_summary()
+                    )
+                );
             }
             Ok(0)
         }
@@ -53,6 +65,9 @@ pub fn run(cmd: PolicyCommand) -> Result<i32, Failure> {
 fn format_name(p: &policy::Policy) -> String {
     match &p.source {
         policy::PolicySource::Native { version } => format!("mxc-vm native policy v{version}"),
+        policy::PolicySource::Mxc { version } if version.is_empty() => {
+            "MXC ContainerConfig, no version".into()
+        }
         policy::PolicySource::Mxc { version } => format!("MXC ContainerConfig {version}"),
         policy::PolicySource::Cli => "flags".into(),
     }

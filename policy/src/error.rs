@@ -21,6 +21,41 @@ pub struct Diagnostic {
     pub hint: Option<String>,
 }
 
+/// `scheme://user:password@host` becomes `scheme://user:***@host` (and `scheme://token@`
+/// becomes `scheme://***@`) wherever it appears in `text`: nothing that reports on a
+/// policy -- errors, `explain`, logs -- may echo a secret the user put in a URL.
+pub fn redact_credentials(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| {
+                c == '/' || c == '"' || c == '\'' || c == '?' || c == '#' || c.is_whitespace()
+            })
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(userinfo_end) => {
+                let userinfo = &authority[..userinfo_end];
+                match userinfo.split_once(':') {
+                    Some((user, _)) => {
+                        out.push_str(user);
+                        out.push_str(":***");
+                    }
+                    None => out.push_str("***"),
+                }
+                out.push_str(&authority[userinfo_end..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if !self.file.is_empty() {
@@ -33,9 +68,9 @@ impl fmt::Display for Diagnostic {
         if !self.path.is_empty() {
             write!(f, "{}: ", self.path)?;
         }
-        write!(f, "{}", self.message)?;
+        write!(f, "{}", redact_credentials(&self.message))?;
         if let Some(h) = &self.hint {
-            write!(f, " (hint: {h})")?;
+            write!(f, " (hint: {})", redact_credentials(h))?;
         }
         Ok(())
     }
@@ -44,7 +79,7 @@ impl fmt::Display for Diagnostic {
 /// Everything that can go wrong while loading, composing or resolving a policy.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    #[error("{file}: cannot read the policy file")]
+    #[error("{file}: cannot read the policy file: {source}")]
     Read {
         file: String,
         #[source]
@@ -120,7 +155,7 @@ impl PolicyError {
 
     pub fn message(&self) -> String {
         match self {
-            Self::Invalid(d) => d.message.clone(),
+            Self::Invalid(d) => redact_credentials(&d.message),
             Self::Read { source, .. } => format!("cannot read the policy file: {source}"),
         }
     }
@@ -138,7 +173,7 @@ impl PolicyError {
             "column": self.column(),
             "path": self.path(),
             "message": self.message(),
-            "hint": self.hint(),
+            "hint": self.hint().map(redact_credentials),
         })
     }
 }
@@ -319,6 +354,20 @@ fn describe_unexpected(found: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_urls_are_never_echoed() {
+        assert_eq!(
+            redact_credentials("\"http://alice:s3cret@proxy:8080/x\" and ftp://tok@h"),
+            "\"http://alice:***@proxy:8080/x\" and ftp://***@h"
+        );
+        assert_eq!(redact_credentials("http://host:1/a@b"), "http://host:1/a@b");
+        let e = PolicyError::invalid("network.proxy.url", "\"http://alice:s3cret@p:1\": bad")
+            .with_file("p.json");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        assert!(!e.message().contains("s3cret"));
+        assert!(!e.to_json().to_string().contains("s3cret"));
+    }
 
     #[test]
     fn display_is_one_line_with_position_path_and_hint() {

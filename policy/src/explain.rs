@@ -67,6 +67,39 @@ fn user_text(policy: &Policy) -> &'static str {
 
 /// The effective policy as JSON: each path with its access and origins, each network
 /// rule in evaluation order, limits, containment, process and warnings.
+/// What every sandbox sees besides the policy's paths (the "system view"), as the
+/// caller that builds sandboxes knows it: (path or paths, what the sandbox gets).
+pub type SystemView = [(String, String)];
+
+/// [`explain`] plus the system view every sandbox sees (`systemView`).
+pub fn explain_with_system(policy: &Policy, view: &FsView, system: &SystemView) -> Value {
+    let mut v = explain(policy, view);
+    v["filesystem"]["systemView"] = system
+        .iter()
+        .map(|(path, what)| json!({"path": path, "access": what}))
+        .collect();
+    v
+}
+
+/// [`explain_text`] with the system view every sandbox sees listed under the policy's
+/// own paths.
+pub fn explain_text_with_system(policy: &Policy, view: &FsView, system: &SystemView) -> String {
+    let text = explain_text(policy, view);
+    if system.is_empty() {
+        return text;
+    }
+    let mut section = String::from(
+        "  system view (every sandbox besides its own paths; a denied path inside it is hidden; the microVM shows the same unless --guest-system says otherwise):\n",
+    );
+    for (path, what) in system {
+        let _ = writeln!(section, "    {path}: {what}");
+    }
+    match text.find("  special files: ") {
+        Some(at) => format!("{}{section}{}", &text[..at], &text[at..]),
+        None => text + &section,
+    }
+}
+
 pub fn explain(policy: &Policy, view: &FsView) -> Value {
     let command = policy.process.command.as_ref().map(|c| match c {
         Command::Argv(a) => json!({"kind": "argv", "argv": a}),
@@ -192,7 +225,7 @@ pub fn explain_text(policy: &Policy, view: &FsView) -> String {
 
     let _ = writeln!(s, "filesystem (everything else: denied):");
     if view.entries.is_empty() {
-        let _ = writeln!(s, "  (no paths)");
+        let _ = writeln!(s, "  (no paths of its own)");
     }
     for e in &view.entries {
         let origins: Vec<String> = e.origins.iter().map(|o| o.to_string()).collect();

@@ -25,8 +25,10 @@ use std::io::Read;
 use std::path::Path;
 
 pub use duration::{format_duration, parse_duration, DurationError};
-pub use error::{edit_distance, suggest, Diagnostic, PolicyError};
-pub use explain::{explain, explain_text};
+pub use error::{edit_distance, redact_credentials, suggest, Diagnostic, PolicyError};
+pub use explain::{
+    explain, explain_text, explain_text_with_system, explain_with_system, SystemView,
+};
 pub use model::*;
 pub use net_rules::{
     is_public_suffix, parse_cidr, parse_domain, parse_ports, parse_rule, Decision, Destination,

@@ -13,6 +13,36 @@ pub const SYSTEM_DIRS: &[&str] = &[
     "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
 ];
 
+/// What every process-tier sandbox (and, by default, every microVM) sees besides the
+/// policy's own paths, for `policy explain`: (path or paths, what the sandbox gets).
+pub fn system_view_summary() -> Vec<(String, String)> {
+    let present: Vec<&str> = SYSTEM_DIRS
+        .iter()
+        .copied()
+        .filter(|d| std::path::Path::new(d).exists())
+        .collect();
+    vec![
+        (present.join(", "), "read-only (the host's)".into()),
+        (
+            format!("/etc: {} entries", ETC_ALLOWLIST.len()),
+            format!(
+                "read-only copies or binds of the host's {}",
+                ETC_ALLOWLIST.join(" ")
+            ),
+        ),
+        (
+            "/tmp".into(),
+            "read-write, the sandbox's own (memory-backed, empty at start)".into(),
+        ),
+        (
+            "/dev".into(),
+            "null zero full random urandom tty, shm, pts (the sandbox's own)".into(),
+        ),
+        ("/proc".into(), "the sandbox's own processes only".into()),
+        (SECRET_PATHS.join(" "), "never shown, on any tier".into()),
+    ]
+}
+
 /// The parts of `/etc` that hold no secrets and that programs commonly read.
 pub const ETC_ALLOWLIST: &[&str] = &[
     "alternatives",

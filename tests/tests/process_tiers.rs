@@ -824,3 +824,56 @@ fn stage_times_cover_every_process_of_a_run() {
     assert_eq!(stages.first().map(|(_, t)| *t), Some(0));
     assert!(stages.windows(2).all(|w| w[0].1 <= w[1].1), "{stages:?}");
 }
+
+/// `policy explain` lists what every sandbox sees besides the policy's own paths, and the
+/// policy commands name what went wrong: the read error's reason, a missing version, a
+/// proxy URL's credentials never echoed.
+#[test]
+fn explain_shows_the_system_view_and_errors_keep_secrets_out() {
+    let dir = TempDir::new("explain");
+    let p = policy_file(
+        &dir,
+        "p.json",
+        r#"{"containment":"process","process":{"commandLine":"true"}}"#,
+    );
+    let out = mxc_vm(&["policy", "explain", &p]);
+    let text = stdout(&out);
+    assert!(text.contains("(no paths of its own)"), "{text}");
+    assert!(
+        text.contains("system view") && text.contains("/usr"),
+        "{text}"
+    );
+    assert!(
+        text.contains("/etc/shadow") && text.contains("never shown"),
+        "{text}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&mxc_vm(&["policy", "explain", "--json", &p]).stdout).unwrap();
+    assert!(json["filesystem"]["systemView"].as_array().unwrap().len() >= 5);
+    assert!(stdout(&mxc_vm(&["policy", "check", &p])).contains("MXC ContainerConfig, no version"));
+
+    let missing = mxc_vm(&["policy", "check", &dir.s("none.json")]);
+    assert!(
+        stderr(&missing).contains("No such file or directory"),
+        "{}",
+        stderr(&missing)
+    );
+    let secret = policy_file(
+        &dir,
+        "s.json",
+        r#"{"version":"0.8.0-alpha","containment":"process","process":{"commandLine":"true"},
+            "network":{"proxy":{"url":"http://alice:s3cret@proxy.example:8080"}}}"#,
+    );
+    for args in [
+        vec!["policy", "check", &secret],
+        vec!["policy", "check", "--json", &secret],
+    ] {
+        let out = mxc_vm(&args);
+        let all = format!("{}{}", stdout(&out), stderr(&out));
+        assert_ne!(code(&out), 0);
+        assert!(
+            all.contains("alice:***@proxy.example") && !all.contains("s3cret"),
+            "{all}"
+        );
+    }
+}
