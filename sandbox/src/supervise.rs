@@ -18,6 +18,8 @@ pub enum Status {
     Child { pid: i32 },
     /// Setup failed; nothing was run.
     Error { stage: String, message: String },
+    /// A persistent sandbox's PID 1 is ready for execs.
+    Ready,
     /// The command could not be executed (not found, not executable).
     ExecFailed { message: String, code: i32 },
     /// Something the user should know, e.g. Landlock is unavailable.

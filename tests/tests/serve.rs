@@ -647,3 +647,85 @@ fn a_load_run_then_sigterm_leaves_nothing_behind() {
     let left = HostState::now().left_since(&before);
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// A process sandbox of the service lives across its execs: its own /tmp persists (and
+/// is not the host's), a command's leftover children die with it, one that escapes its
+/// process group lives until the sandbox is deleted, and then nothing is left.
+#[test]
+fn a_process_sandbox_lives_across_execs_and_leaves_nothing_when_deleted() {
+    let _host = HOST.lock().unwrap_or_else(|e| e.into_inner());
+    let server = Server::start(&[]);
+    let id = create(&server, serde_json::json!({"backend": "process"}));
+    let marker = format!("mxc-serve-marker-{}", std::process::id());
+    let (_, _, exit) = exec(
+        &server,
+        &id,
+        serde_json::json!({"argv": ["sh", "-c", format!("echo kept > /tmp/{marker}")]}),
+    );
+    assert_eq!(exit["exit_code"], 0);
+    assert!(
+        !Path::new(&format!("/tmp/{marker}")).exists(),
+        "the sandbox's /tmp is its own"
+    );
+    let (out, _, _) = exec(
+        &server,
+        &id,
+        serde_json::json!({"argv": ["cat", format!("/tmp/{marker}")]}),
+    );
+    assert_eq!(out, "kept\n");
+
+    // A child left behind holding the output pipe dies with its command: the exec ends.
+    let started = Instant::now();
+    let (out, _, exit) = exec(
+        &server,
+        &id,
+        serde_json::json!({"argv": ["sh", "-c", "sleep 300 & echo started"], "timeout_ms": 60000}),
+    );
+    assert_eq!(
+        (out.as_str(), exit["exit_code"].as_i64()),
+        ("started\n", Some(0))
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    // One that leaves its process group (and the pipes) lives on in the sandbox...
+    let (_, _, exit) = exec(
+        &server,
+        &id,
+        serde_json::json!({"argv": ["sh", "-c", format!(
+            "setsid sh -c 'sleep 300; : {marker}' </dev/null >/dev/null 2>&1 & sleep 0.3")]}),
+    );
+    assert_eq!(exit["exit_code"], 0);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        tests::pids_with(&marker).len(),
+        1,
+        "the escaped process runs on"
+    );
+    let (out, _, _) = exec(
+        &server,
+        &id,
+        serde_json::json!({"argv": ["sh", "-c", "kill -9 1; echo $?"]}),
+    );
+    assert_ne!(out.trim(), "", "PID 1 cannot be killed from inside");
+    let (_, _, exit) = exec(&server, &id, serde_json::json!({"argv": ["true"]}));
+    assert_eq!(exit["exit_code"], 0, "the sandbox serves on");
+    // ...until the sandbox is deleted.
+    assert_eq!(
+        server
+            .call("DELETE", &format!("/v1/sandboxes/{id}"), b"")
+            .status,
+        200
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !tests::pids_with(&marker).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the sandbox's processes outlived it"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(server.stop(), 128 + libc::SIGTERM);
+}

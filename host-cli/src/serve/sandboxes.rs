@@ -387,6 +387,8 @@ fn make_backend(containment: Containment) -> Result<Box<dyn sandbox::Backend>, A
                 system: Default::default(),
             },
         ))),
+        // One sandbox for all its execs: namespaces and root made once, /tmp kept.
+        Containment::Process => Ok(Box::new(sandbox::process::ProcessBackend::persistent())),
         other => sandbox::backend_for(other)
             .map_err(|e| ApiError::unprocessable("backend_unavailable", e.to_string())),
     }

@@ -36,7 +36,7 @@ pub fn hook() {
     }
 }
 
-fn report(status: &Status) {
+pub(crate) fn report(status: &Status) {
     let line = status.to_line();
     // SAFETY: writing our own buffer to the inherited status descriptor.
     unsafe { libc::write(STATUS_FD, line.as_ptr().cast(), line.len()) };
@@ -57,7 +57,7 @@ pub(crate) fn stage_at(plan: &InitPlan, name: &str, at_ns: u64) {
     }
 }
 
-fn fail(stage: &str, message: impl std::fmt::Display) -> i32 {
+pub(crate) fn fail(stage: &str, message: impl std::fmt::Display) -> i32 {
     report(&Status::Error {
         stage: stage.into(),
         message: message.to_string(),
@@ -115,6 +115,11 @@ pub(crate) fn run_plan(plan: &InitPlan) -> i32 {
         // SAFETY: closing our own copy of the handoff socket.
         unsafe { libc::close(NET_FD) };
     }
+    if plan.session {
+        // Only PID 1 talks to the host.
+        // SAFETY: closing our own copy of the control socket.
+        unsafe { libc::close(super::session::CTL_FD) };
+    }
     report(&Status::Child { pid });
     wait_exit_code(pid)
 }
@@ -165,6 +170,9 @@ fn pid_one(plan: &InitPlan) -> i32 {
     // SAFETY: sethostname reads the buffer of the given length.
     unsafe { libc::sethostname(SANDBOX_HOSTNAME.as_ptr().cast(), SANDBOX_HOSTNAME.len()) };
     stage(plan, "pid 1: network");
+    if plan.session {
+        return super::session::serve(plan);
+    }
 
     // SAFETY: fork in a single-threaded process.
     let child = unsafe { libc::fork() };
@@ -231,7 +239,7 @@ fn loopback_up() -> std::io::Result<()> {
 }
 
 /// The command's own process: confine, then exec. Returns only on failure.
-fn command(plan: &InitPlan) -> i32 {
+pub(crate) fn command(plan: &InitPlan) -> i32 {
     // A new session: no controlling terminal to inject input into.
     // SAFETY: setsid has no arguments.
     unsafe { libc::setsid() };

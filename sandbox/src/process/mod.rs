@@ -16,6 +16,7 @@ pub mod init;
 mod landlock_rules;
 mod mounts;
 pub mod net;
+mod session;
 
 use std::ffi::CString;
 use std::io::{Seek, Write};
@@ -64,6 +65,10 @@ pub(crate) struct InitPlan {
     /// Report each setup stage's time (see [`crate::stages`]).
     #[serde(default)]
     pub stages: bool,
+    /// A persistent sandbox: PID 1 serves execs over the control socket
+    /// ([`session`]) instead of running `argv` once.
+    #[serde(default)]
+    pub session: bool,
 }
 
 /// Compose the environment: base variables, then the request's (which win).
@@ -87,11 +92,24 @@ pub struct ProcessBackend {
     started: bool,
     /// Warnings collected while running (Landlock unavailable, …).
     pub warnings: Vec<String>,
+    /// One sandbox for all execs (see [`session`]) instead of a fresh one per exec.
+    persistent: bool,
+    session: Option<session::Session>,
 }
 
 impl ProcessBackend {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A sandbox that lives from `start` to `stop` and runs every exec inside it: the
+    /// namespaces and root are made once, and what an exec leaves in the sandbox's own
+    /// `/tmp` the next one sees (what a service's long-lived sandboxes want).
+    pub fn persistent() -> Self {
+        Self {
+            persistent: true,
+            ..Self::default()
+        }
     }
 }
 
@@ -137,10 +155,34 @@ impl Backend for ProcessBackend {
     }
 
     fn start(&mut self) -> Result<(), SandboxError> {
-        if self.spec.is_none() {
+        let (Some(spec), Some(view), Some(net), Some(enforcement)) =
+            (&self.spec, &self.view, self.net, &self.enforcement)
+        else {
             return Err(SandboxError::Lifecycle("start before provision"));
-        }
+        };
         self.network.start()?;
+        if self.persistent && self.session.is_none() {
+            let cgroup = SandboxCgroup::for_sandbox(enforcement, &spec.id, &spec.policy.limits)
+                .map_err(|e| SandboxError::Setup {
+                    stage: "cgroup".into(),
+                    message: e.to_string(),
+                })?;
+            let plan = InitPlan {
+                view: view.clone(),
+                argv: Vec::new(),
+                env: Vec::new(),
+                cwd: view.default_cwd.clone(),
+                net,
+                rlimits: limits::rlimits(&spec.policy.limits, enforcement, cgroup.is_some()),
+                stages: false,
+                session: true,
+            };
+            let handoff = self.network.begin_exec()?;
+            let mut warnings = Vec::new();
+            let started = session::Session::start(&plan, cgroup, handoff, &mut warnings);
+            self.warnings.extend(warnings);
+            self.session = Some(started?);
+        }
         self.started = true;
         Ok(())
     }
@@ -161,6 +203,19 @@ impl Backend for ProcessBackend {
         if req.argv.is_empty() {
             return Err(SandboxError::NoCommand);
         }
+        if let Some(session) = &self.session {
+            let mut warnings = Vec::new();
+            let outcome = session.exec(
+                req.argv.clone(),
+                with_proxy_env(compose_env(&req.env), net),
+                req.cwd.clone().unwrap_or_else(|| view.default_cwd.clone()),
+                io,
+                req.timeout,
+                &mut warnings,
+            );
+            self.warnings.extend(warnings);
+            return outcome;
+        }
         let cgroup = SandboxCgroup::for_sandbox(enforcement, &spec.id, &spec.policy.limits)
             .map_err(|e| SandboxError::Setup {
                 stage: "cgroup".into(),
@@ -174,6 +229,7 @@ impl Backend for ProcessBackend {
             net,
             rlimits: limits::rlimits(&spec.policy.limits, enforcement, cgroup.is_some()),
             stages: crate::stages::enabled(),
+            session: false,
         };
         crate::stages::mark("host: cgroup, plan");
         let handoff = self.network.begin_exec()?;
@@ -195,14 +251,21 @@ impl Backend for ProcessBackend {
     }
 
     fn stop(&mut self) -> Result<(), SandboxError> {
-        // Every exec's process tree is gone when exec returns (its PID namespace dies
-        // with its PID 1); what remains are proxied connections still closing.
+        // A persistent sandbox ends here; a one-shot exec's process tree is gone when
+        // exec returns (its PID namespace dies with its PID 1). What remains are proxied
+        // connections still closing.
+        if let Some(session) = self.session.take() {
+            session.stop();
+        }
         self.network.stop();
         self.started = false;
         Ok(())
     }
 
     fn deprovision(&mut self) -> Result<(), SandboxError> {
+        if let Some(session) = self.session.take() {
+            session.stop();
+        }
         self.network.stop();
         self.network = net::SandboxNet::default();
         self.spec = None;
@@ -267,59 +330,19 @@ fn spawn_and_supervise(
             plan, io, timeout, cgroup, net_fd, warnings, status_r, status_w,
         );
     }
-    let plan_fd = plan_memfd(plan)?;
-
-    // Everything the child needs after fork is prepared here: after fork only
-    // async-signal-safe calls are allowed.
-    // SAFETY: getuid/getgid/getpid cannot fail and touch no memory.
-    let (uid, gid, ppid) = unsafe { (libc::getuid(), libc::getgid(), libc::getpid()) };
-    let uid_map = format!("0 {uid} 1");
-    let gid_map = format!("0 {gid} 1");
-    let cgroup_procs = cgroup
-        .map(|c| CString::new(c.procs_file().into_os_string().into_encoded_bytes()))
-        .transpose()
-        .map_err(|_| SandboxError::Lifecycle("cgroup path contains NUL"))?;
-    let flags = SANDBOX_NAMESPACES;
-    let status_raw = status_w.as_raw_fd();
-    let plan_raw = plan_fd.as_raw_fd();
-    let net_raw = net_fd.map_or(-1, |f| f.as_raw_fd());
-
-    let mut cmd = Command::new("/proc/self/exe");
-    cmd.arg0("mxc-vm-sandbox").arg(INIT_ARG).env_clear();
-    cmd.stdin(
+    let mut child = spawn_init(
+        plan,
         io.stdin
             .stdio()
             .map_err(|e| SandboxError::io("duplicating stdin", e))?,
-    );
-    let relay = io.sink.is_some();
-    if relay {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    }
-    // SAFETY: the closure only makes async-signal-safe system calls (prctl, unshare,
-    // open/write/close, fcntl, dup2) on data prepared before fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            child_setup(
-                cgroup_procs.as_deref(),
-                ppid,
-                flags,
-                uid_map.as_bytes(),
-                gid_map.as_bytes(),
-                Inherit {
-                    status: status_raw,
-                    plan: plan_raw,
-                    net: net_raw,
-                },
-                &mut [0; 2],
-            )
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| SandboxError::io("starting the sandbox init", e))?;
+        io.sink.is_some(),
+        cgroup,
+        &status_w,
+        net_fd,
+        None,
+    )?;
     let _root = crate::interrupt::Registered::new(child.id() as i32);
     drop(status_w);
-    drop(plan_fd);
     let pipes = Pipes {
         stdout: child.stdout.take().map(OwnedFd::from),
         stderr: child.stderr.take().map(OwnedFd::from),
@@ -340,6 +363,64 @@ fn spawn_and_supervise(
     }
     let _ = child.wait();
     result
+}
+
+/// Start the init by re-executing this binary: in the child, before the exec, it joins
+/// the cgroup, enters new namespaces, maps our ids and gets the status pipe, the plan,
+/// the proxy handoff socket and (sessions) the control socket on their fixed numbers.
+#[allow(clippy::too_many_arguments)]
+fn spawn_init(
+    plan: &InitPlan,
+    stdin: Stdio,
+    relay: bool,
+    cgroup: Option<&SandboxCgroup>,
+    status_w: &OwnedFd,
+    net_fd: Option<&OwnedFd>,
+    ctl_fd: Option<&OwnedFd>,
+) -> Result<Child, SandboxError> {
+    let plan_fd = plan_memfd(plan)?;
+    // Everything the child needs after fork is prepared here: after fork only
+    // async-signal-safe calls are allowed.
+    // SAFETY: getuid/getgid/getpid cannot fail and touch no memory.
+    let (uid, gid, ppid) = unsafe { (libc::getuid(), libc::getgid(), libc::getpid()) };
+    let uid_map = format!("0 {uid} 1");
+    let gid_map = format!("0 {gid} 1");
+    let cgroup_procs = cgroup
+        .map(|c| CString::new(c.procs_file().into_os_string().into_encoded_bytes()))
+        .transpose()
+        .map_err(|_| SandboxError::Lifecycle("cgroup path contains NUL"))?;
+    let fds = Inherit {
+        status: status_w.as_raw_fd(),
+        plan: plan_fd.as_raw_fd(),
+        net: net_fd.map_or(-1, |f| f.as_raw_fd()),
+        ctl: ctl_fd.map_or(-1, |f| f.as_raw_fd()),
+    };
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg0("mxc-vm-sandbox").arg(INIT_ARG).env_clear();
+    cmd.stdin(stdin);
+    if relay {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    }
+    // SAFETY: the closure only makes async-signal-safe system calls (prctl, unshare,
+    // open/write/close, fcntl, dup2) on data prepared before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            child_setup(
+                cgroup_procs.as_deref(),
+                ppid,
+                SANDBOX_NAMESPACES,
+                uid_map.as_bytes(),
+                gid_map.as_bytes(),
+                fds,
+                &mut [0; 2],
+            )
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| SandboxError::io("starting the sandbox init", e))?;
+    drop(plan_fd);
+    Ok(child)
 }
 
 /// Whether this process has one thread: then the init can run in a plain forked child
@@ -450,6 +531,7 @@ fn spawn_forked(
             status: status_raw,
             plan: -1,
             net: net_raw,
+            ctl: -1,
         };
         let mut times = [0u64; 2];
         let code = match child_setup(
@@ -514,6 +596,8 @@ struct Inherit {
     status: i32,
     plan: i32,
     net: i32,
+    /// The session's control socket (-1 for a one-shot run).
+    ctl: i32,
 }
 
 /// Runs in the forked child before exec: join the cgroup, die with the parent, enter
@@ -533,6 +617,7 @@ fn child_setup(
         status: status_fd,
         plan: plan_fd,
         net: net_fd,
+        ctl: ctl_fd,
     } = fds;
     if let Some(procs) = cgroup_procs {
         write_file(procs, b"0")?;
@@ -569,7 +654,15 @@ fn child_setup(
         } else {
             0
         };
-        if s < 0 || p < 0 || n < 0 {
+        let c = if ctl_fd >= 0 {
+            libc::fcntl(ctl_fd, libc::F_DUPFD_CLOEXEC, 10)
+        } else {
+            0
+        };
+        if s < 0 || p < 0 || n < 0 || c < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if ctl_fd >= 0 && libc::dup2(c, session::CTL_FD) < 0 {
             return Err(std::io::Error::last_os_error());
         }
         if libc::dup2(s, STATUS_FD) < 0 || (plan_fd >= 0 && libc::dup2(p, PLAN_FD) < 0) {
@@ -584,6 +677,9 @@ fn child_setup(
         }
         if net_fd >= 0 {
             libc::close(n);
+        }
+        if ctl_fd >= 0 {
+            libc::close(c);
         }
     }
     Ok(())

@@ -36,7 +36,7 @@ pub mod handoff;
 mod http;
 mod relay;
 mod resolve;
-mod sys;
+pub(crate) mod sys;
 mod tls;
 mod upstream;
 

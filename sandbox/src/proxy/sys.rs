@@ -296,66 +296,78 @@ pub(crate) fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Sends the descriptor `fd` over the Unix socket `sock` (SCM_RIGHTS).
-pub(crate) fn send_fd(sock: RawFd, fd: RawFd) -> io::Result<()> {
-    let mut byte = [b'L'];
+/// Most descriptors one message carries.
+pub(crate) const MAX_FDS: usize = 8;
+
+/// Sends `data` (at least one byte) and the descriptors `fds` as one message over the
+/// Unix socket `sock` (SCM_RIGHTS).
+pub(crate) fn send_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    if data.is_empty() || fds.len() > MAX_FDS {
+        return Err(io::ErrorKind::InvalidInput.into());
+    }
     let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
     };
-    // Room for one descriptor, aligned for cmsghdr.
-    let mut space = [0u64; 8];
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let cmsg_len = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    // Room for MAX_FDS descriptors, aligned for cmsghdr.
+    let mut space = [0u64; 16];
     // SAFETY: an all-zero msghdr is a valid value; we fill the fields below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    msg.msg_control = space.as_mut_ptr().cast();
-    msg.msg_controllen = cmsg_len;
-    // SAFETY: msg_control points at `space` (64 bytes, enough for one descriptor's
-    // control message); CMSG_FIRSTHDR/CMSG_DATA stay inside it.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        if cmsg.is_null() {
-            return Err(io::ErrorKind::InvalidInput.into());
+    if !fds.is_empty() {
+        let bytes = std::mem::size_of_val(fds) as u32;
+        msg.msg_control = space.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE is a pure computation.
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(bytes) } as usize;
+        // SAFETY: msg_control points at `space` (128 bytes, enough for MAX_FDS
+        // descriptors); CMSG_FIRSTHDR/CMSG_DATA stay inside it. sendmsg only reads
+        // `data` (the iovec's mutable pointer is never written through).
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            if cmsg.is_null() {
+                return Err(io::ErrorKind::InvalidInput.into());
+            }
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(bytes) as usize;
+            for (i, fd) in fds.iter().enumerate() {
+                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>().add(i), *fd);
+            }
         }
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
-        if libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) != 1 {
-            return Err(io::Error::last_os_error());
-        }
+    }
+    // SAFETY: msg points at our iovec and control buffer, valid for the call.
+    let sent = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if sent as usize != data.len() {
+        return Err(io::ErrorKind::WriteZero.into());
     }
     Ok(())
 }
 
-/// Receives one descriptor sent with [`send_fd`]. `Ok(None)` when the peer closed
-/// without sending one.
-pub(crate) fn recv_fd(sock: RawFd) -> io::Result<Option<OwnedFd>> {
-    let mut byte = [0u8; 1];
+/// Receives one message sent with [`send_fds`] into `buf`: its length (0 when the peer
+/// closed) and its descriptors (close-on-exec; at most [`MAX_FDS`], extra ones closed).
+pub(crate) fn recv_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
     let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
     };
-    let mut space = [0u64; 8];
+    let mut space = [0u64; 16];
     // SAFETY: an all-zero msghdr is a valid value; we fill the fields below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = space.as_mut_ptr().cast();
     msg.msg_controllen = std::mem::size_of_val(&space);
-    // SAFETY: recvmsg writes into the buffers msg points at (one byte, 64 bytes of
+    // SAFETY: recvmsg writes into the buffers msg points at (`buf`, 128 bytes of
     // control space); MSG_CMSG_CLOEXEC marks any received descriptor close-on-exec.
     let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    if n == 0 {
-        return Ok(None);
-    }
-    let mut received: Option<OwnedFd> = None;
+    let mut received: Vec<OwnedFd> = Vec::new();
     // SAFETY: the CMSG_* walk stays inside the control buffer recvmsg filled (its
     // length is msg_controllen); every descriptor found is taken into an OwnedFd so
     // extra ones are closed.
@@ -369,22 +381,36 @@ pub(crate) fn recv_fd(sock: RawFd) -> io::Result<Option<OwnedFd>> {
                     / std::mem::size_of::<RawFd>();
                 for i in 0..count {
                     let raw = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
-                    let owned = OwnedFd::from_raw_fd(raw);
-                    if received.is_none() {
-                        received = Some(owned);
-                    }
+                    received.push(OwnedFd::from_raw_fd(raw));
                 }
             }
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
     }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+    if msg.msg_flags & (libc::MSG_CTRUNC | libc::MSG_TRUNC) != 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            "truncated control message",
+            "truncated message or control data",
         ));
     }
-    Ok(received)
+    received.truncate(MAX_FDS);
+    Ok((n as usize, received))
+}
+
+/// Sends the descriptor `fd` over the Unix socket `sock` (SCM_RIGHTS).
+pub(crate) fn send_fd(sock: RawFd, fd: RawFd) -> io::Result<()> {
+    send_fds(sock, b"L", &[fd])
+}
+
+/// Receives one descriptor sent with [`send_fd`]. `Ok(None)` when the peer closed
+/// without sending one.
+pub(crate) fn recv_fd(sock: RawFd) -> io::Result<Option<OwnedFd>> {
+    let mut byte = [0u8; 1];
+    let (n, fds) = recv_fds(sock, &mut byte)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    Ok(fds.into_iter().next())
 }
 
 /// The socket's `SO_DOMAIN` and whether it is listening (`SO_ACCEPTCONN`).
