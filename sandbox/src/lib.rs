@@ -139,6 +139,12 @@ impl ExecOutcome {
 pub trait Backend: Send {
     /// The backend's name as used on the command line.
     fn name(&self) -> &'static str;
+    /// The process whose end ends the whole started sandbox (every exec in it), when the
+    /// backend keeps one from `start` to `stop`: SIGKILL to it is how a service ends a
+    /// sandbox at once; `stop` then reaps it (it stays the caller's child until then).
+    fn root_pid(&self) -> Option<u32> {
+        None
+    }
     /// Check the host can enforce the spec and prepare everything that does not run code.
     fn provision(&mut self, spec: &SandboxSpec) -> Result<(), SandboxError>;
     /// Bring the sandbox to the point where it can run commands (a VM boots here).

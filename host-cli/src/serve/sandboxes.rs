@@ -66,6 +66,9 @@ pub struct Entry {
     pub running: Arc<AtomicUsize>,
     pub execs: AtomicU64,
     jobs: Mutex<std_mpsc::Sender<Job>>,
+    /// The sandbox's root process, when the backend has one for its whole life (a
+    /// persistent process sandbox): deleting the sandbox kills it, ending running execs.
+    root_pid: Option<u32>,
 }
 
 /// A sandbox as the API shows it.
@@ -137,6 +140,14 @@ impl Entry {
     fn stop(&self) {
         if let Ok(tx) = self.jobs.lock() {
             let _ = tx.send(Job::Stop);
+        }
+        if let Some(pid) = self
+            .root_pid
+            .filter(|_| self.running.load(Ordering::SeqCst) > 0)
+        {
+            // SAFETY: kill() has no memory effects; the sandbox's thread reaps its root
+            // only in its stop, after this, so the pid is still its child.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
     }
 }
@@ -221,7 +232,7 @@ impl Registry {
             net: Default::default(),
         };
         let (jobs_tx, jobs_rx) = std_mpsc::channel::<Job>();
-        let (ready_tx, ready_rx) = std_mpsc::sync_channel::<Result<(), ApiError>>(1);
+        let (ready_tx, ready_rx) = std_mpsc::sync_channel::<Result<Option<u32>, ApiError>>(1);
         let metrics = Arc::clone(&self.metrics);
         let running = Arc::new(AtomicUsize::new(0));
         let counted = Arc::clone(&running);
@@ -229,8 +240,8 @@ impl Registry {
             .name(format!("sandbox {id}"))
             .spawn(move || sandbox_thread(containment, spec, jobs_rx, ready_tx, metrics, counted))
             .map_err(|e| ApiError::internal(format!("cannot start a sandbox thread: {e}")))?;
-        match ready_rx.recv() {
-            Ok(Ok(())) => {}
+        let root_pid = match ready_rx.recv() {
+            Ok(Ok(pid)) => pid,
             Ok(Err(e)) => {
                 let _ = thread.join();
                 return Err(e);
@@ -239,7 +250,7 @@ impl Registry {
                 let _ = thread.join();
                 return Err(ApiError::internal("the sandbox thread ended during setup"));
             }
-        }
+        };
         let now = Instant::now();
         let entry = Arc::new(Entry {
             id: id.clone(),
@@ -255,6 +266,7 @@ impl Registry {
             running,
             execs: AtomicU64::new(0),
             jobs: Mutex::new(jobs_tx),
+            root_pid,
         });
         if let Ok(mut m) = self.sandboxes.lock() {
             m.insert(id, Arc::clone(&entry));
@@ -331,7 +343,7 @@ fn sandbox_thread(
     containment: Containment,
     spec: SandboxSpec,
     jobs: std_mpsc::Receiver<Job>,
-    ready: std_mpsc::SyncSender<Result<(), ApiError>>,
+    ready: std_mpsc::SyncSender<Result<Option<u32>, ApiError>>,
     metrics: Arc<Metrics>,
     running: Arc<AtomicUsize>,
 ) {
@@ -352,7 +364,7 @@ fn sandbox_thread(
         let _ = ready.send(Err(e));
         return;
     }
-    let _ = ready.send(Ok(()));
+    let _ = ready.send(Ok(backend.root_pid()));
     let output_limit = spec.policy.limits.output_bytes;
     for job in jobs {
         let Job::Exec(job) = job else { break };

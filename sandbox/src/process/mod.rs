@@ -132,6 +132,10 @@ impl Backend for ProcessBackend {
         "process"
     }
 
+    fn root_pid(&self) -> Option<u32> {
+        self.session.as_ref().map(session::Session::root_pid)
+    }
+
     fn provision(&mut self, spec: &SandboxSpec) -> Result<(), SandboxError> {
         let net = net_mode(&spec.policy, &spec.net);
         let cwd = std::env::current_dir().ok();

@@ -286,6 +286,11 @@ impl Session {
         })
     }
 
+    /// The host pid of the sandbox's init (its root: killing it ends the sandbox).
+    pub(crate) fn root_pid(&self) -> u32 {
+        self.init.id()
+    }
+
     /// Run one command in the sandbox.
     pub(crate) fn exec(
         &self,
