@@ -5,6 +5,7 @@
 pub mod escape;
 pub mod leaks;
 pub mod net;
+pub mod serve;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -549,3 +549,80 @@ fn a_disk_limit_stops_writes_into_the_grants() {
     assert!(written <= 4 << 20, "{written} bytes reached the host");
     assert!(written > 0, "{text}");
 }
+
+/// `mxc-vm serve` with a microVM sandbox: it boots once at creation, runs several execs
+/// (stdin, exit codes), sees a file uploaded into its read-write grant, and deleting it
+/// leaves no VMM behind.
+#[test]
+fn serve_runs_execs_and_files_in_a_microvm_sandbox() {
+    require_kvm();
+    use tests::serve::{b64, unb64, Server};
+    let server = Server::start(&[]);
+    let dir = tests::TempDir::new("serve-vm");
+    let rw = dir.s("work");
+    std::fs::create_dir_all(&rw).unwrap();
+    let created = server.json(
+        "POST",
+        "/v1/sandboxes",
+        serde_json::json!({"backend": "microvm",
+            "policy": {"version": "1", "filesystem": {"readwrite": [rw]}}}),
+    );
+    assert_eq!(
+        created.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&created.body)
+    );
+    let id = created.json()["id"].as_str().unwrap().to_string();
+    let exec = |body: serde_json::Value| {
+        let reply = server.json("POST", &format!("/v1/sandboxes/{id}/exec"), body);
+        let (mut out, mut exit) = (Vec::new(), serde_json::Value::Null);
+        for e in reply.lines() {
+            match e["type"].as_str().unwrap() {
+                "stdout" => out.extend(unb64(e["data_b64"].as_str().unwrap())),
+                "stderr" => {}
+                _ => exit = e,
+            }
+        }
+        (String::from_utf8_lossy(&out).into_owned(), exit)
+    };
+    let (out, exit) = exec(serde_json::json!({"argv": ["sh", "-c", "cat; exit 5"],
+                                               "stdin_b64": b64(b"into the vm\n")}));
+    assert_eq!(
+        (out.as_str(), exit["exit_code"].as_i64()),
+        ("into the vm\n", Some(5)),
+        "{exit}"
+    );
+    let put = server.call(
+        "PUT",
+        &format!("/v1/sandboxes/{id}/files?path={rw}/f.txt"),
+        b"from the host",
+    );
+    assert_eq!(put.status, 201);
+    let (out, _) = exec(serde_json::json!({"argv": ["cat", format!("{rw}/f.txt")]}));
+    assert_eq!(out, "from the host");
+    let (_, exit) =
+        exec(serde_json::json!({"argv": ["sh", "-c", format!("echo back > {rw}/g.txt")]}));
+    assert_eq!(exit["exit_code"], 0);
+    let got = server.call(
+        "GET",
+        &format!("/v1/sandboxes/{id}/files?path={rw}/g.txt"),
+        b"",
+    );
+    assert_eq!(got.body, b"back\n");
+    assert_eq!(
+        server
+            .call("DELETE", &format!("/v1/sandboxes/{id}"), b"")
+            .status,
+        200
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !pids_with(&id).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the VMM of {id} outlived its sandbox"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(server.stop(), 128 + libc::SIGTERM);
+}

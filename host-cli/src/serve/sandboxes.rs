@@ -220,8 +220,10 @@ impl Registry {
         let base = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
         let view = policy::resolve_fs(&policy.filesystem, &base)
             .map_err(|e| ApiError::bad_policy(e.to_string()))?;
+        // `<pid>-<hex>`, as `mxc-vm run` names its sandboxes: what a service that died
+        // left behind (a microVM's runtime directory) is swept by the next start.
         let id = format!(
-            "sb-{}-{}",
+            "{}-{:08x}",
             std::process::id(),
             self.next.fetch_add(1, Ordering::SeqCst)
         );
