@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::stats::{summarize, table, Summary};
+use super::stats::{latency_table, summarize, table, Summary};
 use crate::cli::BenchExecArgs;
 use crate::failure::Failure;
 
@@ -103,32 +103,7 @@ pub fn run(args: BenchExecArgs) -> Result<i32, Failure> {
             serde_json::to_string_pretty(&value).unwrap_or_default()
         );
     } else {
-        let rows: Vec<Vec<String>> = summaries
-            .iter()
-            .map(|(n, s)| {
-                vec![
-                    n.clone(),
-                    format!("{:.2}", s.p50_ms),
-                    format!("{:.2}", s.p90_ms),
-                    format!("{:.2}", s.p99_ms),
-                    format!("{:.2}", s.mean_ms),
-                ]
-            })
-            .collect();
-        let _ = write!(
-            out,
-            "{}",
-            table(
-                &[
-                    "command (/bin/true)",
-                    "p50 ms",
-                    "p90 ms",
-                    "p99 ms",
-                    "mean ms"
-                ],
-                &rows
-            )
-        );
+        let _ = write!(out, "{}", latency_table("command (/bin/true)", &summaries));
         if let Some(x) = speedup {
             let _ = writeln!(out, "process is {x:.1}x faster than bubblewrap at p50");
         }

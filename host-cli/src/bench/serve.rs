@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::stats::{summarize, table, Summary};
+use super::stats::{latency_table, summarize, Summary};
 use crate::cli::BenchServeArgs;
 use crate::failure::Failure;
 
@@ -238,30 +238,12 @@ pub fn run(args: BenchServeArgs) -> Result<i32, Failure> {
             serde_json::to_string_pretty(&value).unwrap_or_default()
         );
     } else {
-        let rows: Vec<Vec<String>> = series
-            .iter()
-            .chain(std::iter::once(&(
-                format!("  the same, {} clients at once", args.clients),
-                concurrent.clone(),
-            )))
-            .map(|(n, s)| {
-                vec![
-                    n.clone(),
-                    format!("{:.2}", s.p50_ms),
-                    format!("{:.2}", s.p90_ms),
-                    format!("{:.2}", s.p99_ms),
-                    format!("{:.2}", s.mean_ms),
-                ]
-            })
-            .collect();
-        let _ = write!(
-            out,
-            "{}",
-            table(
-                &["exec round trip", "p50 ms", "p90 ms", "p99 ms", "mean ms"],
-                &rows
-            )
-        );
+        let mut all = series.clone();
+        all.push((
+            format!("  the same, {} clients at once", args.clients),
+            concurrent.clone(),
+        ));
+        let _ = write!(out, "{}", latency_table("exec round trip", &all));
         let _ = writeln!(
             out,
             "the API exec is {speedup:.1}x faster than `mxc-vm run` at p50 (goal: <= 2 ms p50 and faster)\n\

@@ -43,6 +43,24 @@ pub fn summarize(samples: &[Duration]) -> Summary {
 }
 
 /// A plain-text table with a header row; columns are padded to fit.
+/// The usual latency table: one row per (name, summary) with p50/p90/p99/mean in ms,
+/// under a first column headed `what`.
+pub fn latency_table(what: &str, series: &[(String, Summary)]) -> String {
+    let rows: Vec<Vec<String>> = series
+        .iter()
+        .map(|(n, s)| {
+            vec![
+                n.clone(),
+                format!("{:.2}", s.p50_ms),
+                format!("{:.2}", s.p90_ms),
+                format!("{:.2}", s.p99_ms),
+                format!("{:.2}", s.mean_ms),
+            ]
+        })
+        .collect();
+    table(&[what, "p50 ms", "p90 ms", "p99 ms", "mean ms"], &rows)
+}
+
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
