@@ -217,14 +217,13 @@ impl StrKind for CidrKind {
 }
 
 /// Containment names MXC knows, mapped where mxc-vm has the same isolation.
-const SUPPORTED: &[&str] = &["process", "bubblewrap", "vm", "hyperlight"];
+const SUPPORTED: &[&str] = &["process", "bubblewrap", "vm", "hyperlight", "lxc"];
 const KNOWN_UNSUPPORTED: &[&str] = &[
     "microvm",
     "processcontainer",
     "appcontainer",
     "seatbelt",
     "macos_sandbox",
-    "lxc",
     "windows_sandbox",
     "wslc",
     "isolation_session",
@@ -257,7 +256,9 @@ fn containment(src: &Source<'_>, name: &str) -> Result<Containment, PolicyError>
         "processcontainer" | "appcontainer" => Err(refuse("it is a Windows AppContainer backend")),
         "windows_sandbox" | "wslc" | "isolation_session" => Err(refuse("it is a Windows backend")),
         "seatbelt" | "macos_sandbox" => Err(refuse("it is a macOS backend")),
-        "lxc" => Err(refuse("mxc-vm has no LXC backend")),
+        // An LXC config's policy (files, network, limits) is what the process tier
+        // enforces; the container image is the one thing it cannot give (see `parse`).
+        "lxc" => Ok(Containment::Process),
         other => {
             let all: Vec<&str> = SUPPORTED.iter().chain(KNOWN_UNSUPPORTED).copied().collect();
             let hint = match suggest(other, &all) {
@@ -281,7 +282,11 @@ fn refused_sections(c: &MxcConfig) -> [(&'static str, bool, &'static str); 9] {
     [
         ("processContainer", c.process_container.is_some(), WIN),
         ("appContainer", c.app_container.is_some(), WIN),
-        ("lxc", c.lxc.is_some(), "mxc-vm has no LXC backend"),
+        (
+            "lxc",
+            c.lxc.is_some() && c.containment.as_deref() != Some("lxc"),
+            "the lxc section belongs to containment \"lxc\"",
+        ),
         ("seatbelt", c.seatbelt.is_some(), MAC),
         ("macos_sandbox", c.macos_sandbox.is_some(), MAC),
         (
@@ -314,6 +319,20 @@ pub(crate) fn parse(src: &Source<'_>, version: String) -> Result<Policy, PolicyE
         Some(name) => containment(src, name)?,
         None => Containment::Process,
     };
+    if c.containment.as_deref() == Some("lxc") {
+        let image = c
+            .lxc
+            .as_ref()
+            .and_then(|l| l.get("distribution"))
+            .and_then(Value::as_str)
+            .map(|d| format!(" (its {d} image is not used)"))
+            .unwrap_or_default();
+        policy.warnings.push(format!(
+            "containment: \"lxc\" runs on mxc-vm's process tier (namespaces, Landlock, \
+             seccomp), which enforces this policy's files, network and limits; the command \
+             sees the host's system view{image}"
+        ));
+    }
     for (field, present, why) in refused_sections(&c) {
         if present {
             return Err(src.err_key(field, why).with_hint("remove it"));

@@ -384,11 +384,11 @@ const NATIVE: &[Case] = &[
 
 const MXC: &[Case] = &[
     case(
-        "{\"version\": \"0.6.0-alpha\",\n \"containment\": \"lxc\", \"process\": {\"commandLine\": \"x\"}}",
+        "{\"version\": \"0.6.0-alpha\",\n \"containment\": \"seatbelt\", \"process\": {\"commandLine\": \"x\"}}",
         "containment",
-        Some("\"lxc\""),
-        "\"lxc\" is not supported by mxc-vm: mxc-vm has no LXC backend",
-        Some("use one of \"process\", \"bubblewrap\", \"vm\", \"hyperlight\""),
+        Some("\"seatbelt\""),
+        "\"seatbelt\" is not supported by mxc-vm: it is a macOS backend",
+        Some("use one of \"process\", \"bubblewrap\", \"vm\", \"hyperlight\", \"lxc\""),
     ),
     case(
         "{\"containment\": \"microvm\", \"process\": {\"commandLine\": \"x\"}}",
@@ -457,7 +457,7 @@ const MXC: &[Case] = &[
         "{\"version\": \"0.8.0-alpha\", \"containment\": \"bubblewrap\", \"process\": {},\n \"lxc\": {\"distribution\": \"alpine\"}}",
         "lxc",
         Some("\"lxc\""),
-        "mxc-vm has no LXC backend",
+        "the lxc section belongs to containment \"lxc\"",
         Some("remove it"),
     ),
     case(

@@ -49,10 +49,7 @@ type Outcome = Result<(), (&'static str, &'static str)>;
 
 /// What each example must give.
 const EXPECTED: &[(&str, Outcome)] = &[
-    (
-        "13_lxc_network_restricted.json",
-        Err(("containment", "\"lxc\" is not supported by mxc-vm")),
-    ),
+    ("13_lxc_network_restricted.json", Ok(())),
     ("30_network_0_8_directional.json", Ok(())),
     ("bubblewrap_filesystem.json", Ok(())),
     ("bubblewrap_network_directional_proxy.json", Ok(())),
@@ -85,6 +82,27 @@ fn every_example_parses_or_is_refused_for_a_stated_reason() {
             }
         }
     }
+}
+
+/// An LXC config runs on the process tier, which enforces its policy; the warning says
+/// that the container image is the host's system view instead.
+#[test]
+fn lxc_runs_on_the_process_tier_and_says_so() {
+    let p = load_example("13_lxc_network_restricted.json").unwrap();
+
+    assert_eq!(p.containment, policy::Containment::Process);
+    assert!(
+        p.warnings
+            .iter()
+            .any(|w| w.contains("process tier") && w.contains("alpine image is not used")),
+        "{:?}",
+        p.warnings
+    );
+    let lxc_section_elsewhere = parse(
+        "{\"version\": \"0.8.0-alpha\", \"containment\": \"process\", \"process\": {}, \"lxc\": {}}",
+    )
+    .unwrap_err();
+    assert_eq!(lxc_section_elsewhere.path(), "lxc");
 }
 
 #[test]
