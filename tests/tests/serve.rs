@@ -585,3 +585,36 @@ fn deleting_a_sandbox_ends_its_running_exec() {
     );
     assert_eq!(server.stop(), 128 + libc::SIGTERM);
 }
+
+/// A client that asks for a command's output and never reads it cannot freeze the
+/// sandbox: after a while its output is dropped, the command's timeout fires, and the
+/// next exec of the same sandbox runs.
+#[test]
+fn a_client_that_stops_reading_cannot_freeze_its_sandbox() {
+    use std::io::Write;
+    let _host = HOST.lock().unwrap_or_else(|e| e.into_inner());
+    let server = Server::start(&[]);
+    let id = create(&server, serde_json::json!({"backend": "process"}));
+    let body = serde_json::json!({"argv": ["yes"], "timeout_ms": 1000}).to_string();
+    let mut stalled = std::os::unix::net::UnixStream::connect(&server.socket).unwrap();
+    write!(
+        stalled,
+        "POST /v1/sandboxes/{id}/exec HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let started = Instant::now();
+    let (out, _, exit) = exec(&server, &id, serde_json::json!({"argv": ["echo", "next"]}));
+    assert_eq!(
+        (out.as_str(), exit["exit_code"].as_i64()),
+        ("next\n", Some(0))
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(stalled);
+    assert_eq!(server.stop(), 128 + libc::SIGTERM);
+}

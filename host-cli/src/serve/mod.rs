@@ -219,8 +219,11 @@ where
             let token = token.clone();
             async move { Ok::<_, std::convert::Infallible>(api::handle(svc, token, req).await) }
         });
+        // A client has this long to send a request's head (slow-header clients).
         let _ = http1::Builder::new()
             .keep_alive(true)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
             .serve_connection(io, service)
             .await;
     });

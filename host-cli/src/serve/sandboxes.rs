@@ -326,17 +326,45 @@ impl Registry {
     }
 }
 
-/// Sends output chunks to the exec's HTTP response; a client that went away only
-/// loses the output (the command runs on to its end or its timeout).
+/// How long an exec's output may wait for a client that does not read it before the
+/// rest of the output is dropped (the command, its timeout and the sandbox go on).
+const STALLED_CLIENT: Duration = Duration::from_secs(30);
+
+/// Sends output chunks to the exec's HTTP response. The channel is bounded, so a slow
+/// client slows the command down; one that went away, or stopped reading for
+/// [`STALLED_CLIENT`], only loses the output: the supervisor must keep its hands free
+/// to enforce the timeout.
 struct ChannelSink {
     tx: mpsc::Sender<ExecEvent>,
+    dropping: bool,
+}
+
+/// Send an event unless the client is gone or has not made room within `patience`;
+/// whether it was sent.
+fn send_patiently(tx: &mpsc::Sender<ExecEvent>, event: ExecEvent, patience: Duration) -> bool {
+    let deadline = Instant::now() + patience;
+    let mut event = event;
+    loop {
+        match tx.try_send(event) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(back)) => {
+                if Instant::now() >= deadline {
+                    return false;
+                }
+                event = back;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
 }
 
 impl OutputSink for ChannelSink {
     fn chunk(&mut self, kind: StreamKind, data: &[u8]) -> std::io::Result<()> {
-        let _ = self
-            .tx
-            .blocking_send(ExecEvent::Output(kind, data.to_vec()));
+        if !self.dropping {
+            let event = ExecEvent::Output(kind, data.to_vec());
+            self.dropping = !send_patiently(&self.tx, event, STALLED_CLIENT);
+        }
         Ok(())
     }
 }
@@ -372,7 +400,8 @@ fn sandbox_thread(
         let Job::Exec(job) = job else { break };
         let events = job.events.clone();
         let start = Instant::now();
-        let event = match run_exec(backend.as_mut(), job, output_limit) {
+        let (result, stalled) = run_exec(backend.as_mut(), job, output_limit);
+        let event = match result {
             Ok(outcome) => {
                 metrics.exec_done(start.elapsed(), &outcome);
                 ExecEvent::Exit(outcome)
@@ -380,7 +409,13 @@ fn sandbox_thread(
             Err(e) => ExecEvent::Failed(e),
         };
         running.fetch_sub(1, Ordering::SeqCst);
-        let _ = events.blocking_send(event);
+        // A client that stopped reading gets no more patience: the next exec waits.
+        let patience = if stalled {
+            Duration::ZERO
+        } else {
+            STALLED_CLIENT
+        };
+        let _ = send_patiently(&events, event, patience);
     }
     let _ = backend.stop();
     let _ = backend.deprovision();
@@ -408,13 +443,15 @@ fn make_backend(containment: Containment) -> Result<Box<dyn sandbox::Backend>, A
     }
 }
 
+/// Run one exec; the outcome, and whether the client stopped reading its output.
 fn run_exec(
     backend: &mut dyn sandbox::Backend,
     job: ExecJob,
     output_limit: Option<u64>,
-) -> Result<ExecOutcome, ApiError> {
+) -> (Result<ExecOutcome, ApiError>, bool) {
     let mut sink = ChannelSink {
         tx: job.events.clone(),
+        dropping: false,
     };
     // Stdin bytes go through a pipe, written by a thread of their own so that a command
     // that does not read them cannot block the sandbox.
@@ -424,10 +461,11 @@ fn run_exec(
         let mut fds = [0i32; 2];
         // SAFETY: pipe2 writes two new descriptors into our array.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(ApiError::internal(format!(
-                "cannot create a pipe: {}",
-                std::io::Error::last_os_error()
-            )));
+            let e = std::io::Error::last_os_error();
+            return (
+                Err(ApiError::internal(format!("cannot create a pipe: {e}"))),
+                false,
+            );
         }
         // SAFETY: both descriptors were just created and are owned by nobody else.
         let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
@@ -452,7 +490,11 @@ fn run_exec(
     if let Some(w) = writer {
         let _ = w.join();
     }
-    result.map_err(|e| ApiError::unprocessable("exec_failed", super::error::chain(&e)))
+    let stalled = sink.dropping;
+    (
+        result.map_err(|e| ApiError::unprocessable("exec_failed", super::error::chain(&e))),
+        stalled,
+    )
 }
 
 /// The exit event's JSON.
