@@ -378,22 +378,21 @@ fn network_rules(
     Ok(net)
 }
 
-/// `default: allow` with allow rules is meaningless (an error); deny rules under
-/// `default: deny` without allow rules can never matter (a warning).
+/// Rules that can never matter are warned about (deny rules are checked first, so
+/// under `default: allow` the allow rules change nothing, and under `default: deny`
+/// without allow rules the deny rules change nothing); the rules that do matter apply.
 pub(crate) fn check_egress(
-    src: &Source<'_>,
+    _src: &Source<'_>,
     egress: &Egress,
     allow_field: &str,
     deny_field: &str,
     warnings: &mut Vec<String>,
 ) -> Result<(), PolicyError> {
     if egress.default == Action::Allow && !egress.allow.is_empty() {
-        return Err(src
-            .err(
-                allow_field,
-                "allow rules have no effect when the default is allow",
-            )
-            .with_hint("set the default to deny, or remove the allow rules"));
+        warnings.push(format!(
+            "{allow_field}: allow rules have no effect when the default is allow (the deny \
+             rules, checked first, still apply)"
+        ));
     }
     if egress.default == Action::Deny && egress.allow.is_empty() && !egress.deny.is_empty() {
         warnings.push(format!(

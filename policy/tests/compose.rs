@@ -141,6 +141,33 @@ fn deny_rules_under_deny_all_warn() {
     assert!(p.warnings[0].starts_with("network.egress.deny: deny rules have no effect"));
 }
 
+/// MXC runs such configs (its firewall denylist test): the deny rule matters, the allow
+/// rules under a default of allow do not, which a warning says.
+#[test]
+fn allow_rules_under_allow_all_warn_and_the_deny_rules_apply() {
+    let native = parse(
+        r#"{"version": "1", "network": {"egress": {"default": "allow",
+            "allow": ["1.1.1.0/24"], "deny": ["1.1.1.1/32"]}}}"#,
+    )
+    .unwrap();
+    let mxc = parse(
+        r#"{"version": "0.8.0-alpha", "process": {}, "network": {"defaultPolicy": "allow",
+            "allowedHosts": ["1.1.1.0/24"], "blockedHosts": ["1.1.1.1/32"]}}"#,
+    )
+    .unwrap();
+
+    for p in [&native, &mxc] {
+        let redundant = p
+            .warnings
+            .iter()
+            .filter(|w| w.contains("allow rules have no effect"))
+            .count();
+        assert_eq!(redundant, 1, "{:?}", p.warnings);
+        assert_eq!(p.network.egress.deny.len(), 1);
+        assert_eq!(p.network.egress.default, Action::Allow);
+    }
+}
+
 #[test]
 fn an_upstream_proxy_under_deny_all_warns() {
     let native =

@@ -269,13 +269,6 @@ const NATIVE: &[Case] = &[
         None,
     ),
     case(
-        "{\"version\": \"1\", \"network\": {\"egress\": {\"default\": \"allow\",\n \"allow\": [\"a.example\"]}}}",
-        "network.egress.allow",
-        Some("[\"a.example\"]"),
-        "allow rules have no effect when the default is allow",
-        Some("set the default to deny"),
-    ),
-    case(
         "{\"version\": \"1\", \"network\": {\"egress\": {\"default\": \"block\"}}}",
         "network.egress.default",
         Some("\"block\""),
@@ -556,20 +549,6 @@ const MXC: &[Case] = &[
         "network.egress",
         Some("\"egress\""),
         "cannot be combined with the legacy",
-        None,
-    ),
-    case(
-        "{\"version\": \"0.8.0-alpha\", \"process\": {}, \"network\": {\"egress\": {\"default\": \"allow\", \"allow\": [{}]}}}",
-        "network.egress.allow",
-        Some("[{}]"),
-        "allow rules have no effect when the default is allow",
-        None,
-    ),
-    case(
-        "{\"version\": \"0.6.0-alpha\", \"process\": {}, \"network\": {\"defaultPolicy\": \"allow\",\n \"allowedHosts\": [\"api.github.com\"]}}",
-        "network.allowedHosts",
-        Some("[\"api.github.com\"]"),
-        "allow rules have no effect when the default is allow",
         None,
     ),
     case(
