@@ -15,16 +15,20 @@ use crate::native::{check_egress, env_list, push_rules, upstream_warning, Action
 use crate::net_rules::parse_cidr;
 use crate::source::Source;
 
-/// Checks an MXC `version` (`0.6.0-alpha` … `0.9.0-dev`).
-pub(crate) fn check_version(v: &str) -> Result<(), String> {
+/// The minor number of an MXC `version` (`0.8.0-alpha` → 8), if it is one.
+fn minor(v: &str) -> Option<u32> {
     let core = v.split(['-', '+']).next().unwrap_or(v);
     let mut parts = core.split('.');
-    let minor = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
         (Some("0"), Some(m), Some(p), None) if p.parse::<u32>().is_ok() => m.parse::<u32>().ok(),
         (Some("0"), Some(m), None, None) => m.parse::<u32>().ok(),
         _ => None,
-    };
-    match minor {
+    }
+}
+
+/// Checks an MXC `version` (`0.6.0-alpha` … `0.9.0-dev`).
+pub(crate) fn check_version(v: &str) -> Result<(), String> {
+    match minor(v) {
         Some(6..=9) => Ok(()),
         Some(_) => Err(format!(
             "MXC config version \"{v}\" is not supported{HINT_SEP}mxc-vm reads MXC 0.6 to 0.9"
@@ -313,7 +317,9 @@ pub(crate) fn parse(src: &Source<'_>, version: String) -> Result<Policy, PolicyE
             e
         }
     })?;
-    let mut policy = Policy::empty(PolicySource::Mxc { version });
+    let mut policy = Policy::empty(PolicySource::Mxc {
+        version: version.clone(),
+    });
     policy.name = c.container_id.clone();
     policy.containment = match &c.containment {
         Some(name) => containment(src, name)?,
@@ -367,7 +373,7 @@ pub(crate) fn parse(src: &Source<'_>, version: String) -> Result<Policy, PolicyE
     }
     let runtime_proxy = c.runtime_config.and_then(|r| r.network_proxy).map(|u| u.0);
     policy.network = match c.network {
-        Some(n) => network(src, n, &mut policy.warnings)?,
+        Some(n) => network(src, n, &version, &mut policy.warnings)?,
         None => Network::default(),
     };
     if let Some(url) = runtime_proxy {
@@ -455,9 +461,20 @@ fn check_ui(src: &Source<'_>, ui: &MxcUi) -> Result<(), PolicyError> {
 fn network(
     src: &Source<'_>,
     n: MxcNetwork,
+    version: &str,
     warnings: &mut Vec<String>,
 ) -> Result<Network, PolicyError> {
     let mut net = Network::default();
+    // The directional rules came with 0.8; an older file that has them was written for
+    // a schema that never had them (a version without a number is taken as current).
+    if n.egress.is_some() && minor(version).is_some_and(|m| m < 8) {
+        return Err(src
+            .err_key(
+                "network.egress",
+                format!("the directional egress rules need MXC 0.8 or later; this file is \"{version}\""),
+            )
+            .with_hint("set \"version\": \"0.8.0-alpha\", or use defaultPolicy/allowedHosts/blockedHosts"));
+    }
     if n.allow_local_network == Some(true) {
         return Err(src
             .err(

@@ -377,6 +377,13 @@ const NATIVE: &[Case] = &[
 
 const MXC: &[Case] = &[
     case(
+        "{\"version\": \"0.7.0-alpha\", \"process\": {},\n \"network\": {\"egress\": {\"default\": \"deny\"}}}",
+        "network.egress",
+        Some("\"egress\""),
+        "the directional egress rules need MXC 0.8 or later; this file is \"0.7.0-alpha\"",
+        Some("set \"version\": \"0.8.0-alpha\", or use defaultPolicy/allowedHosts/blockedHosts"),
+    ),
+    case(
         "{\"version\": \"0.6.0-alpha\",\n \"containment\": \"seatbelt\", \"process\": {\"commandLine\": \"x\"}}",
         "containment",
         Some("\"seatbelt\""),
