@@ -552,7 +552,7 @@ fn a_disk_limit_stops_writes_into_the_grants() {
 
 /// `mxc-vm serve` with a microVM sandbox: it boots once at creation, runs several execs
 /// (stdin, exit codes), sees a file uploaded into its read-write grant, and deleting it
-/// leaves no VMM behind.
+/// while a command runs ends the command and leaves no VMM behind.
 #[test]
 fn serve_runs_execs_and_files_in_a_microvm_sandbox() {
     require_kvm();
@@ -610,11 +610,26 @@ fn serve_runs_execs_and_files_in_a_microvm_sandbox() {
         b"",
     );
     assert_eq!(got.body, b"back\n");
-    assert_eq!(
-        server
-            .call("DELETE", &format!("/v1/sandboxes/{id}"), b"")
-            .status,
-        200
+    // Deleting the sandbox while a command runs kills the VM at once.
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        let running = s.spawn(|| {
+            server.json(
+                "POST",
+                &format!("/v1/sandboxes/{id}/exec"),
+                serde_json::json!({"argv": ["sleep", "600"]}),
+            )
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        let deleted = server.call("DELETE", &format!("/v1/sandboxes/{id}"), b"");
+        assert_eq!(deleted.status, 200);
+        let last = running.join().unwrap().lines().pop().unwrap();
+        assert_eq!(last["type"], "error", "{last}");
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "{:?}",
+        started.elapsed()
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     while !pids_with(&id).is_empty() {

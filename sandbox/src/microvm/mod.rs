@@ -316,6 +316,11 @@ impl Backend for MicrovmBackend {
         "microvm"
     }
 
+    /// The VMM: the VM and every exec in it end with it.
+    fn root_pid(&self) -> Option<u32> {
+        self.vmm.as_ref().and_then(|v| u32::try_from(v.pid()).ok())
+    }
+
     fn provision(&mut self, spec: &SandboxSpec) -> Result<(), SandboxError> {
         self.files = check_enforceable(spec, &self.opts.system)?;
         crate::host::kvm_kind().map_err(|reason| SandboxError::Unavailable {
