@@ -53,6 +53,36 @@ impl Server {
         self.call(method, path, body.to_string().as_bytes())
     }
 
+    /// Start `argv` in sandbox `id`, delete the sandbox `after` later; the delete's
+    /// status, the exec's last event, and the time from the start to that event.
+    pub fn delete_during_exec(
+        &self,
+        id: &str,
+        argv: &[&str],
+        after: std::time::Duration,
+    ) -> (u16, serde_json::Value, std::time::Duration) {
+        let started = std::time::Instant::now();
+        std::thread::scope(|s| {
+            let running = s.spawn(|| {
+                self.json(
+                    "POST",
+                    &format!("/v1/sandboxes/{id}/exec"),
+                    serde_json::json!({ "argv": argv }),
+                )
+            });
+            std::thread::sleep(after);
+            let deleted = self
+                .call("DELETE", &format!("/v1/sandboxes/{id}"), b"")
+                .status;
+            let last = running
+                .join()
+                .ok()
+                .and_then(|r| r.lines().pop())
+                .unwrap_or_default();
+            (deleted, last, started.elapsed())
+        })
+    }
+
     /// SIGTERM, then the exit code.
     pub fn stop(mut self) -> i32 {
         // SAFETY: kill() on our own child.

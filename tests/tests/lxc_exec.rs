@@ -18,15 +18,7 @@ fn executor(dir: &TempDir) -> std::path::PathBuf {
 }
 
 fn b64(s: &str) -> String {
-    let out = Command::new("base64")
-        .arg("-w0")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    out.stdin.as_ref().unwrap().write_all(s.as_bytes()).unwrap();
-    String::from_utf8(out.wait_with_output().unwrap().stdout).unwrap()
+    tests::serve::b64(s.as_bytes())
 }
 
 fn run(exe: &std::path::Path, args: &[&str]) -> Output {

@@ -611,26 +611,11 @@ fn serve_runs_execs_and_files_in_a_microvm_sandbox() {
     );
     assert_eq!(got.body, b"back\n");
     // Deleting the sandbox while a command runs kills the VM at once.
-    let started = Instant::now();
-    std::thread::scope(|s| {
-        let running = s.spawn(|| {
-            server.json(
-                "POST",
-                &format!("/v1/sandboxes/{id}/exec"),
-                serde_json::json!({"argv": ["sleep", "600"]}),
-            )
-        });
-        std::thread::sleep(Duration::from_secs(2));
-        let deleted = server.call("DELETE", &format!("/v1/sandboxes/{id}"), b"");
-        assert_eq!(deleted.status, 200);
-        let last = running.join().unwrap().lines().pop().unwrap();
-        assert_eq!(last["type"], "error", "{last}");
-    });
-    assert!(
-        started.elapsed() < Duration::from_secs(120),
-        "{:?}",
-        started.elapsed()
-    );
+    let (deleted, last, took) =
+        server.delete_during_exec(&id, &["sleep", "600"], Duration::from_secs(2));
+    assert_eq!(deleted, 200);
+    assert_eq!(last["type"], "error", "{last}");
+    assert!(took < Duration::from_secs(120), "{took:?}");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !pids_with(&id).is_empty() {
         assert!(

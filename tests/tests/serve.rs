@@ -558,31 +558,11 @@ fn deleting_a_sandbox_ends_its_running_exec() {
     let _host = HOST.lock().unwrap_or_else(|e| e.into_inner());
     let server = Server::start(&[]);
     let id = create(&server, serde_json::json!({"backend": "process"}));
-    let started = Instant::now();
-    std::thread::scope(|s| {
-        let running = s.spawn(|| {
-            server.json(
-                "POST",
-                &format!("/v1/sandboxes/{id}/exec"),
-                serde_json::json!({"argv": ["sleep", "120"]}),
-            )
-        });
-        std::thread::sleep(Duration::from_millis(500));
-        assert_eq!(
-            server
-                .call("DELETE", &format!("/v1/sandboxes/{id}"), b"")
-                .status,
-            200
-        );
-        let reply = running.join().unwrap();
-        let last = reply.lines().pop().unwrap();
-        assert_eq!(last["type"], "error", "{last}");
-    });
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "{:?}",
-        started.elapsed()
-    );
+    let (deleted, last, took) =
+        server.delete_during_exec(&id, &["sleep", "120"], Duration::from_millis(500));
+    assert_eq!(deleted, 200);
+    assert_eq!(last["type"], "error", "{last}");
+    assert!(took < Duration::from_secs(30), "{took:?}");
     assert_eq!(server.stop(), 128 + libc::SIGTERM);
 }
 
