@@ -206,6 +206,12 @@ fn pid1_unix_path(args: &[String]) -> Option<PathBuf> {
 /// PID 1: set the guest up, serve, power off. Never returns (PID 1 must not exit).
 fn run_pid1(unix: Option<PathBuf>) -> ! {
     init::early();
+    // A Unix socket is bound before the mounts: its directory may lie under /tmp or
+    // /run, which PID 1 covers with fresh tmpfs (the listener outlives the path).
+    let unix_listener = unix.map(|path| {
+        let listen = Listen::Unix(path);
+        bind(&listen).map(|fd| (listen, fd))
+    });
     init::mount_all();
     let (cfg, warnings) = cmdline::parse(&init::kernel_cmdline());
     for w in warnings {
@@ -242,11 +248,14 @@ fn run_pid1(unix: Option<PathBuf>) -> ! {
     };
     let bench_poweroff = cfg.bench_poweroff;
     let served = std::panic::catch_unwind(move || {
-        let listen = match unix {
-            Some(path) => Listen::Unix(path),
-            None => Listen::Vsock(cfg.port),
+        let (listen, listener) = match unix_listener {
+            Some(bound) => bound?,
+            None => {
+                let listen = Listen::Vsock(cfg.port);
+                let fd = bind(&listen)?;
+                (listen, fd)
+            }
         };
-        let listener = bind(&listen)?;
         log!("ready on {listen} (protocol {})", proto::PROTOCOL_VERSION);
         let mut server = Server::new(listener, ctx, opts)
             .map_err(|e| format!("cannot start the event loop: {e}"))?;

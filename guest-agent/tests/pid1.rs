@@ -36,8 +36,9 @@ struct Init {
 
 impl Init {
     fn start() -> Self {
-        // Not under /tmp or /run: the agent mounts fresh tmpfs there in its namespace.
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        // Under /tmp on purpose: the agent mounts fresh tmpfs on /tmp in its namespace,
+        // so it must bind its socket first (a checkout under /tmp once broke this).
+        let dir = std::env::temp_dir().join(format!(
             "pid1-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::SeqCst)
