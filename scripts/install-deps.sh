@@ -8,6 +8,7 @@ pkgs=(
   linux-source-6.1    # the guest kernel source (mxc-vm image build)
   flex bison bc libelf-dev libssl-dev make gcc cpio xz-utils  # kernel build
   python3 iproute2 curl openssl  # used by the tests
+  g++                 # libFuzzer, built for the protocol fuzz target (proto/fuzz)
   nodejs              # the TypeScript SDK's tests (sdk/typescript, Node >= 18)
   qemu-system-x86     # the nested hardware-KVM test lane (tests/hwkvm/)
 )

@@ -15,7 +15,7 @@ use proto::{
 };
 
 use crate::exec::{Running, StdinAccept};
-use crate::server::Watched;
+use crate::registry::Watched;
 use crate::sys;
 
 /// Above this many queued outgoing bytes the agent stops reading child output.
@@ -333,7 +333,7 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::{Registry, Source};
+    use crate::registry::{Registry, Source};
     use proto::{FrameReader, DEFAULT_MAX_FRAME};
     use std::os::fd::OwnedFd;
     use std::os::unix::net::UnixStream;

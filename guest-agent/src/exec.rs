@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use proto::{Control, Exec, Exit, STDIN_WINDOW};
 
 use crate::cgroup::{CgroupError, CgroupRoot, ExecCgroup};
-use crate::server::{Registry, Source, Watched};
+use crate::registry::{Registry, Source, Watched};
 use crate::sys::{self, ChildSpec, WaitStatus};
 
 /// The search path when the exec's environment has no `PATH`.

@@ -37,6 +37,7 @@ mod conn;
 mod exec;
 mod init;
 mod proxy_forward;
+mod registry;
 mod server;
 mod shares;
 mod sys;

@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::time::Instant;
 
 use proto::{Control, FrameKind, DATA_CHUNK};
@@ -25,105 +25,12 @@ use crate::cgroup::ExecCgroup;
 use crate::conn::{Action, Conn, OUT_HIGH_WATER};
 use crate::exec::{read_pipe, PipeRead, Running, SpawnContext, StdinPipe, DRAIN_GRACE};
 use crate::proxy_forward::Forwarder;
-use crate::sys::{self, Epoll, EV_IN, EV_OUT};
+use crate::registry::{Registry, Source, Watched};
+use crate::sys::{self, EV_IN, EV_OUT};
 use crate::{error_chain, log};
 
 /// Connections served at once; more are refused with an `Error`.
 pub const MAX_CONNECTIONS: usize = 64;
-
-/// What an epoll token stands for. Connections are numbered by the server; execs by
-/// the host-chosen id, unique within their connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// The listening socket.
-    Listener,
-    /// The signalfd.
-    Signals,
-    /// A connection socket.
-    Conn(u32),
-    /// An exec's stdin write end.
-    Stdin(u32, u32),
-    /// An exec's stdout read end.
-    Stdout(u32, u32),
-    /// An exec's stderr read end.
-    Stderr(u32, u32),
-    /// An exec's setup-report read end.
-    Report(u32, u32),
-    /// The network proxy forwarder (its own epoll instance).
-    Forwarder,
-}
-
-/// A descriptor known to the [`Registry`], with the events it is watched for.
-#[derive(Debug)]
-pub struct Watched {
-    fd: OwnedFd,
-    token: u64,
-    interest: u32,
-}
-
-impl AsRawFd for Watched {
-    fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-}
-
-/// The epoll instance and what each token means.
-#[derive(Debug)]
-pub struct Registry {
-    epoll: Epoll,
-    sources: HashMap<u64, Source>,
-    next: u64,
-}
-
-impl Registry {
-    /// A new, empty registry.
-    pub fn new() -> io::Result<Self> {
-        Ok(Self {
-            epoll: Epoll::new()?,
-            sources: HashMap::new(),
-            next: 1,
-        })
-    }
-
-    /// Takes ownership of `fd`; it is watched once [`Registry::set_interest`] asks.
-    pub fn watch(&mut self, fd: OwnedFd, source: Source) -> Watched {
-        let token = self.next;
-        self.next += 1;
-        self.sources.insert(token, source);
-        Watched {
-            fd,
-            token,
-            interest: 0,
-        }
-    }
-
-    /// Watches `w` for `interest` (0: not at all).
-    pub fn set_interest(&self, w: &mut Watched, interest: u32) {
-        if w.interest == interest {
-            return;
-        }
-        let fd = w.fd.as_raw_fd();
-        let result = match (w.interest, interest) {
-            (0, new) => self.epoll.add(fd, w.token, new),
-            (_, 0) => self.epoll.delete(fd),
-            (_, new) => self.epoll.modify(fd, w.token, new),
-        };
-        match result {
-            Ok(()) => w.interest = interest,
-            Err(e) => log!("epoll update failed: {e}"),
-        }
-    }
-
-    /// Stops watching `w` and closes it.
-    pub fn unwatch(&mut self, mut w: Watched) {
-        self.set_interest(&mut w, 0);
-        self.sources.remove(&w.token);
-    }
-
-    fn source(&self, token: u64) -> Option<Source> {
-        self.sources.get(&token).copied()
-    }
-}
 
 /// Why the loop ended.
 #[derive(Debug)]
@@ -219,7 +126,7 @@ impl Server {
         loop {
             self.update_interests();
             let timeout = self.next_timeout();
-            if let Err(e) = self.reg.epoll.wait(&mut events, timeout) {
+            if let Err(e) = self.reg.wait(&mut events, timeout) {
                 self.stop = Some(StopReason::Failed(e));
             }
             for &(token, ev) in &events {

@@ -40,7 +40,7 @@ pub enum Commands {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// The Unix socket to listen on (mode 0600) [default: $XDG_RUNTIME_DIR/mxc-vm/serve.sock,
-    /// else /tmp/mxc-vm-<uid>/serve.sock].
+    /// else /tmp/mxc-vm-UID/serve.sock].
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Also listen on TCP at ADDRESS:PORT (needs --token-file; clients send

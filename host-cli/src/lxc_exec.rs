@@ -97,7 +97,7 @@ fn run_code(failure: &Failure) -> &'static str {
     }
 }
 
-/// Run as `lxc-exec` with the arguments after argv[0]; returns the exit code.
+/// Run as `lxc-exec` with the arguments after `argv[0]`; returns the exit code.
 pub fn main(argv: &[String]) -> i32 {
     let args = match parse_args(argv) {
         Ok(a) => a,

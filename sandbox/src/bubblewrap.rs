@@ -8,10 +8,10 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use crate::egress::{net_mode, SandboxNet};
+use crate::env::{compose_env, with_proxy_env};
 use crate::limits::{self, Enforcement, SandboxCgroup};
 use crate::output::ExecIo;
-use crate::process::net::SandboxNet;
-use crate::process::{compose_env, net_mode, with_proxy_env};
 use crate::proxy::handoff::NET_HELPER_ARG;
 use crate::supervise::{self, Killer, Pipes, Status};
 use crate::view::{MountOp, NetMode, SandboxView, SANDBOX_HOSTNAME};

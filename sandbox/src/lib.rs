@@ -9,6 +9,8 @@
 //! new namespaces to set the sandbox up.
 
 pub mod bubblewrap;
+pub mod egress;
+pub mod env;
 pub mod host;
 pub mod interrupt;
 pub mod limits;

@@ -1,5 +1,6 @@
 //! How a VM ends: the first thread to see an end (a vCPU, a device, the event loop, a
-//! `VmHandle::kill`) records why and wakes the thread waiting in `Vm::run`.
+//! `VmHandle::kill`) records why and wakes the thread waiting in `Vm::run`. Below
+//! `vcpu`: a vCPU's failure ([`VcpuError`]) is one way a VM ends.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -7,8 +8,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::hypervisor::VcpuKick;
-use crate::vcpu::VcpuError;
+use crate::hypervisor::{HypervisorError, Regs, SpecialRegs, VcpuKick};
 
 /// Why a VM ended without an error.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +35,74 @@ impl std::fmt::Display for ExitReason {
             ExitReason::Killed => write!(f, "killed"),
         }
     }
+}
+
+/// The register state of a vCPU when something went wrong, for the error message.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VcpuState {
+    /// General-purpose registers.
+    pub regs: Regs,
+    /// Control and segment registers, when they could be read.
+    pub sregs: Option<SpecialRegs>,
+}
+
+impl std::fmt::Display for VcpuState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = &self.regs;
+        write!(
+            f,
+            "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} \
+             rsi={:#x} rdi={:#x} rbp={:#x}",
+            r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp
+        )?;
+        if let Some(s) = &self.sregs {
+            write!(
+                f,
+                " cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+                s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Errors setting up or running a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("vcpu {vcpu}: setup failed")]
+    Setup {
+        vcpu: u8,
+        #[source]
+        source: HypervisorError,
+    },
+    #[error(
+        "vcpu {vcpu}: the hypervisor could not emulate an instruction \
+         (internal error {suberror}, data {data:x?}); {state}"
+    )]
+    Emulation {
+        vcpu: u8,
+        suberror: u32,
+        data: [u64; 4],
+        state: Box<VcpuState>,
+    },
+    #[error("vcpu {vcpu}: the hypervisor failed to enter the guest (reason {reason:#x}); {state}")]
+    FailEntry {
+        vcpu: u8,
+        reason: u64,
+        state: Box<VcpuState>,
+    },
+    #[error("vcpu {vcpu}: unexpected exit {code}; {state}")]
+    UnexpectedExit {
+        vcpu: u8,
+        code: u32,
+        state: Box<VcpuState>,
+    },
+    #[error("vcpu {vcpu}: run failed")]
+    Run {
+        vcpu: u8,
+        #[source]
+        source: HypervisorError,
+    },
 }
 
 /// Why a VM ended with an error.

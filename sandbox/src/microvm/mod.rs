@@ -499,7 +499,7 @@ impl Backend for MicrovmBackend {
         })?;
         let env = self
             .net
-            .env(crate::process::compose_env(&req.env))
+            .env(crate::env::compose_env(&req.env))
             .into_iter()
             .collect();
         let exec = Exec {

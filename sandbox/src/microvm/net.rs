@@ -26,7 +26,8 @@
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
-use crate::process::net::{egress_route, with_proxy_env, EgressRoute, SandboxNet};
+use crate::egress::{egress_route, EgressRoute, SandboxNet};
+use crate::env::with_proxy_env;
 use crate::proxy::{Server, SANDBOX_PROXY_PORT};
 use crate::view::NetMode;
 use crate::{SandboxError, SandboxSpec};

@@ -4,15 +4,20 @@
 //! /proc, pivots into the root and forks the command. The command then applies rlimits,
 //! Landlock, drops every capability, sets no_new_privs, installs the seccomp filters and
 //! execs. Every failure is reported on the status pipe (fd 3) as a `Status` line.
+//! In a persistent sandbox (`session`), PID 1 instead serves exec requests from the
+//! host, forking each command the same way.
 
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::io::Read;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use super::session::{Request, CTL_FD, MAX_MESSAGE};
 use super::{landlock_rules, mounts, InitPlan, INIT_ARG, NET_FD, PLAN_FD, STATUS_FD};
 use crate::proxy::handoff;
+use crate::proxy::sys::recv_fds;
 use crate::supervise::Status;
 use crate::view::{NetMode, SANDBOX_HOSTNAME};
 
@@ -118,7 +123,7 @@ pub(crate) fn run_plan(plan: &InitPlan) -> i32 {
     if plan.session {
         // Only PID 1 talks to the host.
         // SAFETY: closing our own copy of the control socket.
-        unsafe { libc::close(super::session::CTL_FD) };
+        unsafe { libc::close(CTL_FD) };
     }
     report(&Status::Child { pid });
     wait_exit_code(pid)
@@ -171,7 +176,7 @@ fn pid_one(plan: &InitPlan) -> i32 {
     unsafe { libc::sethostname(SANDBOX_HOSTNAME.as_ptr().cast(), SANDBOX_HOSTNAME.len()) };
     stage(plan, "pid 1: network");
     if plan.session {
-        return super::session::serve(plan);
+        return serve(plan);
     }
 
     // SAFETY: fork in a single-threaded process.
@@ -383,4 +388,170 @@ fn drop_capabilities() -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+// ---- PID 1 of a persistent sandbox (see `session`) ----
+
+fn write_status(fd: RawFd, status: &Status) {
+    let line = status.to_line();
+    // SAFETY: writing our own buffer to a descriptor we hold.
+    unsafe { libc::write(fd, line.as_ptr().cast(), line.len()) };
+}
+
+/// PID 1's loop: run execs as they are asked for until the host closes the control
+/// socket. Returns PID 1's exit code.
+fn serve(plan: &InitPlan) -> i32 {
+    // SAFETY: plain signal-mask and descriptor calls on data we own.
+    let signals = unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        let mut mask: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut mask);
+        libc::sigaddset(&mut mask, libc::SIGCHLD);
+        libc::sigprocmask(libc::SIG_BLOCK, &mask, std::ptr::null_mut());
+        libc::signalfd(-1, &mask, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
+    };
+    if signals < 0 {
+        return fail("session", std::io::Error::last_os_error());
+    }
+    // SAFETY: the signalfd was just created and is ours.
+    let signals = unsafe { OwnedFd::from_raw_fd(signals) };
+    // SAFETY: fcntl on the inherited control socket.
+    unsafe { libc::fcntl(CTL_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+    report(&Status::Ready);
+    let mut running: HashMap<libc::pid_t, OwnedFd> = HashMap::new();
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: CTL_FD,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: signals.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: fds is a valid array of two pollfd.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return 1;
+        }
+        if fds[1].revents != 0 {
+            reap(&signals, &mut running);
+        }
+        if fds[0].revents == 0 {
+            continue;
+        }
+        let (n, mut passed) = match recv_fds(CTL_FD, &mut buf) {
+            Ok(r) => r,
+            Err(_) => continue,
+        };
+        if n == 0 {
+            // The host closed its end: the sandbox ends (everything dies with PID 1).
+            return 0;
+        }
+        match serde_json::from_slice::<Request>(&buf[..n]) {
+            Ok(Request::Exec { argv, env, cwd }) if passed.len() == 4 => {
+                let err = passed.pop();
+                let out = passed.pop();
+                let stdin = passed.pop();
+                let status = passed.pop();
+                if let (Some(status), Some(stdin), Some(out), Some(err)) = (status, stdin, out, err)
+                {
+                    let exec_plan = InitPlan {
+                        argv,
+                        env,
+                        cwd,
+                        ..plan.clone()
+                    };
+                    if let Some(pid) = spawn(&exec_plan, &signals, [&status, &stdin, &out, &err]) {
+                        write_status(status.as_raw_fd(), &Status::Child { pid });
+                        running.insert(pid, status);
+                    }
+                }
+            }
+            Ok(Request::Kill { pid }) if running.contains_key(&pid) && pid > 1 => {
+                // SAFETY: kill() has no memory effects; pid is a command we started.
+                unsafe {
+                    libc::kill(-pid, libc::SIGKILL);
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+            // A malformed or unknown request is dropped; its descriptors close with it.
+            _ => {}
+        }
+    }
+}
+
+/// Fork the command with the exec's descriptors on 3 (status), 0, 1, 2.
+fn spawn(plan: &InitPlan, signals: &OwnedFd, fds: [&OwnedFd; 4]) -> Option<libc::pid_t> {
+    let [status, stdin, out, err] = fds.map(AsRawFd::as_raw_fd);
+    // SAFETY: fork in PID 1, which is single-threaded.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        write_status(
+            status,
+            &Status::Error {
+                stage: "fork".into(),
+                message: std::io::Error::last_os_error().to_string(),
+            },
+        );
+        return None;
+    }
+    if pid == 0 {
+        // SAFETY: in the child: restore the signal state, put the exec's descriptors in
+        // place (dup2 clears close-on-exec; the status pipe gets it back), close ours.
+        unsafe {
+            let mut mask: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut mask);
+            libc::sigprocmask(libc::SIG_SETMASK, &mask, std::ptr::null_mut());
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            libc::close(signals.as_raw_fd());
+            libc::close(CTL_FD);
+            libc::dup2(stdin, 0);
+            libc::dup2(out, 1);
+            libc::dup2(err, 2);
+            libc::dup2(status, STATUS_FD);
+            libc::fcntl(STATUS_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+        let code = command(plan);
+        // SAFETY: leave the child without running the parent's atexit handlers.
+        unsafe { libc::_exit(code) };
+    }
+    Some(pid)
+}
+
+/// Reap every child that ended; report the commands' ends and kill what is left of
+/// their process groups.
+fn reap(signals: &OwnedFd, running: &mut HashMap<libc::pid_t, OwnedFd>) {
+    let mut info = [0u8; 128];
+    // SAFETY: draining the non-blocking signalfd into our buffer.
+    while unsafe { libc::read(signals.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) } > 0 {}
+    loop {
+        let mut wstatus = 0;
+        // SAFETY: waitpid writes into our integer.
+        let pid = unsafe { libc::waitpid(-1, &mut wstatus, libc::WNOHANG) };
+        if pid <= 0 {
+            return;
+        }
+        let Some(status) = running.remove(&pid) else {
+            continue;
+        };
+        // SAFETY: kill() has no memory effects; the group is the command's own session.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+        let end = if libc::WIFSIGNALED(wstatus) {
+            Status::Signal {
+                signal: libc::WTERMSIG(wstatus),
+            }
+        } else {
+            Status::Exit {
+                code: libc::WEXITSTATUS(wstatus),
+            }
+        };
+        write_status(status.as_raw_fd(), &end);
+    }
 }

@@ -15,7 +15,6 @@
 pub mod init;
 mod landlock_rules;
 mod mounts;
-pub mod net;
 mod session;
 
 use std::ffi::CString;
@@ -27,13 +26,14 @@ use std::process::{Child, Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 
+use crate::egress::{net_mode, SandboxNet};
+use crate::env::{compose_env, with_proxy_env};
 use crate::limits::{self, Enforcement, Rlimit, SandboxCgroup};
 use crate::output::{ExecIo, StdinMode};
 use crate::supervise::{self, Killer, Pipes, Status};
 use crate::view::{NetMode, SandboxView};
 use crate::{Backend, ExecOutcome, ExecRequest, SandboxError, SandboxSpec};
 pub use landlock_rules::kernel_abi as landlock_abi;
-pub use net::{net_mode, with_proxy_env};
 
 /// `argv[1]` that makes the binary run as the sandbox init.
 pub const INIT_ARG: &str = "__sandbox-init";
@@ -43,15 +43,6 @@ pub(crate) const STATUS_FD: i32 = 3;
 pub(crate) const PLAN_FD: i32 = 4;
 /// Inherited descriptor of the proxy handoff socket in the init (proxied network only).
 pub(crate) const NET_FD: i32 = 5;
-
-/// The default environment below the policy's own: enough for programs to find each other.
-pub const BASE_ENV: &[(&str, &str)] = &[
-    (
-        "PATH",
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    ),
-    ("HOME", "/tmp"),
-];
 
 /// Everything the init needs, serialised into a memfd.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -71,23 +62,12 @@ pub(crate) struct InitPlan {
     pub session: bool,
 }
 
-/// Compose the environment: base variables, then the request's (which win).
-pub fn compose_env(req: &[(String, String)]) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = BASE_ENV
-        .iter()
-        .filter(|(k, _)| !req.iter().any(|(rk, _)| rk == k))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    env.extend(req.iter().cloned());
-    env
-}
-
 #[derive(Debug, Default)]
 pub struct ProcessBackend {
     spec: Option<SandboxSpec>,
     view: Option<SandboxView>,
     net: Option<NetMode>,
-    network: net::SandboxNet,
+    network: SandboxNet,
     enforcement: Option<Enforcement>,
     started: bool,
     /// Warnings collected while running (Landlock unavailable, …).
@@ -142,7 +122,7 @@ impl Backend for ProcessBackend {
         let mut view = SandboxView::build(&spec.view, net, cwd.as_deref());
         crate::stages::mark("host: view built");
         view.refuse_unenforceable(spec, "process")?;
-        self.network = net::SandboxNet::provision(spec, net)?;
+        self.network = SandboxNet::provision(spec, net)?;
         view.limit_tmp(spec.policy.limits.memory_mib);
         self.view = Some(view);
         self.net = Some(net);
@@ -271,7 +251,7 @@ impl Backend for ProcessBackend {
             session.stop();
         }
         self.network.stop();
-        self.network = net::SandboxNet::default();
+        self.network = SandboxNet::default();
         self.spec = None;
         self.view = None;
         Ok(())
@@ -705,22 +685,4 @@ fn write_file(path: &std::ffi::CStr, data: &[u8]) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn request_env_overrides_the_base() {
-        let env = compose_env(&[("PATH".into(), "/x".into()), ("A".into(), "1".into())]);
-        assert_eq!(
-            env,
-            vec![
-                ("HOME".to_string(), "/tmp".to_string()),
-                ("PATH".to_string(), "/x".to_string()),
-                ("A".to_string(), "1".to_string()),
-            ]
-        );
-    }
 }

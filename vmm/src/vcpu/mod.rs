@@ -8,9 +8,8 @@ use std::sync::Arc;
 
 use crate::bus::Bus;
 use crate::exit::{ExitReason, VmExit};
-use crate::hypervisor::{
-    CpuidEntry, HypervisorError, MsrEntry, Regs, SpecialRegs, SystemEventKind, VcpuExit, VcpuX86,
-};
+pub use crate::exit::{VcpuError, VcpuState};
+use crate::hypervisor::{CpuidEntry, MsrEntry, SystemEventKind, VcpuExit, VcpuX86};
 use crate::logging::{guest_debug, guest_warn};
 use crate::timeline::{Stage, Timeline};
 
@@ -33,74 +32,6 @@ const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 const MISC_ENABLE_FAST_STRING: u64 = 1;
 /// MTRRdefType: MTRRs enabled, default type write-back.
 const MTRR_ENABLE_WRITEBACK: u64 = (1 << 11) | 6;
-
-/// The register state of a vCPU when something went wrong, for the error message.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct VcpuState {
-    /// General-purpose registers.
-    pub regs: Regs,
-    /// Control and segment registers, when they could be read.
-    pub sregs: Option<SpecialRegs>,
-}
-
-impl std::fmt::Display for VcpuState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let r = &self.regs;
-        write!(
-            f,
-            "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} \
-             rsi={:#x} rdi={:#x} rbp={:#x}",
-            r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp
-        )?;
-        if let Some(s) = &self.sregs {
-            write!(
-                f,
-                " cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
-                s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
-            )?;
-        }
-        Ok(())
-    }
-}
-
-/// Errors setting up or running a vCPU.
-#[derive(Debug, thiserror::Error)]
-pub enum VcpuError {
-    #[error("vcpu {vcpu}: setup failed")]
-    Setup {
-        vcpu: u8,
-        #[source]
-        source: HypervisorError,
-    },
-    #[error(
-        "vcpu {vcpu}: the hypervisor could not emulate an instruction \
-         (internal error {suberror}, data {data:x?}); {state}"
-    )]
-    Emulation {
-        vcpu: u8,
-        suberror: u32,
-        data: [u64; 4],
-        state: Box<VcpuState>,
-    },
-    #[error("vcpu {vcpu}: the hypervisor failed to enter the guest (reason {reason:#x}); {state}")]
-    FailEntry {
-        vcpu: u8,
-        reason: u64,
-        state: Box<VcpuState>,
-    },
-    #[error("vcpu {vcpu}: unexpected exit {code}; {state}")]
-    UnexpectedExit {
-        vcpu: u8,
-        code: u32,
-        state: Box<VcpuState>,
-    },
-    #[error("vcpu {vcpu}: run failed")]
-    Run {
-        vcpu: u8,
-        #[source]
-        source: HypervisorError,
-    },
-}
 
 /// MSR values every vCPU starts with. IA32_ARCH_CAPABILITIES (0x10a) is never set.
 pub fn boot_msrs() -> Vec<MsrEntry> {
@@ -300,6 +231,7 @@ enum Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hypervisor::{Regs, SpecialRegs};
 
     #[test]
     fn boot_msrs_never_touch_arch_capabilities() {

@@ -1,4 +1,7 @@
-//! The network of the process-level tiers (native and bubblewrap).
+//! How a sandbox's egress is carried, on every tier: the route a policy needs
+//! ([`egress_route`]), the network the process tiers give it ([`net_mode`]) and the
+//! policy proxy of one sandbox ([`SandboxNet`]), which the microVM tier serves its
+//! guest's vsock connections from as well.
 //!
 //! No sandbox ever shares the host's network namespace (its loopback services, abstract
 //! Unix sockets and listeners would all be reachable, in both directions).
@@ -10,14 +13,12 @@
 //!   command gets the proxy variables. Programs that ignore them have no route at all.
 //!   Allow-all is the proxy's allow mode: every name and public address, but loopback,
 //!   private, link-local and metadata addresses only when an IP rule names them.
-//!
-//! The same rule ([`egress_route`]) decides whether the microVM tier runs a proxy.
 
 use std::os::fd::OwnedFd;
 
 use policy::Policy;
 
-use crate::proxy::{self, handoff, Listener, NetOptions, Proxy, ProxyConfig, Server};
+use crate::proxy::{handoff, Listener, NetOptions, Proxy, ProxyConfig, Server};
 use crate::view::NetMode;
 use crate::{SandboxError, SandboxSpec};
 
@@ -50,18 +51,6 @@ pub fn net_mode(policy: &Policy, options: &NetOptions) -> NetMode {
             port: handoff::SANDBOX_PROXY_PORT,
         },
     }
-}
-
-/// The environment with the proxy variables of `net` set (they replace any the
-/// request gave: nothing else is reachable).
-pub fn with_proxy_env(mut env: Vec<(String, String)>, net: NetMode) -> Vec<(String, String)> {
-    let NetMode::Proxied { port } = net else {
-        return env;
-    };
-    let vars = proxy::proxy_env(port);
-    env.retain(|(k, _)| !vars.iter().any(|(v, _)| v == k));
-    env.extend(vars);
-    env
 }
 
 fn setup_err(e: impl std::error::Error) -> SandboxError {
@@ -217,19 +206,5 @@ mod tests {
             net_mode(&p, &NetOptions::default()),
             NetMode::Proxied { port: 3128 }
         );
-    }
-
-    #[test]
-    fn proxy_variables_replace_the_requests_own() {
-        let env = vec![
-            ("HTTP_PROXY".to_string(), "http://elsewhere:1".to_string()),
-            ("A".to_string(), "1".to_string()),
-        ];
-
-        let out = with_proxy_env(env, NetMode::Proxied { port: 3128 });
-
-        assert_eq!(out.iter().filter(|(k, _)| k == "HTTP_PROXY").count(), 1);
-        assert!(out.contains(&("HTTP_PROXY".into(), "http://127.0.0.1:3128".into())));
-        assert!(out.contains(&("A".into(), "1".into())));
     }
 }
