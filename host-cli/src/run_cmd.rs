@@ -177,7 +177,7 @@ pub fn run_with_policy(args: RunArgs, policy: Policy) -> Result<i32, Failure> {
         warn(args.json, w);
     }
     let containment = sandbox::select_backend(policy.containment);
-    let mut backend: Box<dyn sandbox::Backend> = if containment == policy::Containment::Microvm {
+    let microvm = if containment == policy::Containment::Microvm {
         let boot_timeout = args
             .boot_timeout
             .as_deref()
@@ -186,19 +186,17 @@ pub fn run_with_policy(args: RunArgs, policy: Policy) -> Result<i32, Failure> {
                     .map_err(|e| Failure::new(format!("--boot-timeout {t:?}: {e}")))
             })
             .transpose()?;
-        Box::new(sandbox::microvm::MicrovmBackend::new(
-            sandbox::microvm::MicrovmOptions {
-                kernel: args.kernel.clone(),
-                initrd: args.initrd.clone(),
-                console: args.console,
-                image: guest_image::BuildOptions::default(),
-                progress: Some(Box::new(crate::progress::reporter(args.json))),
-                boot_timeout,
-                verbose: args.verbose,
-                vmm_binary: None,
-                system: guest_system(args.guest_system)?,
-            },
-        ))
+        sandbox::microvm::MicrovmOptions {
+            kernel: args.kernel.clone(),
+            initrd: args.initrd.clone(),
+            console: args.console,
+            image: guest_image::BuildOptions::default(),
+            progress: Some(Box::new(crate::progress::reporter(args.json))),
+            boot_timeout,
+            verbose: args.verbose,
+            vmm_binary: None,
+            system: guest_system(args.guest_system)?,
+        }
     } else {
         if args.kernel.is_some()
             || args.initrd.is_some()
@@ -213,8 +211,15 @@ pub fn run_with_policy(args: RunArgs, policy: Policy) -> Result<i32, Failure> {
                 containment.as_str()
             )));
         }
-        sandbox::backend_for(containment)?
+        Default::default()
     };
+    let mut backend = sandbox::backend_for(
+        containment,
+        sandbox::BackendOptions {
+            microvm,
+            persistent: false,
+        },
+    )?;
     let req = ExecRequest::from_policy(&policy)?;
     let spec = SandboxSpec {
         policy: policy.clone(),

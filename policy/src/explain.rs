@@ -218,8 +218,13 @@ pub fn explain_text(policy: &Policy, view: &FsView) -> String {
             let _ = writeln!(s, "  env: {k}={v}");
         }
     }
-    if let Some(t) = policy.process.timeout {
-        let _ = writeln!(s, "  timeout: {}", format_duration(t));
+    if let Some(t) = policy.exec_timeout() {
+        let _ = writeln!(
+            s,
+            "  timeout: {} (each command, from its start; the smaller of process.timeout \
+             and limits.timeout)",
+            format_duration(t)
+        );
     }
     let _ = writeln!(s, "  user: {}", user_text(policy));
 

@@ -36,6 +36,12 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The wall-clock limit of each command: the smaller of `process.timeout` and
+    /// `limits.timeout` (the one place this rule is applied to a policy).
+    pub fn exec_timeout(&self) -> Option<Duration> {
+        tighter_timeout(self.process.timeout, self.limits.timeout)
+    }
+
     /// An empty policy: no command, no paths, network denied, no limits, `auto` backend.
     pub fn empty(source: PolicySource) -> Self {
         Self {
@@ -229,12 +235,22 @@ impl Network {
     }
 }
 
+/// The one timeout rule: of two limits the smaller wins (`None`: no limit).
+pub fn tighter_timeout(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Limits {
     pub memory_mib: Option<u64>,
     pub vcpus: Option<u32>,
     pub pids: Option<u32>,
-    /// Wall-clock limit for the whole sandbox (boot included).
+    /// Wall-clock limit of each command run in the sandbox, from its start to its exit
+    /// (a microVM's boot is bounded by `--boot-timeout`, not by this); with
+    /// `process.timeout` also set, the smaller applies ([`Policy::exec_timeout`]).
     pub timeout: Option<Duration>,
     /// Most bytes of stdout+stderr passed through; the rest is dropped with a notice.
     pub output_bytes: Option<u64>,
@@ -315,5 +331,26 @@ impl FsView {
             .filter(|e| path.starts_with(&e.path))
             .max_by_key(|e| e.path.components().count())
             .map_or(Access::Denied, |e| e.access)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_smaller_timeout_wins_wherever_it_is_set() {
+        let s = Duration::from_secs;
+        assert_eq!(tighter_timeout(None, None), None);
+        assert_eq!(tighter_timeout(Some(s(3)), None), Some(s(3)));
+        assert_eq!(tighter_timeout(None, Some(s(2))), Some(s(2)));
+        assert_eq!(tighter_timeout(Some(s(3)), Some(s(2))), Some(s(2)));
+
+        let mut p = Policy::empty(PolicySource::Cli);
+        p.process.timeout = Some(s(30));
+        p.limits.timeout = Some(s(5));
+        assert_eq!(p.exec_timeout(), Some(s(5)));
+        p.limits.timeout = None;
+        assert_eq!(p.exec_timeout(), Some(s(30)));
     }
 }

@@ -91,7 +91,8 @@ pub(crate) struct NativeProcess {
     /// The complete environment as KEY=VALUE entries; the host environment is never
     /// inherited. Each KEY at most once.
     pub env: Option<Vec<Str<EnvKind>>>,
-    /// Wall-clock timeout of the command.
+    /// Wall-clock timeout of the command; with limits.timeout also set, the smaller
+    /// applies.
     pub timeout: Option<Str<DurationKind>>,
     /// In the microVM, run the command as root in the guest. By default it runs as the
     /// unprivileged user `nobody` (65534), which cannot signal, trace or replace the guest
@@ -170,7 +171,8 @@ pub(crate) struct NativeLimits {
     /// Most processes and threads at once.
     #[schemars(range(min = 1))]
     pub pids: Option<u32>,
-    /// Wall-clock limit for the whole sandbox, start-up included.
+    /// Wall-clock limit of each command run in the sandbox, from its start to its exit
+    /// (not a microVM's boot); with process.timeout also set, the smaller applies.
     pub timeout: Option<Str<DurationKind>>,
     /// Most bytes of stdout and stderr passed through.
     #[schemars(range(min = 1))]

@@ -92,7 +92,7 @@ impl Policy {
                     "must be greater than zero",
                 ));
             }
-            self.process.timeout = Some(self.process.timeout.map_or(t, |old| old.min(t)));
+            self.process.timeout = crate::tighter_timeout(self.process.timeout, Some(t));
         }
         if let Some(c) = &o.cwd {
             check_path(&c.to_string_lossy()).map_err(|m| invalid_with_hint("--cwd", &m))?;

@@ -94,15 +94,11 @@ impl ExecRequest {
             .command
             .as_ref()
             .ok_or(SandboxError::NoCommand)?;
-        let timeout = match (policy.process.timeout, policy.limits.timeout) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
         Ok(Self {
             argv: command.to_argv(),
             env: policy.process.env.clone(),
             cwd: policy.process.cwd.clone(),
-            timeout,
+            timeout: policy.exec_timeout(),
         })
     }
 }
@@ -160,14 +156,31 @@ pub trait Backend: Send {
     fn deprovision(&mut self) -> Result<(), SandboxError>;
 }
 
-/// Create the backend for a concrete containment choice (not `auto`).
-pub fn backend_for(containment: Containment) -> Result<Box<dyn Backend>, SandboxError> {
+/// How [`backend_for`] builds a backend.
+#[derive(Debug, Default)]
+pub struct BackendOptions {
+    /// The microVM's kernel, image, console, progress and boot timeout (only the
+    /// microVM tier reads them).
+    pub microvm: microvm::MicrovmOptions,
+    /// One sandbox for every exec (a service's sandboxes): the process tier keeps its
+    /// namespaces, root and PID 1 across execs; a microVM always does; bubblewrap makes
+    /// a fresh sandbox per exec either way.
+    pub persistent: bool,
+}
+
+/// Create the backend for a concrete containment choice (not `auto`): the one place a
+/// backend is built.
+pub fn backend_for(
+    containment: Containment,
+    options: BackendOptions,
+) -> Result<Box<dyn Backend>, SandboxError> {
     match containment {
+        Containment::Process if options.persistent => {
+            Ok(Box::new(process::ProcessBackend::persistent()))
+        }
         Containment::Process => Ok(Box::new(process::ProcessBackend::new())),
         Containment::Bubblewrap => Ok(Box::new(bubblewrap::BubblewrapBackend::new())),
-        Containment::Microvm => Ok(Box::new(microvm::MicrovmBackend::new(
-            microvm::MicrovmOptions::default(),
-        ))),
+        Containment::Microvm => Ok(Box::new(microvm::MicrovmBackend::new(options.microvm))),
         Containment::Hyperlight => Err(SandboxError::Unavailable {
             backend: "hyperlight",
             reason: "Hyperlight runs guests at CPL0 and needs hardware KVM with a Hyperlight \

@@ -372,6 +372,22 @@ fn limits_and_ttls() {
             .status,
         404
     );
+
+    // The policy's timeout (the smaller of process.timeout and limits.timeout) is a
+    // ceiling: a request asking for longer still ends at the policy's limit.
+    let capped = create(
+        &server,
+        serde_json::json!({"backend": "process", "policy": {"version": "1",
+            "process": {"timeout": "30s"}, "limits": {"timeout": "300ms"}}}),
+    );
+    let started = Instant::now();
+    let (_, _, exit) = exec(
+        &server,
+        &capped,
+        serde_json::json!({"argv": ["sleep", "20"], "timeout_ms": 60000}),
+    );
+    assert_eq!(exit["timed_out"], true, "{exit}");
+    assert!(started.elapsed() < Duration::from_secs(15), "{exit}");
     assert_eq!(server.stop(), 128 + libc::SIGTERM);
 }
 

@@ -43,6 +43,22 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// The stage's name (as serialised; `other` for unnamed boot-timer codes).
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::ProcessStart => "process_start",
+            Stage::SetupStart => "setup_start",
+            Stage::VmCreated => "vm_created",
+            Stage::KernelLoaded => "kernel_loaded",
+            Stage::FirstVcpuEntry => "first_vcpu_entry",
+            Stage::FirstGuestExit => "first_guest_exit",
+            Stage::AgentStarted => "agent_started",
+            Stage::AgentReady => "agent_ready",
+            Stage::Other(_) => "other",
+            Stage::VmGone => "vm_gone",
+        }
+    }
+
     /// The stage a boot-timer write of `code` marks.
     pub fn from_boot_timer(code: u8) -> Self {
         match code {
@@ -153,6 +169,24 @@ impl Timeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stage_names_are_their_serialised_names() {
+        for stage in [
+            Stage::ProcessStart,
+            Stage::SetupStart,
+            Stage::VmCreated,
+            Stage::KernelLoaded,
+            Stage::FirstVcpuEntry,
+            Stage::FirstGuestExit,
+            Stage::AgentStarted,
+            Stage::AgentReady,
+            Stage::VmGone,
+        ] {
+            let json = serde_json::to_string(&stage).unwrap();
+            assert_eq!(json, format!("\"{}\"", stage.name()));
+        }
+    }
 
     #[test]
     fn stages_are_relative_to_process_start() {

@@ -415,11 +415,12 @@ async fn exec(
             svc.registry.limits.max_execs
         )));
     }
-    let timeout = body
-        .timeout_ms
-        .map(Duration::from_millis)
-        .or(entry.policy_timeout)
-        .unwrap_or(svc.registry.limits.default_exec_timeout);
+    // The policy's limit is a ceiling a request can only lower.
+    let timeout = policy::tighter_timeout(
+        body.timeout_ms.map(Duration::from_millis),
+        entry.policy_timeout,
+    )
+    .unwrap_or(svc.registry.limits.default_exec_timeout);
     let request = ExecRequest {
         argv: body.argv,
         env: body.env.into_iter().collect(),

@@ -61,6 +61,8 @@ pub struct Entry {
     last_used: Mutex<Instant>,
     /// The policy's resolved file view: what the files API may touch.
     pub view: FsView,
+    /// The policy's limit of each exec ([`policy::Policy::exec_timeout`]): a request may
+    /// only lower it.
     pub policy_timeout: Option<Duration>,
     /// Execs accepted and not yet finished (the sandbox's thread counts them down).
     pub running: Arc<AtomicUsize>,
@@ -264,7 +266,7 @@ impl Registry {
             idle_ttl: req.idle_ttl,
             last_used: Mutex::new(now),
             view,
-            policy_timeout: policy.process.timeout,
+            policy_timeout: policy.exec_timeout(),
             running,
             execs: AtomicU64::new(0),
             jobs: Mutex::new(jobs_tx),
@@ -422,25 +424,13 @@ fn sandbox_thread(
 }
 
 fn make_backend(containment: Containment) -> Result<Box<dyn sandbox::Backend>, ApiError> {
-    match containment {
-        Containment::Microvm => Ok(Box::new(sandbox::microvm::MicrovmBackend::new(
-            sandbox::microvm::MicrovmOptions {
-                kernel: None,
-                initrd: None,
-                console: false,
-                image: guest_image::BuildOptions::default(),
-                progress: None,
-                boot_timeout: None,
-                verbose: false,
-                vmm_binary: None,
-                system: Default::default(),
-            },
-        ))),
-        // One sandbox for all its execs: namespaces and root made once, /tmp kept.
-        Containment::Process => Ok(Box::new(sandbox::process::ProcessBackend::persistent())),
-        other => sandbox::backend_for(other)
-            .map_err(|e| ApiError::unprocessable("backend_unavailable", e.to_string())),
-    }
+    // One sandbox for all its execs: namespaces and root made once, /tmp kept.
+    let options = sandbox::BackendOptions {
+        persistent: true,
+        ..Default::default()
+    };
+    sandbox::backend_for(containment, options)
+        .map_err(|e| ApiError::unprocessable("backend_unavailable", e.to_string()))
 }
 
 /// Run one exec; the outcome, and whether the client stopped reading its output.

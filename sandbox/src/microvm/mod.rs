@@ -33,7 +33,7 @@ use crate::output::{ExecIo, Limiter, StdinMode, StreamKind};
 use crate::{Backend, ExecOutcome, ExecRequest, ExitKind, SandboxError, SandboxSpec};
 
 pub use shares::{never_shared, GuestFiles, SharesError, SystemView};
-pub use vmm_process::{vmm_main, VMM_ARG};
+pub use vmm_process::{vmm_command, vmm_main, VmmFiles, VMM_ARG};
 
 type Client = AgentClient<std::os::unix::net::UnixStream, std::os::unix::net::UnixStream>;
 

@@ -42,6 +42,62 @@ pub(crate) struct VmmProcess {
     _root: crate::interrupt::Registered,
 }
 
+/// The files of one VMM run, in its runtime directory.
+#[derive(Debug, Clone)]
+pub struct VmmFiles {
+    /// The VM's configuration (JSON), the VMM's first argument.
+    pub config: PathBuf,
+    /// Where the VMM writes its [`vmm::VmExitReport`] when the VM ends.
+    pub report: PathBuf,
+    /// The VMM's own log (its stderr) unless the console is shown.
+    pub log: PathBuf,
+}
+
+/// The one way to launch the VMM: writes `config` (with the start clock read now) into
+/// `runtime` and returns the command that boots it (`binary`, else this executable,
+/// with [`VMM_ARG`]): stdin closed, stdout and stderr to the terminal with `console`,
+/// else stderr to the log; killed when its parent dies. The caller spawns it.
+pub fn vmm_command(
+    config: &vmm::VmConfig,
+    runtime: &Path,
+    console: bool,
+    binary: Option<&Path>,
+) -> Result<(Command, VmmFiles), SandboxError> {
+    let files = VmmFiles {
+        config: runtime.join("vmm.json"),
+        report: runtime.join("report.json"),
+        log: runtime.join("vmm.log"),
+    };
+    let mut config = config.clone();
+    config.start_monotonic_ns = Some(monotonic_ns());
+    let json = serde_json::to_vec(&config).map_err(|e| SandboxError::Setup {
+        stage: "vmm config".into(),
+        message: e.to_string(),
+    })?;
+    std::fs::write(&files.config, json)
+        .map_err(|e| SandboxError::io(format!("writing {}", files.config.display()), e))?;
+    let log = std::fs::File::create(&files.log)
+        .map_err(|e| SandboxError::io(format!("creating {}", files.log.display()), e))?;
+    let mut cmd = Command::new(binary.unwrap_or(Path::new("/proc/self/exe")));
+    cmd.arg(VMM_ARG)
+        .arg(&files.config)
+        .arg(&files.report)
+        .stdin(Stdio::null());
+    if console {
+        cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
+    } else {
+        cmd.stdout(Stdio::null()).stderr(log);
+    }
+    // SAFETY: prctl is async-signal-safe; the VMM must not outlive us.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    Ok((cmd, files))
+}
+
 impl VmmProcess {
     pub(crate) fn spawn(
         config: &vmm::VmConfig,
@@ -49,44 +105,15 @@ impl VmmProcess {
         console: bool,
         binary: Option<&Path>,
     ) -> Result<Self, SandboxError> {
-        let config_path = runtime.join("vmm.json");
-        let report_path = runtime.join("report.json");
-        let log_path = runtime.join("vmm.log");
-        let mut config = config.clone();
-        config.start_monotonic_ns = Some(monotonic_ns());
-        let json = serde_json::to_vec(&config).map_err(|e| SandboxError::Setup {
-            stage: "vmm config".into(),
-            message: e.to_string(),
-        })?;
-        std::fs::write(&config_path, json)
-            .map_err(|e| SandboxError::io(format!("writing {}", config_path.display()), e))?;
-        let log = std::fs::File::create(&log_path)
-            .map_err(|e| SandboxError::io(format!("creating {}", log_path.display()), e))?;
-        let mut cmd = Command::new(binary.unwrap_or(Path::new("/proc/self/exe")));
-        cmd.arg(VMM_ARG)
-            .arg(&config_path)
-            .arg(&report_path)
-            .stdin(Stdio::null());
-        if console {
-            cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
-        } else {
-            cmd.stdout(Stdio::null()).stderr(log);
-        }
-        // SAFETY: prctl is async-signal-safe; the VMM must not outlive us.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        let (mut cmd, files) = vmm_command(config, runtime, console, binary)?;
         let child = cmd
             .spawn()
             .map_err(|e| SandboxError::io("starting the VMM process", e))?;
         Ok(Self {
             _root: crate::interrupt::Registered::new(child.id() as i32),
             child,
-            report_path,
-            log_path,
+            report_path: files.report,
+            log_path: files.log,
         })
     }
 

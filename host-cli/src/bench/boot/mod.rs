@@ -209,11 +209,6 @@ fn boot_direct(setup: &Setup, until: BootUntil, reset: bool, n: usize) -> Result
     let dir = setup.work.0.join(format!("vmm-{n}"));
     std::fs::create_dir_all(&dir)
         .map_err(|e| Failure::new(format!("cannot create {}: {e}", dir.display())))?;
-    let (config_path, report_path, log_path) = (
-        dir.join("vmm.json"),
-        dir.join("report.json"),
-        dir.join("vmm.log"),
-    );
     let kernel = if reset {
         &setup.reset_kernel
     } else {
@@ -234,21 +229,8 @@ fn boot_direct(setup: &Setup, until: BootUntil, reset: bool, n: usize) -> Result
         BootUntil::Ready | BootUntil::Output => (None, vmm::ExitReason::GuestReset),
     };
     config.stop_at = stop_at;
-    // As the microvm backend does: the clock is read before the config is written.
-    config.start_monotonic_ns = Some(vmm::timeline::monotonic_ns());
-    let json = serde_json::to_vec(&config).map_err(|e| Failure::new(e.to_string()))?;
-    std::fs::write(&config_path, json)
-        .map_err(|e| Failure::new(format!("cannot write {}: {e}", config_path.display())))?;
-    let log = std::fs::File::create(&log_path)
-        .map_err(|e| Failure::new(format!("cannot create {}: {e}", log_path.display())))?;
-    let mut cmd = Command::new(&setup.exe);
-    cmd.arg(sandbox::microvm::VMM_ARG)
-        .arg(&config_path)
-        .arg(&report_path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
-    die_with_parent(&mut cmd);
+    let (mut cmd, files) = sandbox::microvm::vmm_command(&config, &dir, false, Some(&setup.exe))?;
+    let (report_path, log_path) = (files.report, files.log);
     let child = cmd
         .spawn()
         .map_err(|e| Failure::new(format!("cannot start the VMM process: {e}")))?;
@@ -539,8 +521,8 @@ fn goals(series: &[Series], host: &HostKind) -> Vec<Goal> {
                     .map(|x| x.cumulative.p50_ms)
             })
     };
-    let setup = p50(BootStage::FirstVcpuEntry);
-    let ready = p50(BootStage::AgentReady);
+    let setup = p50(BootStage::Vmm(vmm::Stage::FirstVcpuEntry));
+    let ready = p50(BootStage::Vmm(vmm::Stage::AgentReady));
     let hardware = host.is_hardware();
     vec![
         Goal {
@@ -817,13 +799,13 @@ impl Progress {
     fn after(&self, label: &str, boot: &Boot) {
         let mut err = std::io::stderr().lock();
         if self.per_boot_lines {
-            let end = [BootStage::ProcessExit, BootStage::VmGone]
+            let end = [BootStage::ProcessExit, BootStage::Vmm(vmm::Stage::VmGone)]
                 .iter()
                 .find_map(|&s| boot.timeline.get(s))
                 .unwrap_or(0);
             let ready = boot
                 .timeline
-                .get(BootStage::AgentReady)
+                .get(BootStage::Vmm(vmm::Stage::AgentReady))
                 .map(|t| format!(", agent ready at {:.1} s", t as f64 / 1e9))
                 .unwrap_or_default();
             let _ = writeln!(err, "{:.2} s{ready}", end as f64 / 1e9);
@@ -1037,8 +1019,8 @@ mod tests {
             timeline: RunTimeline::host_only(
                 0,
                 &[
-                    (BootStage::FirstVcpuEntry, ms * 100_000),
-                    (BootStage::AgentReady, ms * 900_000),
+                    (BootStage::Vmm(vmm::Stage::FirstVcpuEntry), ms * 100_000),
+                    (BootStage::Vmm(vmm::Stage::AgentReady), ms * 900_000),
                     (BootStage::ProcessExit, ms * 1_000_000),
                 ],
             ),

@@ -175,7 +175,7 @@ fn boxes(out: &mut String, top: f64, series: &[(&str, &[RunTimeline])]) -> f64 {
     let all: Vec<f64> = series
         .iter()
         .flat_map(|(_, runs)| runs.iter().flat_map(|r| r.stages()))
-        .filter(|&(s, _)| s != BootStage::ProcessStart)
+        .filter(|&(s, _)| s != BootStage::Vmm(vmm::Stage::ProcessStart))
         .map(|(_, t)| ms(t))
         .filter(|&v| v > 0.0)
         .collect();
@@ -302,8 +302,11 @@ mod tests {
         RunTimeline::host_only(
             0,
             &[
-                (BootStage::FirstVcpuEntry, entry_ms * 1_000_000),
-                (BootStage::VmGone, gone_ms * 1_000_000),
+                (
+                    BootStage::Vmm(vmm::Stage::FirstVcpuEntry),
+                    entry_ms * 1_000_000,
+                ),
+                (BootStage::Vmm(vmm::Stage::VmGone), gone_ms * 1_000_000),
             ],
         )
     }

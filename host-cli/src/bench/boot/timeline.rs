@@ -8,32 +8,15 @@ use serde::Serialize;
 
 use super::super::stats::{summarize, Summary};
 
-/// A boot stage, in boot order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
+/// A boot stage: one the VMM reports ([`vmm::Stage`]) or one only the host sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BootStage {
-    /// The host spawned the VMM process (the origin of every time here).
-    ProcessStart,
-    /// The VMM's code began building the VM (spawn, exec and start-up are done).
-    SetupStart,
-    /// KVM VM and in-kernel irqchip exist, guest memory mapped.
-    VmCreated,
-    /// Kernel and initramfs are in guest memory (loaded in parallel with the above).
-    KernelLoaded,
-    /// The boot vCPU's first `KVM_RUN`.
-    FirstVcpuEntry,
-    /// The boot vCPU's first exit to the VMM: the kernel runs.
-    FirstGuestExit,
-    /// Boot-timer stage 1: the guest agent (/init) started.
-    AgentStarted,
-    /// Boot-timer stage 2: the agent listens.
-    AgentReady,
+    /// A stage from the VMM's report (its process start is the origin of every time).
+    Vmm(vmm::Stage),
     /// The host finished the agent handshake over vsock.
     Handshake,
     /// The first output chunk of the first exec reached the host.
     FirstOutput,
-    /// The VMM tore the VM down.
-    VmGone,
     /// The host reaped the VMM process.
     ProcessExit,
 }
@@ -41,56 +24,47 @@ pub enum BootStage {
 impl BootStage {
     /// Every stage, in boot order.
     pub const ALL: [BootStage; 12] = [
-        BootStage::ProcessStart,
-        BootStage::SetupStart,
-        BootStage::VmCreated,
-        BootStage::KernelLoaded,
-        BootStage::FirstVcpuEntry,
-        BootStage::FirstGuestExit,
-        BootStage::AgentStarted,
-        BootStage::AgentReady,
+        BootStage::Vmm(vmm::Stage::ProcessStart),
+        BootStage::Vmm(vmm::Stage::SetupStart),
+        BootStage::Vmm(vmm::Stage::VmCreated),
+        BootStage::Vmm(vmm::Stage::KernelLoaded),
+        BootStage::Vmm(vmm::Stage::FirstVcpuEntry),
+        BootStage::Vmm(vmm::Stage::FirstGuestExit),
+        BootStage::Vmm(vmm::Stage::AgentStarted),
+        BootStage::Vmm(vmm::Stage::AgentReady),
         BootStage::Handshake,
         BootStage::FirstOutput,
-        BootStage::VmGone,
+        BootStage::Vmm(vmm::Stage::VmGone),
         BootStage::ProcessExit,
     ];
 
     /// The stage's name in tables, JSON and the SVG.
     pub fn name(self) -> &'static str {
         match self {
-            BootStage::ProcessStart => "process_start",
-            BootStage::SetupStart => "setup_start",
-            BootStage::VmCreated => "vm_created",
-            BootStage::KernelLoaded => "kernel_loaded",
-            BootStage::FirstVcpuEntry => "first_vcpu_entry",
-            BootStage::FirstGuestExit => "first_guest_exit",
-            BootStage::AgentStarted => "agent_started",
-            BootStage::AgentReady => "agent_ready",
+            BootStage::Vmm(stage) => stage.name(),
             BootStage::Handshake => "handshake",
             BootStage::FirstOutput => "first_output",
-            BootStage::VmGone => "vm_gone",
             BootStage::ProcessExit => "process_exit",
         }
     }
 
     /// The stage a VMM timeline entry marks (`None` for boot-timer codes we do not name).
     pub fn from_vmm(stage: vmm::Stage) -> Option<Self> {
-        match stage {
-            vmm::Stage::ProcessStart => Some(BootStage::ProcessStart),
-            vmm::Stage::SetupStart => Some(BootStage::SetupStart),
-            vmm::Stage::VmCreated => Some(BootStage::VmCreated),
-            vmm::Stage::KernelLoaded => Some(BootStage::KernelLoaded),
-            vmm::Stage::FirstVcpuEntry => Some(BootStage::FirstVcpuEntry),
-            vmm::Stage::FirstGuestExit => Some(BootStage::FirstGuestExit),
-            vmm::Stage::AgentStarted => Some(BootStage::AgentStarted),
-            vmm::Stage::AgentReady => Some(BootStage::AgentReady),
-            vmm::Stage::VmGone => Some(BootStage::VmGone),
-            vmm::Stage::Other(_) => None,
-        }
+        let stage = BootStage::Vmm(stage);
+        BootStage::ALL.contains(&stage).then_some(stage)
     }
 
     fn index(self) -> usize {
-        self as usize
+        BootStage::ALL
+            .iter()
+            .position(|&s| s == self)
+            .unwrap_or(usize::MAX)
+    }
+}
+
+impl Serialize for BootStage {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
     }
 }
 
@@ -154,7 +128,7 @@ impl RunTimeline {
     /// `start` as the process start; all in CLOCK_MONOTONIC nanoseconds.
     pub fn host_only(start: u64, host: &[(BootStage, u64)]) -> Self {
         let mut timeline = Self::default();
-        timeline.set_once(BootStage::ProcessStart, 0);
+        timeline.set_once(BootStage::Vmm(vmm::Stage::ProcessStart), 0);
         for &(stage, mono) in host {
             timeline.set_once(stage, mono.saturating_sub(start));
         }
@@ -208,7 +182,7 @@ pub struct StageSummary {
 pub fn summarize_stages(runs: &[RunTimeline]) -> Vec<StageSummary> {
     BootStage::ALL
         .iter()
-        .filter(|&&stage| stage != BootStage::ProcessStart)
+        .filter(|&&stage| stage != BootStage::Vmm(vmm::Stage::ProcessStart))
         .filter_map(|&stage| {
             let cumulative: Vec<Duration> = runs
                 .iter()
@@ -271,12 +245,12 @@ mod tests {
         assert_eq!(
             merged.stages(),
             vec![
-                (BootStage::ProcessStart, 0),
-                (BootStage::FirstVcpuEntry, 4_000),
-                (BootStage::AgentReady, 9_000),
+                (BootStage::Vmm(vmm::Stage::ProcessStart), 0),
+                (BootStage::Vmm(vmm::Stage::FirstVcpuEntry), 4_000),
+                (BootStage::Vmm(vmm::Stage::AgentReady), 9_000),
                 (BootStage::Handshake, 10_000),
                 (BootStage::FirstOutput, 15_000),
-                (BootStage::VmGone, 20_000),
+                (BootStage::Vmm(vmm::Stage::VmGone), 20_000),
             ]
         );
     }
@@ -293,7 +267,10 @@ mod tests {
 
         let merged = RunTimeline::merge(&report, &[(BootStage::Handshake, 100)]);
 
-        assert_eq!(merged.get(BootStage::AgentStarted), Some(30));
+        assert_eq!(
+            merged.get(BootStage::Vmm(vmm::Stage::AgentStarted)),
+            Some(30)
+        );
         assert_eq!(merged.get(BootStage::Handshake), Some(0));
     }
 
@@ -311,10 +288,19 @@ mod tests {
 
         let merged = RunTimeline::merge(&report, &[]);
 
-        assert_eq!(merged.delta(BootStage::VmCreated), Some(5_000));
-        assert_eq!(merged.delta(BootStage::KernelLoaded), Some(0));
-        assert_eq!(merged.delta(BootStage::FirstVcpuEntry), Some(1_000));
-        assert_eq!(merged.delta(BootStage::AgentReady), None);
+        assert_eq!(
+            merged.delta(BootStage::Vmm(vmm::Stage::VmCreated)),
+            Some(5_000)
+        );
+        assert_eq!(
+            merged.delta(BootStage::Vmm(vmm::Stage::KernelLoaded)),
+            Some(0)
+        );
+        assert_eq!(
+            merged.delta(BootStage::Vmm(vmm::Stage::FirstVcpuEntry)),
+            Some(1_000)
+        );
+        assert_eq!(merged.delta(BootStage::Vmm(vmm::Stage::AgentReady)), None);
     }
 
     #[test]
@@ -335,7 +321,7 @@ mod tests {
         assert_eq!(
             timeline.stages(),
             vec![
-                (BootStage::ProcessStart, 0),
+                (BootStage::Vmm(vmm::Stage::ProcessStart), 0),
                 (BootStage::ProcessExit, 7_000)
             ]
         );
