@@ -45,16 +45,7 @@ impl From<policy::PolicyError> for Failure {
 }
 
 /// The message of an error and all its causes, joined with ": ".
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use sandbox::error_chain as chain;
 
 impl From<sandbox::SandboxError> for Failure {
     fn from(e: sandbox::SandboxError) -> Self {
@@ -63,7 +54,9 @@ impl From<sandbox::SandboxError> for Failure {
             sandbox::SandboxError::Unavailable { .. } => "backend_unavailable",
             sandbox::SandboxError::Unenforceable { .. } => "policy_unenforceable",
             sandbox::SandboxError::NoCommand => "no_command",
-            sandbox::SandboxError::Setup { .. } => "setup",
+            sandbox::SandboxError::Setup { .. } | sandbox::SandboxError::SetupFailed { .. } => {
+                "setup"
+            }
             sandbox::SandboxError::Io { .. } => "io",
             sandbox::SandboxError::Lifecycle(_) => "internal",
             sandbox::SandboxError::Interrupted { .. } => "interrupted",

@@ -6,14 +6,14 @@ use std::io::{Seek, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use crate::egress::{net_mode, SandboxNet};
 use crate::env::{compose_env, with_proxy_env};
 use crate::limits::{self, Enforcement, SandboxCgroup};
 use crate::output::ExecIo;
 use crate::proxy::handoff::NET_HELPER_ARG;
-use crate::supervise::{self, Killer, Pipes, Status};
+use crate::supervise::{self, Pipes, Status};
 use crate::view::{MountOp, NetMode, SandboxView, SANDBOX_HOSTNAME};
 use crate::{Backend, ExecOutcome, ExecRequest, SandboxError, SandboxSpec};
 
@@ -168,10 +168,7 @@ fn build_args(
         push(&[&"--remount-ro", dst]);
     }
     push(&[&"--remount-ro", &"/"]);
-    for prog in crate::seccomp::filters().map_err(|e| SandboxError::Setup {
-        stage: "seccomp".into(),
-        message: e.to_string(),
-    })? {
+    for prog in crate::seccomp::filters().map_err(|e| SandboxError::setup("seccomp", e))? {
         let fd = inherited
             .memfd("mxc-vm-seccomp", &crate::seccomp::to_bytes(&prog))?
             .to_string();
@@ -237,27 +234,6 @@ fn parse_bwrap_status(line: &[u8]) -> Option<Status> {
         return Some(Status::Signal { signal: code - 128 });
     }
     Some(Status::Exit { code })
-}
-
-struct BwrapKiller<'a> {
-    child: &'a mut Child,
-    /// The sandbox's PID 1 (bwrap's own init, in the new PID namespace), from bwrap's
-    /// status.
-    init: Option<i32>,
-}
-
-impl Killer for BwrapKiller<'_> {
-    fn kill(&mut self, extra_pid: Option<i32>) {
-        if let Some(pid) = extra_pid {
-            // SAFETY: kill() has no memory effects.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        let _ = self.child.kill();
-    }
-
-    fn started(&mut self, pid: i32) {
-        self.init = Some(pid);
-    }
 }
 
 /// Makes this process the reaper of its orphaned descendants. bwrap's outer process
@@ -367,10 +343,7 @@ impl Backend for BubblewrapBackend {
             });
         }
         let cgroup = SandboxCgroup::for_sandbox(enforcement, &spec.id, &spec.policy.limits)
-            .map_err(|e| SandboxError::Setup {
-                stage: "cgroup".into(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| SandboxError::setup("cgroup", e))?;
         let rlimits = limits::rlimits(&spec.policy.limits, enforcement, cgroup.is_some());
         let handoff = self.network.begin_exec()?;
         let net_raw = handoff.as_ref().map_or(-1, |(fd, _)| fd.as_raw_fd());
@@ -461,10 +434,7 @@ impl Backend for BubblewrapBackend {
             stderr: child.stderr.take().map(OwnedFd::from),
             status: Some(status_r),
         };
-        let mut killer = BwrapKiller {
-            child: &mut child,
-            init: None,
-        };
+        let mut killer = supervise::ChildKiller::new(&mut child);
         let result = supervise::supervise(
             pipes,
             io,

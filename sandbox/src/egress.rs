@@ -53,18 +53,8 @@ pub fn net_mode(policy: &Policy, options: &NetOptions) -> NetMode {
     }
 }
 
-fn setup_err(e: impl std::error::Error) -> SandboxError {
-    let mut message = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        message.push_str(": ");
-        message.push_str(&c.to_string());
-        cur = c.source();
-    }
-    SandboxError::Setup {
-        stage: "network proxy".into(),
-        message,
-    }
+fn setup_err(e: impl std::error::Error + Send + Sync + 'static) -> SandboxError {
+    SandboxError::setup("network proxy", e)
 }
 
 /// The proxy of one process-tier sandbox: configured at provision, running from start

@@ -42,8 +42,16 @@ pub enum SandboxError {
     Unenforceable { backend: &'static str, what: String },
     #[error("the policy has no command to run (give one after `--` or set process.argv/command)")]
     NoCommand,
+    /// A setup step failed, as the sandbox reported it (a status line: text).
     #[error("sandbox setup failed at {stage}: {message}")]
     Setup { stage: String, message: String },
+    /// A setup step on the host failed with an error, kept as the cause.
+    #[error("sandbox setup failed at {stage}")]
+    SetupFailed {
+        stage: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("{context}")]
     Io {
         context: String,
@@ -57,12 +65,35 @@ pub enum SandboxError {
 }
 
 impl SandboxError {
+    /// [`SandboxError::SetupFailed`] at `stage`, keeping `source` as the cause.
+    pub(crate) fn setup(
+        stage: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        SandboxError::SetupFailed {
+            stage: stage.into(),
+            source: source.into(),
+        }
+    }
+
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         SandboxError::Io {
             context: context.into(),
             source,
         }
     }
+}
+
+/// An error and its causes (`source()` chain) on one line, joined with ": ".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// Everything a backend needs to build a sandbox.

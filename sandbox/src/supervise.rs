@@ -54,6 +54,35 @@ pub(crate) trait Killer {
     fn started(&mut self, _pid: i32) {}
 }
 
+/// Kills a sandbox through the host's child that runs it (the init, or bwrap), and the
+/// pid the sandbox reported when there is one; remembers the sandbox's PID 1.
+pub(crate) struct ChildKiller<'a> {
+    child: &'a mut std::process::Child,
+    /// The sandbox's PID 1 as the sandbox reported it.
+    pub init: Option<i32>,
+}
+
+impl<'a> ChildKiller<'a> {
+    pub(crate) fn new(child: &'a mut std::process::Child) -> Self {
+        Self { child, init: None }
+    }
+}
+
+impl Killer for ChildKiller<'_> {
+    fn kill(&mut self, extra_pid: Option<i32>) {
+        if let Some(pid) = extra_pid {
+            // SAFETY: kill() has no memory effects; the pid came from the sandbox's own
+            // status report.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = self.child.kill();
+    }
+
+    fn started(&mut self, pid: i32) {
+        self.init = Some(pid);
+    }
+}
+
 /// The pipes of a running sandboxed command, as seen by the host.
 pub(crate) struct Pipes {
     pub stdout: Option<OwnedFd>,

@@ -2,7 +2,8 @@
 //!
 //! A hostile guest can hit an error path millions of times a second; every log line it
 //! causes goes through `guest_warn!`/`guest_debug!`, which let at most `BURST` lines per
-//! call site through in each `WINDOW` and drop the rest.
+//! call site through in each `WINDOW`, drop the rest and count them. The one rate
+//! limiter of the VMM's logs (every device uses these macros).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -13,10 +14,11 @@ pub const BURST: u32 = 10;
 /// Length of a rate-limiting window.
 pub const WINDOW: Duration = Duration::from_secs(5);
 
-fn now_window() -> u64 {
+/// The number of the current window since the first use (windows start at 1).
+fn current_window() -> u64 {
     static BASE: OnceLock<Instant> = OnceLock::new();
     let base = BASE.get_or_init(Instant::now);
-    base.elapsed().as_secs() / WINDOW.as_secs()
+    base.elapsed().as_secs() / WINDOW.as_secs() + 1
 }
 
 /// One call site's budget.
@@ -24,6 +26,7 @@ fn now_window() -> u64 {
 pub struct LogLimiter {
     window: AtomicU64,
     count: AtomicU32,
+    dropped: AtomicU64,
 }
 
 impl LogLimiter {
@@ -32,16 +35,27 @@ impl LogLimiter {
         Self {
             window: AtomicU64::new(0),
             count: AtomicU32::new(0),
+            dropped: AtomicU64::new(0),
         }
     }
 
-    /// Whether one more line may be logged now.
-    pub fn allow(&self) -> bool {
-        let window = now_window();
+    /// `Some(dropped)` when one more line may be logged in `window` (`dropped` lines
+    /// were suppressed since the last one), `None` otherwise.
+    pub fn allow_at(&self, window: u64) -> Option<u64> {
         if self.window.swap(window, Ordering::Relaxed) != window {
             self.count.store(0, Ordering::Relaxed);
         }
-        self.count.fetch_add(1, Ordering::Relaxed) < BURST
+        if self.count.fetch_add(1, Ordering::Relaxed) < BURST {
+            Some(self.dropped.swap(0, Ordering::Relaxed))
+        } else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+
+    /// [`LogLimiter::allow_at`] the current window.
+    pub fn allow(&self) -> Option<u64> {
+        self.allow_at(current_window())
     }
 }
 
@@ -51,22 +65,23 @@ impl Default for LogLimiter {
     }
 }
 
-/// `tracing::warn!` with a per-call-site rate limit, for guest-triggered events.
+/// `tracing::warn!` with a per-call-site rate limit, for guest-triggered events; the
+/// first line let through after a silence carries `suppressed`, the count dropped.
 macro_rules! guest_warn {
-    ($($arg:tt)*) => {{
+    ($($arg:tt)+) => {{
         static LIMITER: $crate::logging::LogLimiter = $crate::logging::LogLimiter::new();
-        if LIMITER.allow() {
-            tracing::warn!($($arg)*);
+        if let Some(suppressed) = LIMITER.allow() {
+            tracing::warn!(suppressed, $($arg)+);
         }
     }};
 }
 
 /// `tracing::debug!` with a per-call-site rate limit, for guest-triggered events.
 macro_rules! guest_debug {
-    ($($arg:tt)*) => {{
+    ($($arg:tt)+) => {{
         static LIMITER: $crate::logging::LogLimiter = $crate::logging::LogLimiter::new();
-        if LIMITER.allow() {
-            tracing::debug!($($arg)*);
+        if let Some(suppressed) = LIMITER.allow() {
+            tracing::debug!(suppressed, $($arg)+);
         }
     }};
 }
@@ -79,11 +94,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_burst_is_allowed_then_lines_are_dropped() {
+    fn a_burst_then_silence_then_the_dropped_count() {
         let limiter = LogLimiter::new();
 
-        let allowed = (0..1000).filter(|_| limiter.allow()).count();
+        let allowed = (0..100).filter(|_| limiter.allow_at(1).is_some()).count();
+        let next_window = limiter.allow_at(2);
 
         assert_eq!(allowed, BURST as usize);
+        assert_eq!(next_window, Some(100 - u64::from(BURST)));
     }
 }

@@ -164,7 +164,7 @@ pub fn run(args: BenchProxyArgs) -> Result<i32, Failure> {
     let server = start_server()?;
     let audit_dir = std::env::temp_dir().join(format!("mxc-vm-bench-proxy-{}", std::process::id()));
     let audit_path = audit_dir.join("audit.jsonl");
-    let loopback = policy::parse_rule("127.0.0.1").map_err(|e| Failure::new(e.to_string()))?;
+    let loopback = policy::parse_rule("127.0.0.1").map_err(|e| Failure::new(crate::failure::chain(&e)))?;
     let egress = Egress {
         default: Action::Deny,
         allow: vec![NetRule {
@@ -186,15 +186,15 @@ pub fn run(args: BenchProxyArgs) -> Result<i32, Failure> {
     if args.audit {
         std::fs::create_dir_all(&audit_dir).map_err(fail("creating the audit dir"))?;
         config.audit = Some(Arc::new(
-            AuditLog::open(&audit_path).map_err(|e| Failure::new(e.to_string()))?,
+            AuditLog::open(&audit_path).map_err(|e| Failure::new(crate::failure::chain(&e)))?,
         ));
     }
-    let proxy = Proxy::new(config).map_err(|e| Failure::new(e.to_string()))?;
+    let proxy = Proxy::new(config).map_err(|e| Failure::new(crate::failure::chain(&e)))?;
     let listener = TcpListener::bind("127.0.0.1:0").map_err(fail("binding the proxy"))?;
     let proxy_addr = listener.local_addr().map_err(fail("proxy address"))?;
     let server_handle = proxy
         .serve(listener)
-        .map_err(|e| Failure::new(e.to_string()))?;
+        .map_err(|e| Failure::new(crate::failure::chain(&e)))?;
     let result = measure(&args, server, proxy_addr, bytes);
     server_handle.stop();
     proxy.shutdown();

@@ -179,7 +179,7 @@ impl MicrovmBackend {
             Err(proto::client::ClientError::Remote { id: None, message }) => {
                 return Err(ConnectFailure::Refused(message))
             }
-            Err(e) => return Err(crate_chain(&e).into()),
+            Err(e) => return Err(crate::error_chain(&e).into()),
         };
         control.set_read_timeout(None).map_err(|e| e.to_string())?;
         Ok(client)
@@ -201,7 +201,10 @@ impl MicrovmBackend {
                 guest_image::build(&self.opts.image, progress).map_err(|e| {
                     SandboxError::Unavailable {
                         backend: "microvm",
-                        reason: format!("the guest image cannot be built: {}", crate_chain(&e)),
+                        reason: format!(
+                            "the guest image cannot be built: {}",
+                            crate::error_chain(&e)
+                        ),
                     }
                 })?
             }
@@ -235,17 +238,6 @@ impl ConnectFailure {
             Self::Other(m) => m,
         }
     }
-}
-
-fn crate_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Refuse what this backend cannot enforce, and plan the shares for what it can. (The
@@ -363,10 +355,10 @@ impl Backend for MicrovmBackend {
             u8::try_from(limits.vcpus.unwrap_or(1)).unwrap_or(u8::MAX),
         );
         config.initrd = Some(initrd.clone());
-        let mounts = self.files.cmdline().map_err(|e| SandboxError::Setup {
-            stage: "shares".into(),
-            message: e.to_string(),
-        })?;
+        let mounts = self
+            .files
+            .cmdline()
+            .map_err(|e| SandboxError::setup("shares", e))?;
         let console = if self.opts.console {
             guest_image::GuestConsole::Shown
         } else {
@@ -661,10 +653,7 @@ fn run_agent_exec(
                 truncated,
             ))
         }
-        Err(e) => Err(SandboxError::Setup {
-            stage: "exec".into(),
-            message: crate_chain(&e),
-        }),
+        Err(e) => Err(SandboxError::setup("exec", e)),
     }
 }
 

@@ -70,10 +70,7 @@ pub fn vmm_command(
     };
     let mut config = config.clone();
     config.start_monotonic_ns = Some(monotonic_ns());
-    let json = serde_json::to_vec(&config).map_err(|e| SandboxError::Setup {
-        stage: "vmm config".into(),
-        message: e.to_string(),
-    })?;
+    let json = serde_json::to_vec(&config).map_err(|e| SandboxError::setup("vmm config", e))?;
     std::fs::write(&files.config, json)
         .map_err(|e| SandboxError::io(format!("writing {}", files.config.display()), e))?;
     let log = std::fs::File::create(&files.log)
@@ -212,7 +209,7 @@ pub fn vmm_main(args: &[std::ffi::OsString]) -> i32 {
     let vm = match vmm::Vm::new(config) {
         Ok(vm) => vm,
         Err(e) => {
-            eprintln!("mxc-vm vmm: {}", super::crate_chain(&e));
+            eprintln!("mxc-vm vmm: {}", crate::error_chain(&e));
             return 1;
         }
     };
@@ -223,7 +220,7 @@ pub fn vmm_main(args: &[std::ffi::OsString]) -> i32 {
     // From here on the guest runs: no program, mount, namespace, BPF, ... from this
     // process (vmm::seccomp). The threads the VM starts inherit the filter.
     if let Err(e) = vmm::seccomp::install() {
-        eprintln!("mxc-vm vmm: {}", super::crate_chain(&e));
+        eprintln!("mxc-vm vmm: {}", crate::error_chain(&e));
         return 1;
     }
     match vm.run() {
@@ -234,7 +231,7 @@ pub fn vmm_main(args: &[std::ffi::OsString]) -> i32 {
             0
         }
         Err(e) => {
-            eprintln!("mxc-vm vmm: {}", super::crate_chain(&e));
+            eprintln!("mxc-vm vmm: {}", crate::error_chain(&e));
             1
         }
     }

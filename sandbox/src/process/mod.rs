@@ -93,20 +93,6 @@ impl ProcessBackend {
     }
 }
 
-struct ProcessKiller<'a> {
-    child: &'a mut Child,
-}
-
-impl Killer for ProcessKiller<'_> {
-    fn kill(&mut self, extra_pid: Option<i32>) {
-        if let Some(pid) = extra_pid {
-            // SAFETY: kill() has no memory effects; the pid came from our own init.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        let _ = self.child.kill();
-    }
-}
-
 impl Backend for ProcessBackend {
     fn name(&self) -> &'static str {
         "process"
@@ -129,10 +115,7 @@ impl Backend for ProcessBackend {
         self.enforcement = Some(limits::detect());
         crate::stages::mark("host: limits detected");
         // Compiled here, once: the sandbox's command only loads them.
-        crate::seccomp::prepare().map_err(|e| SandboxError::Setup {
-            stage: "seccomp".into(),
-            message: e.to_string(),
-        })?;
+        crate::seccomp::prepare().map_err(|e| SandboxError::setup("seccomp", e))?;
         self.spec = Some(spec.clone());
         crate::stages::mark("host: provisioned");
         Ok(())
@@ -147,10 +130,7 @@ impl Backend for ProcessBackend {
         self.network.start()?;
         if self.persistent && self.session.is_none() {
             let cgroup = SandboxCgroup::for_sandbox(enforcement, &spec.id, &spec.policy.limits)
-                .map_err(|e| SandboxError::Setup {
-                    stage: "cgroup".into(),
-                    message: e.to_string(),
-                })?;
+                .map_err(|e| SandboxError::setup("cgroup", e))?;
             let plan = InitPlan {
                 view: view.clone(),
                 argv: Vec::new(),
@@ -201,10 +181,7 @@ impl Backend for ProcessBackend {
             return outcome;
         }
         let cgroup = SandboxCgroup::for_sandbox(enforcement, &spec.id, &spec.policy.limits)
-            .map_err(|e| SandboxError::Setup {
-                stage: "cgroup".into(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| SandboxError::setup("cgroup", e))?;
         let plan = InitPlan {
             view: view.clone(),
             argv: req.argv.clone(),
@@ -290,10 +267,7 @@ fn plan_memfd(plan: &InitPlan) -> Result<OwnedFd, SandboxError> {
     }
     // SAFETY: fd was just created and is owned by nobody else.
     let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
-    let bytes = serde_json::to_vec(plan).map_err(|e| SandboxError::Setup {
-        stage: "plan".into(),
-        message: e.to_string(),
-    })?;
+    let bytes = serde_json::to_vec(plan).map_err(|e| SandboxError::setup("plan", e))?;
     file.write_all(&bytes)
         .and_then(|()| file.rewind())
         .map_err(|e| SandboxError::io("writing the sandbox plan", e))?;
@@ -332,7 +306,7 @@ fn spawn_and_supervise(
         stderr: child.stderr.take().map(OwnedFd::from),
         status: Some(status_r),
     };
-    let mut killer = ProcessKiller { child: &mut child };
+    let mut killer = supervise::ChildKiller::new(&mut child);
     let result = supervise::supervise(
         pipes,
         io,

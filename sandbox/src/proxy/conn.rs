@@ -299,19 +299,7 @@ fn upstream_fail(e: UpstreamError) -> Fail {
         UpstreamError::Refused { .. } => "upstream-refused",
         _ => "upstream-failed",
     };
-    Fail::error(502, rule, error_chain(&e))
-}
-
-/// An error and its causes, on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+    Fail::error(502, rule, crate::error_chain(&e))
 }
 
 /// Checks every address again and connects to the first allowed one that answers.

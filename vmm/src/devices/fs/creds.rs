@@ -74,9 +74,9 @@ fn drop_capabilities() -> io::Result<()> {
         CapSet::Effective,
         CapSet::Permitted,
     ] {
-        caps::clear(None, set).map_err(|e| io::Error::other(e.to_string()))?;
+        caps::clear(None, set).map_err(io::Error::other)?;
     }
-    let left = caps::read(None, CapSet::Permitted).map_err(|e| io::Error::other(e.to_string()))?;
+    let left = caps::read(None, CapSet::Permitted).map_err(io::Error::other)?;
     if !left.is_empty() {
         return Err(io::Error::from_raw_os_error(libc::EPERM));
     }
@@ -121,7 +121,7 @@ fn check(ret: libc::c_long) -> io::Result<()> {
 pub fn has_effective_capabilities() -> io::Result<bool> {
     caps::read(None, caps::CapSet::Effective)
         .map(|set| !set.is_empty())
-        .map_err(|e| io::Error::other(e.to_string()))
+        .map_err(io::Error::other)
 }
 
 #[cfg(test)]

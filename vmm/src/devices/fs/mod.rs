@@ -94,7 +94,6 @@ mod event_handler;
 pub mod filter;
 pub mod protocol;
 mod queue_handler;
-mod ratelimit;
 pub mod share;
 
 #[cfg(test)]

@@ -22,8 +22,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::bridge::{GuestMemory017, GuestRam};
 use super::filter::PolicyFs;
 use super::protocol::{self, InHeader, OpClass, Verdict, IN_HEADER_LEN, MAX_MESSAGE_LEN};
-use super::ratelimit::guest_warn;
 use crate::devices::virtio::{Interrupt, VIRTIO_MMIO_INT_VRING};
+use crate::logging::guest_warn;
 
 /// Chains served per queue per wake-up before the worker looks at its other fds (it
 /// re-signals the queue to come back for the rest).

@@ -14,6 +14,8 @@
 //! (Status = 0) calls `reset`, and a device that returns false is never activated again.
 
 pub mod mmio;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;

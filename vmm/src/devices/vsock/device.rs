@@ -11,12 +11,12 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::packet::{self, RxBuf, MAX_PKT_DATA};
-use super::ratelimit::{guest_warn, LogLimiter};
 use super::unix::{UnixBackend, UnixBackendConfig};
 use super::{VsockBackend, VsockError};
 use crate::devices::virtio::{
     ActivateError, ActiveQueue, Interrupt, VirtioDevice, VIRTIO_MMIO_INT_VRING,
 };
+use crate::logging::guest_warn;
 
 /// Virtio device ID of a socket device.
 pub const VSOCK_DEVICE_TYPE: u32 = 19;
@@ -62,7 +62,6 @@ pub struct Vsock<B: VsockBackend = UnixBackend> {
     /// Payload staging for one packet in either direction.
     scratch: Vec<u8>,
     rx_bufs: Vec<RxBuf>,
-    log: LogLimiter,
 }
 
 impl Vsock<UnixBackend> {
@@ -105,7 +104,6 @@ impl<B: VsockBackend> Vsock<B> {
             state: None,
             scratch: vec![0; MAX_PKT_DATA],
             rx_bufs: Vec::new(),
-            log: LogLimiter::new(),
         })
     }
 
@@ -123,10 +121,6 @@ impl<B: VsockBackend> Vsock<B> {
 
     pub fn is_activated(&self) -> bool {
         self.state.is_some()
-    }
-
-    pub(crate) fn log_limiter(&mut self) -> &mut LogLimiter {
-        &mut self.log
     }
 
     pub(crate) fn activate_evt(&self) -> &EventFd {
@@ -150,7 +144,7 @@ impl<B: VsockBackend> Vsock<B> {
         };
         let mut used = false;
         for _ in 0..MAX_CHAINS_PER_EVENT {
-            let Some(head) = pop_chain(dq, &state.mem, &mut self.log) else {
+            let Some(head) = pop_chain(dq, &state.mem) else {
                 return used;
             };
             let (index, descs) = head;
@@ -164,17 +158,17 @@ impl<B: VsockBackend> Vsock<B> {
                     self.backend.send_pkt(&hdr, data);
                 }
                 Err(e) => {
-                    guest_warn!(self.log, error = %e, "vsock: dropping guest tx packet");
+                    guest_warn!(error = %e, "vsock: dropping guest tx packet");
                     if let Some(hdr) = e.rst_target(self.guest_cid) {
                         self.backend.reset_peer(hdr);
                     }
                 }
             }
-            used |= add_used(dq, &state.mem, index, 0, &mut self.log);
+            used |= add_used(dq, &state.mem, index, 0);
         }
         // More may be waiting: come back after the rest of the event loop had its turn.
         if dq.active.notify.write(1).is_err() {
-            guest_warn!(self.log, "vsock: cannot re-signal tx queue");
+            guest_warn!("vsock: cannot re-signal tx queue");
         }
         used
     }
@@ -193,14 +187,14 @@ impl<B: VsockBackend> Vsock<B> {
             if !self.backend.has_pending_rx() {
                 return used;
             }
-            let Some((index, descs)) = pop_chain(dq, &state.mem, &mut self.log) else {
+            let Some((index, descs)) = pop_chain(dq, &state.mem) else {
                 return used;
             };
             let cap = match packet::parse_rx_chain(&state.mem, descs, &mut self.rx_bufs) {
                 Ok(cap) => cap,
                 Err(e) => {
-                    guest_warn!(self.log, error = %e, "vsock: dropping unusable rx buffer");
-                    used |= add_used(dq, &state.mem, index, 0, &mut self.log);
+                    guest_warn!(error = %e, "vsock: dropping unusable rx buffer");
+                    used |= add_used(dq, &state.mem, index, 0);
                     continue;
                 }
             };
@@ -215,15 +209,15 @@ impl<B: VsockBackend> Vsock<B> {
             let len = match packet::write_rx_chain(&state.mem, &self.rx_bufs, &hdr, data) {
                 Ok(len) => len,
                 Err(e) => {
-                    guest_warn!(self.log, error = %e, "vsock: rx buffer write failed");
+                    guest_warn!(error = %e, "vsock: rx buffer write failed");
                     self.backend.reset_peer(&reply_addr(&hdr));
                     0
                 }
             };
-            used |= add_used(dq, &state.mem, index, len, &mut self.log);
+            used |= add_used(dq, &state.mem, index, len);
         }
         if self.backend.has_pending_rx() && dq.active.notify.write(1).is_err() {
-            guest_warn!(self.log, "vsock: cannot re-signal rx queue");
+            guest_warn!("vsock: cannot re-signal rx queue");
         }
         used
     }
@@ -234,7 +228,7 @@ impl<B: VsockBackend> Vsock<B> {
             return;
         };
         if let Err(e) = state.interrupt.trigger(VIRTIO_MMIO_INT_VRING) {
-            guest_warn!(self.log, error = %e, "vsock: cannot raise interrupt");
+            guest_warn!(error = %e, "vsock: cannot raise interrupt");
         }
     }
 
@@ -260,11 +254,7 @@ type Chain<'a> = virtio_queue::DescriptorChain<&'a GuestMemoryMmap>;
 
 /// Pop the next available chain, unless the driver broke the queue (then log once and
 /// leave the queue alone for good).
-fn pop_chain<'a>(
-    dq: &mut DeviceQueue,
-    mem: &'a GuestMemoryMmap,
-    log: &mut LogLimiter,
-) -> Option<(u16, Chain<'a>)> {
+fn pop_chain<'a>(dq: &mut DeviceQueue, mem: &'a GuestMemoryMmap) -> Option<(u16, Chain<'a>)> {
     if dq.broken {
         return None;
     }
@@ -274,10 +264,7 @@ fn pop_chain<'a>(
     match queue.avail_idx(mem, Ordering::Acquire) {
         Ok(idx) if idx.0.wrapping_sub(queue.next_avail()) <= queue.size() => {}
         _ => {
-            guest_warn!(
-                log,
-                "vsock: driver corrupted a queue, ignoring it from now on"
-            );
+            guest_warn!("vsock: driver corrupted a queue, ignoring it from now on");
             dq.broken = true;
             return None;
         }
@@ -287,22 +274,16 @@ fn pop_chain<'a>(
 }
 
 /// Return a chain to the driver. Returns whether it was added to the used ring.
-fn add_used(
-    dq: &mut DeviceQueue,
-    mem: &GuestMemoryMmap,
-    index: u16,
-    len: u32,
-    log: &mut LogLimiter,
-) -> bool {
+fn add_used(dq: &mut DeviceQueue, mem: &GuestMemoryMmap, index: u16, len: u32) -> bool {
     // An out-of-range head cannot be returned; the driver loses that entry.
     if index >= dq.active.queue.size() {
-        guest_warn!(log, index, "vsock: descriptor head index out of range");
+        guest_warn!(index, "vsock: descriptor head index out of range");
         return false;
     }
     match dq.active.queue.add_used(mem, index, len) {
         Ok(()) => true,
         Err(e) => {
-            guest_warn!(log, error = %e, "vsock: cannot add to used ring");
+            guest_warn!(error = %e, "vsock: cannot add to used ring");
             false
         }
     }

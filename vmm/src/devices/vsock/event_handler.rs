@@ -4,8 +4,8 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 
 use super::device::{Vsock, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
-use super::ratelimit::guest_warn;
 use super::VsockBackend;
+use crate::logging::guest_warn;
 
 const TOKEN_ACTIVATE: u32 = 0;
 const TOKEN_RX: u32 = 1;
@@ -58,11 +58,7 @@ impl<B: VsockBackend> Vsock<B> {
         if let Some(evt) = self.queue_evt(idx) {
             // The transport's eventfd may be blocking; it is readable, so this returns.
             if evt.read().is_err() {
-                guest_warn!(
-                    self.log_limiter(),
-                    queue = idx,
-                    "vsock: cannot read queue eventfd"
-                );
+                guest_warn!(queue = idx, "vsock: cannot read queue eventfd");
             }
         }
     }

@@ -57,7 +57,6 @@ pub mod csm;
 pub mod device;
 mod event_handler;
 pub mod packet;
-mod ratelimit;
 pub mod unix;
 
 #[cfg(test)]

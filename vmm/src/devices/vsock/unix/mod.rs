@@ -28,8 +28,8 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::csm::{ConnKey, ConnTimeouts, Connection, HostStream};
 use super::packet::{PacketHeader, OP_REQUEST, OP_RST};
-use super::ratelimit::{guest_warn, LogLimiter};
 use super::{VsockBackend, VsockError};
+use crate::logging::guest_warn;
 use handshake::Handshake;
 
 /// Loose control packets (RSTs for unknown connections) kept for the guest; more are
@@ -108,7 +108,6 @@ pub struct UnixBackend {
     /// Control packets not tied to a connection.
     raw: VecDeque<PacketHeader>,
     next_local_port: u32,
-    log: LogLimiter,
 }
 
 impl UnixBackend {
@@ -142,7 +141,6 @@ impl UnixBackend {
             rxq: VecDeque::new(),
             raw: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
-            log: LogLimiter::new(),
         };
         backend
             .listener
@@ -217,7 +215,7 @@ impl UnixBackend {
         let tick = self.config.timer_tick.max(Duration::from_millis(1));
         match self.timer.reset(tick, Some(tick)) {
             Ok(()) => self.timer_armed = true,
-            Err(e) => guest_warn!(self.log, error = %e, "vsock: cannot arm timer"),
+            Err(e) => guest_warn!(error = %e, "vsock: cannot arm timer"),
         }
     }
 
@@ -225,10 +223,7 @@ impl UnixBackend {
         if self.raw.len() < MAX_RAW_PKTS {
             self.raw.push_back(hdr);
         } else {
-            guest_warn!(
-                self.log,
-                "vsock: control queue full, dropping packet for the guest"
-            );
+            guest_warn!("vsock: control queue full, dropping packet for the guest");
         }
     }
 
@@ -316,7 +311,7 @@ impl UnixBackend {
                 Err(e) => {
                     // E.g. out of fds: stop watching the listener for a tick rather than
                     // spin on it.
-                    guest_warn!(self.log, error = %e, "vsock: accept failed, pausing listener");
+                    guest_warn!(error = %e, "vsock: accept failed, pausing listener");
                     self.epoll_del(self.listener.as_raw_fd());
                     self.listener_paused = true;
                     self.arm_timer();
@@ -331,10 +326,7 @@ impl UnixBackend {
         let full = self.handshakes.len() >= self.config.max_handshakes
             || self.conns.len() + self.handshakes.len() >= self.config.max_connections;
         if full || stream.set_nonblocking(true).is_err() {
-            guest_warn!(
-                self.log,
-                "vsock: too many host connections, closing a new one"
-            );
+            guest_warn!("vsock: too many host connections, closing a new one");
             return;
         }
         let token = self.take_token();
@@ -369,7 +361,7 @@ impl UnixBackend {
             Ok(Some(port)) => self.host_connect(hs.into_stream(), port, now),
             Ok(None) => {}
             Err(e) => {
-                guest_warn!(self.log, error = %e, "vsock: refused host connection");
+                guest_warn!(error = %e, "vsock: refused host connection");
             }
         }
     }
@@ -377,10 +369,7 @@ impl UnixBackend {
     /// A host asked for guest port `port`: send the guest a REQUEST.
     fn host_connect(&mut self, stream: UnixStream, port: u32, now: Instant) {
         if self.conns.len() >= self.config.max_connections {
-            guest_warn!(
-                self.log,
-                "vsock: too many connections, refusing host connect"
-            );
+            guest_warn!("vsock: too many connections, refusing host connect");
             return;
         }
         let Some(local_port) = self.alloc_local_port(port) else {
@@ -419,10 +408,7 @@ impl UnixBackend {
     /// The guest asked for host port `req.dst_port`: connect to `<uds_path>_<port>`.
     fn guest_connect(&mut self, req: &PacketHeader) {
         if self.conns.len() >= self.config.max_connections {
-            guest_warn!(
-                self.log,
-                "vsock: too many connections, refusing guest connect"
-            );
+            guest_warn!("vsock: too many connections, refusing guest connect");
             self.push_raw(req.rst_reply());
             return;
         }
@@ -434,7 +420,7 @@ impl UnixBackend {
                 self.insert_conn(conn);
             }
             Err(e) => {
-                guest_warn!(self.log, port = req.dst_port, error = %e,
+                guest_warn!(port = req.dst_port, error = %e,
                     "vsock: guest connect to host port refused");
                 self.push_raw(req.rst_reply());
             }
@@ -556,7 +542,7 @@ impl VsockBackend for UnixBackend {
         let n = match self.epoll.wait(0, &mut events) {
             Ok(n) => n,
             Err(e) => {
-                guest_warn!(self.log, error = %e, "vsock: epoll_wait failed");
+                guest_warn!(error = %e, "vsock: epoll_wait failed");
                 return;
             }
         };
