@@ -1,5 +1,5 @@
 //! Which kind of KVM this host has, and what the VMM changes for the `kvm_pvm`
-//! hypervisor (see the crate's PVM notes): a filtered CPUID, no MSR 0x10a, and the
+//! hypervisor (see `docs/pvm.md`): a filtered CPUID, no MSR 0x10a, and the
 //! kernel's PVM boot flags on the command line.
 
 use serde::{Deserialize, Serialize};
