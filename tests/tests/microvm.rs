@@ -461,7 +461,7 @@ fn the_vm_contains_the_escape_suites_host_attacks() {
 #[test]
 fn sequential_vm_runs_leave_nothing_behind() {
     require_kvm();
-    let runs = if vmm::hypervisor::kvm::detect_flavour().is_hardware() {
+    let runs = if vmm::hypervisor::host_flavour().is_hardware() {
         std::env::var("MXC_VM_SOAK_VM_RUNS")
             .ok()
             .and_then(|n| n.parse().ok())

@@ -21,7 +21,7 @@ fn guest_kernel() -> PathBuf {
 }
 
 fn under_pvm() -> bool {
-    !vmm::hypervisor::kvm::detect_flavour().is_hardware()
+    !vmm::hypervisor::host_flavour().is_hardware()
 }
 
 const DIR: Meta = Meta {

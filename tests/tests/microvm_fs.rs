@@ -153,7 +153,7 @@ fn big_mib() -> usize {
 }
 
 fn under_pvm() -> bool {
-    !vmm::hypervisor::kvm::detect_flavour().is_hardware()
+    !vmm::hypervisor::host_flavour().is_hardware()
 }
 /// Files each VM writes into the directory both share.
 const SHARED_FILES: usize = 100;

@@ -5,57 +5,10 @@
 use serde::{Deserialize, Serialize};
 
 use crate::hypervisor::Flavour;
+pub use crate::hypervisor::HostKind;
 
 /// Where `kvm_pvm` announces itself.
 pub const KVM_PVM_MODULE: &str = "/sys/module/kvm_pvm";
-
-/// The virtualization this host offers.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HostKind {
-    /// `/dev/kvm` backed by VMX or SVM.
-    HardwareKvm {
-        /// VMX or SVM.
-        flavour: Flavour,
-        /// The host is itself a VM (its CPUID has the hypervisor bit): nested hardware
-        /// KVM, as in a cloud VM or our QEMU test lane, not bare metal.
-        nested: bool,
-    },
-    /// `/dev/kvm` backed by the `kvm_pvm` pagetable-based hypervisor (guest kernel code
-    /// is emulated).
-    Pvm,
-    /// No usable `/dev/kvm`; the reason says why.
-    NoKvm(String),
-}
-
-impl HostKind {
-    /// Hardware KVM, bare metal or nested.
-    pub fn is_hardware(&self) -> bool {
-        matches!(self, Self::HardwareKvm { .. })
-    }
-
-    /// A short label for figures measured on this host.
-    pub fn label(&self) -> String {
-        match self {
-            Self::HardwareKvm {
-                flavour,
-                nested: false,
-            } => format!("{flavour}, bare metal"),
-            Self::HardwareKvm {
-                flavour,
-                nested: true,
-            } => format!("nested {flavour}: the host is itself a VM"),
-            Self::Pvm => "KVM on kvm_pvm (guest kernel emulated)".into(),
-            Self::NoKvm(reason) => format!("no KVM: {reason}"),
-        }
-    }
-}
-
-impl std::fmt::Display for HostKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.label())
-    }
-}
 
 /// Whether to apply the PVM changes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,7 +26,7 @@ pub enum PvmMode {
 impl PvmMode {
     /// Resolve the mode against the host's KVM flavour.
     pub fn enabled(self) -> bool {
-        self.enabled_for(crate::hypervisor::kvm::detect_flavour())
+        self.enabled_for(crate::hypervisor::host_flavour())
     }
 
     /// Resolve the mode against a known flavour.
@@ -86,20 +39,9 @@ impl PvmMode {
     }
 }
 
-/// Find out what this host offers: open `/dev/kvm`, then tell its flavour and whether
-/// the host itself runs under a hypervisor.
+/// Find out what this host offers (see [`crate::hypervisor::detect_host`]).
 pub fn detect() -> HostKind {
-    use crate::hypervisor::kvm;
-    if let Err(e) = kvm::probe() {
-        return HostKind::NoKvm(format!("{}: {e}", kvm::KVM_PATH));
-    }
-    match kvm::detect_flavour() {
-        Flavour::Pvm => HostKind::Pvm,
-        flavour => HostKind::HardwareKvm {
-            flavour,
-            nested: kvm::host_is_virtual(),
-        },
-    }
+    crate::hypervisor::detect_host()
 }
 
 /// MSR that `kvm_pvm` refuses to set (IA32_ARCH_CAPABILITIES).

@@ -20,7 +20,6 @@ use crate::devices::virtio::VirtioDevice;
 use crate::devices::ZeroDevice;
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::exit::{ExitReason, VmExit, VmFailure};
-use crate::hypervisor::kvm::KvmHypervisor;
 use crate::hypervisor::{self, Hypervisor, HypervisorError, IoEventAddress, VcpuX86};
 use crate::layout::{
     virtio_mmio_addr, virtio_mmio_irq, BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, I8042_DATA_PORT,
@@ -227,7 +226,7 @@ impl Vm {
             since_process_start_us = timeline::monotonic_ns().saturating_sub(start) / 1000,
             "vm setup begins"
         );
-        let hypervisor: Box<dyn Hypervisor> = Box::new(KvmHypervisor::new()?);
+        let hypervisor: Box<dyn Hypervisor> = crate::hypervisor::open()?;
         let pvm = config.pvm.enabled_for(hypervisor.flavour());
         let vm: Arc<dyn hypervisor::Vm> = Arc::from(hypervisor.create_vm()?);
         let mem = memory::create_guest_memory(config.mem_mib)?;
@@ -352,8 +351,7 @@ impl Vm {
                     })?,
             ),
         };
-        let irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-        self.vm.register_irqfd(&irq, SERIAL_IRQ)?;
+        let irq = self.vm.interrupt_line(SERIAL_IRQ)?;
         let serial = SerialDevice::new(irq, Box::new(ConsoleOutput::new(out, CONSOLE_LIMIT)));
         self.io_bus.insert(
             u64::from(SERIAL_PORT),
@@ -407,8 +405,7 @@ impl Vm {
             return Err(VmmError::NoVirtioSlot);
         }
         let base = virtio_mmio_addr(slot);
-        let irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-        self.vm.register_irqfd(&irq, virtio_mmio_irq(slot))?;
+        let irq = self.vm.interrupt_line(virtio_mmio_irq(slot))?;
         let transport = MmioTransport::new(self.mem.clone(), device.clone(), irq)?;
         for (index, fd) in transport.notify_eventfds().iter().enumerate() {
             let addr = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);

@@ -164,7 +164,8 @@ pub fn run(args: BenchProxyArgs) -> Result<i32, Failure> {
     let server = start_server()?;
     let audit_dir = std::env::temp_dir().join(format!("mxc-vm-bench-proxy-{}", std::process::id()));
     let audit_path = audit_dir.join("audit.jsonl");
-    let loopback = policy::parse_rule("127.0.0.1").map_err(|e| Failure::new(crate::failure::chain(&e)))?;
+    let loopback =
+        policy::parse_rule("127.0.0.1").map_err(|e| Failure::new(crate::failure::chain(&e)))?;
     let egress = Egress {
         default: Action::Deny,
         allow: vec![NetRule {

@@ -49,7 +49,7 @@ pub const DEFAULT_BOOT_TIMEOUT_HARDWARE: Duration = Duration::from_secs(60);
 
 /// The boot timeout for this host's KVM flavour.
 pub fn default_boot_timeout() -> Duration {
-    if vmm::hypervisor::kvm::detect_flavour().is_hardware() {
+    if vmm::hypervisor::host_flavour().is_hardware() {
         DEFAULT_BOOT_TIMEOUT_HARDWARE
     } else {
         DEFAULT_BOOT_TIMEOUT

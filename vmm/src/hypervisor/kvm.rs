@@ -10,7 +10,7 @@
 //! | `create_irqchip` | `KVM_CREATE_IRQCHIP` | xAPIC emulation via `WHvPartitionPropertyCodeLocalApicEmulationMode`; IOAPIC/PIC emulated in the VMM |
 //! | `create_vcpu` | `KVM_CREATE_VCPU` | `WHvCreateVirtualProcessor` |
 //! | `set_irq_line` | `KVM_IRQ_LINE` | VMM IOAPIC model → `WHvRequestInterrupt` |
-//! | `register_irqfd` | `KVM_IRQFD` | a VMM thread waiting on the event → `WHvRequestInterrupt` |
+//! | `interrupt_line` | an eventfd + `KVM_IRQFD` | `WHvRequestInterrupt` on each trigger |
 //! | `register_ioeventfd` | `KVM_IOEVENTFD` | `Err(Unsupported)`: the write traps and the transport signals the event |
 //! | `run` | `KVM_RUN` | `WHvRunVirtualProcessor` (+ `WHvEmulatorTryIoEmulation`/`TryMmioEmulation` to decode the access) |
 //! | `kicker().kick()` | `immediate_exit` + a signal | `WHvCancelRunVirtualProcessor` |
@@ -34,8 +34,9 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    CpuidEntry, DescriptorTable, Flavour, Hypervisor, HypervisorError, IoEventAddress, MsrEntry,
-    Regs, Result, Segment, SpecialRegs, SystemEventKind, Vcpu, VcpuExit, VcpuKick, VcpuX86, Vm,
+    CpuidEntry, DescriptorTable, Flavour, HostKind, Hypervisor, HypervisorError, InterruptLine,
+    IoEventAddress, MsrEntry, Regs, Result, Segment, SpecialRegs, SystemEventKind, Vcpu, VcpuExit,
+    VcpuKick, VcpuX86, Vm,
 };
 
 /// Path of the KVM device.
@@ -86,6 +87,21 @@ fn probe_flavour() -> Flavour {
         // /dev/kvm without VMX, SVM or a module we know: treat it like the one other
         // software-backed KVM we know, which is the cautious choice (filtered CPUID).
         Flavour::Pvm
+    }
+}
+
+/// What this host offers: `/dev/kvm` opens, its flavour, and whether the host is
+/// itself a VM.
+pub fn detect_host() -> HostKind {
+    if let Err(e) = probe() {
+        return HostKind::NoKvm(format!("{KVM_PATH}: {e}"));
+    }
+    match detect_flavour() {
+        Flavour::Pvm => HostKind::Pvm,
+        flavour => HostKind::HardwareKvm {
+            flavour,
+            nested: host_is_virtual(),
+        },
     }
 }
 
@@ -258,11 +274,14 @@ impl Vm for KvmVm {
             .map_err(|e| HypervisorError::call("KVM_IRQ_LINE", e))
     }
 
-    /// WHP: a thread waiting on the event that calls `WHvRequestInterrupt`.
-    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+    /// An eventfd registered as an irqfd: each write raises `gsi` in the kernel.
+    fn interrupt_line(&self, gsi: u32) -> Result<Arc<dyn InterruptLine>> {
+        let fd = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
+            .map_err(|e| HypervisorError::call("eventfd", e))?;
         self.fd
-            .register_irqfd(fd, gsi)
-            .map_err(|e| HypervisorError::call("KVM_IRQFD", e))
+            .register_irqfd(&fd, gsi)
+            .map_err(|e| HypervisorError::call("KVM_IRQFD", e))?;
+        Ok(Arc::new(fd))
     }
 
     /// WHP: `Err(Unsupported)`.

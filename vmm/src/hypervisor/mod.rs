@@ -6,14 +6,18 @@
 //! cannot do is an `Err(HypervisorError::Unsupported)`, never a panic: callers either
 //! fall back (an ioeventfd becomes a trapped MMIO write) or fail closed.
 //!
-//! `kvm.rs` implements the traits on `kvm-ioctls`. Each method's doc comment in `kvm.rs`
-//! also names the Windows Hypervisor Platform (WHP) call that a `whp.rs` would use, so
-//! that a second backend fits without changing callers.
+//! `kvm.rs` implements the traits on `kvm-ioctls` (Linux); `whp/` on the Windows
+//! Hypervisor Platform. Nothing outside this module names a type of either: the VMM
+//! gets a hypervisor from [`open`], the host's kind from [`detect_host`], and devices
+//! raise interrupts through an [`InterruptLine`].
 
+#[cfg(target_os = "linux")]
 pub mod kvm;
+pub mod whp;
 
 use std::sync::Arc;
 
+#[cfg(target_os = "linux")]
 use vmm_sys_util::eventfd::EventFd;
 
 /// Errors from the hypervisor backend.
@@ -52,6 +56,107 @@ impl HypervisorError {
 /// Result type of this module.
 pub type Result<T> = std::result::Result<T, HypervisorError>;
 
+/// An edge-triggered interrupt line into the guest's interrupt controller, as a device
+/// sees it (KVM: an irqfd; WHP: `WHvRequestInterrupt`).
+pub trait InterruptLine: Send + Sync + std::fmt::Debug {
+    /// Raise the line once.
+    fn trigger(&self) -> std::io::Result<()>;
+}
+
+/// An eventfd is a line whose edges can be counted: KVM's irqfd signals the irqchip
+/// through one, and device tests read it back.
+#[cfg(target_os = "linux")]
+impl InterruptLine for EventFd {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.write(1)
+    }
+}
+
+/// What virtualization this host offers.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostKind {
+    /// Hardware-assisted virtualization (KVM on VMX or SVM, or WHP).
+    HardwareKvm {
+        /// VMX or SVM (or WHP).
+        flavour: Flavour,
+        /// The host is itself a VM (its CPUID has the hypervisor bit): nested hardware
+        /// virtualization, as in a cloud VM or our QEMU test lane, not bare metal.
+        nested: bool,
+    },
+    /// `/dev/kvm` backed by the `kvm_pvm` pagetable-based hypervisor (guest kernel code
+    /// is emulated).
+    Pvm,
+    /// No usable hypervisor; the reason says why.
+    NoKvm(String),
+}
+
+impl HostKind {
+    /// Hardware KVM, bare metal or nested.
+    pub fn is_hardware(&self) -> bool {
+        matches!(self, Self::HardwareKvm { .. })
+    }
+
+    /// A short label for figures measured on this host.
+    pub fn label(&self) -> String {
+        match self {
+            Self::HardwareKvm {
+                flavour,
+                nested: false,
+            } => format!("{flavour}, bare metal"),
+            Self::HardwareKvm {
+                flavour,
+                nested: true,
+            } => format!("nested {flavour}: the host is itself a VM"),
+            Self::Pvm => "KVM on kvm_pvm (guest kernel emulated)".into(),
+            Self::NoKvm(reason) => format!("no KVM: {reason}"),
+        }
+    }
+}
+
+impl std::fmt::Display for HostKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.label())
+    }
+}
+
+/// Open this platform's hypervisor: KVM on Linux, WHP on Windows.
+pub fn open() -> Result<Box<dyn Hypervisor>> {
+    #[cfg(target_os = "linux")]
+    {
+        Ok(Box::new(kvm::KvmHypervisor::new()?))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        Ok(Box::new(whp::WhpHypervisor::new()?))
+    }
+}
+
+/// The flavour of this host's hypervisor, detected once per process.
+pub fn host_flavour() -> Flavour {
+    #[cfg(target_os = "linux")]
+    {
+        kvm::detect_flavour()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        Flavour::Whp
+    }
+}
+
+/// Find out what this host offers: whether the hypervisor opens, its flavour, and
+/// whether the host itself runs under a hypervisor.
+pub fn detect_host() -> HostKind {
+    #[cfg(target_os = "linux")]
+    {
+        kvm::detect_host()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        whp::detect_host()
+    }
+}
+
 /// The kind of virtualization behind a hypervisor, detected once when it is opened.
 /// Every flavour-specific rule of the VMM (the `kvm_pvm` CPUID filter and kernel flags,
 /// how often to poll a booting guest, what the benchmarks call their figures) hangs off
@@ -66,12 +171,14 @@ pub enum Flavour {
     /// The nested `kvm_pvm` hypervisor: no VMX/SVM; guest user code runs natively,
     /// guest kernel code in KVM's instruction emulator.
     Pvm,
+    /// The Windows Hypervisor Platform (Hyper-V on VMX or SVM).
+    Whp,
 }
 
 impl Flavour {
     /// Hardware-assisted virtualization (VMX or SVM).
     pub fn is_hardware(self) -> bool {
-        matches!(self, Self::HardwareVmx | Self::HardwareSvm)
+        matches!(self, Self::HardwareVmx | Self::HardwareSvm | Self::Whp)
     }
 }
 
@@ -81,6 +188,7 @@ impl std::fmt::Display for Flavour {
             Self::HardwareVmx => "hardware KVM (Intel VMX)",
             Self::HardwareSvm => "hardware KVM (AMD SVM)",
             Self::Pvm => "kvm_pvm (no VMX/SVM: guest kernel code is emulated)",
+            Self::Whp => "Windows Hypervisor Platform",
         })
     }
 }
@@ -275,10 +383,12 @@ pub trait Vm: Send + Sync + std::fmt::Debug {
     fn create_vcpu(&self, id: u8) -> Result<Box<dyn VcpuX86>>;
     /// Drive interrupt line `gsi` of the in-kernel irqchip.
     fn set_irq_line(&self, gsi: u32, high: bool) -> Result<()>;
-    /// Raise (edge) `gsi` each time `fd` is written.
-    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()>;
+    /// An edge-triggered line into the irqchip's input `gsi`, for a device to raise.
+    fn interrupt_line(&self, gsi: u32) -> Result<Arc<dyn InterruptLine>>;
     /// Signal `fd` instead of exiting when the guest writes `datamatch` (4 bytes; any
-    /// value when `None`) to `addr`.
+    /// value when `None`) to `addr`. A backend without it says `Unsupported`: the write
+    /// then traps and the transport signals `fd` itself.
+    #[cfg(target_os = "linux")]
     fn register_ioeventfd(
         &self,
         fd: &EventFd,

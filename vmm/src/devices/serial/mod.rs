@@ -5,37 +5,31 @@ mod output;
 
 use std::io::Write;
 
+use std::sync::Arc;
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
-use vmm_sys_util::eventfd::EventFd;
 
 pub use self::output::{ConsoleOutput, CONSOLE_LIMIT};
 use crate::devices::BusDevice;
+use crate::hypervisor::InterruptLine;
 use crate::layout::SERIAL_PORT_LEN;
 use crate::logging::guest_debug;
 
-/// Raises the UART's interrupt by signalling an eventfd (an irqfd on the irqchip).
+/// Raises the UART's interrupt through its line to the irqchip.
 #[derive(Debug)]
-pub struct EventFdTrigger(EventFd);
+pub struct LineTrigger(Arc<dyn InterruptLine>);
 
-impl EventFdTrigger {
-    /// Trigger through `fd`.
-    pub fn new(fd: EventFd) -> Self {
-        Self(fd)
-    }
-}
-
-impl Trigger for EventFdTrigger {
+impl Trigger for LineTrigger {
     type E = std::io::Error;
 
     fn trigger(&self) -> std::io::Result<()> {
-        self.0.write(1)
+        self.0.trigger()
     }
 }
 
 /// The serial port on the I/O bus.
 pub struct SerialDevice {
-    serial: Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
+    serial: Serial<LineTrigger, NoEvents, Box<dyn Write + Send>>,
 }
 
 impl std::fmt::Debug for SerialDevice {
@@ -46,9 +40,9 @@ impl std::fmt::Debug for SerialDevice {
 
 impl SerialDevice {
     /// A UART writing to `out` and interrupting through `irq`.
-    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
+    pub fn new(irq: Arc<dyn InterruptLine>, out: Box<dyn Write + Send>) -> Self {
         Self {
-            serial: Serial::new(EventFdTrigger::new(irq), out),
+            serial: Serial::new(LineTrigger(irq), out),
         }
     }
 }
@@ -98,9 +92,9 @@ mod tests {
 
     #[test]
     fn bytes_written_to_the_data_register_reach_the_output_and_interrupt() {
-        let irq = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let irq = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
         let sink = Sink::default();
-        let mut dev = SerialDevice::new(irq.try_clone().unwrap(), Box::new(sink.clone()));
+        let mut dev = SerialDevice::new(Arc::new(irq.try_clone().unwrap()), Box::new(sink.clone()));
 
         dev.write(1, &[0x02]); // IER: THR-empty interrupt
         dev.write(0, b"h");
@@ -112,9 +106,9 @@ mod tests {
 
     #[test]
     fn odd_sizes_and_offsets_are_ignored() {
-        let irq = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let irq = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
         let sink = Sink::default();
-        let mut dev = SerialDevice::new(irq, Box::new(sink.clone()));
+        let mut dev = SerialDevice::new(Arc::new(irq), Box::new(sink.clone()));
         let mut wide = [0xffu8; 4];
 
         dev.write(0, b"ab");

@@ -22,6 +22,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{ActiveQueue, Interrupt, VirtioDevice, VIRTIO_MMIO_INT_CONFIG};
 use crate::devices::BusDevice;
+use crate::hypervisor::InterruptLine;
 use crate::logging::{guest_debug, guest_warn};
 use crate::memory::GuestMemoryMmap;
 
@@ -199,11 +200,11 @@ impl std::fmt::Debug for MmioTransport {
 }
 
 impl MmioTransport {
-    /// Put `device` behind a transport. `irqfd` is signalled for every interrupt.
+    /// Put `device` behind a transport. `irq` is raised for every interrupt.
     pub fn new(
         mem: GuestMemoryMmap,
         device: Arc<Mutex<dyn VirtioDevice>>,
-        irqfd: EventFd,
+        irq: Arc<dyn InterruptLine>,
     ) -> Result<Self, MmioError> {
         let (device_type, max_sizes, features) = {
             let dev = device.lock().map_err(|_| MmioError::NoQueues)?;
@@ -228,7 +229,7 @@ impl MmioTransport {
         Ok(Self {
             device,
             mem,
-            interrupt: Arc::new(Interrupt::new(Arc::new(AtomicU32::new(0)), irqfd)),
+            interrupt: Arc::new(Interrupt::new(Arc::new(AtomicU32::new(0)), irq)),
             queues,
             notify,
             device_type,
@@ -646,8 +647,12 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let device = Arc::new(Mutex::new(device));
         let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
-        let transport =
-            MmioTransport::new(mem.clone(), device.clone(), irqfd.try_clone().unwrap()).unwrap();
+        let transport = MmioTransport::new(
+            mem.clone(),
+            device.clone(),
+            Arc::new(irqfd.try_clone().unwrap()),
+        )
+        .unwrap();
         Harness {
             transport,
             device,

@@ -24,6 +24,8 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::hypervisor::InterruptLine;
+
 /// Interrupt status bit: a used buffer was added to a queue.
 pub const VIRTIO_MMIO_INT_VRING: u32 = 0x01;
 /// Interrupt status bit: the configuration space changed.
@@ -41,22 +43,23 @@ pub enum ActivateError {
 }
 
 /// How a device tells the guest it has work: sets a bit in the transport's
-/// InterruptStatus register and signals the irqfd wired to the in-kernel irqchip.
+/// InterruptStatus register and raises the device's interrupt line (which the
+/// hypervisor backend wires to the guest's irqchip).
 #[derive(Debug)]
 pub struct Interrupt {
     status: Arc<AtomicU32>,
-    irqfd: EventFd,
+    line: Arc<dyn InterruptLine>,
 }
 
 impl Interrupt {
-    pub fn new(status: Arc<AtomicU32>, irqfd: EventFd) -> Self {
-        Self { status, irqfd }
+    pub fn new(status: Arc<AtomicU32>, line: Arc<dyn InterruptLine>) -> Self {
+        Self { status, line }
     }
 
     /// Raise `bits` (`VIRTIO_MMIO_INT_VRING` or `VIRTIO_MMIO_INT_CONFIG`).
     pub fn trigger(&self, bits: u32) -> std::io::Result<()> {
         self.status.fetch_or(bits, Ordering::SeqCst);
-        self.irqfd.write(1)
+        self.line.trigger()
     }
 
     /// The shared InterruptStatus word (the transport reads and acks it).

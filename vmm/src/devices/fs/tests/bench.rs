@@ -50,7 +50,7 @@ impl SyncDevice {
             .collect();
         let interrupt = Arc::new(Interrupt::new(
             Arc::new(AtomicU32::new(0)),
-            EventFd::new(EFD_NONBLOCK).unwrap(),
+            Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
         ));
         let fs = PolicyFs::new(
             share::prepare(share_cfg).unwrap(),

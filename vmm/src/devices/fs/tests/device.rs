@@ -76,7 +76,7 @@ fn activation_checks_queue_count_and_happens_once() {
     let guest = Guest::new(&share_of(dir.root(), false, &[]));
     let irq = Arc::new(Interrupt::new(
         Arc::new(AtomicU32::new(0)),
-        EventFd::new(0).unwrap(),
+        Arc::new(EventFd::new(0).unwrap()),
     ));
     let mut fresh = Fs::new(&share_of(dir.root(), false, &[])).unwrap();
 
@@ -105,7 +105,7 @@ fn a_queue_outside_guest_memory_fails_activation() {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let irq = Arc::new(Interrupt::new(
         Arc::new(AtomicU32::new(0)),
-        EventFd::new(0).unwrap(),
+        Arc::new(EventFd::new(0).unwrap()),
     ));
     let mut bad = DriverQueue::new(0).device_queue();
     bad.set_desc_table_address(Some(0x7000_0000), Some(0));

@@ -96,7 +96,10 @@ impl Guest {
             .collect();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let irq_status = Arc::new(AtomicU32::new(0));
-        let interrupt = Arc::new(Interrupt::new(irq_status.clone(), irq.try_clone().unwrap()));
+        let interrupt = Arc::new(Interrupt::new(
+            irq_status.clone(),
+            Arc::new(irq.try_clone().unwrap()),
+        ));
         dev.activate(mem.clone(), interrupt, active).unwrap();
         Self {
             mem,

@@ -106,7 +106,7 @@ fn activation_checks_queue_count_and_happens_once() {
     let mem = guest.mem.clone();
     let irq = Arc::new(Interrupt::new(
         Arc::new(AtomicU32::new(0)),
-        EventFd::new(0).unwrap(),
+        Arc::new(EventFd::new(0).unwrap()),
     ));
     let mut fresh = Vsock::new(CID, &dir.path("w.sock")).unwrap();
 

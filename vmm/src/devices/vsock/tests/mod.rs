@@ -157,7 +157,10 @@ impl<B: VsockBackend + 'static> Guest<B> {
             .collect();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let irq_status = Arc::new(AtomicU32::new(0));
-        let interrupt = Arc::new(Interrupt::new(irq_status.clone(), irq.try_clone().unwrap()));
+        let interrupt = Arc::new(Interrupt::new(
+            irq_status.clone(),
+            Arc::new(irq.try_clone().unwrap()),
+        ));
         dev.lock()
             .unwrap()
             .activate(mem.clone(), interrupt, queues)
