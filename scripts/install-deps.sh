@@ -23,3 +23,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # The Debian kernel the nested hardware-KVM test lane boots (downloaded, not installed).
 "$(dirname "$0")/../tests/hwkvm/fetch-kernel.sh" >/dev/null
+# The Rust target the WHP backend is compiled for (scripts/test.sh says when it is absent).
+if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx x86_64-pc-windows-gnu; then
+  rustup target add x86_64-pc-windows-gnu \
+    || echo "install-deps: could not add the x86_64-pc-windows-gnu target; the Windows build will be skipped" >&2
+fi

@@ -1,6 +1,6 @@
 //! How a sandbox's egress is carried, on every tier: the route a policy needs
 //! ([`egress_route`]), the network the process tiers give it ([`net_mode`]) and the
-//! policy proxy of one sandbox ([`SandboxNet`]), which the microVM tier serves its
+//! policy proxy of one sandbox (`SandboxNet`), which the microVM tier serves its
 //! guest's vsock connections from as well.
 //!
 //! No sandbox ever shares the host's network namespace (its loopback services, abstract

@@ -144,6 +144,12 @@ fn microvm_status() -> BackendStatus {
         vmm::HostKind::NoKvm(why) => (false, Some(format!("no usable KVM: {why}"))),
     };
     details.push(
+        "hypervisors: KVM (Linux, run by CI on kvm_pvm and nested hardware KVM); the \
+         Windows Hypervisor Platform backend is compiled by CI but never run (no Windows \
+         machine), and the device model is Linux-only"
+            .into(),
+    );
+    details.push(
         match guest_image::cached(&guest_image::BuildOptions::default()) {
             Some(image) => format!("guest image: {}", image.key),
             None => {

@@ -22,24 +22,42 @@
 
 pub mod logging;
 
-pub mod boot;
-pub mod bus;
-pub mod config;
-pub mod devices;
-pub mod event_loop;
-pub mod exit;
+// What every platform compiles: the hypervisor seam (KVM on Linux, WHP on Windows), the
+// guest layout and the host/flavour detection.
 pub mod hypervisor;
 pub mod layout;
-pub mod memory;
 pub mod pvm;
+
+// The VMM proper (devices, event loop, boot, vCPU loop) runs on Linux.
+#[cfg(target_os = "linux")]
+pub mod boot;
+#[cfg(target_os = "linux")]
+pub mod bus;
+#[cfg(target_os = "linux")]
+pub mod config;
+#[cfg(target_os = "linux")]
+pub mod devices;
+#[cfg(target_os = "linux")]
+pub mod event_loop;
+#[cfg(target_os = "linux")]
+pub mod exit;
+#[cfg(target_os = "linux")]
+pub mod memory;
+#[cfg(target_os = "linux")]
 pub mod seccomp;
+#[cfg(target_os = "linux")]
 pub mod timeline;
+#[cfg(target_os = "linux")]
 pub mod vcpu;
+#[cfg(target_os = "linux")]
 pub mod vm;
 
-pub use config::{ConsoleMode, PvmMode, VmConfig, VsockConfig};
-pub use exit::ExitReason;
 pub use hypervisor::Flavour;
 pub use pvm::{detect, HostKind};
-pub use timeline::Stage;
-pub use vm::{kill_on_termination_signals, Vm, VmExitReport, VmHandle, VmmError};
+#[cfg(target_os = "linux")]
+pub use {
+    config::{ConsoleMode, PvmMode, VmConfig, VsockConfig},
+    exit::ExitReason,
+    timeline::Stage,
+    vm::{kill_on_termination_signals, Vm, VmExitReport, VmHandle, VmmError},
+};

@@ -23,7 +23,7 @@ mod sys;
 #[cfg(windows)]
 pub use sys::{detect_host, WhpHypervisor};
 
-use super::{DescriptorTable, HypervisorError, Regs, Result, Segment, SpecialRegs};
+use super::{DescriptorTable, HypervisorError, Regs, Result, Segment, SpecialRegs, VcpuExit};
 
 /// A WHP register value: the 128-bit `WHV_REGISTER_VALUE` union as two words.
 pub type Value = [u64; 2];
@@ -294,6 +294,58 @@ impl IoAccess {
     }
 }
 
+impl IoAccess {
+    /// Decodes `WHV_X64_IO_PORT_ACCESS_INFO` (bit 0 write, bits 1..=3 size, bit 4 string
+    /// operation, bit 5 REP) of an exit whose `WHV_VP_EXIT_CONTEXT` bitfield is
+    /// `vp_bits` (bits 0..=3: the instruction length).
+    pub fn decode(info: u32, port: u16, rax: u64, vp_bits: u8) -> Result<Self> {
+        IoAccess {
+            port,
+            size: ((info >> 1) & 0x7) as u8,
+            write: info & 1 != 0,
+            string: info & (1 << 4) != 0,
+            rax,
+            instruction_len: instruction_len(vp_bits),
+        }
+        .validated()
+    }
+}
+
+/// The instruction length in a `WHV_VP_EXIT_CONTEXT` bitfield (its low four bits).
+pub fn instruction_len(vp_bits: u8) -> u8 {
+    vp_bits & 0xf
+}
+
+/// Whether a `WHV_MEMORY_ACCESS_INFO` (bits 0..=1: 0 read, 1 write, 2 execute) is a
+/// write.
+pub fn memory_access_is_write(info: u32) -> bool {
+    info & 0x3 == 1
+}
+
+/// `WHvX64RegisterFpControlStatus` and `XmmControlStatus` for a power-on FPU with the
+/// given control words (MXCSR_MASK as the processor reports it, 0xffbf).
+pub fn fpu_values(fcw: u16, mxcsr: u32) -> (Value, Value) {
+    ([u64::from(fcw), 0], [0, u64::from(mxcsr) | 0xffbf << 32])
+}
+
+/// Offsets of the local APIC LVT LINT0/LINT1 registers in the APIC page.
+const APIC_LVT_LINT0: usize = 0x350;
+const APIC_LVT_LINT1: usize = 0x360;
+
+/// Programs LINT0 as ExtINT and LINT1 as NMI in an xAPIC register page (the state
+/// `WHvGetVirtualProcessorInterruptControllerState2` returns), as firmware does.
+pub fn set_lapic_lints(page: &mut [u8]) -> Result<()> {
+    for (offset, mode) in [(APIC_LVT_LINT0, 0x7u32), (APIC_LVT_LINT1, 0x4u32)] {
+        let word: &mut [u8; 4] = page
+            .get_mut(offset..offset + 4)
+            .and_then(|w| w.try_into().ok())
+            .ok_or(HypervisorError::InvalidArgument("APIC page too short"))?;
+        let lvt = (u32::from_le_bytes(*word) & !0x700) | (mode << 8);
+        *word = lvt.to_le_bytes();
+    }
+    Ok(())
+}
+
 /// RAX after an IN of `data` (1, 2 or 4 bytes): an 8- or 16-bit IN keeps the rest of
 /// RAX, a 32-bit IN zeroes the upper half, as the CPU does.
 pub fn complete_in(rax: u64, data: &[u8]) -> u64 {
@@ -306,7 +358,7 @@ pub fn complete_in(rax: u64, data: &[u8]) -> u64 {
 }
 
 /// Why `WHvRunVirtualProcessor` returned, in neutral terms (`sys.rs` decodes the
-/// `WHV_RUN_VP_EXIT_CONTEXT`).
+/// `WHV_RUN_VP_EXIT_CONTEXT`; each number is the exit's `WHV_RUN_VP_EXIT_REASON`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RawExit {
     Io(IoAccess),
@@ -321,26 +373,30 @@ pub enum RawExit {
     /// A triple fault or another unrecoverable exception.
     UnrecoverableException,
     /// The registers we set are not a state the processor can run.
-    InvalidRegisters,
+    InvalidRegisters(u32),
     /// The guest used something the partition does not support.
     UnsupportedFeature(u32),
-    /// Any other exit reason (its `WHV_RUN_VP_EXIT_REASON` number).
+    /// Any other exit reason.
     Other(u32),
 }
 
-/// How an exit that needs no device reads as our exit kind: the name the VMM's logs and
-/// errors use. (`Io` and `Memory` go to the buses instead.)
-pub fn exit_summary(exit: &RawExit) -> &'static str {
-    match exit {
-        RawExit::Io(_) => "port I/O",
-        RawExit::Memory { .. } => "MMIO",
-        RawExit::Halt => "HLT",
-        RawExit::Canceled => "interrupted",
-        RawExit::UnrecoverableException => "shutdown (unrecoverable exception)",
-        RawExit::InvalidRegisters => "failed entry (invalid register state)",
-        RawExit::UnsupportedFeature(_) => "internal error (unsupported feature)",
-        RawExit::Other(_) => "other",
-    }
+/// Our exit for one that needs no device; `None` for `Io` and `Memory`, which go to
+/// the buses.
+pub fn simple_exit(exit: &RawExit) -> Option<VcpuExit<'static>> {
+    Some(match *exit {
+        RawExit::Io(_) | RawExit::Memory { .. } => return None,
+        RawExit::Halt => VcpuExit::Hlt,
+        RawExit::Canceled => VcpuExit::Interrupted,
+        RawExit::UnrecoverableException => VcpuExit::Shutdown,
+        RawExit::InvalidRegisters(reason) => VcpuExit::FailEntry {
+            reason: u64::from(reason),
+        },
+        RawExit::UnsupportedFeature(reason) => VcpuExit::InternalError {
+            suberror: reason,
+            data: [0; 4],
+        },
+        RawExit::Other(code) => VcpuExit::Other { code },
+    })
 }
 
 /// The fixed vector an interrupt line raises: WHP emulates the local APIC but no
@@ -542,6 +598,66 @@ mod tests {
         .validated()
         .is_err());
         assert!(IoAccess { size: 4, ..io }.validated().is_ok());
+    }
+
+    #[test]
+    fn exit_bitfields_decode() {
+        // OUT, 1 byte, not a string op, 2-byte instruction (`out dx, al` is 1; say 2).
+        let io = IoAccess::decode(0b0_0011, 0x3f8, 0x41, 0x32).unwrap();
+        assert_eq!(
+            (io.write, io.size, io.string, io.instruction_len),
+            (true, 1, false, 2)
+        );
+        let ins = IoAccess::decode(0b1_1000, 0x60, 0, 1).unwrap();
+        assert_eq!((ins.write, ins.size, ins.string), (false, 4, true));
+        assert!(IoAccess::decode(0b0110, 0x60, 0, 1).is_err(), "size 3");
+        assert!(memory_access_is_write(1));
+        assert!(!memory_access_is_write(0) && !memory_access_is_write(2));
+    }
+
+    #[test]
+    fn fpu_and_lints_as_firmware_leaves_them() {
+        let (fp, xmm) = fpu_values(0x37f, 0x1f80);
+        assert_eq!(fp, [0x37f, 0]);
+        assert_eq!(xmm, [0, 0xffbf_0000_1f80]);
+        let mut page = vec![0u8; 4096];
+        page[0x350..0x354].copy_from_slice(&0x0001_0000u32.to_le_bytes());
+        set_lapic_lints(&mut page).unwrap();
+        assert_eq!(
+            u32::from_le_bytes(page[0x350..0x354].try_into().unwrap()),
+            0x0001_0700
+        );
+        assert_eq!(
+            u32::from_le_bytes(page[0x360..0x364].try_into().unwrap()),
+            0x400
+        );
+        assert!(set_lapic_lints(&mut [0u8; 0x100]).is_err());
+    }
+
+    #[test]
+    fn exits_without_a_device_map_to_ours() {
+        assert!(matches!(simple_exit(&RawExit::Halt), Some(VcpuExit::Hlt)));
+        assert!(matches!(
+            simple_exit(&RawExit::Canceled),
+            Some(VcpuExit::Interrupted)
+        ));
+        assert!(matches!(
+            simple_exit(&RawExit::UnrecoverableException),
+            Some(VcpuExit::Shutdown)
+        ));
+        assert!(matches!(
+            simple_exit(&RawExit::InvalidRegisters(5)),
+            Some(VcpuExit::FailEntry { reason: 5 })
+        ));
+        assert!(matches!(
+            simple_exit(&RawExit::Other(0x1003)),
+            Some(VcpuExit::Other { code: 0x1003 })
+        ));
+        assert!(simple_exit(&RawExit::Memory {
+            gpa: 0,
+            write: true
+        })
+        .is_none());
     }
 
     #[test]
