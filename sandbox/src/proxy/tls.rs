@@ -1,6 +1,8 @@
 //! A look at the first bytes a client sends through an allowed CONNECT tunnel: when they
 //! are a TLS ClientHello, its server name (SNI) must be the CONNECT host (no domain
 //! fronting). Nothing is decrypted or changed; the bytes are passed on as they came.
+//! Records are gathered here (bounded by [`MAX_HELLO`]); the ClientHello itself is
+//! parsed by `tls-parser`.
 
 /// Largest ClientHello accepted (handshake message body). Real ones are a few KiB.
 pub(crate) const MAX_HELLO: usize = 32 * 1024;
@@ -20,44 +22,7 @@ pub(crate) enum Hello {
 
 const HANDSHAKE: u8 = 0x16;
 const CLIENT_HELLO: u8 = 1;
-const EXT_SERVER_NAME: u16 = 0;
 const MAX_RECORD: usize = (1 << 14) + 2048;
-
-/// A cursor over a byte slice that never reads past its end.
-struct Cursor<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Cursor<'a> {
-    fn new(bytes: &'a [u8]) -> Self {
-        Self { bytes, pos: 0 }
-    }
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let end = self.pos.checked_add(n)?;
-        let s = self.bytes.get(self.pos..end)?;
-        self.pos = end;
-        Some(s)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        self.take(1).and_then(|s| s.first().copied())
-    }
-    fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|s| u16::from_be_bytes([s[0], s[1]]))
-    }
-    /// A vector with a `len_bytes`-byte length prefix.
-    fn vec(&mut self, len_bytes: usize) -> Option<&'a [u8]> {
-        let n = match len_bytes {
-            1 => usize::from(self.u8()?),
-            2 => usize::from(self.u16()?),
-            _ => return None,
-        };
-        self.take(n)
-    }
-    fn done(&self) -> bool {
-        self.pos == self.bytes.len()
-    }
-}
 
 /// Looks at the first bytes of a tunnel. The ClientHello may span several records.
 pub(crate) fn inspect(buf: &[u8]) -> Hello {
@@ -104,7 +69,7 @@ pub(crate) fn inspect(buf: &[u8]) -> Hello {
         }
         if let Some(total) = need {
             if handshake.len() >= total {
-                return match client_hello_sni(&handshake[4..total]) {
+                return match client_hello_sni(&handshake[..total]) {
                     Some(sni) => Hello::Sni(sni),
                     None => Hello::Malformed("malformed ClientHello"),
                 };
@@ -116,58 +81,64 @@ pub(crate) fn inspect(buf: &[u8]) -> Hello {
     }
 }
 
-/// The server name of a ClientHello body: `Some(None)` when it has none, `None` when
-/// the body is malformed.
-fn client_hello_sni(body: &[u8]) -> Option<Option<String>> {
-    let mut c = Cursor::new(body);
-    c.take(2)?; // legacy_version
-    c.take(32)?; // random
-    let session = c.vec(1)?;
-    if session.len() > 32 {
+/// The server name of a ClientHello handshake message (header and body), parsed by
+/// `tls-parser` (a fuzzed parser made for this): `Some(None)` when it names none, `None`
+/// when the message is malformed or names a server twice.
+fn client_hello_sni(message: &[u8]) -> Option<Option<String>> {
+    use tls_parser::{
+        parse_tls_client_hello_extensions, parse_tls_message_handshake, SNIType, TlsExtension,
+        TlsMessage, TlsMessageHandshake,
+    };
+    let body_len = message.len().checked_sub(4)?;
+    let (rest, parsed) = parse_tls_message_handshake(message).ok()?;
+    let TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello)) = parsed else {
+        return None;
+    };
+    // Every byte of the body must be accounted for: the parser stops quietly at an
+    // extension block that overruns the body, which a TLS server would refuse.
+    let used = 2 + 32
+        + 1
+        + hello.session_id.map_or(0, <[u8]>::len)
+        + 2
+        + 2 * hello.ciphers.len()
+        + 1
+        + hello.comp.len()
+        + hello.ext.map_or(0, |e| 2 + e.len());
+    if !rest.is_empty()
+        || used != body_len
+        || hello.ciphers.is_empty()
+        || hello.comp.is_empty()
+        || hello.session_id.is_some_and(|id| id.len() > 32)
+    {
         return None;
     }
-    let suites = c.vec(2)?;
-    if suites.is_empty() || suites.len() % 2 != 0 {
+    let Some(extensions) = hello.ext else {
+        return Some(None);
+    };
+    let (rest, extensions) = parse_tls_client_hello_extensions(extensions).ok()?;
+    if !rest.is_empty() {
         return None;
     }
-    if c.vec(1)?.is_empty() {
-        return None; // compression methods
+    let mut lists = extensions.iter().filter_map(|e| match e {
+        TlsExtension::SNI(list) => Some(list),
+        _ => None,
+    });
+    let Some(list) = lists.next() else {
+        return Some(None);
+    };
+    if lists.next().is_some() {
+        return None; // a duplicate extension
     }
-    if c.done() {
-        return Some(None); // no extensions at all
-    }
-    let mut ext = Cursor::new(c.vec(2)?);
-    if !c.done() {
-        return None;
-    }
-    let mut sni: Option<String> = None;
-    while !ext.done() {
-        let kind = ext.u16()?;
-        let data = ext.vec(2)?;
-        if kind != EXT_SERVER_NAME {
-            continue;
-        }
-        if sni.is_some() {
-            return None; // a duplicate extension
-        }
-        let mut names = Cursor::new(data);
-        let mut list = Cursor::new(names.vec(2)?);
-        if !names.done() {
-            return None;
-        }
-        while !list.done() {
-            let name_type = list.u8()?;
-            let name = list.vec(2)?;
-            if name_type == 0 && sni.is_none() {
-                let text = std::str::from_utf8(name).ok()?;
-                if text.is_empty() || !text.is_ascii() {
-                    return None;
-                }
-                sni = Some(text.to_ascii_lowercase());
+    match list.iter().find(|(kind, _)| *kind == SNIType::HostName) {
+        None => Some(None),
+        Some((_, name)) => {
+            let text = std::str::from_utf8(name).ok()?;
+            if text.is_empty() || !text.is_ascii() {
+                return None;
             }
+            Some(Some(text.to_ascii_lowercase()))
         }
     }
-    Some(sni)
 }
 
 /// A fatal TLS alert (access_denied) to send before closing a refused tunnel, so the
@@ -271,6 +242,33 @@ pub(crate) mod tests {
         bad[6..9].copy_from_slice(&body_len.to_be_bytes()[1..]);
 
         assert!(matches!(inspect(&bad), Hello::Malformed(_)));
+    }
+
+    /// Rebuilds the record and handshake lengths after the body changed.
+    fn fix_lengths(rec: &mut [u8]) {
+        let hs_len = rec.len() - 5;
+        rec[3..5].copy_from_slice(&(hs_len as u16).to_be_bytes());
+        rec[6..9].copy_from_slice(&((hs_len - 4) as u32).to_be_bytes()[1..]);
+    }
+
+    #[test]
+    fn two_server_name_extensions_or_bytes_after_them_are_malformed() {
+        // The SNI extension is the last 15 bytes of the hello for "x.test" (4 + 2 + 3 + 6).
+        let good = client_hello(Some("x.test"));
+        let sni_ext = good[good.len() - 15..].to_vec();
+        let ext_len_at = good.len() - 15 - 7 - 2;
+        let mut twice = good.clone();
+        twice.extend_from_slice(&sni_ext);
+        let ext_len = u16::from_be_bytes([twice[ext_len_at], twice[ext_len_at + 1]]) + 15;
+        twice[ext_len_at..ext_len_at + 2].copy_from_slice(&ext_len.to_be_bytes());
+        fix_lengths(&mut twice);
+        assert!(matches!(inspect(&twice), Hello::Malformed(_)), "{:?}", inspect(&twice));
+
+        let mut trailing = good.clone();
+        trailing.push(0);
+        fix_lengths(&mut trailing);
+        assert!(matches!(inspect(&trailing), Hello::Malformed(_)));
+        assert_eq!(inspect(&good), Hello::Sni(Some("x.test".into())));
     }
 
     #[test]
