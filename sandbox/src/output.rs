@@ -1,6 +1,7 @@
 //! Where a command's input comes from and where its output goes.
 
 use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
 
 /// Which output stream a chunk belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +132,18 @@ impl Limiter {
         self.passed += take as u64;
         data.get(..take).unwrap_or_default()
     }
+}
+
+/// A pipe, both ends close-on-exec: (read end, write end). For an exec's stdin
+/// ([`StdinMode::Fd`]) and the tiers' own status and output pipes.
+pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 #[cfg(test)]

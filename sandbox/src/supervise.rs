@@ -42,6 +42,28 @@ impl Status {
     }
 }
 
+/// Splits a status pipe's bytes into lines. Bytes without a newline past 64 KiB are
+/// dropped: a hostile sandbox could stream one line forever.
+#[derive(Debug, Default)]
+pub(crate) struct StatusLines {
+    pending: Vec<u8>,
+}
+
+impl StatusLines {
+    /// Adds `data`; returns the lines it completed, each with its newline.
+    pub(crate) fn push(&mut self, data: &[u8]) -> Vec<Vec<u8>> {
+        self.pending.extend_from_slice(data);
+        let mut lines = Vec::new();
+        while let Some(pos) = self.pending.iter().position(|b| *b == b'\n') {
+            lines.push(self.pending.drain(..=pos).collect());
+        }
+        if self.pending.len() > 64 * 1024 {
+            self.pending.clear();
+        }
+        lines
+    }
+}
+
 /// Parse one of our own status lines.
 pub(crate) fn parse_status(line: &[u8]) -> Option<Status> {
     serde_json::from_slice(line).ok()
@@ -103,7 +125,7 @@ pub(crate) fn supervise(
     let start = Instant::now();
     let deadline = timeout.map(|t| start + t);
     let mut limiter = Limiter::default();
-    let mut status_buf: Vec<u8> = Vec::new();
+    let mut status_lines = StatusLines::default();
     let mut statuses: Vec<Status> = Vec::new();
     let mut timed_out = false;
     let mut child_pid: Option<i32> = None;
@@ -191,9 +213,7 @@ pub(crate) fn supervise(
                 }
                 _ if got == 0 => status_closed = true,
                 _ => {
-                    status_buf.extend_from_slice(data);
-                    while let Some(pos) = status_buf.iter().position(|b| *b == b'\n') {
-                        let line: Vec<u8> = status_buf.drain(..=pos).collect();
+                    for line in status_lines.push(data) {
                         if let Some(s) = parse(&line) {
                             if let Status::Stage { name, at_ns } = &s {
                                 crate::stages::record(name, *at_ns);
@@ -208,10 +228,6 @@ pub(crate) fn supervise(
                             }
                             statuses.push(s);
                         }
-                    }
-                    // A hostile sandbox could stream a status line forever.
-                    if status_buf.len() > 64 * 1024 {
-                        status_buf.clear();
                     }
                 }
             }
@@ -265,4 +281,22 @@ pub(crate) fn supervise(
         duration: start.elapsed(),
         output_truncated: limiter.truncated,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines_split_across_reads_and_endless_lines_are_dropped() {
+        let mut lines = StatusLines::default();
+        assert!(lines.push(b"{\"a\"").is_empty());
+        assert_eq!(
+            lines.push(b":1}\n{\"b\":2}\n{"),
+            vec![b"{\"a\":1}\n".to_vec(), b"{\"b\":2}\n".to_vec()]
+        );
+        // A line that never ends is dropped once past 64 KiB; the next line is whole.
+        assert!(lines.push(&vec![b'x'; 70 * 1024]).is_empty());
+        assert_eq!(lines.push(b"ok\n"), vec![b"ok\n".to_vec()]);
+    }
 }

@@ -48,9 +48,25 @@ if [ "$1" != stage2 ]; then
   ln -sf /proc/self/fd/1 "$m/dev/stdout"
   ln -sf /proc/self/fd/2 "$m/dev/stderr"
   # Unix sockets and the VMM's runtime directories cannot live on 9p; nothing the
-  # tests leave in /tmp or /run reaches the host.
+  # tests leave in /tmp or /run reaches the host. What the tests need from under /tmp or
+  # /run (a checkout there, say) is held aside first and put back on top.
+  held=0
+  for p in $HWKVM_REPO $HWKVM_KEEP; do
+    case "$p" in /tmp/*|/run/*) ;; *) continue ;; esac
+    held=$((held + 1))
+    mkdir -p "/hold/$held"
+    mount -o bind "$m$p" "/hold/$held" || fail "holding $p aside"
+    echo "$p" > "/hold/$held.path"
+  done
   mount -t tmpfs -o mode=1777 tmp "$m/tmp" || fail "mount /tmp"
   mount -t tmpfs -o mode=755 run "$m/run" || fail "mount /run"
+  i=0
+  while [ "$i" -lt "$held" ]; do
+    i=$((i + 1))
+    p="$(cat "/hold/$i.path")"
+    mkdir -p "$m$p"
+    mount -o move "/hold/$i" "$m$p" || fail "putting $p back"
+  done
   mkdir -p "$m/run/hwkvm/bin"
   cp /bin/busybox /init /hwkvm.conf "$m/run/hwkvm/" || fail "copying stage 2 to /run/hwkvm"
   exec switch_root "$m" /run/hwkvm/busybox sh /run/hwkvm/init stage2

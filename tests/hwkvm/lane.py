@@ -249,8 +249,16 @@ def make_conf(args, bins, agent):
     q = shlex.quote
     base = ["env", "-i"] + env
     mxc = str(args.out / "bin/mxc-vm")
-    lines = [f"HWKVM_REPO={q(args.repo)}", f"HWKVM_BINARY_LIMIT={args.binary_limit}",
-             "hwkvm_tests() {"]
+    # Paths outside the repository the tests read (the nested host's /init puts back
+    # whichever of these, and the repository, lie under its fresh /tmp or /run).
+    repo = os.path.realpath(args.repo)
+    keep = []
+    for p in [str(args.out), os.path.dirname(agent) if agent else None,
+              os.environ.get("MXC_VM_CACHE_DIR")]:
+        if p and not os.path.realpath(p).startswith(repo + os.sep) and p not in keep:
+            keep.append(os.path.realpath(p))
+    lines = [f"HWKVM_REPO={q(args.repo)}", f"HWKVM_KEEP={q(' '.join(keep))}",
+             f"HWKVM_BINARY_LIMIT={args.binary_limit}", "hwkvm_tests() {"]
     lines.append('  echo "HWKVM-BACKENDS (mxc-vm backends inside the nested host):"')
     lines.append("  " + " ".join(q(w) for w in base + [mxc, "backends"]) + " < /dev/null")
     for name, exe in bins:

@@ -4,7 +4,7 @@
 //! to the HTTP response as it comes.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
@@ -202,10 +202,10 @@ impl Registry {
     }
 
     pub fn running_execs(&self) -> usize {
-        self.list()
-            .iter()
-            .map(|e| e.running.load(Ordering::SeqCst))
-            .sum()
+        self.sandboxes
+            .lock()
+            .map(|m| m.values().map(|e| e.running.load(Ordering::SeqCst)).sum())
+            .unwrap_or(0)
     }
 
     /// Provision and start a sandbox (blocking: a microVM boots here).
@@ -448,17 +448,15 @@ fn run_exec(
     let mut writer = None;
     let mut read_end = None;
     if let Some(bytes) = job.stdin {
-        let mut fds = [0i32; 2];
-        // SAFETY: pipe2 writes two new descriptors into our array.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            let e = std::io::Error::last_os_error();
-            return (
-                Err(ApiError::internal(format!("cannot create a pipe: {e}"))),
-                false,
-            );
-        }
-        // SAFETY: both descriptors were just created and are owned by nobody else.
-        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (r, w) = match sandbox::output::pipe() {
+            Ok(ends) => ends,
+            Err(e) => {
+                return (
+                    Err(ApiError::internal(format!("cannot create a pipe: {e}"))),
+                    false,
+                )
+            }
+        };
         writer = Some(std::thread::spawn(move || {
             use std::io::Write;
             let _ = std::fs::File::from(w).write_all(&bytes);

@@ -246,13 +246,7 @@ const SANDBOX_NAMESPACES: libc::c_int = libc::CLONE_NEWUSER
     | libc::CLONE_NEWNET;
 
 fn pipe_cloexec() -> Result<(OwnedFd, OwnedFd), SandboxError> {
-    let mut fds = [0i32; 2];
-    // SAFETY: pipe2 writes two descriptors into the array we own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(SandboxError::io("pipe", std::io::Error::last_os_error()));
-    }
-    // SAFETY: both descriptors were just created and are owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    crate::output::pipe().map_err(|e| SandboxError::io("pipe", e))
 }
 
 fn plan_memfd(plan: &InitPlan) -> Result<OwnedFd, SandboxError> {

@@ -219,7 +219,7 @@ impl Session {
 /// Read the init's status lines until PID 1 is ready (or setup failed).
 fn wait_ready(status: &OwnedFd, warnings: &mut Vec<String>) -> Result<(), crate::SandboxError> {
     let deadline = std::time::Instant::now() + READY_TIMEOUT;
-    let mut pending: Vec<u8> = Vec::new();
+    let mut lines = crate::supervise::StatusLines::default();
     let mut buf = [0u8; 4096];
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -246,9 +246,7 @@ fn wait_ready(status: &OwnedFd, warnings: &mut Vec<String>) -> Result<(), crate:
                 message: "the sandbox's init ended during setup".into(),
             });
         }
-        pending.extend_from_slice(&buf[..n as usize]);
-        while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=pos).collect();
+        for line in lines.push(buf.get(..n as usize).unwrap_or_default()) {
             match crate::supervise::parse_status(&line) {
                 Some(Status::Ready) => return Ok(()),
                 Some(Status::Error { stage, message }) => {
@@ -257,9 +255,6 @@ fn wait_ready(status: &OwnedFd, warnings: &mut Vec<String>) -> Result<(), crate:
                 Some(Status::Warning { message }) => warnings.push(message),
                 _ => {}
             }
-        }
-        if pending.len() > 64 * 1024 {
-            pending.clear();
         }
     }
 }

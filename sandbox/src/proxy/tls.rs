@@ -96,7 +96,8 @@ fn client_hello_sni(message: &[u8]) -> Option<Option<String>> {
     };
     // Every byte of the body must be accounted for: the parser stops quietly at an
     // extension block that overruns the body, which a TLS server would refuse.
-    let used = 2 + 32
+    let used = 2
+        + 32
         + 1
         + hello.session_id.map_or(0, <[u8]>::len)
         + 2
@@ -262,7 +263,11 @@ pub(crate) mod tests {
         let ext_len = u16::from_be_bytes([twice[ext_len_at], twice[ext_len_at + 1]]) + 15;
         twice[ext_len_at..ext_len_at + 2].copy_from_slice(&ext_len.to_be_bytes());
         fix_lengths(&mut twice);
-        assert!(matches!(inspect(&twice), Hello::Malformed(_)), "{:?}", inspect(&twice));
+        assert!(
+            matches!(inspect(&twice), Hello::Malformed(_)),
+            "{:?}",
+            inspect(&twice)
+        );
 
         let mut trailing = good.clone();
         trailing.push(0);
