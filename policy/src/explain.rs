@@ -84,20 +84,7 @@ pub fn explain_with_system(policy: &Policy, view: &FsView, system: &SystemView) 
 /// [`explain_text`] with the system view every sandbox sees listed under the policy's
 /// own paths.
 pub fn explain_text_with_system(policy: &Policy, view: &FsView, system: &SystemView) -> String {
-    let text = explain_text(policy, view);
-    if system.is_empty() {
-        return text;
-    }
-    let mut section = String::from(
-        "  system view (every sandbox besides its own paths; a denied path inside it is hidden; the microVM shows the same unless --guest-system says otherwise):\n",
-    );
-    for (path, what) in system {
-        let _ = writeln!(section, "    {path}: {what}");
-    }
-    match text.find("  special files: ") {
-        Some(at) => format!("{}{section}{}", &text[..at], &text[at..]),
-        None => text + &section,
-    }
+    write_text(policy, view, system)
 }
 
 pub fn explain(policy: &Policy, view: &FsView) -> Value {
@@ -181,6 +168,11 @@ pub fn explain(policy: &Policy, view: &FsView) -> Value {
 
 /// The effective policy for people to read.
 pub fn explain_text(policy: &Policy, view: &FsView) -> String {
+    write_text(policy, view, &[])
+}
+
+/// The text of `explain`, with the system view's section when there is one.
+fn write_text(policy: &Policy, view: &FsView, system: &SystemView) -> String {
     let mut s = String::new();
     let source = match &policy.source {
         PolicySource::Native { version } => format!("native format, version {version}"),
@@ -251,6 +243,16 @@ pub fn explain_text(policy: &Policy, view: &FsView) -> String {
         );
     }
 
+    if !system.is_empty() {
+        let _ = writeln!(
+            s,
+            "  system view (every sandbox besides its own paths; a denied path inside it is \
+             hidden; the microVM shows the same unless --guest-system says otherwise):"
+        );
+        for (path, what) in system {
+            let _ = writeln!(s, "    {path}: {what}");
+        }
+    }
     let _ = writeln!(s, "  special files: {SPECIAL_FILES}");
 
     let _ = writeln!(s, "network egress (first match wins):");
