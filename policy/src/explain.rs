@@ -50,9 +50,8 @@ fn egress_rows(p: &Policy) -> Vec<(Action, Option<&NetRule>)> {
 /// What each tier does with FIFOs, Unix sockets and device nodes made in a read-write
 /// grant.
 const SPECIAL_FILES: &str = "device nodes are refused on every tier; FIFOs and Unix sockets \
-     in read-write grants are refused on process (Landlock), left inert on the host by the \
-     microVM (no host process can reach the guest through them), and allowed on bubblewrap \
-     (a host process that opens one talks to the sandbox)";
+     in read-write grants are refused on process and bubblewrap (Landlock) and left inert on \
+     the host by the microVM (no host process can reach the guest through them)";
 
 /// Who the command runs as, on each tier.
 fn user_text(policy: &Policy) -> &'static str {

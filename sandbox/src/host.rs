@@ -96,7 +96,16 @@ fn bubblewrap_status() -> BackendStatus {
             name: "bubblewrap",
             available: true,
             reason: None,
-            details: vec![v, format!("limits: {}", limits::detect().describe())],
+            details: vec![
+                v,
+                format!("limits: {}", limits::detect().describe()),
+                match crate::landlock::kernel_abi() {
+                    0 => "landlock unavailable (mount namespace only)".into(),
+                    abi => {
+                        format!("landlock ABI {abi}, applied by mxc-vm's exec helper inside bwrap")
+                    }
+                },
+            ],
         },
         Err(reason) => BackendStatus {
             name: "bubblewrap",

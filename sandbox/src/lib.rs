@@ -13,6 +13,7 @@ pub mod egress;
 pub mod env;
 pub mod host;
 pub mod interrupt;
+mod landlock;
 pub mod limits;
 pub mod microvm;
 pub mod output;

@@ -15,7 +15,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use super::session::{Request, CTL_FD, MAX_MESSAGE};
-use super::{landlock_rules, mounts, InitPlan, INIT_ARG, NET_FD, PLAN_FD, STATUS_FD};
+use super::{mounts, InitPlan, INIT_ARG, NET_FD, PLAN_FD, STATUS_FD};
 use crate::proxy::handoff;
 use crate::proxy::sys::recv_fds;
 use crate::supervise::Status;
@@ -25,7 +25,7 @@ use crate::view::{NetMode, SANDBOX_HOSTNAME};
 const SETUP_FAILED: i32 = 125;
 
 /// If this process was started as the sandbox init (or as bubblewrap's network
-/// helper, see [`handoff::helper_main`]), run it and exit.
+/// exec helper, see [`crate::bubblewrap::helper`]), run it and exit.
 pub fn hook() {
     let mut args = std::env::args_os();
     let _argv0 = args.next();
@@ -34,9 +34,9 @@ pub fn hook() {
         let code = run();
         std::process::exit(code);
     }
-    if first.as_deref() == Some(std::ffi::OsStr::new(handoff::NET_HELPER_ARG)) {
+    if first.as_deref() == Some(std::ffi::OsStr::new(crate::bubblewrap::EXEC_HELPER_ARG)) {
         let rest: Vec<std::ffi::OsString> = args.collect();
-        let code = handoff::helper_main(&rest);
+        let code = crate::bubblewrap::helper::main(&rest);
         std::process::exit(code);
     }
 }
@@ -275,7 +275,7 @@ pub(crate) fn command(plan: &InitPlan) -> i32 {
     let Ok(prog) = CString::new(program.as_os_str().as_bytes()) else {
         return exec_failed("program path contains NUL".into(), 126);
     };
-    match landlock_rules::restrict(
+    match crate::landlock::restrict(
         &plan.view.landlock_ro,
         &plan.view.landlock_rw,
         &plan.view.landlock_private,

@@ -13,7 +13,6 @@
 //! the setup runs in a single-threaded process whatever the caller's threads are doing.
 
 pub mod init;
-mod landlock_rules;
 mod mounts;
 mod session;
 
@@ -28,12 +27,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::egress::{net_mode, SandboxNet};
 use crate::env::{compose_env, with_proxy_env};
+pub use crate::landlock::kernel_abi as landlock_abi;
 use crate::limits::{self, Enforcement, Rlimit, SandboxCgroup};
 use crate::output::{ExecIo, StdinMode};
 use crate::supervise::{self, Killer, Pipes, Status};
 use crate::view::{NetMode, SandboxView};
 use crate::{Backend, ExecOutcome, ExecRequest, SandboxError, SandboxSpec};
-pub use landlock_rules::kernel_abi as landlock_abi;
 
 /// `argv[1]` that makes the binary run as the sandbox init.
 pub const INIT_ARG: &str = "__sandbox-init";

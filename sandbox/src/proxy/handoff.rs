@@ -2,7 +2,7 @@
 //!
 //! The sandbox keeps its private network namespace with only `lo`. Before the command
 //! starts, code of ours that runs inside that namespace (the native backend's PID 1, or
-//! `mxc-vm __sandbox-net` which bubblewrap runs in front of the command) binds
+//! the exec helper bubblewrap runs in front of the command, `bubblewrap::helper`) binds
 //! `127.0.0.1:`[`SANDBOX_PROXY_PORT`] there and sends the listening socket to the host
 //! over a Unix socket pair (SCM_RIGHTS), then closes its own copy. The host proxy
 //! accepts from that socket directly: connections the command makes to
@@ -12,18 +12,13 @@
 //! command could signal or inspect, no host socket path in the sandbox's view, and no
 //! second copy of every byte.
 
-use std::ffi::{CString, OsString};
 use std::net::TcpListener;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use super::{sys, ProxyError};
 
 /// The port the proxy listens on inside a sandbox's network namespace.
 pub const SANDBOX_PROXY_PORT: u16 = 3128;
-
-/// `argv[1]` of the bubblewrap-side helper: `mxc-vm __sandbox-net PORT FD -- CMD...`.
-pub const NET_HELPER_ARG: &str = "__sandbox-net";
 
 /// The proxy variables a sandboxed command gets (upper- and lower-case).
 pub fn proxy_env(port: u16) -> Vec<(String, String)> {
@@ -77,60 +72,6 @@ pub(crate) fn receive(sock: &OwnedFd, stop: RawFd) -> Result<Option<TcpListener>
         return Err(ProxyError::BadHandoff);
     }
     Ok(Some(TcpListener::from(fd)))
-}
-
-/// `mxc-vm __sandbox-net PORT FD -- CMD [ARGS...]`, run by bubblewrap inside the sandbox
-/// (after its seccomp filter): hands the listener over, closes FD, then execs the
-/// command. Returns only on failure, with the exit code to use.
-pub fn helper_main(args: &[OsString]) -> i32 {
-    let fail = |msg: String, code: i32| {
-        eprintln!("mxc-vm: {msg}");
-        code
-    };
-    let (Some(port), Some(fd), Some(sep)) = (args.first(), args.get(1), args.get(2)) else {
-        return fail(format!("{NET_HELPER_ARG}: expected PORT FD -- CMD"), 125);
-    };
-    let port: Option<u16> = port.to_str().and_then(|p| p.parse().ok());
-    let fd: Option<RawFd> = fd.to_str().and_then(|p| p.parse().ok());
-    let (Some(port), Some(fd)) = (port, fd) else {
-        return fail(format!("{NET_HELPER_ARG}: bad PORT or FD"), 125);
-    };
-    if sep != "--" || args.len() < 4 {
-        return fail(format!("{NET_HELPER_ARG}: expected -- CMD"), 125);
-    }
-    if fd < 3 {
-        return fail(format!("{NET_HELPER_ARG}: bad FD"), 125);
-    }
-    // SAFETY: the descriptor was inherited from bubblewrap for this purpose only; this
-    // process owns it from here on.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    if let Err(e) = bind_and_send(port, sock.as_raw_fd()) {
-        return fail(format!("cannot set up the sandbox's proxy port: {e}"), 125);
-    }
-    drop(sock);
-    let argv: Vec<CString> = match args[3..]
-        .iter()
-        .map(|a| CString::new(a.as_bytes()))
-        .collect::<Result<_, _>>()
-    {
-        Ok(v) => v,
-        Err(_) => return fail("an argument contains NUL".into(), 126),
-    };
-    let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
-    ptrs.push(std::ptr::null());
-    // SAFETY: argv is a NUL-terminated array of NUL-terminated strings that outlive the
-    // call; execvp only returns on failure.
-    unsafe { libc::execvp(ptrs[0], ptrs.as_ptr()) };
-    let e = std::io::Error::last_os_error();
-    let code = if e.raw_os_error() == Some(libc::ENOENT) {
-        127
-    } else {
-        126
-    };
-    fail(
-        format!("cannot execute {}: {e}", args[3].to_string_lossy()),
-        code,
-    )
 }
 
 #[cfg(test)]

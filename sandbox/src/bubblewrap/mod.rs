@@ -1,5 +1,8 @@
 //! The `bubblewrap` backend: Debian's `bwrap`, driven by the same [`SandboxView`] and the
-//! same seccomp filters as the native backend.
+//! same seccomp filters as the native backend; our exec helper ([`helper`]) runs in front
+//! of the command inside bwrap for what bwrap cannot do (Landlock, the proxy port).
+
+pub(crate) mod helper;
 
 use std::ffi::{CString, OsString};
 use std::io::{Seek, Write};
@@ -12,7 +15,6 @@ use crate::egress::{net_mode, SandboxNet};
 use crate::env::{compose_env, with_proxy_env};
 use crate::limits::{self, Enforcement, SandboxCgroup};
 use crate::output::ExecIo;
-use crate::proxy::handoff::NET_HELPER_ARG;
 use crate::supervise::{self, Pipes, Status};
 use crate::view::{MountOp, NetMode, SandboxView, SANDBOX_HOSTNAME};
 use crate::{Backend, ExecOutcome, ExecRequest, SandboxError, SandboxSpec};
@@ -41,8 +43,10 @@ pub fn version() -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// Where the mxc-vm binary is bound inside the sandbox when it runs the network helper.
-const HELPER_PATH: &str = "/.mxc-vm-net-helper";
+/// Where the mxc-vm binary is bound inside the sandbox to run the exec helper.
+const HELPER_PATH: &str = "/.mxc-vm-helper";
+/// `argv[1]` of the exec helper.
+pub(crate) const EXEC_HELPER_ARG: &str = "__bwrap-exec";
 
 #[derive(Debug, Default)]
 pub struct BubblewrapBackend {
@@ -50,7 +54,7 @@ pub struct BubblewrapBackend {
     view: Option<SandboxView>,
     net: Option<NetMode>,
     network: SandboxNet,
-    /// The mxc-vm binary, for the network helper (proxied network only).
+    /// The mxc-vm binary, for the exec helper.
     helper: Option<PathBuf>,
     bwrap: Option<PathBuf>,
     enforcement: Option<Enforcement>,
@@ -92,11 +96,11 @@ impl Inherited {
     }
 }
 
-/// The network part of a bwrap command line: the mxc-vm binary to bind and the
-/// handoff descriptor its helper sends the proxy listener over.
-struct NetHelper<'a> {
+/// The exec helper of a bwrap command line: the mxc-vm binary to bind, and the handoff
+/// descriptor it sends the proxy listener over (proxied network only).
+struct Helper<'a> {
     exe: &'a Path,
-    fd: String,
+    proxy_fd: Option<i32>,
 }
 
 /// Translate the view into bwrap arguments.
@@ -105,7 +109,7 @@ fn build_args(
     net: NetMode,
     req: &ExecRequest,
     inherited: &mut Inherited,
-    helper: Option<NetHelper<'_>>,
+    helper: Helper<'_>,
 ) -> Result<Vec<OsString>, SandboxError> {
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |items: &[&dyn AsRef<std::ffi::OsStr>]| {
@@ -161,9 +165,7 @@ fn build_args(
             }
         }
     }
-    if let Some(h) = &helper {
-        push(&[&"--ro-bind", &h.exe, &HELPER_PATH]);
-    }
+    push(&[&"--ro-bind", &helper.exe, &HELPER_PATH]);
     for dst in &remount_ro {
         push(&[&"--remount-ro", dst]);
     }
@@ -181,12 +183,19 @@ fn build_args(
     let cwd = req.cwd.clone().unwrap_or_else(|| view.default_cwd.clone());
     push(&[&"--chdir", &cwd]);
     push(&[&"--"]);
-    if let (Some(h), NetMode::Proxied { port }) = (&helper, net) {
-        // The helper opens the proxy port inside bwrap's network namespace, then execs
-        // the command in its own place.
-        let port = port.to_string();
-        push(&[&HELPER_PATH, &NET_HELPER_ARG, &port, &h.fd, &"--"]);
-    }
+    // The helper opens the proxy port inside bwrap's network namespace, restricts
+    // itself with Landlock, then execs the command in its own place.
+    let plan = helper::HelperPlan {
+        proxy: match (net, helper.proxy_fd) {
+            (NetMode::Proxied { port }, Some(fd)) => Some((port, fd)),
+            _ => None,
+        },
+        ro: view.landlock_ro.clone(),
+        rw: view.landlock_rw.clone(),
+        private: view.landlock_private.clone(),
+    };
+    let plan = serde_json::to_string(&plan).map_err(|e| SandboxError::setup("helper plan", e))?;
+    push(&[&HELPER_PATH, &EXEC_HELPER_ARG, &plan, &"--"]);
     for arg in &req.argv {
         push(&[arg]);
     }
@@ -275,10 +284,14 @@ impl Backend for BubblewrapBackend {
 
     fn provision(&mut self, spec: &SandboxSpec) -> Result<(), SandboxError> {
         let net = net_mode(&spec.policy, &spec.net);
-        self.helper = match net {
-            NetMode::Proxied { .. } => Some(helper_exe()?),
-            _ => None,
-        };
+        self.helper = Some(helper_exe()?);
+        if crate::landlock::kernel_abi() < 1 {
+            self.warnings.push(
+                "Landlock is not available on this kernel; the mount namespace is the only \
+                 file-system boundary"
+                    .into(),
+            );
+        }
         let bwrap = bwrap_path().ok_or(SandboxError::Unavailable {
             backend: "bubblewrap",
             reason: "bwrap is not installed (apt-get install bubblewrap)".into(),
@@ -347,12 +360,12 @@ impl Backend for BubblewrapBackend {
         let rlimits = limits::rlimits(&spec.policy.limits, enforcement, cgroup.is_some());
         let handoff = self.network.begin_exec()?;
         let net_raw = handoff.as_ref().map_or(-1, |(fd, _)| fd.as_raw_fd());
-        let helper = match (&self.helper, &handoff) {
-            (Some(exe), Some(_)) => Some(NetHelper {
-                exe,
-                fd: net_raw.to_string(),
-            }),
-            _ => None,
+        let Some(exe) = &self.helper else {
+            return Err(SandboxError::Lifecycle("exec before provision"));
+        };
+        let helper = Helper {
+            exe,
+            proxy_fd: handoff.as_ref().map(|_| net_raw),
         };
         let mut inherited = Inherited { fds: Vec::new() };
         let mut args = build_args(view, net, req, &mut inherited, helper)?;
@@ -482,32 +495,29 @@ impl Backend for BubblewrapBackend {
     }
 }
 
-/// The mxc-vm binary itself, bound into the sandbox to run the network helper.
+/// The mxc-vm binary itself, bound into the sandbox to run the exec helper.
 fn helper_exe() -> Result<PathBuf, SandboxError> {
     std::env::current_exe()
         .and_then(|p| p.canonicalize())
         .map_err(|e| SandboxError::Unavailable {
             backend: "bubblewrap",
             reason: format!(
-                "cannot find the mxc-vm binary to run the network helper inside bwrap: {e}"
+                "cannot find the mxc-vm binary to run the exec helper inside bwrap: {e}"
             ),
         })
 }
 
 /// The bwrap command line for a spec and request, for `--dry-run`-style inspection and tests.
-/// A proxied network shows the handoff descriptor as `FD`.
+/// A proxied network shows the handoff descriptor as -1.
 pub fn command_line(spec: &SandboxSpec, req: &ExecRequest) -> Result<Vec<OsString>, SandboxError> {
     let net = net_mode(&spec.policy, &spec.net);
     let view = SandboxView::build(&spec.view, net, Some(Path::new("/")));
     let mut inherited = Inherited { fds: Vec::new() };
-    let exe = match net {
-        NetMode::Proxied { .. } => Some(helper_exe()?),
-        _ => None,
+    let exe = helper_exe()?;
+    let helper = Helper {
+        exe: &exe,
+        proxy_fd: matches!(net, NetMode::Proxied { .. }).then_some(-1),
     };
-    let helper = exe.as_deref().map(|exe| NetHelper {
-        exe,
-        fd: "FD".into(),
-    });
     build_args(&view, net, req, &mut inherited, helper)
 }
 

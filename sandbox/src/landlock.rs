@@ -1,5 +1,6 @@
-//! Landlock as the second file-system layer: even if a mount were wrong, the command can
-//! only read what the view marks readable and write what it marks writable.
+//! Landlock as the second file-system layer on the process tiers (the native init and
+//! bubblewrap's exec helper): even if a mount were wrong, the command can only read what
+//! the view marks readable and write what it marks writable.
 
 use std::path::PathBuf;
 
