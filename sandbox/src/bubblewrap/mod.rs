@@ -1,5 +1,5 @@
 //! The `bubblewrap` backend: Debian's `bwrap`, driven by the same [`SandboxView`] and the
-//! same seccomp filters as the native backend; our exec helper ([`helper`]) runs in front
+//! same seccomp filters as the native backend; our exec helper (`helper`) runs in front
 //! of the command inside bwrap for what bwrap cannot do (Landlock, the proxy port).
 
 pub(crate) mod helper;

@@ -24,8 +24,8 @@ use crate::view::{NetMode, SANDBOX_HOSTNAME};
 /// Exit code of the init when setup failed.
 const SETUP_FAILED: i32 = 125;
 
-/// If this process was started as the sandbox init (or as bubblewrap's network
-/// exec helper, see [`crate::bubblewrap::helper`]), run it and exit.
+/// If this process was started as the sandbox init (or as bubblewrap's
+/// exec helper, see `bubblewrap::helper`), run it and exit.
 pub fn hook() {
     let mut args = std::env::args_os();
     let _argv0 = args.next();
