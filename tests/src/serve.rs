@@ -44,6 +44,26 @@ impl Server {
         }
     }
 
+    /// Descriptors the service process holds open now.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Waits up to 10 s for the service's descriptors to fall to `at_most`; returns the
+    /// last count.
+    pub fn fds_settle_to(&self, at_most: usize) -> usize {
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let n = self.open_fds();
+            if n <= at_most || std::time::Instant::now() > give_up {
+                return n;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     pub fn call(&self, method: &str, path: &str, body: &[u8]) -> Reply {
         let stream = UnixStream::connect(&self.socket).unwrap();
         exchange(stream, method, path, body, &[])

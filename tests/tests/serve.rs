@@ -442,13 +442,16 @@ fn tcp_needs_a_token_and_checks_it() {
     assert_eq!(server.stop(), 128 + libc::SIGTERM);
 }
 
-/// 20 sandboxes at once, 50 execs in each (1,000 in all), then SIGTERM with sandboxes
-/// still open: no process, mount, cgroup, socket or temp entry is left.
+/// 20 sandboxes at once, 50 execs in each (1,000 in all); deleting them gives back every
+/// descriptor the service took for them; then SIGTERM with sandboxes still open: no
+/// process, mount, cgroup, socket or temp entry is left.
 #[test]
 fn a_load_run_then_sigterm_leaves_nothing_behind() {
     let _host = HOST.lock().unwrap_or_else(|e| e.into_inner());
     let before = HostState::now();
     let server = Server::start(&[]);
+    assert_eq!(server.call("GET", "/v1/health", b"").status, 200);
+    let fds_idle = server.open_fds();
     let dir = TempDir::new("serve-load");
     let rw = path_str(dir.path());
     std::thread::scope(|s| {
@@ -479,6 +482,27 @@ fn a_load_run_then_sigterm_leaves_nothing_behind() {
         metrics.contains("mxc_exec_duration_seconds_count 1000"),
         "{metrics}"
     );
+    let fds_loaded = server.open_fds();
+    for sandbox in listed["sandboxes"].as_array().unwrap() {
+        let id = sandbox["id"].as_str().unwrap();
+        let status = server
+            .call("DELETE", &format!("/v1/sandboxes/{id}"), b"")
+            .status;
+        assert!(status == 200 || status == 204, "DELETE {id}: {status}");
+    }
+    // A few descriptors of the runtime may come and go; one per sandbox or exec would not.
+    let fds_after = server.fds_settle_to(fds_idle + 3);
+    eprintln!(
+        "service descriptors: {fds_idle} idle, {fds_loaded} with 20 sandboxes, {fds_after} \
+         after deleting them"
+    );
+    assert!(
+        fds_after <= fds_idle + 3,
+        "the service held {fds_idle} descriptors idle and {fds_after} after deleting its sandboxes"
+    );
+    for backend in ["process", "bubblewrap"] {
+        create(&server, serde_json::json!({"backend": backend}));
+    }
     assert_eq!(server.stop(), 128 + libc::SIGTERM);
     drop(dir);
     let left = HostState::now().left_since(&before);
