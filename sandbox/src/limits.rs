@@ -202,6 +202,9 @@ impl SandboxCgroup {
         id: &str,
         limits: &Limits,
     ) -> Result<Option<Self>, LimitsError> {
+        if let Enforcement::Cgroup2 { parent } | Enforcement::PidsV1 { parent, .. } = enforcement {
+            sweep_stale(parent);
+        }
         match enforcement {
             Enforcement::Cgroup2 { parent } => Self::create(parent, id, limits).map(Some),
             Enforcement::PidsV1 { parent, .. } => {
@@ -259,6 +262,38 @@ impl SandboxCgroup {
     pub fn procs_file(&self) -> PathBuf {
         self.path.join("cgroup.procs")
     }
+}
+
+/// Removes the empty cgroups that runs of mxc-vm which are gone left under `parent` (a
+/// killed `mxc-vm` or service cannot remove its own): `mxc-vm-<pid>-<suffix>` whose pid
+/// no longer runs. A cgroup that still holds processes, or whose pid runs (perhaps
+/// reused), is left alone. Returns how many were removed.
+pub fn sweep_stale(parent: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("mxc-vm-"))
+            // (Services before ids became `<pid>-<hex>` named theirs `sb-<pid>-<n>`.)
+            .map(|rest| rest.strip_prefix("sb-").unwrap_or(rest))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+            .filter(|&p| p > 0)
+        else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only checks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } == -1
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone && std::fs::remove_dir(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 impl Drop for SandboxCgroup {
@@ -336,5 +371,42 @@ mod tests {
             true,
         );
         assert!(!v.iter().any(|r| r.resource == libc::RLIMIT_AS));
+    }
+
+    /// Ordinary directories stand in for cgroups (`rmdir` removes an empty one either
+    /// way): a dead run's empty one goes, a live run's and a non-empty one stay.
+    #[test]
+    fn a_sweep_removes_only_empty_cgroups_of_runs_that_are_gone() {
+        let parent = std::env::temp_dir().join(format!("mxc-sweep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&parent);
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let me = std::process::id();
+        for name in [
+            format!("mxc-vm-{dead}-00c0ffee"),
+            format!("mxc-vm-{me}-00c0ffee"),
+            format!("mxc-vm-{dead}-busy"),
+            format!("mxc-vm-sb-{dead}-1"),
+            "other".into(),
+        ] {
+            std::fs::create_dir_all(parent.join(name)).unwrap();
+        }
+        std::fs::write(parent.join(format!("mxc-vm-{dead}-busy/member")), "").unwrap();
+
+        let removed = sweep_stale(&parent);
+
+        let left: std::collections::BTreeSet<String> = std::fs::read_dir(&parent)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        std::fs::remove_dir_all(&parent).unwrap();
+        assert_eq!(removed, 2);
+        assert!(
+            !left.contains(&format!("mxc-vm-{dead}-00c0ffee")),
+            "{left:?}"
+        );
+        assert!(left.contains(&format!("mxc-vm-{me}-00c0ffee")), "{left:?}");
+        assert!(left.contains(&format!("mxc-vm-{dead}-busy")) && left.contains("other"));
     }
 }
