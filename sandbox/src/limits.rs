@@ -203,7 +203,11 @@ impl SandboxCgroup {
         limits: &Limits,
     ) -> Result<Option<Self>, LimitsError> {
         if let Enforcement::Cgroup2 { parent } | Enforcement::PidsV1 { parent, .. } = enforcement {
-            sweep_stale(parent);
+            // Once per process: a service creating many sandboxes reads the parent once.
+            static SWEPT: std::sync::Once = std::sync::Once::new();
+            SWEPT.call_once(|| {
+                sweep_stale(parent);
+            });
         }
         match enforcement {
             Enforcement::Cgroup2 { parent } => Self::create(parent, id, limits).map(Some),
@@ -265,7 +269,8 @@ impl SandboxCgroup {
 }
 
 /// Removes the empty cgroups that runs of mxc-vm which are gone left under `parent` (a
-/// killed `mxc-vm` or service cannot remove its own): `mxc-vm-<pid>-<suffix>` whose pid
+/// killed `mxc-vm` or service cannot remove its own; done once per process, at its
+/// first sandbox cgroup): `mxc-vm-<pid>-<suffix>` whose pid
 /// no longer runs. A cgroup that still holds processes, or whose pid runs (perhaps
 /// reused), is left alone. Returns how many were removed.
 pub fn sweep_stale(parent: &Path) -> usize {
