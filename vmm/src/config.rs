@@ -32,6 +32,19 @@ pub struct VsockConfig {
     pub uds_path: PathBuf,
 }
 
+/// Saving a snapshot of the VM, or starting from one (see `crate::snapshot`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotMode {
+    /// Boot; when the guest agent reports ready (boot stage `agent_ready`), save the VM
+    /// into this directory and end it (`ExitReason::Saved`).
+    SaveAtReady(PathBuf),
+    /// Start from the snapshot in this directory instead of booting. The rest of the
+    /// config must describe the VM the snapshot was made of (kernel, initrd, command
+    /// line, memory, vCPUs); the restore refuses it otherwise, naming what differs.
+    Restore(PathBuf),
+}
+
 /// A VM to boot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -89,6 +102,9 @@ pub struct VmConfig {
     /// vCPU first leaves guest code. Other stages are refused.
     #[serde(default)]
     pub stop_at: Option<Stage>,
+    /// Save a snapshot when the guest is ready, or start from one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotMode>,
 }
 
 /// A configuration value the VMM refuses.
@@ -106,6 +122,10 @@ pub enum ConfigError {
     CmdlineCharacters,
     #[error("stop_at must be first_vcpu_entry or first_guest_exit, not {0:?}")]
     StopAt(Stage),
+    #[error("a VM with shared directories cannot be snapshotted or restored yet")]
+    SnapshotWithShares,
+    #[error("stop_at cannot be combined with a snapshot")]
+    SnapshotWithStopAt,
 }
 
 /// Largest RAM size accepted (1 TiB).
@@ -130,6 +150,7 @@ impl VmConfig {
             pvm_cmdline: String::new(),
             start_monotonic_ns: None,
             stop_at: None,
+            snapshot: None,
         }
     }
 
@@ -156,6 +177,14 @@ impl VmConfig {
         match self.stop_at {
             None | Some(Stage::FirstVcpuEntry | Stage::FirstGuestExit) => {}
             Some(other) => return Err(ConfigError::StopAt(other)),
+        }
+        if self.snapshot.is_some() {
+            if !self.shares.is_empty() {
+                return Err(ConfigError::SnapshotWithShares);
+            }
+            if self.stop_at.is_some() {
+                return Err(ConfigError::SnapshotWithStopAt);
+            }
         }
         Ok(())
     }

@@ -22,6 +22,8 @@ pub enum ExitReason {
     SystemEvent { vcpu: u8, event: String },
     /// `VmHandle::kill`, SIGTERM or SIGINT.
     Killed,
+    /// The VM was saved as a snapshot (`SnapshotMode::SaveAtReady`) and ended.
+    Saved,
 }
 
 impl std::fmt::Display for ExitReason {
@@ -33,6 +35,7 @@ impl std::fmt::Display for ExitReason {
                 write!(f, "vcpu {vcpu} system event: {event}")
             }
             ExitReason::Killed => write!(f, "killed"),
+            ExitReason::Saved => write!(f, "saved as a snapshot"),
         }
     }
 }

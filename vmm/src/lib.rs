@@ -46,6 +46,8 @@ pub mod memory;
 #[cfg(target_os = "linux")]
 pub mod seccomp;
 #[cfg(target_os = "linux")]
+pub mod snapshot;
+#[cfg(target_os = "linux")]
 pub mod timeline;
 #[cfg(target_os = "linux")]
 pub mod vcpu;
@@ -56,7 +58,7 @@ pub use hypervisor::Flavour;
 pub use pvm::{detect, HostKind};
 #[cfg(target_os = "linux")]
 pub use {
-    config::{ConsoleMode, PvmMode, VmConfig, VsockConfig},
+    config::{ConsoleMode, PvmMode, SnapshotMode, VmConfig, VsockConfig},
     exit::ExitReason,
     timeline::Stage,
     vm::{kill_on_termination_signals, Vm, VmExitReport, VmHandle, VmmError},

@@ -38,6 +38,11 @@ pub enum Stage {
     AgentReady,
     /// Any other boot-timer code.
     Other(u8),
+    /// A restored VM's memory is mapped and its vCPUs have their saved state (instead
+    /// of `KernelLoaded`).
+    SnapshotLoaded,
+    /// The VM was saved into a snapshot.
+    SnapshotSaved,
     /// The VM is torn down (all vCPU and device threads joined).
     VmGone,
 }
@@ -55,6 +60,8 @@ impl Stage {
             Stage::AgentStarted => "agent_started",
             Stage::AgentReady => "agent_ready",
             Stage::Other(_) => "other",
+            Stage::SnapshotLoaded => "snapshot_loaded",
+            Stage::SnapshotSaved => "snapshot_saved",
             Stage::VmGone => "vm_gone",
         }
     }

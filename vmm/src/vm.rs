@@ -11,10 +11,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, cmdline::CmdlineParts, BootError, Initrd, LoadedKernel};
 use crate::bus::{Bus, BusError};
-use crate::config::{ConfigError, ConsoleMode, VmConfig};
+use crate::config::{ConfigError, ConsoleMode, SnapshotMode, VmConfig};
 use crate::devices::boot_timer::BootTimer;
 use crate::devices::i8042::{I8042, I8042_PORT_LEN};
-use crate::devices::serial::{ConsoleOutput, SerialDevice, CONSOLE_LIMIT};
+use crate::devices::serial::{ConsoleOutput, SerialDevice, SerialSnapshot, CONSOLE_LIMIT};
 use crate::devices::virtio::mmio::{MmioError, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::ZeroDevice;
@@ -26,6 +26,7 @@ use crate::layout::{
     SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_SLOTS,
 };
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
+use crate::snapshot::{self, Identity, SnapshotError, VmSnapshot};
 use crate::timeline::{self, Stage, Timeline};
 use crate::vcpu::{self, VcpuError, VcpuRunner, VcpuShared};
 
@@ -74,6 +75,8 @@ pub enum VmmError {
     },
     #[error("the VM failed")]
     Failed(#[from] VmFailure),
+    #[error("snapshot")]
+    Snapshot(#[from] SnapshotError),
 }
 
 /// How a VM run ended, with its boot timeline.
@@ -193,8 +196,15 @@ pub struct Vm {
     mmio_bus: Bus,
     event_loop: EventLoop,
     virtio_slots: u32,
-    kernel: LoadedKernel,
-    initrd: Option<Initrd>,
+    /// The kernel and initrd to boot; `None` for a VM restored from a snapshot.
+    boot: Option<(LoadedKernel, Option<Initrd>)>,
+    /// Devices whose state a snapshot saves.
+    serial: Option<Arc<Mutex<SerialDevice>>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// What a snapshot of this VM is made from (when the config asks for snapshots).
+    identity: Option<Identity>,
+    /// The snapshot this VM is being restored from (devices take their state from it).
+    restoring: Option<VmSnapshot>,
     // Declared before the memory so the VM is closed before its memory is unmapped.
     vm: Arc<dyn hypervisor::Vm>,
     mem: GuestMemoryMmap,
@@ -228,15 +238,40 @@ impl Vm {
         );
         let hypervisor: Box<dyn Hypervisor> = crate::hypervisor::open()?;
         let pvm = config.pvm.enabled_for(hypervisor.flavour());
+        let identity = match &config.snapshot {
+            Some(_) => Some(snapshot_identity(&config, hypervisor.flavour(), pvm)?),
+            None => None,
+        };
+        let loaded = match (&config.snapshot, &identity) {
+            (Some(SnapshotMode::Restore(dir)), Some(identity)) => {
+                Some((dir.clone(), snapshot::load(dir, identity)?))
+            }
+            _ => None,
+        };
         let vm: Arc<dyn hypervisor::Vm> = Arc::from(hypervisor.create_vm()?);
-        let mem = memory::create_guest_memory(config.mem_mib)?;
+        let mem = match &loaded {
+            Some((dir, loaded)) => snapshot::map_memory(
+                &loaded.memory,
+                &dir.join(snapshot::MEMORY_FILE),
+                config.mem_mib,
+            )?,
+            None => memory::create_guest_memory(config.mem_mib)?,
+        };
 
         // The KVM calls below mostly wait in the kernel; loading the kernel image and
-        // fetching the CPUID set in the meantime hides that wait.
+        // fetching the CPUID set in the meantime hides that wait. A restore loads
+        // neither.
+        let restoring = loaded.is_some();
         let (kvm_setup, images, supported) = std::thread::scope(|scope| {
             let kvm = scope.spawn(|| Self::setup_kvm(vm.as_ref(), &mem, config.vcpus, &timeline));
-            let images = Self::load_images(&mem, &config, &timeline);
-            let supported = hypervisor.supported_cpuid();
+            let (images, supported) = if restoring {
+                (Ok(None), Ok(Vec::new()))
+            } else {
+                (
+                    Self::load_images(&mem, &config, &timeline).map(Some),
+                    hypervisor.supported_cpuid(),
+                )
+            };
             let kvm_setup = kvm.join().unwrap_or_else(|_| {
                 Err(VmmError::Hypervisor(HypervisorError::InvalidArgument(
                     "vm setup thread panicked",
@@ -244,13 +279,23 @@ impl Vm {
             });
             (kvm_setup, images, supported)
         });
-        let vcpus = kvm_setup?;
-        let (kernel, initrd) = images?;
+        let mut vcpus = kvm_setup?;
+        let boot = images?;
         let supported = supported?;
-        for (id, vcpu) in (0u8..).zip(&vcpus) {
-            vcpu::configure(vcpu.as_ref(), id, config.vcpus, &supported, pvm)
-                .map_err(VmmError::Vcpu)?;
-        }
+        let restoring = match loaded {
+            Some((_, loaded)) => {
+                Self::restore_cpus(vm.as_ref(), &mut vcpus, &loaded.state)?;
+                timeline.record(Stage::SnapshotLoaded);
+                Some(loaded.state)
+            }
+            None => {
+                for (id, vcpu) in (0u8..).zip(&vcpus) {
+                    vcpu::configure(vcpu.as_ref(), id, config.vcpus, &supported, pvm)
+                        .map_err(VmmError::Vcpu)?;
+                }
+                None
+            }
+        };
 
         let exit = Arc::new(VmExit::new().map_err(VmmError::EventFd)?);
         let termination = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?);
@@ -269,8 +314,11 @@ impl Vm {
             mmio_bus: Bus::new(),
             event_loop,
             virtio_slots: 0,
-            kernel,
-            initrd,
+            boot,
+            serial: None,
+            transports: Vec::new(),
+            identity,
+            restoring,
             vm,
             mem,
             _hypervisor: hypervisor,
@@ -283,17 +331,44 @@ impl Vm {
         )?;
         this.io_bus
             .insert(CMOS_PORT, CMOS_PORT_LEN, Arc::new(Mutex::new(ZeroDevice)))?;
+        let mut boot_timer = BootTimer::new(timeline);
+        if let Some(SnapshotMode::SaveAtReady(_)) = this.config.snapshot {
+            boot_timer = boot_timer.saving_at_ready(this.exit.clone());
+        }
         this.mmio_bus.insert(
             BOOT_TIMER_ADDR,
             BOOT_TIMER_SIZE,
-            Arc::new(Mutex::new(BootTimer::new(timeline))),
+            Arc::new(Mutex::new(boot_timer)),
         )?;
         this.add_serial()?;
         if let Some(vsock) = this.config.vsock.clone() {
             this.add_vsock(vsock.guest_cid, &vsock.uds_path)?;
         }
         this.add_shares()?;
+        // The devices have their state now; the rest of the snapshot is not needed.
+        this.restoring = None;
         Ok(this)
+    }
+
+    /// Put back the saved VM-wide and per-vCPU hypervisor state.
+    fn restore_cpus(
+        vm: &dyn hypervisor::Vm,
+        vcpus: &mut [Box<dyn VcpuX86>],
+        state: &VmSnapshot,
+    ) -> Result<(), VmmError> {
+        if state.vcpus.len() != vcpus.len() {
+            return Err(SnapshotError::Unsaveable(format!(
+                "the snapshot has {} vCPUs, this VM {}",
+                state.vcpus.len(),
+                vcpus.len()
+            ))
+            .into());
+        }
+        vm.restore_state(&state.vm)?;
+        for (vcpu, saved) in vcpus.iter().zip(&state.vcpus) {
+            vcpu.restore_state(saved)?;
+        }
+        Ok(())
     }
 
     /// The hypervisor side of setup: memory slots, irqchip, vCPUs.
@@ -352,12 +427,22 @@ impl Vm {
             ),
         };
         let irq = self.vm.interrupt_line(SERIAL_IRQ)?;
-        let serial = SerialDevice::new(irq, Box::new(ConsoleOutput::new(out, CONSOLE_LIMIT)));
+        let out = Box::new(ConsoleOutput::new(out, CONSOLE_LIMIT));
+        let saved: Option<&SerialSnapshot> =
+            self.restoring.as_ref().and_then(|s| s.serial.as_ref());
+        let serial = match saved {
+            Some(saved) => SerialDevice::restored(irq, out, saved).map_err(|e| {
+                SnapshotError::Unsaveable(format!("the serial port's saved state: {e}"))
+            })?,
+            None => SerialDevice::new(irq, out),
+        };
+        let serial = Arc::new(Mutex::new(serial));
         self.io_bus.insert(
             u64::from(SERIAL_PORT),
             u64::from(SERIAL_PORT_LEN),
-            Arc::new(Mutex::new(serial)),
+            serial.clone(),
         )?;
+        self.serial = Some(serial);
         Ok(())
     }
 
@@ -406,7 +491,15 @@ impl Vm {
         }
         let base = virtio_mmio_addr(slot);
         let irq = self.vm.interrupt_line(virtio_mmio_irq(slot))?;
-        let transport = MmioTransport::new(self.mem.clone(), device.clone(), irq)?;
+        let mut transport = MmioTransport::new(self.mem.clone(), device.clone(), irq)?;
+        if let Some(state) = &self.restoring {
+            let saved = state.virtio.get(slot as usize).ok_or_else(|| {
+                SnapshotError::Unsaveable(format!(
+                    "the snapshot has no virtio device in slot {slot}"
+                ))
+            })?;
+            transport.restore(saved).map_err(SnapshotError::from)?;
+        }
         for (index, fd) in transport.notify_eventfds().iter().enumerate() {
             let addr = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
             if let Err(e) = self.vm.register_ioeventfd(fd, addr, Some(index as u32)) {
@@ -414,8 +507,10 @@ impl Vm {
                 tracing::debug!(error = %e, slot, index, "no ioeventfd for queue notify");
             }
         }
+        let transport = Arc::new(Mutex::new(transport));
         self.mmio_bus
-            .insert(base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
+            .insert(base, VIRTIO_MMIO_SIZE, transport.clone())?;
+        self.transports.push(transport);
         self.event_loop.add(device);
         self.virtio_slots += 1;
         Ok(slot)
@@ -463,22 +558,27 @@ impl Vm {
             io_bus,
             mmio_bus,
             event_loop,
-            kernel,
-            initrd,
+            boot,
+            serial,
+            transports,
+            identity,
             vm,
             mem,
             _hypervisor,
             ..
         } = self;
-        let boot_vcpu = vcpus.first().ok_or(ConfigError::VcpuCount(0))?;
-        boot::configure(
-            &mem,
-            boot_vcpu.as_ref(),
-            &kernel,
-            initrd,
-            &cmdline,
-            config.vcpus,
-        )?;
+        // A restored VM resumes where it was saved; only a fresh one is set up to boot.
+        if let Some((kernel, initrd)) = boot {
+            let boot_vcpu = vcpus.first().ok_or(ConfigError::VcpuCount(0))?;
+            boot::configure(
+                &mem,
+                boot_vcpu.as_ref(),
+                &kernel,
+                initrd,
+                &cmdline,
+                config.vcpus,
+            )?;
+        }
 
         let devices = event_loop.spawn(exit.clone())?;
         let shared = VcpuShared {
@@ -510,15 +610,37 @@ impl Vm {
         }
         // The boot vCPU runs on this thread: no thread start between setup and the first
         // guest instruction. It returns once the VM is stopping.
+        let mut stopped = Vec::with_capacity(usize::from(config.vcpus));
         if let Some(runner) = boot_runner {
-            runner.run();
+            stopped.push(runner.run());
         }
         exit.wait();
         for thread in threads {
-            let _ = thread.join();
+            if let Ok(vcpu) = thread.join() {
+                stopped.push(vcpu);
+            }
         }
         devices.stop();
         let vcpu_exits = shared.exits.load(Ordering::Relaxed);
+        let outcome = exit.take();
+        // Every vCPU and device is still now: save the VM if that is why it stopped.
+        let saved = match (&outcome, &config.snapshot, identity) {
+            (Ok(ExitReason::Saved), Some(SnapshotMode::SaveAtReady(dir)), Some(identity)) => {
+                let parts = SnapshotParts {
+                    vm: vm.as_ref(),
+                    vcpus: &mut stopped,
+                    expected_vcpus: config.vcpus,
+                    serial: serial.as_ref(),
+                    transports: &transports,
+                    mem: &mem,
+                };
+                let result = parts.save(dir, identity);
+                timeline.record(Stage::SnapshotSaved);
+                Some(result)
+            }
+            _ => None,
+        };
+        drop(stopped);
         drop(shared);
         drop(vm);
         drop(mem);
@@ -527,7 +649,10 @@ impl Vm {
         if let Some(error) = spawn_error {
             return Err(error);
         }
-        let reason = exit.take()?;
+        if let Some(result) = saved {
+            result?;
+        }
+        let reason = outcome?;
         Ok(VmExitReport {
             reason,
             boot_timeline: timeline.relative(),
@@ -537,4 +662,79 @@ impl Vm {
             cmdline,
         })
     }
+}
+
+/// What a snapshot saves, once every vCPU and device has stopped.
+struct SnapshotParts<'a> {
+    vm: &'a dyn hypervisor::Vm,
+    vcpus: &'a mut [Box<dyn VcpuX86>],
+    expected_vcpus: u8,
+    serial: Option<&'a Arc<Mutex<SerialDevice>>>,
+    transports: &'a [Arc<Mutex<MmioTransport>>],
+    mem: &'a GuestMemoryMmap,
+}
+
+impl SnapshotParts<'_> {
+    fn save(self, dir: &Path, identity: Identity) -> Result<snapshot::Header, SnapshotError> {
+        let poisoned = |what: &str| SnapshotError::Unsaveable(format!("the {what} failed"));
+        if self.vcpus.len() != usize::from(self.expected_vcpus) {
+            return Err(SnapshotError::Unsaveable(
+                "a vCPU thread ended abnormally".into(),
+            ));
+        }
+        // vCPUs first: saving one completes its last I/O, which may touch the irqchip.
+        let vcpus = self
+            .vcpus
+            .iter_mut()
+            .map(|v| v.save_state())
+            .collect::<Result<Vec<_>, _>>()?;
+        let vm = self.vm.save_state()?;
+        let serial = match self.serial {
+            Some(s) => Some(s.lock().map_err(|_| poisoned("serial port"))?.save()),
+            None => None,
+        };
+        let virtio = self
+            .transports
+            .iter()
+            .map(|t| Ok(t.lock().map_err(|_| poisoned("virtio device"))?.save()?))
+            .collect::<Result<Vec<_>, SnapshotError>>()?;
+        let state = VmSnapshot {
+            vm,
+            vcpus,
+            serial,
+            virtio,
+        };
+        snapshot::save(dir, identity, &state, self.mem)
+    }
+}
+
+/// What a snapshot of the VM `config` describes is made from.
+fn snapshot_identity(
+    config: &VmConfig,
+    flavour: hypervisor::Flavour,
+    pvm: bool,
+) -> Result<Identity, VmmError> {
+    let virtio_slots = u32::from(config.vsock.is_some()) + config.shares.len() as u32;
+    let cmdline = boot::cmdline::build(&CmdlineParts {
+        virtio_slots,
+        console: config.console != ConsoleMode::Off,
+        pvm: if pvm { config.pvm_cmdline.as_str() } else { "" },
+        extra: &config.cmdline_extra,
+    })
+    .map_err(BootError::from)?;
+    Ok(Identity {
+        format: snapshot::FORMAT,
+        vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+        flavour,
+        host_cpu: snapshot::host_cpu(),
+        kernel: snapshot::FileStamp::of(&config.kernel)?,
+        initrd: config
+            .initrd
+            .as_deref()
+            .map(snapshot::FileStamp::of)
+            .transpose()?,
+        cmdline_extra: cmdline,
+        mem_mib: config.mem_mib,
+        vcpus: config.vcpus,
+    })
 }

@@ -101,6 +101,8 @@ fn stage_meaning(stage: vmm::Stage) -> &'static str {
         Stage::AgentStarted => "the agent started but never became ready",
         Stage::AgentReady => "the agent was listening",
         Stage::Other(_) => "a guest boot-timer mark",
+        Stage::SnapshotLoaded => "the VM was restored from a snapshot, no guest code ran",
+        Stage::SnapshotSaved => "the VM was saved",
         Stage::VmGone => "the VM was gone",
     }
 }

@@ -41,6 +41,11 @@ pub enum HypervisorError {
     MsrRejected { index: u32 },
     #[error("invalid argument: {0}")]
     InvalidArgument(&'static str),
+    #[error("saved state part {part:?}: {why}")]
+    BadState {
+        part: &'static str,
+        why: &'static str,
+    },
 }
 
 impl HypervisorError {
@@ -293,6 +298,109 @@ pub struct MsrEntry {
     pub data: u64,
 }
 
+/// Hypervisor state saved into a snapshot: named byte strings only the backend that
+/// wrote them reads back (`backend` says which). Everything above the hypervisor seam
+/// stores and checksums it without looking inside.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedState {
+    /// The backend that saved it ("kvm").
+    pub backend: String,
+    /// (part name, bytes) in the order the backend restores them.
+    pub parts: Vec<SavedPart>,
+}
+
+/// One named piece of [`SavedState`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedPart {
+    /// What the bytes are ("regs", "lapic", …), backend-defined.
+    pub name: String,
+    /// The bytes, hex-encoded in the snapshot file.
+    #[serde(with = "hex_bytes")]
+    pub bytes: Vec<u8>,
+}
+
+impl SavedState {
+    /// An empty state of `backend`.
+    pub fn new(backend: &str) -> Self {
+        Self {
+            backend: backend.to_string(),
+            parts: Vec::new(),
+        }
+    }
+
+    /// Append part `name`.
+    pub fn push(&mut self, name: &str, bytes: impl Into<Vec<u8>>) {
+        self.parts.push(SavedPart {
+            name: name.to_string(),
+            bytes: bytes.into(),
+        });
+    }
+
+    /// The bytes of part `name`; a missing part is an error naming it.
+    pub fn part(&self, name: &'static str) -> Result<&[u8]> {
+        self.parts
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.bytes.as_slice())
+            .ok_or(HypervisorError::BadState {
+                part: name,
+                why: "missing",
+            })
+    }
+
+    /// The bytes of part `name` if it was saved.
+    pub fn optional_part(&self, name: &str) -> Option<&[u8]> {
+        self.parts
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.bytes.as_slice())
+    }
+
+    /// Fail unless this state was saved by `backend`.
+    pub fn check_backend(&self, backend: &'static str) -> Result<()> {
+        if self.backend == backend {
+            Ok(())
+        } else {
+            Err(HypervisorError::BadState {
+                part: "backend",
+                why: "saved by another hypervisor backend",
+            })
+        }
+    }
+}
+
+/// Bytes as a lower-case hex string (compact and exact in a JSON file).
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        use std::fmt::Write;
+        let mut text = String::with_capacity(bytes.len() * 2);
+        for b in bytes {
+            // Writing into a String cannot fail.
+            let _ = write!(text, "{b:02x}");
+        }
+        s.serialize_str(&text)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = <&str>::deserialize(d)?;
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        text.as_bytes()
+            .chunks(2)
+            .map(|pair| match pair {
+                [hi, lo] => Some((digit(*hi)? << 4) | digit(*lo)?),
+                _ => None,
+            })
+            .collect::<Option<Vec<u8>>>()
+            .ok_or_else(|| serde::de::Error::custom("not a string of hex byte pairs"))
+    }
+}
+
 /// Where an ioeventfd listens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IoEventAddress {
@@ -395,6 +503,16 @@ pub trait Vm: Send + Sync + std::fmt::Debug {
         addr: IoEventAddress,
         datamatch: Option<u32>,
     ) -> Result<()>;
+    /// Save the VM-wide state of a stopped VM: the in-kernel interrupt controllers,
+    /// the PIT if there is one, the guest clock.
+    fn save_state(&self) -> Result<SavedState> {
+        Err(HypervisorError::Unsupported("snapshots"))
+    }
+    /// Put back what [`Vm::save_state`] saved, on a VM created the same way (memory
+    /// mapped and irqchip created, before any vCPU runs).
+    fn restore_state(&self, _state: &SavedState) -> Result<()> {
+        Err(HypervisorError::Unsupported("snapshots"))
+    }
 }
 
 /// A virtual CPU: run it and get an exit back.
@@ -403,6 +521,9 @@ pub trait Vcpu: Send + std::fmt::Debug {
     fn run(&mut self) -> Result<VcpuExit<'_>>;
     /// A handle other threads use to interrupt `run`.
     fn kicker(&self) -> Arc<dyn VcpuKick>;
+    /// The calling thread is done running this vCPU (it may exit while the vCPU lives
+    /// on, e.g. to be saved): kicks no longer signal it.
+    fn detach_thread(&mut self) {}
 }
 
 /// The x86-64 extension of `Vcpu`: registers, CPUID, MSRs, FPU and local APIC.
@@ -424,4 +545,14 @@ pub trait VcpuX86: Vcpu {
     /// Program the local APIC's LINT0 as ExtINT (the PIC) and LINT1 as NMI, as firmware
     /// does on a PC.
     fn set_lapic_lints(&self) -> Result<()>;
+    /// Save everything about a stopped vCPU a restore needs (registers, FPU/XSAVE,
+    /// MSRs, local APIC, pending events, CPUID). Call it after the vCPU's last `run`
+    /// returned, from any thread; I/O the last exit left half done is completed first.
+    fn save_state(&mut self) -> Result<SavedState> {
+        Err(HypervisorError::Unsupported("snapshots"))
+    }
+    /// Put back what [`VcpuX86::save_state`] saved, instead of the boot-time setup.
+    fn restore_state(&self, _state: &SavedState) -> Result<()> {
+        Err(HypervisorError::Unsupported("snapshots"))
+    }
 }

@@ -106,7 +106,8 @@ impl VcpuRunner {
     }
 
     /// Run until the VM stops. Any end this vCPU sees is reported through `VmExit`.
-    pub fn run(mut self) {
+    /// Returns the vCPU (a snapshot saves it), no longer tied to this thread.
+    pub fn run(mut self) -> Box<dyn VcpuX86> {
         self.shared.exit.add_kicker(self.vcpu.kicker());
         let boot_vcpu = self.id == 0;
         let mut first = boot_vcpu;
@@ -133,6 +134,8 @@ impl VcpuRunner {
                 break;
             }
         }
+        self.vcpu.detach_thread();
+        self.vcpu
     }
 
     fn state(&self) -> Box<VcpuState> {

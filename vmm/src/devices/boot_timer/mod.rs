@@ -5,18 +5,31 @@
 use std::sync::Arc;
 
 use crate::devices::BusDevice;
+use crate::exit::{ExitReason, VmExit};
 use crate::timeline::{Stage, Timeline};
 
 /// The boot-timer device.
 #[derive(Debug)]
 pub struct BootTimer {
     timeline: Arc<Timeline>,
+    /// End the VM for a snapshot when the agent reports ready.
+    save_at_ready: Option<Arc<VmExit>>,
 }
 
 impl BootTimer {
     /// Record stages into `timeline` (bounded: see `timeline::MAX_ENTRIES`).
     pub fn new(timeline: Arc<Timeline>) -> Self {
-        Self { timeline }
+        Self {
+            timeline,
+            save_at_ready: None,
+        }
+    }
+
+    /// When the agent reports ready, stop the VM through `exit` with
+    /// [`ExitReason::Saved`] (the VM is saved once every vCPU is out).
+    pub fn saving_at_ready(mut self, exit: Arc<VmExit>) -> Self {
+        self.save_at_ready = Some(exit);
+        self
     }
 }
 
@@ -30,7 +43,11 @@ impl BusDevice for BootTimer {
             return;
         }
         if let Some(&code) = data.first() {
-            self.timeline.record(Stage::from_boot_timer(code));
+            let stage = Stage::from_boot_timer(code);
+            self.timeline.record(stage);
+            if let (Stage::AgentReady, Some(exit)) = (stage, &self.save_at_ready) {
+                exit.request(Ok(ExitReason::Saved));
+            }
         }
     }
 }

@@ -5,8 +5,9 @@ mod output;
 
 use std::io::Write;
 
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
 pub use self::output::{ConsoleOutput, CONSOLE_LIMIT};
@@ -44,6 +45,65 @@ impl SerialDevice {
         Self {
             serial: Serial::new(LineTrigger(irq), out),
         }
+    }
+}
+
+/// The UART's registers, as a snapshot keeps them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    /// Bytes received and not yet read by the guest (at most the 64-byte FIFO).
+    pub in_buffer: Vec<u8>,
+}
+
+impl SerialDevice {
+    /// The registers now.
+    pub fn save(&self) -> SerialSnapshot {
+        let s = self.serial.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART with the saved registers (an interrupt the guest was owed is raised again).
+    pub fn restored(
+        irq: Arc<dyn InterruptLine>,
+        out: Box<dyn Write + Send>,
+        saved: &SerialSnapshot,
+    ) -> std::io::Result<Self> {
+        let state = SerialState {
+            baud_divisor_low: saved.baud_divisor_low,
+            baud_divisor_high: saved.baud_divisor_high,
+            interrupt_enable: saved.interrupt_enable,
+            interrupt_identification: saved.interrupt_identification,
+            line_control: saved.line_control,
+            line_status: saved.line_status,
+            modem_control: saved.modem_control,
+            modem_status: saved.modem_status,
+            scratch: saved.scratch,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(&state, LineTrigger(irq), NoEvents, out)
+            .map_err(|e| std::io::Error::other(format!("serial state: {e:?}")))?;
+        Ok(Self { serial })
     }
 }
 

@@ -14,6 +14,7 @@
 //! (Status = 0) calls `reset`, and a device that returns false is never activated again.
 
 pub mod mmio;
+pub use mmio::{QueueSnapshot, TransportSnapshot};
 #[cfg(test)]
 pub(crate) mod testing;
 
@@ -100,5 +101,11 @@ pub trait VirtioDevice: Send {
     /// The driver wrote 0 to Status. Return true if the device could reset itself.
     fn reset(&mut self) -> bool {
         false
+    }
+    /// For a snapshot of an activated device: each queue's (next_avail, next_used) ring
+    /// positions. `None` (the default): the device keeps state of its own that a
+    /// snapshot cannot hold, and the VM cannot be saved.
+    fn queue_positions(&self) -> Option<Vec<(u16, u16)>> {
+        None
     }
 }

@@ -324,6 +324,22 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
         // The config space (the guest CID) is read-only.
     }
 
+    /// Only while no connection is open: a restored VM gets a fresh backend, and a
+    /// connection the guest believes in would be gone.
+    fn queue_positions(&self) -> Option<Vec<(u16, u16)>> {
+        let state = self.state.as_ref()?;
+        if !self.backend.is_idle() || state.queues.iter().any(|q| q.broken) {
+            return None;
+        }
+        Some(
+            state
+                .queues
+                .iter()
+                .map(|q| (q.active.queue.next_avail(), q.active.queue.next_used()))
+                .collect(),
+        )
+    }
+
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,

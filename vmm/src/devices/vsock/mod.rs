@@ -115,4 +115,11 @@ pub trait VsockBackend: AsRawFd + Send {
 
     /// The backend's fd is readable: handle whatever is ready, without blocking.
     fn process_events(&mut self);
+
+    /// No connection open or being set up and nothing queued for the guest: the device
+    /// can be snapshotted (a restored VM starts with a fresh backend). `false` unless a
+    /// backend knows better.
+    fn is_idle(&self) -> bool {
+        false
+    }
 }

@@ -537,6 +537,10 @@ impl VsockBackend for UnixBackend {
         !self.raw.is_empty() || !self.rxq.is_empty()
     }
 
+    fn is_idle(&self) -> bool {
+        self.conns.is_empty() && self.handshakes.is_empty() && !self.has_pending_rx()
+    }
+
     fn process_events(&mut self) {
         let mut events = [EpollEvent::default(); MAX_EVENTS];
         let n = match self.epoll.wait(0, &mut events) {

@@ -20,6 +20,8 @@
 //! | `set_fpu` | `KVM_SET_FPU` | `WHvX64RegisterFpControlStatus` / `XmmControlStatus` |
 //! | `set_lapic_lints` | `KVM_GET/SET_LAPIC` | `WHvGet/SetVirtualProcessorInterruptControllerState2` |
 
+mod state;
+
 use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -35,8 +37,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     CpuidEntry, DescriptorTable, Flavour, HostKind, Hypervisor, HypervisorError, InterruptLine,
-    IoEventAddress, MsrEntry, Regs, Result, Segment, SpecialRegs, SystemEventKind, Vcpu, VcpuExit,
-    VcpuKick, VcpuX86, Vm,
+    IoEventAddress, MsrEntry, Regs, Result, SavedState, Segment, SpecialRegs, SystemEventKind,
+    Vcpu, VcpuExit, VcpuKick, VcpuX86, Vm,
 };
 
 /// Path of the KVM device.
@@ -45,6 +47,9 @@ pub const KVM_PATH: &str = "/dev/kvm";
 /// Guest-physical address of the 3-page TSS region Intel VMX needs (inside the MMIO gap,
 /// away from every device).
 const TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Size of `kvm_xsave`, the area KVM_GET/SET_XSAVE move.
+const XSAVE_STRUCT_SIZE: i32 = 4096;
 
 /// Offsets of the local APIC LVT LINT0/LINT1 registers in the APIC page.
 const APIC_LVT_LINT0: usize = 0x350;
@@ -165,9 +170,18 @@ impl Hypervisor for KvmHypervisor {
             .kvm
             .create_vm()
             .map_err(|e| HypervisorError::call("KVM_CREATE_VM", e))?;
+        // The MSRs a snapshot saves; KVM's XSAVE area must fit `kvm_xsave` (4 KiB) for
+        // KVM_GET/SET_XSAVE (KVM_CAP_XSAVE2 is 0 where there is no larger area).
+        let msr_list = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(|e| HypervisorError::call("KVM_GET_MSR_INDEX_LIST", e))?;
+        let xsave_size = self.kvm.check_extension_int(Cap::Xsave2);
         Ok(Box::new(KvmVm {
             fd,
             pit: !self.tsc_deadline_timer(),
+            msr_list: msr_list.as_slice().into(),
+            xsave_fits: xsave_size <= XSAVE_STRUCT_SIZE,
         }))
     }
 
@@ -198,6 +212,10 @@ pub struct KvmVm {
     fd: VmFd,
     /// Whether `create_irqchip` adds a PIT (only where there is no TSC-deadline timer).
     pit: bool,
+    /// The MSRs KVM lists (`KVM_GET_MSR_INDEX_LIST`): what a vCPU snapshot saves.
+    msr_list: Arc<[u32]>,
+    /// KVM's XSAVE area fits `kvm_xsave`.
+    xsave_fits: bool,
 }
 
 impl Vm for KvmVm {
@@ -264,6 +282,8 @@ impl Vm for KvmVm {
             run,
             kick,
             bound: false,
+            msr_list: self.msr_list.clone(),
+            xsave_fits: self.xsave_fits,
         }))
     }
 
@@ -300,6 +320,15 @@ impl Vm for KvmVm {
             None => self.fd.register_ioevent(fd, &addr, kvm_ioctls::NoDatamatch),
         };
         res.map_err(|e| HypervisorError::call("KVM_IOEVENTFD", e))
+    }
+
+    /// WHP: `Err(Unsupported)` for now.
+    fn save_state(&self) -> Result<SavedState> {
+        self.save()
+    }
+
+    fn restore_state(&self, state: &SavedState) -> Result<()> {
+        self.restore(state)
     }
 }
 
@@ -383,6 +412,9 @@ pub struct KvmVcpu {
     run: *mut kvm_run,
     kick: Arc<KvmKick>,
     bound: bool,
+    /// See `KvmVm`.
+    msr_list: Arc<[u32]>,
+    xsave_fits: bool,
 }
 
 // SAFETY: `run` points into the mapping owned by `fd`, which moves with the struct; it is
@@ -470,6 +502,13 @@ impl Vcpu for KvmVcpu {
     /// WHP: `WHvCancelRunVirtualProcessor`.
     fn kicker(&self) -> Arc<dyn VcpuKick> {
         self.kick.clone()
+    }
+
+    fn detach_thread(&mut self) {
+        if let Ok(mut target) = self.kick.target.lock() {
+            target.thread = None;
+        }
+        self.bound = false;
     }
 }
 
@@ -672,6 +711,15 @@ impl VcpuX86 for KvmVcpu {
         self.fd
             .set_lapic(&lapic)
             .map_err(|e| HypervisorError::call("KVM_SET_LAPIC", e))
+    }
+
+    /// WHP: `Err(Unsupported)` for now.
+    fn save_state(&mut self) -> Result<SavedState> {
+        self.save()
+    }
+
+    fn restore_state(&self, state: &SavedState) -> Result<()> {
+        self.restore(state)
     }
 }
 

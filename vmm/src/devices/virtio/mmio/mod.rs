@@ -7,6 +7,9 @@
 //! guest access is validated: a bad offset, size or value is ignored (reads return 0),
 //! never a panic.
 
+mod state;
+pub use state::{QueueSnapshot, TransportSnapshot};
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -98,6 +101,10 @@ pub enum MmioError {
     NoQueues,
     #[error("cannot create a queue notify eventfd")]
     EventFd(#[source] std::io::Error),
+    #[error("virtio device type {device_type} keeps state a snapshot cannot hold")]
+    NotSaveable { device_type: u32 },
+    #[error("the saved virtio-mmio state does not fit this device: {0}")]
+    BadSnapshot(&'static str),
 }
 
 /// The driver-visible configuration of one queue.
@@ -610,6 +617,14 @@ mod tests {
             self.queues.clear();
             true
         }
+        fn queue_positions(&self) -> Option<Vec<(u16, u16)>> {
+            Some(
+                self.queues
+                    .iter()
+                    .map(|q| (q.queue.next_avail(), q.queue.next_used()))
+                    .collect(),
+            )
+        }
     }
 
     impl TestDevice {
@@ -736,6 +751,113 @@ mod tests {
 
     const NEXT: u16 = 1;
     const WRITE: u16 = 2;
+
+    #[test]
+    fn a_saved_transport_restores_into_a_fresh_one_where_the_rings_were() {
+        let mut h = harness();
+        h.activate();
+        h.write_desc(0, 0x4000, 8, 0, 0);
+        h.write_desc(1, 0x4100, 8, 0, 0);
+        h.write_desc(2, 0x4200, 8, 0, 0);
+        h.publish(&[0, 1]);
+        assert_eq!(h.device.lock().unwrap().process().len(), 2);
+
+        let saved = h.transport.save().unwrap();
+        let device = Arc::new(Mutex::new(TestDevice::default()));
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut fresh =
+            MmioTransport::new(h.mem.clone(), device.clone(), Arc::new(irq.try_clone().unwrap()))
+                .unwrap();
+        fresh.restore(&saved).unwrap();
+
+        assert_eq!(saved.queues[0].next_avail, 2);
+        assert_eq!(fresh.save().unwrap(), saved);
+        let mut status = [0u8; 4];
+        fresh.read(reg::STATUS, &mut status);
+        assert_eq!(
+            u32::from_le_bytes(status),
+            S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK
+        );
+        assert_eq!(device.lock().unwrap().acked, VERSION_1 | TEST_FEATURE);
+        // The restored device carries on with the next buffer, not the first again.
+        h.publish(&[0, 1, 2]);
+        let seen = device.lock().unwrap().process();
+        assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), vec![2]);
+        // And it is told to look at its queues once.
+        assert_eq!(fresh.notify_eventfds()[0].read().unwrap(), 1);
+        assert!(fresh.restore(&saved).is_err(), "restored twice");
+    }
+
+    #[test]
+    fn a_saved_transport_that_does_not_fit_is_refused() {
+        let mut h = harness();
+        h.activate();
+        let saved = h.transport.save().unwrap();
+        let fresh = |edit: &dyn Fn(&mut TransportSnapshot)| {
+            let mut bad = saved.clone();
+            edit(&mut bad);
+            let device = Arc::new(Mutex::new(TestDevice::default()));
+            let irq = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+            let mut t = MmioTransport::new(h.mem.clone(), device.clone(), irq).unwrap();
+            let err = t.restore(&bad).unwrap_err().to_string();
+            assert_eq!(device.lock().unwrap().activations, 0, "{err}");
+            err
+        };
+
+        assert!(fresh(&|s| s.device_type = 19).contains("another device type"));
+        assert!(fresh(&|s| s.driver_features |= 1 << 40).contains("does not offer"));
+        assert!(fresh(&|s| s.queues[0].desc = 1 << 40).contains("outside guest memory"));
+        assert!(fresh(&|s| s.queues.truncate(1)).contains("number of queues"));
+        assert!(fresh(&|s| s.status = S_ACK).contains("without DRIVER_OK"));
+    }
+
+    #[test]
+    fn a_device_without_saveable_state_cannot_be_saved_once_active() {
+        struct Opaque(TestDevice);
+        impl VirtioDevice for Opaque {
+            fn device_type(&self) -> u32 {
+                self.0.device_type()
+            }
+            fn queue_max_sizes(&self) -> &[u16] {
+                self.0.queue_max_sizes()
+            }
+            fn avail_features(&self) -> u64 {
+                self.0.avail_features()
+            }
+            fn ack_features(&mut self, features: u64) {
+                self.0.ack_features(features);
+            }
+            fn read_config(&self, offset: u64, data: &mut [u8]) {
+                self.0.read_config(offset, data);
+            }
+            fn write_config(&mut self, offset: u64, data: &[u8]) {
+                self.0.write_config(offset, data);
+            }
+            fn activate(
+                &mut self,
+                mem: GuestMemoryMmap,
+                interrupt: Arc<Interrupt>,
+                queues: Vec<ActiveQueue>,
+            ) -> Result<(), ActivateError> {
+                self.0.activate(mem, interrupt, queues)
+            }
+        }
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let irq = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let device = Arc::new(Mutex::new(Opaque(TestDevice::default())));
+        let transport = MmioTransport::new(mem, device, irq).unwrap();
+        let mut h = Harness {
+            transport,
+            device: Arc::new(Mutex::new(TestDevice::default())),
+            mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
+            irqfd: EventFd::new(EFD_NONBLOCK).unwrap(),
+        };
+
+        assert!(h.transport.save().is_ok(), "not activated yet");
+        h.activate();
+        let err = h.transport.save().unwrap_err().to_string();
+        assert!(err.contains("type 42 keeps state a snapshot cannot hold"), "{err}");
+    }
 
     #[test]
     fn identification_registers_describe_a_modern_device() {
