@@ -86,6 +86,11 @@ pub struct ImageArgs {
     /// root and the Debian mirror: $MXC_VM_DEBIAN_MIRROR, default deb.debian.org).
     #[arg(long)]
     pub rootfs: bool,
+    /// Do not make the ready snapshot. By default `image build` then boots the new
+    /// image once (where /dev/kvm is usable) and saves it at the agent's Ready, so that
+    /// `run` can start VMs without shared directories from it instead of booting.
+    #[arg(long)]
+    pub no_snapshot: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -374,6 +379,11 @@ pub struct RunArgs {
     /// rootfs from `mxc-vm image build --rootfs`) or `none` (busybox only).
     #[arg(long, value_enum, value_name = "VIEW")]
     pub guest_system: Option<GuestSystemArg>,
+    /// microVM: boot the guest kernel even where the VM's ready snapshot (made by
+    /// `mxc-vm image build`) would do. A VM starts from its snapshot by default when
+    /// it has no shared directories (`--guest-system none` and no file grants).
+    #[arg(long)]
+    pub cold: bool,
     /// microVM: run the command as root in the guest (the policy's
     /// `process.guestRoot`). By default it runs as the unprivileged user `nobody`, which
     /// cannot signal, trace or replace the guest agent.

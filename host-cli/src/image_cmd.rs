@@ -35,6 +35,54 @@ fn print_image(image: &guest_image::Image, json: bool) {
     }
 }
 
+fn print_snapshot(dir: &std::path::Path, json: bool) {
+    let mut out = std::io::stdout().lock();
+    if json {
+        let line = serde_json::json!({ "type": "snapshot", "path": dir });
+        let _ = writeln!(out, "{line}");
+    } else {
+        let _ = writeln!(out, "snapshot  {}", dir.display());
+    }
+}
+
+/// Boot the image once as a VM without shares would be booted by `run`, and save it at
+/// the agent's Ready: the ready snapshot `run` restores such VMs from. Skipped, with a
+/// line saying why, where /dev/kvm cannot be used.
+fn make_ready_snapshot(args: &ImageArgs) -> Result<Option<std::path::PathBuf>, Failure> {
+    use sandbox::microvm::{MicrovmBackend, MicrovmOptions, SystemView};
+    use sandbox::{Backend, SandboxSpec};
+    let say = |message: &str| {
+        if args.json {
+            crate::jsonl::emit(&serde_json::json!({ "type": "notice", "message": message }));
+        } else {
+            eprintln!("mxc-vm: {message}");
+        }
+    };
+    if let Err(reason) = sandbox::host::kvm_kind() {
+        say(&format!("no ready snapshot made: {reason}"));
+        return Ok(None);
+    }
+    say("making the ready snapshot: booting the guest once");
+    let spec = SandboxSpec {
+        policy: policy::Policy::empty(policy::PolicySource::Cli),
+        view: policy::FsView::default(),
+        id: format!("snapshot-{}", std::process::id()),
+        net: Default::default(),
+    };
+    let mut vm = MicrovmBackend::new(MicrovmOptions {
+        image: options(args),
+        system: SystemView::None,
+        save_ready_snapshot: true,
+        ..MicrovmOptions::default()
+    });
+    let fail = |e: sandbox::SandboxError| Failure::new(format!("the ready snapshot: {}", chain(&e)));
+    vm.provision(&spec).map_err(fail)?;
+    vm.start().map_err(fail)?;
+    let dir = vm.timeline.snapshot.clone();
+    vm.deprovision().map_err(fail)?;
+    Ok(dir)
+}
+
 fn print_rootfs(root: &std::path::Path, json: bool) {
     let mut out = std::io::stdout().lock();
     if json {
@@ -52,6 +100,11 @@ pub fn run(cmd: ImageCommand) -> Result<i32, Failure> {
             let image = guest_image::build(&options(&args), &mut progress)
                 .map_err(|e| Failure::new(chain(&e)))?;
             print_image(&image, args.json);
+            if !args.no_snapshot {
+                if let Some(dir) = make_ready_snapshot(&args)? {
+                    print_snapshot(&dir, args.json);
+                }
+            }
             if args.rootfs {
                 let root = guest_image::build_rootfs(&options(&args), &mut progress)
                     .map_err(|e| Failure::new(chain(&e)))?;

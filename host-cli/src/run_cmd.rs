@@ -75,6 +75,16 @@ fn warn(json: bool, message: &str) {
     }
 }
 
+/// A one-line notice (not a warning: nothing is wrong), e.g. why a VM boots cold.
+fn note(json: bool, message: &str) {
+    if json {
+        jsonl::emit(&serde_json::json!({ "type": "notice", "message": message }));
+    } else {
+        let text = format!("mxc-vm: {message}\n");
+        let _ = std::io::stderr().lock().write_all(text.as_bytes());
+    }
+}
+
 fn sandbox_id() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -196,6 +206,12 @@ pub fn run_with_policy(args: RunArgs, policy: Policy) -> Result<i32, Failure> {
             verbose: args.verbose,
             vmm_binary: None,
             system: guest_system(args.guest_system)?,
+            cold: args.cold,
+            save_ready_snapshot: false,
+            notice: Some(Box::new({
+                let json = args.json;
+                move |line: String| note(json, &line)
+            })),
         }
     } else {
         if args.kernel.is_some()
@@ -204,10 +220,11 @@ pub fn run_with_policy(args: RunArgs, policy: Policy) -> Result<i32, Failure> {
             || args.verbose
             || args.vcpus.is_some()
             || args.guest_system.is_some()
+            || args.cold
         {
             return Err(Failure::new(format!(
-                "--kernel, --initrd, --console, --verbose, --vcpus and --guest-system apply \
-                 to the microvm backend, not {}",
+                "--kernel, --initrd, --console, --verbose, --vcpus, --guest-system and --cold \
+                 apply to the microvm backend, not {}",
                 containment.as_str()
             )));
         }

@@ -61,5 +61,7 @@ pub use {
     config::{ConsoleMode, PvmMode, SnapshotMode, VmConfig, VsockConfig},
     exit::ExitReason,
     timeline::Stage,
-    vm::{kill_on_termination_signals, Vm, VmExitReport, VmHandle, VmmError},
+    vm::{
+        kill_on_termination_signals, snapshot_identity_for, Vm, VmExitReport, VmHandle, VmmError,
+    },
 };

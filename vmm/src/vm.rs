@@ -708,6 +708,13 @@ impl SnapshotParts<'_> {
     }
 }
 
+/// What a snapshot of the VM `config` would be made from on this host: a saved
+/// snapshot whose identity differs cannot be restored into it.
+pub fn snapshot_identity_for(config: &VmConfig) -> Result<Identity, VmmError> {
+    let flavour = hypervisor::host_flavour();
+    snapshot_identity(config, flavour, config.pvm.enabled_for(flavour))
+}
+
 /// What a snapshot of the VM `config` describes is made from.
 fn snapshot_identity(
     config: &VmConfig,

@@ -86,7 +86,17 @@ pub struct MicrovmOptions {
     pub vmm_binary: Option<PathBuf>,
     /// The read-only system directories the guest gets (default: the host's).
     pub system: SystemView,
+    /// Boot the kernel even where a ready snapshot would do (`run --cold`).
+    pub cold: bool,
+    /// `start` boots to the agent's Ready, saves this VM's ready snapshot and stops
+    /// the VM instead of serving commands (`mxc-vm image build`).
+    pub save_ready_snapshot: bool,
+    /// Told, in one line, why a VM that could start from a snapshot boots instead.
+    pub notice: Option<NoticeFn>,
 }
+
+/// Receives one-line notices (e.g. why a VM boots cold).
+pub type NoticeFn = Box<dyn FnMut(String) + Send>;
 
 impl std::fmt::Debug for MicrovmOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -109,6 +119,10 @@ pub struct HostTimeline {
     pub first_output: Option<Instant>,
     /// When the VMM process was gone.
     pub vm_gone: Option<Instant>,
+    /// The VM started from its ready snapshot instead of booting.
+    pub restored: bool,
+    /// Where the VM's ready snapshot is (or would be), when it can have one.
+    pub snapshot: Option<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -213,6 +227,81 @@ impl MicrovmBackend {
             self.opts.kernel.clone().unwrap_or(image.vmlinux),
             self.opts.initrd.clone().unwrap_or(image.initramfs),
         ))
+    }
+}
+
+impl MicrovmBackend {
+    /// Decide how this VM starts: save its ready snapshot (`save_ready_snapshot`),
+    /// restore from it, or boot (with a notice saying why, when a snapshot could have
+    /// been used). Returns whether the VM is being saved.
+    fn plan_snapshot(&mut self, config: &mut vmm::VmConfig) -> Result<bool, SandboxError> {
+        let dir = match self.ready_snapshot_dir(config) {
+            Ok(dir) => dir,
+            Err(why) if self.opts.save_ready_snapshot => {
+                return Err(SandboxError::setup("snapshot", std::io::Error::other(why)))
+            }
+            Err(why) => {
+                self.notify(format!("booting the guest kernel: {why}"));
+                return Ok(false);
+            }
+        };
+        self.timeline.snapshot = dir.clone();
+        if self.opts.save_ready_snapshot {
+            let dir = dir.ok_or_else(|| SandboxError::Unenforceable {
+                backend: "microvm",
+                what: "a ready snapshot of a VM with shared directories (not supported yet)"
+                    .into(),
+            })?;
+            config.snapshot = Some(vmm::SnapshotMode::SaveAtReady(dir));
+            return Ok(true);
+        }
+        let Some(dir) = dir else {
+            return Ok(false);
+        };
+        if self.opts.cold {
+            return Ok(false);
+        }
+        if !dir.join(vmm::snapshot::STATE_FILE).exists() {
+            self.notify(
+                "booting the guest kernel: there is no ready snapshot for this VM yet                  (`mxc-vm image build` makes one)"
+                    .into(),
+            );
+            return Ok(false);
+        }
+        let usable = vmm::snapshot_identity_for(config)
+            .map_err(|e| crate::error_chain(&e))
+            .and_then(|identity| {
+                vmm::snapshot::check(&dir, &identity).map_err(|e| crate::error_chain(&e))
+            });
+        match usable {
+            Ok(_) => {
+                config.snapshot = Some(vmm::SnapshotMode::Restore(dir));
+                self.timeline.restored = true;
+            }
+            Err(why) => self.notify(format!(
+                "booting the guest kernel: the ready snapshot cannot be used ({why});                  `mxc-vm image build` makes a new one"
+            )),
+        }
+        Ok(false)
+    }
+
+    /// Where the ready snapshot of a VM configured as `config` lives: in the image
+    /// cache, named by what it is made from. `None` for a VM with shares (a snapshot
+    /// cannot hold a mounted share yet).
+    fn ready_snapshot_dir(&self, config: &vmm::VmConfig) -> Result<Option<PathBuf>, String> {
+        if !config.shares.is_empty() {
+            return Ok(None);
+        }
+        let identity = vmm::snapshot_identity_for(config).map_err(|e| crate::error_chain(&e))?;
+        let cache = guest_image::cache_dir(&self.opts.image).map_err(|e| e.to_string())?;
+        Ok(Some(cache.join("snapshots").join(identity.key())))
+    }
+
+    fn notify(&mut self, line: String) {
+        match &mut self.opts.notice {
+            Some(notice) => notice(line),
+            None => tracing::info!("{line}"),
+        }
     }
 }
 
@@ -390,12 +479,14 @@ impl Backend for MicrovmBackend {
             guest_cid: proto::GUEST_CID,
             uds_path: runtime.join("vsock.sock"),
         });
+        let runtime = runtime.clone();
+        let saving = self.plan_snapshot(&mut config)?;
         // The proxy listens before the guest can try to reach it.
         self.net.start(&runtime.join("vsock.sock"))?;
         self.timeline.spawned = Some(Instant::now());
         let process = vmm_process::VmmProcess::spawn(
             &config,
-            runtime,
+            &runtime,
             self.opts.console,
             self.opts.vmm_binary.as_deref(),
         )?;
@@ -429,12 +520,23 @@ impl Backend for MicrovmBackend {
         loop {
             if let Some(vmm) = &mut self.vmm {
                 if let Some(early) = vmm.exited_early() {
+                    let saved = early
+                        .report
+                        .as_ref()
+                        .is_some_and(|r| r.reason == vmm::ExitReason::Saved);
+                    if saving && saved {
+                        self.report = early.report;
+                        self.vmm = None;
+                        return Ok(());
+                    }
                     let error = explain(early.what, early.report.as_ref(), last_error.as_deref());
                     self.report = early.report;
                     return Err(error);
                 }
             }
-            if self.socket()?.exists() {
+            // While a snapshot is being made nothing connects: the VM is saved with no
+            // connection open.
+            if !saving && self.socket()?.exists() {
                 match self.try_connect() {
                     Ok(client) => {
                         self.control = Some(client);

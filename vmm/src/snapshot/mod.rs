@@ -185,6 +185,21 @@ impl Identity {
     }
 }
 
+impl Identity {
+    /// A short name for this identity (hex), for a directory of snapshots keyed by
+    /// what they were made from. Equal identities get equal keys.
+    pub fn key(&self) -> String {
+        let text = serde_json::to_vec(self).unwrap_or_default();
+        let (front, back) = text.split_at(text.len() / 2);
+        format!(
+            "{:08x}{:08x}{:08x}",
+            crc32fast::hash(&text),
+            crc32fast::hash(front),
+            crc32fast::hash(back)
+        )
+    }
+}
+
 /// The host CPU as a snapshot records it: vendor and family/model/stepping signature.
 pub fn host_cpu() -> String {
     use std::arch::x86_64::__cpuid;
@@ -322,6 +337,46 @@ fn check_private(path: &Path, meta: &std::fs::Metadata) -> Result<(), SnapshotEr
         });
     }
     Ok(())
+}
+
+/// Whether the snapshot in `dir` can be restored into a VM of identity `now`, from its
+/// header and the files' metadata alone (no checksum: the restore verifies those).
+pub fn check(dir: &Path, now: &Identity) -> Result<Header, SnapshotError> {
+    let state_path = dir.join(STATE_FILE);
+    let file = std::fs::File::open(&state_path).map_err(SnapshotError::io("open", &state_path))?;
+    let meta = file
+        .metadata()
+        .map_err(SnapshotError::io("read", &state_path))?;
+    check_private(&state_path, &meta)?;
+    let mut line = Vec::new();
+    std::io::BufRead::read_until(
+        &mut std::io::BufReader::new(file.take(MAX_STATE_FILE)),
+        b'\n',
+        &mut line,
+    )
+    .map_err(SnapshotError::io("read", &state_path))?;
+    let header: Header = serde_json::from_slice(&line).map_err(|e| SnapshotError::Corrupt {
+        path: state_path.clone(),
+        why: format!("header: {e}"),
+    })?;
+    if let Some((field, saved, now)) = header.identity.difference(now) {
+        return Err(SnapshotError::Mismatch {
+            dir: dir.to_path_buf(),
+            field,
+            saved,
+            now,
+        });
+    }
+    let memory_path = dir.join(MEMORY_FILE);
+    let meta = std::fs::metadata(&memory_path).map_err(SnapshotError::io("open", &memory_path))?;
+    check_private(&memory_path, &meta)?;
+    if meta.len() != header.memory_len {
+        return Err(SnapshotError::Corrupt {
+            path: memory_path,
+            why: "guest memory is not the size the header says".into(),
+        });
+    }
+    Ok(header)
 }
 
 /// Read the snapshot in `dir`, check it is whole, private and ours, and that it was made
