@@ -41,7 +41,7 @@ pub enum Phase {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Start this exec (already validated, id free).
-    Spawn(Exec),
+    Spawn(Box<Exec>),
     /// Power off (or, outside a VM, exit).
     Shutdown,
 }
@@ -272,7 +272,7 @@ impl Conn {
 
     fn handle_control(&mut self, msg: Control) -> Option<Action> {
         match msg {
-            Control::Exec(exec) => self.check_exec(exec).map(Action::Spawn),
+            Control::Exec(exec) => self.check_exec(exec).map(|e| Action::Spawn(Box::new(e))),
             Control::StdinClose { id } => {
                 if let Some(exec) = self.execs.get_mut(&id) {
                     exec.request_stdin_close();
@@ -446,7 +446,7 @@ mod tests {
 
         let actions = conn.on_bytes(&bytes);
 
-        assert_eq!(actions, [Action::Spawn(exec(5))]);
+        assert_eq!(actions, [Action::Spawn(Box::new(exec(5)))]);
     }
 
     #[test]

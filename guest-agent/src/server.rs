@@ -29,6 +29,10 @@ use crate::registry::{Registry, Source, Watched};
 use crate::sys::{self, EV_IN, EV_OUT};
 use crate::{error_chain, log};
 
+/// The guest clock is left alone when it is this close to the host's (the exec's time
+/// is already a little old when it arrives).
+const WALL_CLOCK_SLACK_NS: u64 = 50_000_000;
+
 /// Connections served at once; more are refused with an `Error`.
 pub const MAX_CONNECTIONS: usize = 64;
 
@@ -259,7 +263,7 @@ impl Server {
         conn.on_readable(&mut self.scratch);
         while let Some(action) = self.conns.get_mut(&c).and_then(Conn::next_action) {
             match action {
-                Action::Spawn(exec) => self.spawn(c, exec),
+                Action::Spawn(exec) => self.spawn(c, *exec),
                 Action::Shutdown => {
                     self.stop.get_or_insert(StopReason::Shutdown);
                 }
@@ -272,6 +276,20 @@ impl Server {
             return;
         };
         let id = exec.id;
+        // A restored VM first gets fresh randomness and the host's time. Without the
+        // reseed two VMs from one snapshot would share their random state: refuse.
+        if !exec.entropy.is_empty() {
+            if let Err(e) = sys::reseed_random(&exec.entropy) {
+                let message = format!("cannot reseed the guest's random generator: {e}");
+                conn.queue(&Control::error(Some(id), message));
+                return;
+            }
+        }
+        if let Some(ns) = exec.wall_clock_ns {
+            if let Err(e) = sys::set_wall_clock(ns, WALL_CLOCK_SLACK_NS) {
+                log!("cannot set the clock: {e}");
+            }
+        }
         match Running::spawn(exec, c, &mut self.ctx, &mut self.reg) {
             Ok(running) => {
                 self.pids.insert(running.pid, (c, id));

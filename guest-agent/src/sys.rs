@@ -759,6 +759,74 @@ pub fn power_off() -> ! {
     }
 }
 
+/// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])`.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG`: `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// `struct rand_pool_info` with room for [`proto::MAX_EXEC_ENTROPY`] bytes.
+#[repr(C)]
+struct RandPoolInfo {
+    entropy_count: libc::c_int,
+    buf_size: libc::c_int,
+    buf: [u8; proto::MAX_EXEC_ENTROPY],
+}
+
+/// Mix `entropy` (credited in full) into the kernel's input pool and reseed the CRNG
+/// from it now, so that the next random bytes and every new process's ASLR differ from
+/// any other VM restored from the same snapshot. Needs CAP_SYS_ADMIN.
+pub fn reseed_random(entropy: &[u8]) -> io::Result<()> {
+    let mut info = RandPoolInfo {
+        entropy_count: 0,
+        buf_size: 0,
+        buf: [0; proto::MAX_EXEC_ENTROPY],
+    };
+    let n = entropy.len().min(info.buf.len());
+    info.buf
+        .get_mut(..n)
+        .unwrap_or_default()
+        .copy_from_slice(entropy.get(..n).unwrap_or_default());
+    info.buf_size = n as libc::c_int;
+    info.entropy_count = (n * 8) as libc::c_int;
+    let random = open(Path::new("/dev/urandom"), libc::O_WRONLY | libc::O_CLOEXEC)?;
+    // SAFETY: `info` is a live rand_pool_info whose buf holds buf_size bytes; the kernel
+    // reads it and nothing else.
+    if unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, &info) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    if unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Set the wall clock to `ns` since the epoch, unless it is already within `slack_ns`.
+/// Returns whether it was set.
+pub fn set_wall_clock(ns: u64, slack_ns: u64) -> io::Result<bool> {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut now) };
+    let current = (now.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(now.tv_nsec as u64);
+    if current.abs_diff(ns) <= slack_ns {
+        return Ok(false);
+    }
+    let target = libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: `target` is a valid timespec.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &target) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

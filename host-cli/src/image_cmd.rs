@@ -75,7 +75,8 @@ fn make_ready_snapshot(args: &ImageArgs) -> Result<Option<std::path::PathBuf>, F
         save_ready_snapshot: true,
         ..MicrovmOptions::default()
     });
-    let fail = |e: sandbox::SandboxError| Failure::new(format!("the ready snapshot: {}", chain(&e)));
+    let fail =
+        |e: sandbox::SandboxError| Failure::new(format!("the ready snapshot: {}", chain(&e)));
     vm.provision(&spec).map_err(fail)?;
     vm.start().map_err(fail)?;
     let dir = vm.timeline.snapshot.clone();

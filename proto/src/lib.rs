@@ -65,7 +65,9 @@ pub use frame::{
     encode_control, encode_frame, Decoder, Frame, FrameKind, FrameReader, FrameWriter, Frames,
     FRAME_HEADER_LEN, LENGTH_PREFIX_LEN,
 };
-pub use message::{negotiate_max_frame, Control, Exec, Exit, ExitStatus, Rlimits};
+pub use message::{
+    negotiate_max_frame, Control, Exec, Exit, ExitStatus, Rlimits, MAX_EXEC_ENTROPY,
+};
 
 /// The protocol version both sides must agree on.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -163,7 +163,20 @@ pub struct Exec {
     /// agent.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub root: bool,
+    /// Host randomness (at most [`MAX_EXEC_ENTROPY`] bytes) that the agent mixes into
+    /// the guest kernel's pool, reseeding its generator, before the command starts:
+    /// VMs restored from one snapshot must not share a random state. An agent that
+    /// cannot reseed refuses the exec.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entropy: Vec<u8>,
+    /// The host's wall-clock time, nanoseconds since the epoch: the agent sets the
+    /// guest's clock to it first (a restored VM's clock stood still while it was saved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wall_clock_ns: Option<u64>,
 }
+
+/// The most host randomness one exec carries.
+pub const MAX_EXEC_ENTROPY: usize = 64;
 
 impl Exec {
     /// Checks what serde cannot: the agent refuses an exec that fails this.
@@ -196,6 +209,12 @@ impl Exec {
         }
         if self.pty {
             return invalid("exec.pty is not supported".into());
+        }
+        if self.entropy.len() > MAX_EXEC_ENTROPY {
+            return invalid(format!(
+                "exec.entropy has {} bytes, more than {MAX_EXEC_ENTROPY}",
+                self.entropy.len()
+            ));
         }
         Ok(())
     }
@@ -285,6 +304,20 @@ mod tests {
         let json = String::from_utf8(msg.to_json().unwrap()).unwrap();
 
         assert_eq!(json, r#"{"type":"stdin_close","id":4}"#);
+    }
+
+    #[test]
+    fn exec_entropy_is_bounded_and_left_out_when_empty() {
+        let mut req = exec();
+        let json = String::from_utf8(Control::Exec(req.clone()).to_json().unwrap()).unwrap();
+        assert!(!json.contains("entropy") && !json.contains("wall_clock"), "{json}");
+
+        req.entropy = vec![1; MAX_EXEC_ENTROPY];
+        req.wall_clock_ns = Some(1);
+        assert!(req.validate().is_ok());
+        req.entropy.push(1);
+        let err = req.validate().unwrap_err().to_string();
+        assert!(err.contains("exec.entropy has 65 bytes"), "{err}");
     }
 
     #[test]

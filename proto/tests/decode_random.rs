@@ -102,6 +102,8 @@ fn sample_messages() -> Vec<Control> {
             },
             pty: false,
             root: true,
+            entropy: vec![0x5a; 32],
+            wall_clock_ns: Some(1_765_000_000_000_000_000),
         }),
         Control::StdinClose { id: 7 },
         Control::StdinCredit {

@@ -92,14 +92,26 @@ fn connect(
     }
 }
 
-fn sh(
-    client: &mut AgentClient<std::os::unix::net::UnixStream, std::os::unix::net::UnixStream>,
-    script: &str,
-) -> (i32, String) {
+type Client = AgentClient<std::os::unix::net::UnixStream, std::os::unix::net::UnixStream>;
+
+/// Run `script` as the microVM backend does: with fresh host entropy and the host's
+/// time (`fresh`), or as an exec without them.
+fn sh_with(client: &mut Client, script: &str, fresh: bool) -> (i32, String) {
+    let mut entropy = vec![0u8; 32];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").unwrap(),
+        &mut entropy,
+    )
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
     let exec = Exec {
         argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
         cwd: Some("/".into()),
         root: true,
+        entropy: if fresh { entropy } else { Vec::new() },
+        wall_clock_ns: fresh.then_some(now.as_nanos() as u64),
         ..Exec::default()
     };
     let out = client.exec_output(exec, None).unwrap();
@@ -107,6 +119,10 @@ fn sh(
         out.exit.code.unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
+}
+
+fn sh(client: &mut Client, script: &str) -> (i32, String) {
+    sh_with(client, script, true)
 }
 
 fn snapshot_error(result: Result<Vm, VmmError>) -> String {
@@ -165,6 +181,32 @@ fn one_snapshot_restores_into_many_separate_vms_and_bad_snapshots_are_refused() 
             started.elapsed()
         );
         clients.push(client);
+    }
+    // Restored from one snapshot, both guests start with one random state; what a
+    // command reads must differ all the same, and the clock must be the host's.
+    let random = "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
+    let stale: Vec<String> = clients
+        .iter_mut()
+        .map(|c| sh_with(c, random, false).1)
+        .collect();
+    eprintln!("without reseeding: {stale:?}");
+    let fresh: Vec<String> = clients.iter_mut().map(|c| sh(c, random).1).collect();
+    assert_ne!(
+        fresh[0], fresh[1],
+        "two restored VMs read the same random bytes"
+    );
+    assert_eq!(fresh[0].len(), 32, "{fresh:?}");
+    for client in &mut clients {
+        let host = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let (_, out) = sh(client, "date +%s");
+        let guest: u64 = out.trim().parse().unwrap();
+        assert!(
+            guest.abs_diff(host) <= 5,
+            "guest clock {guest}, host {host}"
+        );
     }
     let (code, out) = sh(&mut clients[0], "echo secret > /tmp/mark && echo written");
     assert_eq!((code, out.trim()), (0, "written"));

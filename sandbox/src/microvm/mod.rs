@@ -249,8 +249,7 @@ impl MicrovmBackend {
         if self.opts.save_ready_snapshot {
             let dir = dir.ok_or_else(|| SandboxError::Unenforceable {
                 backend: "microvm",
-                what: "a ready snapshot of a VM with shared directories (not supported yet)"
-                    .into(),
+                what: "a ready snapshot of a VM with shared directories (not supported yet)".into(),
             })?;
             config.snapshot = Some(vmm::SnapshotMode::SaveAtReady(dir));
             return Ok(true);
@@ -303,6 +302,34 @@ impl MicrovmBackend {
             None => tracing::info!("{line}"),
         }
     }
+}
+
+/// 32 bytes from the host kernel's generator, for the guest's.
+fn host_entropy() -> Result<Vec<u8>, SandboxError> {
+    let mut bytes = vec![0u8; 32];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        let rest = bytes.get_mut(filled..).unwrap_or_default();
+        // SAFETY: `rest` is a live, writable buffer of `rest.len()` bytes.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(SandboxError::io("reading the host's random generator", e));
+        }
+        filled += n as usize;
+    }
+    Ok(bytes)
+}
+
+/// The host's wall-clock time in nanoseconds since the epoch.
+fn wall_clock_ns() -> Option<u64> {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .and_then(|d| u64::try_from(d.as_nanos()).ok())
 }
 
 /// Why a connection to the agent failed.
@@ -611,6 +638,10 @@ impl Backend for MicrovmBackend {
                 ..Rlimits::default()
             },
             root: spec.policy.process.guest_root,
+            // Every command reseeds the guest's random generator and sets its clock: a
+            // VM restored from a snapshot starts with the saved random state and time.
+            entropy: host_entropy()?,
+            wall_clock_ns: wall_clock_ns(),
             ..Exec::default()
         };
         let start = Instant::now();

@@ -44,7 +44,8 @@ fn a_saved_snapshot_loads_back_with_its_memory_and_holes() {
     let id = identity(tmp.root());
     let mem = crate::memory::create_guest_memory(64).unwrap();
     mem.write_slice(b"hello", GuestAddress(0x20_0000)).unwrap();
-    mem.write_slice(b"end", GuestAddress((64 << 20) - 3)).unwrap();
+    mem.write_slice(b"end", GuestAddress((64 << 20) - 3))
+        .unwrap();
     let dir = tmp.path("snap");
 
     let header = save(&dir, id.clone(), &state(), &mem).unwrap();
@@ -54,10 +55,14 @@ fn a_saved_snapshot_loads_back_with_its_memory_and_holes() {
     assert_eq!(loaded.state, state());
     let restored = map_memory(&loaded.memory, &dir.join(MEMORY_FILE), 64).unwrap();
     let mut buf = [0u8; 5];
-    restored.read_slice(&mut buf, GuestAddress(0x20_0000)).unwrap();
+    restored
+        .read_slice(&mut buf, GuestAddress(0x20_0000))
+        .unwrap();
     assert_eq!(&buf, b"hello");
     // Copy-on-write: the guest's writes never reach the file.
-    restored.write_slice(b"HELLO", GuestAddress(0x20_0000)).unwrap();
+    restored
+        .write_slice(b"HELLO", GuestAddress(0x20_0000))
+        .unwrap();
     let again = map_memory(&loaded.memory, &dir.join(MEMORY_FILE), 64).unwrap();
     again.read_slice(&mut buf, GuestAddress(0x20_0000)).unwrap();
     assert_eq!(&buf, b"hello");
@@ -66,7 +71,10 @@ fn a_saved_snapshot_loads_back_with_its_memory_and_holes() {
     assert_eq!(meta.len(), 64 << 20);
     assert!(meta.blocks() * 512 < 1 << 20, "{} blocks", meta.blocks());
     for file in [STATE_FILE, MEMORY_FILE] {
-        let mode = std::fs::metadata(dir.join(file)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.join(file))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600, "{file}");
     }
     let dir_mode = std::fs::metadata(&dir).unwrap().permissions().mode();
@@ -124,9 +132,10 @@ fn a_damaged_snapshot_is_refused() {
     assert!(err.contains("does not match its checksum"), "{err}");
 
     // A header from another format.
-    let other = String::from_utf8(text.clone())
-        .unwrap()
-        .replacen("\"format\":1", "\"format\":99", 1);
+    let other =
+        String::from_utf8(text.clone())
+            .unwrap()
+            .replacen("\"format\":1", "\"format\":99", 1);
     std::fs::write(&state_path, other).unwrap();
     let err = load(&dir, &id).unwrap_err().to_string();
     assert!(err.contains("snapshot format 99"), "{err}");
@@ -146,7 +155,10 @@ fn a_damaged_snapshot_is_refused() {
     let err = map_memory(&file, &dir.join(MEMORY_FILE), 64)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("4096 bytes of memory for a 64 MiB guest"), "{err}");
+    assert!(
+        err.contains("4096 bytes of memory for a 64 MiB guest"),
+        "{err}"
+    );
 }
 
 #[test]

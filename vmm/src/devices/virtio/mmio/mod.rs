@@ -765,9 +765,12 @@ mod tests {
         let saved = h.transport.save().unwrap();
         let device = Arc::new(Mutex::new(TestDevice::default()));
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let mut fresh =
-            MmioTransport::new(h.mem.clone(), device.clone(), Arc::new(irq.try_clone().unwrap()))
-                .unwrap();
+        let mut fresh = MmioTransport::new(
+            h.mem.clone(),
+            device.clone(),
+            Arc::new(irq.try_clone().unwrap()),
+        )
+        .unwrap();
         fresh.restore(&saved).unwrap();
 
         assert_eq!(saved.queues[0].next_avail, 2);
@@ -856,7 +859,10 @@ mod tests {
         assert!(h.transport.save().is_ok(), "not activated yet");
         h.activate();
         let err = h.transport.save().unwrap_err().to_string();
-        assert!(err.contains("type 42 keeps state a snapshot cannot hold"), "{err}");
+        assert!(
+            err.contains("type 42 keeps state a snapshot cannot hold"),
+            "{err}"
+        );
     }
 
     #[test]
