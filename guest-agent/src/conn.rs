@@ -44,6 +44,8 @@ pub enum Action {
     Spawn(Box<Exec>),
     /// Power off (or, outside a VM, exit).
     Shutdown,
+    /// Create links and mount shares (`Control::Setup`, encoded as on the command line).
+    Setup { links: String, mounts: String },
 }
 
 /// One host connection.
@@ -295,6 +297,7 @@ impl Conn {
                 self.queue(&Control::Pong);
                 None
             }
+            Control::Setup { links, mounts } => Some(Action::Setup { links, mounts }),
             // The host's own error report (e.g. before it hangs up): nothing to answer.
             Control::Error { .. } => None,
             other => {

@@ -246,6 +246,7 @@ fn run_pid1(unix: Option<PathBuf>) -> ! {
         max_frame: proto::DEFAULT_MAX_FRAME,
         agent_version: VERSION.into(),
         refusal,
+        accept_setup: true,
     };
     let bench_poweroff = cfg.bench_poweroff;
     let served = std::panic::catch_unwind(move || {
@@ -315,6 +316,7 @@ fn run_process(args: &Args) -> i32 {
         max_frame: proto::DEFAULT_MAX_FRAME,
         agent_version: VERSION.into(),
         refusal: None,
+        accept_setup: false,
     };
     let reason = match Server::new(listener, ctx, opts) {
         Ok(mut server) => {

@@ -29,6 +29,19 @@ use crate::registry::{Registry, Source, Watched};
 use crate::sys::{self, EV_IN, EV_OUT};
 use crate::{error_chain, log};
 
+/// Decode a `Setup`'s links and mounts and carry them out.
+fn apply_setup(links: &str, mounts: &str) -> Result<(), String> {
+    let links = match links {
+        "" => Vec::new(),
+        l => proto::mounts::decode_links(l).map_err(|e| format!("links: {e}"))?,
+    };
+    let mounts = match mounts {
+        "" => Vec::new(),
+        m => proto::mounts::decode_mounts(m).map_err(|e| format!("mounts: {e}"))?,
+    };
+    crate::shares::set_up(&links, &mounts).map_err(|e| error_chain(&e))
+}
+
 /// The guest clock is left alone when it is this close to the host's (the exec's time
 /// is already a little old when it arrives).
 const WALL_CLOCK_SLACK_NS: u64 = 50_000_000;
@@ -74,6 +87,9 @@ pub struct Options {
     /// Set when the guest could not be set up as the host asked (a share failed to
     /// mount): every connection is answered with this error instead of `Ready`.
     pub refusal: Option<String>,
+    /// Accept one `Setup` (links and mounts) before the first exec: PID 1 of a VM
+    /// restored from a snapshot gets its shares this way.
+    pub accept_setup: bool,
 }
 
 /// The agent's event loop and everything it owns.
@@ -92,6 +108,8 @@ pub struct Server {
     scratch: Vec<u8>,
     stop: Option<StopReason>,
     forwarder: Option<(Watched, Forwarder)>,
+    /// A `Setup` was carried out, or an exec started (after which none is accepted).
+    setup_closed: bool,
 }
 
 impl Server {
@@ -114,6 +132,7 @@ impl Server {
             scratch: vec![0u8; DATA_CHUNK],
             stop: None,
             forwarder: None,
+            setup_closed: false,
         })
     }
 
@@ -267,7 +286,31 @@ impl Server {
                 Action::Shutdown => {
                     self.stop.get_or_insert(StopReason::Shutdown);
                 }
+                Action::Setup { links, mounts } => self.setup(c, &links, &mounts),
             }
+        }
+    }
+
+    /// `Control::Setup`: links and mounts, once, before any exec. A failure refuses every
+    /// later exec and connection, as a failed setup at boot does.
+    fn setup(&mut self, c: u32, links: &str, mounts: &str) {
+        let reply = if !self.opts.accept_setup {
+            Control::error(None, "setup is only accepted by the guest's PID 1")
+        } else if self.setup_closed {
+            Control::error(None, "setup comes once, before any exec")
+        } else {
+            self.setup_closed = true;
+            match apply_setup(links, mounts) {
+                Ok(()) => Control::SetupDone,
+                Err(message) => {
+                    log!("setup failed: {message}; refusing to run commands");
+                    self.opts.refusal = Some(message.clone());
+                    Control::error(None, message)
+                }
+            }
+        };
+        if let Some(conn) = self.conns.get_mut(&c) {
+            conn.queue(&reply);
         }
     }
 
@@ -276,6 +319,11 @@ impl Server {
             return;
         };
         let id = exec.id;
+        self.setup_closed = true;
+        if let Some(why) = &self.opts.refusal {
+            conn.queue(&Control::error(Some(id), why.clone()));
+            return;
+        }
         // A restored VM first gets fresh randomness and the host's time. Without the
         // reseed two VMs from one snapshot would share their random state: refuse.
         if !exec.entropy.is_empty() {
@@ -524,6 +572,7 @@ mod tests {
             max_frame: proto::DEFAULT_MAX_FRAME,
             agent_version: "test".into(),
             refusal: Some("cannot mount share mxcfs0 at /w".into()),
+            accept_setup: false,
         };
         // The server runs (and blocks its signals) on its own thread, for the rest of the
         // test process.
@@ -550,5 +599,74 @@ mod tests {
         let _ = std::fs::remove_file(&path);
 
         assert_eq!(answers, ["cannot mount share mxcfs0 at /w"; 2]);
+    }
+
+    /// A server on a fresh socket, on its own thread; returns the socket path.
+    fn serve(name: &str, accept_setup: bool) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("agent-{name}-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let opts = Options {
+            stop_on_disconnect: false,
+            pid1: false,
+            max_frame: proto::DEFAULT_MAX_FRAME,
+            agent_version: "test".into(),
+            refusal: None,
+            accept_setup,
+        };
+        std::thread::spawn(move || {
+            let ctx = SpawnContext {
+                cgroups: None,
+                reset_oom_score: false,
+                is_root: false,
+                extra_env: Vec::new(),
+            };
+            let mut server = Server::new(OwnedFd::from(listener), ctx, opts).unwrap();
+            server.run()
+        });
+        path
+    }
+
+    fn remote_message<T: std::fmt::Debug>(r: Result<T, ClientError>) -> String {
+        match r {
+            Err(ClientError::Remote { message, .. }) => message,
+            other => format!("unexpected: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn setup_comes_once_before_any_exec_and_a_failed_one_refuses_execs() {
+        let connect = |path: &std::path::Path| {
+            AgentClient::over_unix(std::os::unix::net::UnixStream::connect(path).unwrap()).unwrap()
+        };
+        let echo = || proto::Exec {
+            argv: vec!["/bin/echo".into(), "hi".into()],
+            ..proto::Exec::default()
+        };
+
+        let path = serve("setup-once", true);
+        let mut client = connect(&path);
+        client.setup("", "").unwrap();
+        let mut again = connect(&path);
+        assert!(remote_message(again.setup("", "")).contains("once"));
+        let _ = std::fs::remove_file(&path);
+
+        let path = serve("setup-bad", true);
+        let mut client = connect(&path);
+        let message = remote_message(client.setup("", "mxcfs0:relative:ro"));
+        assert!(message.starts_with("mounts:"), "{message}");
+        // The same connection may not run commands, and a new one is refused outright.
+        let message = remote_message(client.exec_output(echo(), None));
+        assert!(message.starts_with("mounts:"), "{message}");
+        let stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let message = remote_message(AgentClient::over_unix(stream));
+        assert!(message.starts_with("mounts:"), "{message}");
+        let _ = std::fs::remove_file(&path);
+
+        let path = serve("setup-refused", false);
+        let mut client = connect(&path);
+        assert!(remote_message(client.setup("", "")).contains("only accepted by the guest's PID 1"));
+        let _ = std::fs::remove_file(&path);
     }
 }

@@ -357,6 +357,28 @@ impl<R: Read, W: Write> AgentClient<R, W> {
         }
     }
 
+    /// Has the agent create `links` and mount `mounts` (encoded as on the kernel command
+    /// line, see [`crate::mounts`]) before any exec; waits for it to finish.
+    pub fn setup(&mut self, links: &str, mounts: &str) -> Result<(), ClientError> {
+        self.usable()?;
+        let request = Control::Setup {
+            links: links.to_string(),
+            mounts: mounts.to_string(),
+        };
+        lock(&self.writer).write_control(&request)?;
+        let result = (|| {
+            let frame = self.reader.read_frame()?.ok_or(ClientError::Closed)?;
+            match frame.to_control()? {
+                Control::SetupDone => Ok(()),
+                Control::Error { id, message } => Err(ClientError::Remote { id, message }),
+                other => Err(unexpected(&other)),
+            }
+        })();
+        // A refused setup leaves the connection in step; anything else breaks it.
+        self.broken |= !matches!(result, Ok(()) | Err(ClientError::Remote { .. }));
+        result
+    }
+
     /// Asks the agent to power the guest off. The connection ends.
     pub fn shutdown(self) -> Result<(), ClientError> {
         lock(&self.writer).write_control(&Control::Shutdown)?;

@@ -67,6 +67,21 @@ pub enum Control {
     Ping,
     /// The answer to [`Control::Ping`].
     Pong,
+    /// Host to agent, once, before any exec: create these links and mount these shares,
+    /// as the kernel command line's `mxc.links=` and `mxc.mounts=` would have at boot
+    /// (same encoding, see [`crate::mounts`]). A VM restored from a snapshot gets its
+    /// shares this way. Answered with [`Control::SetupDone`] or an [`Control::Error`];
+    /// after a failure the agent refuses every exec.
+    Setup {
+        /// `mxc.links=` value (empty: none).
+        #[serde(default)]
+        links: String,
+        /// `mxc.mounts=` value (empty: none).
+        #[serde(default)]
+        mounts: String,
+    },
+    /// The answer to a [`Control::Setup`] that succeeded.
+    SetupDone,
 }
 
 impl Control {
@@ -94,6 +109,8 @@ impl Control {
             Self::Shutdown => "shutdown",
             Self::Ping => "ping",
             Self::Pong => "pong",
+            Self::Setup { .. } => "setup",
+            Self::SetupDone => "setup_done",
         }
     }
 
@@ -310,7 +327,10 @@ mod tests {
     fn exec_entropy_is_bounded_and_left_out_when_empty() {
         let mut req = exec();
         let json = String::from_utf8(Control::Exec(req.clone()).to_json().unwrap()).unwrap();
-        assert!(!json.contains("entropy") && !json.contains("wall_clock"), "{json}");
+        assert!(
+            !json.contains("entropy") && !json.contains("wall_clock"),
+            "{json}"
+        );
 
         req.entropy = vec![1; MAX_EXEC_ENTROPY];
         req.wall_clock_ns = Some(1);

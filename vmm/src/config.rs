@@ -81,6 +81,16 @@ pub struct VmConfig {
     /// shown to the guest as theirs. `None`: ownership is shown as it is on the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub share_guest_owner: Option<u32>,
+    /// Virtio-fs device slots for snapshots. With N > 0 the VM has exactly N fs devices,
+    /// tags `mxcfs0`…: slot i serves `shares[i]` (whose tag must be `mxcfs<i>`), every
+    /// other slot `share_placeholder` read-only. A ready snapshot is made with every slot
+    /// a placeholder and restored with the policy's shares in the slots, which the guest
+    /// agent mounts after the restore (`Control::Setup`). 0: one device per share.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub share_slots: u8,
+    /// The directory unused slots serve (read-only; it should be empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_placeholder: Option<PathBuf>,
     /// The most bytes the guest may write into all shares together (`ENOSPC` past it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub share_write_limit: Option<u64>,
@@ -107,6 +117,10 @@ pub struct VmConfig {
     pub snapshot: Option<SnapshotMode>,
 }
 
+fn is_zero(n: &u8) -> bool {
+    *n == 0
+}
+
 /// A configuration value the VMM refuses.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -122,8 +136,14 @@ pub enum ConfigError {
     CmdlineCharacters,
     #[error("stop_at must be first_vcpu_entry or first_guest_exit, not {0:?}")]
     StopAt(Stage),
-    #[error("a VM with shared directories cannot be snapshotted or restored yet")]
+    #[error("a VM with shared directories is snapshotted or restored only with share_slots")]
     SnapshotWithShares,
+    #[error("{shares} shares do not fit in {slots} share slots")]
+    TooManyShares { shares: usize, slots: u8 },
+    #[error("share_slots needs a share_placeholder directory")]
+    NoSharePlaceholder,
+    #[error("share {index} must have the tag of its slot, {expected:?}")]
+    SlotTag { index: usize, expected: String },
     #[error("stop_at cannot be combined with a snapshot")]
     SnapshotWithStopAt,
 }
@@ -145,6 +165,8 @@ impl VmConfig {
             shares: Vec::new(),
             share_run_as: None,
             share_guest_owner: None,
+            share_slots: 0,
+            share_placeholder: None,
             share_write_limit: None,
             pvm: PvmMode::Auto,
             pvm_cmdline: String::new(),
@@ -178,8 +200,25 @@ impl VmConfig {
             None | Some(Stage::FirstVcpuEntry | Stage::FirstGuestExit) => {}
             Some(other) => return Err(ConfigError::StopAt(other)),
         }
+        if self.share_slots > 0 {
+            if self.shares.len() > usize::from(self.share_slots) {
+                return Err(ConfigError::TooManyShares {
+                    shares: self.shares.len(),
+                    slots: self.share_slots,
+                });
+            }
+            if self.share_placeholder.is_none() {
+                return Err(ConfigError::NoSharePlaceholder);
+            }
+            for (index, share) in self.shares.iter().enumerate() {
+                let expected = crate::devices::fs::share_tag(index);
+                if share.tag != expected {
+                    return Err(ConfigError::SlotTag { index, expected });
+                }
+            }
+        }
         if self.snapshot.is_some() {
-            if !self.shares.is_empty() {
+            if !self.shares.is_empty() && self.share_slots == 0 {
                 return Err(ConfigError::SnapshotWithShares);
             }
             if self.stop_at.is_some() {

@@ -457,13 +457,14 @@ impl Vm {
     /// so a share the guest cannot get is an error before anything boots.
     fn add_shares(&mut self) -> Result<(), VmmError> {
         use crate::devices::fs::{self, Fs, ServerOptions};
-        if self.config.shares.is_empty() {
+        let shares = share_devices(&self.config);
+        if shares.is_empty() {
             return Ok(());
         }
         let mut steps = SetupSteps::new();
-        fs::validate_shares(&self.config.shares)?;
+        fs::validate_shares(&shares)?;
         let options = ServerOptions {
-            limits: fs::limits_within_fd_budget(self.config.shares.len())?,
+            limits: fs::limits_within_fd_budget(shares.len())?,
             run_as: self.config.share_run_as,
             guest_owner: self.config.share_guest_owner,
         };
@@ -471,8 +472,8 @@ impl Vm {
             .config
             .share_write_limit
             .map(|bytes| Arc::new(fs::WriteBudget::new(bytes)));
-        for share in self.config.shares.clone() {
-            let device = Fs::with_budget(&share, options, budget.clone())?;
+        for share in &shares {
+            let device = Fs::with_budget(share, options, budget.clone())?;
             self.add_virtio_device(Arc::new(Mutex::new(device)))?;
         }
         steps.done("add shares");
@@ -664,6 +665,26 @@ impl Vm {
     }
 }
 
+/// The virtio-fs devices of `config`, in slot order: its shares, then (with share slots)
+/// a read-only placeholder in every slot left.
+fn share_devices(config: &VmConfig) -> Vec<crate::devices::fs::FsShareConfig> {
+    use crate::devices::fs::{share_tag, FsShareConfig};
+    let mut shares = config.shares.clone();
+    if let Some(placeholder) = &config.share_placeholder {
+        for index in shares.len()..usize::from(config.share_slots) {
+            shares.push(FsShareConfig {
+                tag: share_tag(index),
+                host_path: placeholder.clone(),
+                guest_path: format!("/.mxc-vm-slot{index}").into(),
+                readonly: true,
+                denied: Vec::new(),
+                root_allowlist: None,
+            });
+        }
+    }
+    shares
+}
+
 /// What a snapshot saves, once every vCPU and device has stopped.
 struct SnapshotParts<'a> {
     vm: &'a dyn hypervisor::Vm,
@@ -721,7 +742,7 @@ fn snapshot_identity(
     flavour: hypervisor::Flavour,
     pvm: bool,
 ) -> Result<Identity, VmmError> {
-    let virtio_slots = u32::from(config.vsock.is_some()) + config.shares.len() as u32;
+    let virtio_slots = u32::from(config.vsock.is_some()) + share_devices(config).len() as u32;
     let cmdline = boot::cmdline::build(&CmdlineParts {
         virtio_slots,
         console: config.console != ConsoleMode::Off,

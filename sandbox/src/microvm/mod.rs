@@ -37,6 +37,10 @@ pub use vmm_process::{vmm_command, vmm_main, VmmFiles, VMM_ARG};
 
 type Client = AgentClient<std::os::unix::net::UnixStream, std::os::unix::net::UnixStream>;
 
+/// Virtio-fs slots of a VM that starts from (or makes) a ready snapshot: a policy with
+/// more shared directories boots instead.
+pub const SHARE_SLOTS: u8 = 8;
+
 /// Guest RAM when the policy sets no memory limit. Under kvm_pvm every page the guest
 /// touches for the first time costs milliseconds, so keep the default modest.
 pub const DEFAULT_MEM_MIB: u64 = 256;
@@ -233,67 +237,108 @@ impl MicrovmBackend {
 impl MicrovmBackend {
     /// Decide how this VM starts: save its ready snapshot (`save_ready_snapshot`),
     /// restore from it, or boot (with a notice saying why, when a snapshot could have
-    /// been used). Returns whether the VM is being saved.
-    fn plan_snapshot(&mut self, config: &mut vmm::VmConfig) -> Result<bool, SandboxError> {
-        let dir = match self.ready_snapshot_dir(config) {
-            Ok(dir) => dir,
-            Err(why) if self.opts.save_ready_snapshot => {
-                return Err(SandboxError::setup("snapshot", std::io::Error::other(why)))
-            }
+    /// been used). A VM that uses a snapshot is configured with share slots instead of
+    /// its shares on the command line (see [`SHARE_SLOTS`]). Returns whether the VM is
+    /// being saved.
+    fn plan_snapshot(
+        &mut self,
+        config: &mut vmm::VmConfig,
+        runtime: &Path,
+    ) -> Result<bool, SandboxError> {
+        let planned = self.slot_config(config, runtime).and_then(|slotted| {
+            let dir = self.ready_snapshot_dir(&slotted)?;
+            Ok((slotted, dir))
+        });
+        if self.opts.save_ready_snapshot {
+            let (mut slotted, dir) = planned.map_err(|why| SandboxError::Unenforceable {
+                backend: "microvm",
+                what: format!("a ready snapshot of this VM: {why}"),
+            })?;
+            slotted.snapshot = Some(vmm::SnapshotMode::SaveAtReady(dir.clone()));
+            self.timeline.snapshot = Some(dir);
+            *config = slotted;
+            return Ok(true);
+        }
+        if self.opts.cold {
+            return Ok(false);
+        }
+        let (mut slotted, dir) = match planned {
+            Ok(planned) => planned,
             Err(why) => {
                 self.notify(format!("booting the guest kernel: {why}"));
                 return Ok(false);
             }
         };
-        self.timeline.snapshot = dir.clone();
-        if self.opts.save_ready_snapshot {
-            let dir = dir.ok_or_else(|| SandboxError::Unenforceable {
-                backend: "microvm",
-                what: "a ready snapshot of a VM with shared directories (not supported yet)".into(),
-            })?;
-            config.snapshot = Some(vmm::SnapshotMode::SaveAtReady(dir));
-            return Ok(true);
-        }
-        let Some(dir) = dir else {
-            return Ok(false);
-        };
-        if self.opts.cold {
-            return Ok(false);
-        }
+        self.timeline.snapshot = Some(dir.clone());
         if !dir.join(vmm::snapshot::STATE_FILE).exists() {
             self.notify(
-                "booting the guest kernel: there is no ready snapshot for this VM yet                  (`mxc-vm image build` makes one)"
+                "booting the guest kernel: there is no ready snapshot for this VM yet \
+                 (`mxc-vm image build` makes one)"
                     .into(),
             );
             return Ok(false);
         }
-        let usable = vmm::snapshot_identity_for(config)
+        let usable = vmm::snapshot_identity_for(&slotted)
             .map_err(|e| crate::error_chain(&e))
             .and_then(|identity| {
                 vmm::snapshot::check(&dir, &identity).map_err(|e| crate::error_chain(&e))
             });
         match usable {
             Ok(_) => {
-                config.snapshot = Some(vmm::SnapshotMode::Restore(dir));
+                slotted.snapshot = Some(vmm::SnapshotMode::Restore(dir));
+                *config = slotted;
                 self.timeline.restored = true;
             }
             Err(why) => self.notify(format!(
-                "booting the guest kernel: the ready snapshot cannot be used ({why});                  `mxc-vm image build` makes a new one"
+                "booting the guest kernel: the ready snapshot cannot be used ({why}); \
+                 `mxc-vm image build` makes a new one"
             )),
         }
         Ok(false)
     }
 
-    /// Where the ready snapshot of a VM configured as `config` lives: in the image
-    /// cache, named by what it is made from. `None` for a VM with shares (a snapshot
-    /// cannot hold a mounted share yet).
-    fn ready_snapshot_dir(&self, config: &vmm::VmConfig) -> Result<Option<PathBuf>, String> {
-        if !config.shares.is_empty() {
-            return Ok(None);
+    /// `config` as a VM that uses a snapshot has it: the same guest, with its shares in
+    /// [`SHARE_SLOTS`] virtio-fs slots (the rest serving an empty directory) and nothing
+    /// policy-specific on the kernel command line (the agent gets the links and mounts
+    /// after the restore; the proxy relay always listens, and only reaches the host
+    /// where the policy lets something out).
+    fn slot_config(&self, config: &vmm::VmConfig, runtime: &Path) -> Result<vmm::VmConfig, String> {
+        if config.shares.len() > usize::from(SHARE_SLOTS) {
+            return Err(format!(
+                "its {} shared directories are more than a snapshot's {SHARE_SLOTS} slots",
+                config.shares.len()
+            ));
         }
+        let placeholder = runtime.join("empty");
+        match std::fs::DirBuilder::new().mode(0o555).create(&placeholder) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(format!("creating {}: {e}", placeholder.display()))
+            }
+            _ => {}
+        }
+        let console = if self.opts.console {
+            guest_image::GuestConsole::Shown
+        } else {
+            guest_image::GuestConsole::Logged
+        };
+        let mut slotted = config.clone();
+        slotted.cmdline_extra = format!(
+            "{} mxc.port={}{}",
+            guest_image::kernel_cmdline(console, false),
+            proto::AGENT_VSOCK_PORT,
+            net::VmNet::relay_cmdline()
+        );
+        slotted.share_slots = SHARE_SLOTS;
+        slotted.share_placeholder = Some(placeholder);
+        Ok(slotted)
+    }
+
+    /// Where the ready snapshot of a VM configured as `config` lives: in the image
+    /// cache, named by what it is made from.
+    fn ready_snapshot_dir(&self, config: &vmm::VmConfig) -> Result<PathBuf, String> {
         let identity = vmm::snapshot_identity_for(config).map_err(|e| crate::error_chain(&e))?;
         let cache = guest_image::cache_dir(&self.opts.image).map_err(|e| e.to_string())?;
-        Ok(Some(cache.join("snapshots").join(identity.key())))
+        Ok(cache.join("snapshots").join(identity.key()))
     }
 
     fn notify(&mut self, line: String) {
@@ -507,7 +552,7 @@ impl Backend for MicrovmBackend {
             uds_path: runtime.join("vsock.sock"),
         });
         let runtime = runtime.clone();
-        let saving = self.plan_snapshot(&mut config)?;
+        let saving = self.plan_snapshot(&mut config, &runtime)?;
         // The proxy listens before the guest can try to reach it.
         self.net.start(&runtime.join("vsock.sock"))?;
         self.timeline.spawned = Some(Instant::now());
@@ -565,7 +610,23 @@ impl Backend for MicrovmBackend {
             // connection open.
             if !saving && self.socket()?.exists() {
                 match self.try_connect() {
-                    Ok(client) => {
+                    Ok(mut client) => {
+                        if self.timeline.restored {
+                            // The restored guest mounts its shares now.
+                            let (links, mounts) = self
+                                .files
+                                .encoded()
+                                .map_err(|e| SandboxError::setup("shares", e))?;
+                            client
+                                .setup(&links, &mounts)
+                                .map_err(|e| SandboxError::Setup {
+                                    stage: "guest setup".into(),
+                                    message: format!(
+                                        "the restored guest could not set up its files: {}",
+                                        crate::error_chain(&e)
+                                    ),
+                                })?;
+                        }
                         self.control = Some(client);
                         self.timeline.agent_ready = Some(Instant::now());
                         return Ok(());

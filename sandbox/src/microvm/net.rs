@@ -88,6 +88,13 @@ impl VmNet {
     }
 
     /// What the guest kernel command line needs (with a leading space), or nothing.
+    /// The relay's kernel flag in a VM that starts from a snapshot, whatever its policy:
+    /// the relay listens in every such guest, and reaches a proxy only where the host
+    /// started one (a connection to the host port of a closed sandbox is refused).
+    pub(crate) fn relay_cmdline() -> String {
+        format!(" mxc.proxy_port={SANDBOX_PROXY_PORT}")
+    }
+
     pub(crate) fn cmdline(&self) -> String {
         self.port
             .map(|p| format!(" mxc.proxy_port={p}"))

@@ -124,6 +124,31 @@ pub struct GuestFiles {
 impl GuestFiles {
     /// The kernel command-line words that tell the agent what to mount (empty when
     /// nothing is shared).
+    /// The links and mounts as `Control::Setup` carries them (`mxc.links=` and
+    /// `mxc.mounts=` values; empty strings for none).
+    pub fn encoded(&self) -> Result<(String, String), SharesError> {
+        let links = if self.links.is_empty() {
+            String::new()
+        } else {
+            proto::mounts::encode_links(&self.links).map_err(SharesError::Encoding)?
+        };
+        let mounts: Vec<GuestMount> = self
+            .shares
+            .iter()
+            .map(|s| GuestMount {
+                tag: s.tag.clone(),
+                path: s.guest_path.clone(),
+                readonly: s.readonly,
+            })
+            .collect();
+        let mounts = if mounts.is_empty() {
+            String::new()
+        } else {
+            proto::mounts::encode_mounts(&mounts).map_err(SharesError::Encoding)?
+        };
+        Ok((links, mounts))
+    }
+
     pub fn cmdline(&self) -> Result<String, SharesError> {
         let mut words = Vec::new();
         if !self.links.is_empty() {

@@ -2,6 +2,7 @@
 
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, SyncSender};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -54,6 +55,10 @@ pub struct Fs {
     exit_evt: EventFd,
     worker: Option<Worker>,
     activated: bool,
+    /// The worker took a request off a queue (see `queue_positions`).
+    served: Arc<AtomicBool>,
+    /// Each queue's (next_avail, next_used) when the device was activated.
+    start_positions: Vec<(u16, u16)>,
 }
 
 impl Fs {
@@ -121,6 +126,8 @@ impl Fs {
             exit_evt: EventFd::new(EFD_NONBLOCK).map_err(FsError::EventFd)?,
             worker: None,
             activated: false,
+            served: Arc::new(AtomicBool::new(false)),
+            start_positions: Vec::new(),
         })
     }
 
@@ -269,6 +276,16 @@ impl VirtioDevice for Fs {
         // The config space (tag, queue count) is read-only.
     }
 
+    /// Only before the guest's first request (before it mounted the share): the FUSE
+    /// session and the open inodes live in the worker and the host kernel, which a
+    /// snapshot cannot hold. Until then every ring is where activation put it.
+    fn queue_positions(&self) -> Option<Vec<(u16, u16)>> {
+        if self.served.load(Ordering::SeqCst) {
+            return None;
+        }
+        Some(self.start_positions.clone())
+    }
+
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
@@ -285,6 +302,13 @@ impl VirtioDevice for Fs {
             });
         }
         let ram = GuestRam::new(&mem).map_err(backend_error)?;
+        self.start_positions = queues
+            .iter()
+            .map(|q| {
+                use virtio_queue::QueueT as _;
+                (q.queue.next_avail(), q.queue.next_used())
+            })
+            .collect();
         let mut served = Vec::with_capacity(NUM_QUEUES);
         for (index, active) in queues.into_iter().enumerate() {
             let queue = bridge::convert_queue(index, &active.queue, &ram).map_err(backend_error)?;
@@ -292,7 +316,7 @@ impl VirtioDevice for Fs {
         }
         // One activation per device: a failed start leaves it unusable rather than half up.
         self.activated = true;
-        let serving = Serving::new(ram, served, interrupt, self.fs.clone());
+        let serving = Serving::new(ram, served, interrupt, self.fs.clone(), self.served.clone());
         let worker = self.start_worker(serving).map_err(ActivateError::Backend)?;
         self.worker = Some(worker);
         Ok(())

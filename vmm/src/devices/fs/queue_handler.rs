@@ -8,7 +8,7 @@
 
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use fuse_backend_rs::api::filesystem::FileSystem;
@@ -74,6 +74,9 @@ pub(crate) struct Serving {
     fs: Arc<PolicyFs>,
     /// The readable bytes of the request being served (at most [`MAX_MESSAGE_LEN`]).
     copy: Vec<u8>,
+    /// Set once a request was taken off a queue (until then a snapshot can hold the
+    /// device: its rings are where activation left them).
+    served: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Serving {
@@ -90,6 +93,7 @@ impl Serving {
         queues: Vec<(Queue, EventFd)>,
         interrupt: Arc<Interrupt>,
         fs: Arc<PolicyFs>,
+        served: Arc<AtomicBool>,
     ) -> Self {
         Self {
             ram,
@@ -105,6 +109,7 @@ impl Serving {
             server: Server::new(fs.clone()),
             fs,
             copy: Vec::new(),
+            served,
         }
     }
 
@@ -167,6 +172,7 @@ impl Serving {
             let Some(chain) = pop_chain(sq, mem) else {
                 return used;
             };
+            self.served.store(true, Ordering::SeqCst);
             let head = chain.head_index();
             let len = serve_chain(server, fs, mem, chain, copy);
             used |= add_used(sq, mem, head, len);
