@@ -61,7 +61,7 @@ impl SyncDevice {
         Self {
             mem,
             queue: DriverQueue::new(1),
-            serving: Serving::new(ram, queues, interrupt, Arc::new(fs)),
+            serving: Serving::new(ram, queues, interrupt, Arc::new(fs), Default::default()),
             unique: 0,
         }
     }
