@@ -306,4 +306,46 @@ mod tests {
             Err(ConfigError::StopAt(Stage::AgentReady))
         );
     }
+
+    #[test]
+    fn share_slots_hold_the_shares_in_order_and_snapshots_need_them() {
+        let share = |tag: &str| FsShareConfig {
+            tag: tag.into(),
+            host_path: "/srv".into(),
+            guest_path: format!("/{tag}").into(),
+            readonly: true,
+            denied: Vec::new(),
+            root_allowlist: None,
+        };
+        let mut config = VmConfig::new("/k", 64, 1);
+        config.shares = vec![share("mxcfs0")];
+        config.snapshot = Some(SnapshotMode::Restore("/snap".into()));
+        assert_eq!(config.validate(), Err(ConfigError::SnapshotWithShares));
+
+        config.share_slots = 2;
+        assert_eq!(config.validate(), Err(ConfigError::NoSharePlaceholder));
+        config.share_placeholder = Some("/empty".into());
+        assert_eq!(config.validate(), Ok(()));
+
+        config.shares = vec![share("mxcfs1")];
+        assert_eq!(
+            config.validate(),
+            Err(ConfigError::SlotTag {
+                index: 0,
+                expected: "mxcfs0".into()
+            })
+        );
+        config.shares = vec![share("mxcfs0"), share("mxcfs1"), share("mxcfs2")];
+        assert_eq!(
+            config.validate(),
+            Err(ConfigError::TooManyShares {
+                shares: 3,
+                slots: 2
+            })
+        );
+        let mut stop = VmConfig::new("/k", 64, 1);
+        stop.stop_at = Some(Stage::FirstVcpuEntry);
+        stop.snapshot = Some(SnapshotMode::SaveAtReady("/snap".into()));
+        assert_eq!(stop.validate(), Err(ConfigError::SnapshotWithStopAt));
+    }
 }
