@@ -62,7 +62,7 @@ fn make_ready_snapshot(args: &ImageArgs) -> Result<Option<std::path::PathBuf>, F
         say(&format!("no ready snapshot made: {reason}"));
         return Ok(None);
     }
-    say("making the ready snapshot: booting the guest once");
+    say("the ready snapshot: a missing or stale one is made by booting the guest once");
     let spec = SandboxSpec {
         policy: policy::Policy::empty(policy::PolicySource::Cli),
         view: policy::FsView::default(),
@@ -79,6 +79,9 @@ fn make_ready_snapshot(args: &ImageArgs) -> Result<Option<std::path::PathBuf>, F
         |e: sandbox::SandboxError| Failure::new(format!("the ready snapshot: {}", chain(&e)));
     vm.provision(&spec).map_err(fail)?;
     vm.start().map_err(fail)?;
+    if vm.timeline.spawned.is_none() {
+        say("the ready snapshot is up to date");
+    }
     let dir = vm.timeline.snapshot.clone();
     vm.deprovision().map_err(fail)?;
     Ok(dir)

@@ -5,7 +5,7 @@
 #
 #   tests/hwkvm/run.sh [TEST-TARGET...] [-- LIBTEST-ARGS...]
 #
-# TEST-TARGET: microvm, microvm_fs, microvm_net, microvm_boot_failures, bench_boot,
+# TEST-TARGET: microvm, microvm_fs, microvm_net, microvm_boot_failures, microvm_snapshot, bench_boot,
 # hwkvm (default: all of them that exist). LIBTEST-ARGS go to every selected executable
 # (a name filter, --exact, ...).
 # Environment: MXC_VM_HWKVM_TIMEOUT (overall limit, default 40m),
@@ -33,7 +33,7 @@ fi
 
 # The microVM test targets (tests/tests/<name>.rs), those that exist.
 all=()
-for t in microvm microvm_fs microvm_net microvm_boot_failures bench_boot hwkvm; do
+for t in microvm microvm_fs microvm_net microvm_boot_failures microvm_snapshot bench_boot hwkvm; do
   [ -f "tests/tests/$t.rs" ] && all+=("$t")
 done
 targets=()

@@ -238,13 +238,12 @@ impl MicrovmBackend {
     /// Decide how this VM starts: save its ready snapshot (`save_ready_snapshot`),
     /// restore from it, or boot (with a notice saying why, when a snapshot could have
     /// been used). A VM that uses a snapshot is configured with share slots instead of
-    /// its shares on the command line (see [`SHARE_SLOTS`]). Returns whether the VM is
-    /// being saved.
+    /// its shares on the command line (see [`SHARE_SLOTS`]).
     fn plan_snapshot(
         &mut self,
         config: &mut vmm::VmConfig,
         runtime: &Path,
-    ) -> Result<bool, SandboxError> {
+    ) -> Result<Start, SandboxError> {
         let planned = self.slot_config(config, runtime).and_then(|slotted| {
             let dir = self.ready_snapshot_dir(&slotted)?;
             Ok((slotted, dir))
@@ -254,19 +253,25 @@ impl MicrovmBackend {
                 backend: "microvm",
                 what: format!("a ready snapshot of this VM: {why}"),
             })?;
-            slotted.snapshot = Some(vmm::SnapshotMode::SaveAtReady(dir.clone()));
-            self.timeline.snapshot = Some(dir);
+            self.timeline.snapshot = Some(dir.clone());
+            let fresh = vmm::snapshot_identity_for(&slotted)
+                .ok()
+                .is_some_and(|identity| vmm::snapshot::check(&dir, &identity).is_ok());
+            if fresh {
+                return Ok(Start::SnapshotUpToDate);
+            }
+            slotted.snapshot = Some(vmm::SnapshotMode::SaveAtReady(dir));
             *config = slotted;
-            return Ok(true);
+            return Ok(Start::Save);
         }
         if self.opts.cold {
-            return Ok(false);
+            return Ok(Start::Boot);
         }
         let (mut slotted, dir) = match planned {
             Ok(planned) => planned,
             Err(why) => {
                 self.notify(format!("booting the guest kernel: {why}"));
-                return Ok(false);
+                return Ok(Start::Boot);
             }
         };
         self.timeline.snapshot = Some(dir.clone());
@@ -276,7 +281,7 @@ impl MicrovmBackend {
                  (`mxc-vm image build` makes one)"
                     .into(),
             );
-            return Ok(false);
+            return Ok(Start::Boot);
         }
         let usable = vmm::snapshot_identity_for(&slotted)
             .map_err(|e| crate::error_chain(&e))
@@ -294,7 +299,7 @@ impl MicrovmBackend {
                  `mxc-vm image build` makes a new one"
             )),
         }
-        Ok(false)
+        Ok(Start::Boot)
     }
 
     /// `config` as a VM that uses a snapshot has it: the same guest, with its shares in
@@ -375,6 +380,16 @@ fn wall_clock_ns() -> Option<u64> {
         .duration_since(std::time::UNIX_EPOCH)
         .ok()
         .and_then(|d| u64::try_from(d.as_nanos()).ok())
+}
+
+/// How `start` goes on once the snapshot is planned.
+enum Start {
+    /// Boot the kernel or restore the snapshot (as the config now says), then serve.
+    Boot,
+    /// Boot to Ready and save the ready snapshot.
+    Save,
+    /// `save_ready_snapshot`, and the snapshot is already there and usable: nothing runs.
+    SnapshotUpToDate,
 }
 
 /// Why a connection to the agent failed.
@@ -552,7 +567,11 @@ impl Backend for MicrovmBackend {
             uds_path: runtime.join("vsock.sock"),
         });
         let runtime = runtime.clone();
-        let saving = self.plan_snapshot(&mut config, &runtime)?;
+        let saving = match self.plan_snapshot(&mut config, &runtime)? {
+            Start::SnapshotUpToDate => return Ok(()),
+            Start::Save => true,
+            Start::Boot => false,
+        };
         // The proxy listens before the guest can try to reach it.
         self.net.start(&runtime.join("vsock.sock"))?;
         self.timeline.spawned = Some(Instant::now());
