@@ -204,6 +204,11 @@ pub struct BenchBootArgs {
     /// so compare shares, not absolute times).
     #[arg(long, conflicts_with = "vs_qemu")]
     pub profile: bool,
+    /// Also start VMs from the ready snapshot (made first when missing or stale, not
+    /// measured), interleaved with the cold boots: restore -> first output of `echo`
+    /// against boot -> first output (needs `--until output`, the default).
+    #[arg(long, conflicts_with = "profile")]
+    pub snapshot: bool,
     #[arg(long)]
     pub json: bool,
 }

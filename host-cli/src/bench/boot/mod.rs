@@ -11,6 +11,7 @@
 mod child;
 mod profile;
 mod qemu;
+mod snapshot;
 mod svg;
 mod timeline;
 mod vs_qemu;
@@ -20,9 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use sandbox::microvm::{MicrovmBackend, MicrovmOptions};
 use sandbox::output::{Collect, StdinMode};
-use sandbox::{Backend, ExecIo, ExecRequest, SandboxSpec};
+use sandbox::{Backend, ExecIo, ExecRequest};
 use serde::Serialize;
 use vmm::HostKind;
 
@@ -93,12 +93,14 @@ enum Vmm {
     OursReset,
     /// QEMU booting the same.
     QemuReset,
+    /// Our VMM started from the ready snapshot, to the first output (`--snapshot`).
+    Restored,
 }
 
 impl Vmm {
     fn program(self) -> &'static str {
         match self {
-            Vmm::Ours(_) | Vmm::OursReset => "mxc-vm",
+            Vmm::Ours(_) | Vmm::OursReset | Vmm::Restored => "mxc-vm",
             Vmm::Qemu | Vmm::QemuReset => "qemu",
         }
     }
@@ -108,6 +110,7 @@ impl Vmm {
             Vmm::Ours(u) => until_name(u),
             Vmm::Qemu => "ready",
             Vmm::OursReset | Vmm::QemuReset => "first-instruction-reset",
+            Vmm::Restored => "restored-output",
         }
     }
 }
@@ -280,27 +283,22 @@ fn boot_direct(setup: &Setup, until: BootUntil, reset: bool, n: usize) -> Result
     })
 }
 
-/// The whole lifecycle through the microvm backend: boot to the agent's answer, run
-/// `/bin/echo`, power off.
-fn boot_lifecycle(setup: &Setup, n: usize) -> Result<Boot, Failure> {
-    let mut policy = policy::Policy::empty(policy::PolicySource::Cli);
-    policy.limits.memory_mib = Some(u64::from(setup.mem_mib));
-    policy.limits.vcpus = Some(1);
-    let spec = SandboxSpec {
-        policy,
-        view: policy::FsView::default(),
-        id: format!("bench-{}-{n}", std::process::id()),
-        net: Default::default(),
-    };
-    let mut vm = MicrovmBackend::new(MicrovmOptions {
-        kernel: Some(setup.kernel.clone()),
-        initrd: Some(setup.initrd.clone()),
-        boot_timeout: Some(setup.boot_timeout),
-        vmm_binary: Some(setup.exe.clone()),
-        ..MicrovmOptions::default()
-    });
+/// The whole lifecycle through the microvm backend: boot (or restore) to the agent's
+/// answer, run `/bin/echo`, power off.
+fn boot_lifecycle(setup: &Setup, n: usize, start: snapshot::Start) -> Result<Boot, Failure> {
+    let (spec, mut vm) = snapshot::backend(setup, n, start);
     vm.provision(&spec)?;
     vm.start()?;
+    if vm.timeline.restored != (start == snapshot::Start::Restore) {
+        return Err(Failure::new(format!(
+            "the VM was {} instead",
+            if vm.timeline.restored {
+                "restored"
+            } else {
+                "booted (see the line above: the ready snapshot cannot be used)"
+            }
+        )));
+    }
     let mut out = Collect::default();
     let outcome = {
         let mut io = ExecIo {
@@ -432,7 +430,8 @@ fn boot_qemu(setup: &Setup, reset: bool, n: usize) -> Result<Boot, Failure> {
 
 fn boot_once(setup: &Setup, vmm: Vmm, n: usize) -> Result<Boot, Failure> {
     match vmm {
-        Vmm::Ours(BootUntil::Output) => boot_lifecycle(setup, n),
+        Vmm::Ours(BootUntil::Output) => boot_lifecycle(setup, n, snapshot::Start::Cold),
+        Vmm::Restored => boot_lifecycle(setup, n, snapshot::Start::Restore),
         Vmm::Ours(until) => boot_direct(setup, until, false, n),
         Vmm::OursReset => boot_direct(setup, BootUntil::Ready, true, n),
         Vmm::Qemu => boot_qemu(setup, false, n),
@@ -446,6 +445,13 @@ fn series_for(args: &BenchBootArgs, qemu_name: &str) -> Vec<Series> {
         vmm: Vmm::Ours(args.until),
         boots: vec![],
     }];
+    if args.snapshot {
+        list.push(Series {
+            name: "mxc-vm restored from the ready snapshot (output)".into(),
+            vmm: Vmm::Restored,
+            boots: vec![],
+        });
+    }
     if args.vs_qemu {
         if args.until != BootUntil::Ready {
             list.push(Series {
@@ -524,7 +530,7 @@ fn goals(series: &[Series], host: &HostKind) -> Vec<Goal> {
     let setup = p50(BootStage::Vmm(vmm::Stage::FirstVcpuEntry));
     let ready = p50(BootStage::Vmm(vmm::Stage::AgentReady));
     let hardware = host.is_hardware();
-    vec![
+    let mut list = vec![
         Goal {
             goal: "vmm_setup (process start -> first vCPU entry)",
             limit_ms: GOAL_SETUP_MS,
@@ -548,7 +554,9 @@ fn goals(series: &[Series], host: &HostKind) -> Vec<Goal> {
                 format!("does not apply here ({host}): guest kernel code is emulated")
             },
         },
-    ]
+    ];
+    list.extend(snapshot::goals(series, host));
+    list
 }
 
 fn stage_rows(stages: &[StageSummary]) -> Vec<Vec<String>> {
@@ -606,7 +614,10 @@ fn print_text(setup: &Setup, args: &BenchBootArgs, host: &HostKind, series: &[Se
         setup.initrd.display(),
         std::fs::metadata(&setup.initrd).map_or(0, |m| m.len())
     );
-    for s in series.iter().filter(|s| matches!(s.vmm, Vmm::Ours(_))) {
+    for s in series
+        .iter()
+        .filter(|s| matches!(s.vmm, Vmm::Ours(_) | Vmm::Restored))
+    {
         let _ = writeln!(
             out,
             "{} (ms since the VMM process was spawned; delta = since the latest earlier stage)",
@@ -867,6 +878,14 @@ pub fn run(mut args: BenchBootArgs) -> Result<i32, Failure> {
     let qemu_name = Path::new(&setup.qemu)
         .file_name()
         .map_or("qemu".into(), |n| n.to_string_lossy().into_owned());
+    if args.snapshot {
+        if args.until != BootUntil::Output {
+            return Err(Failure::new(
+                "--snapshot compares first outputs: it needs --until output (the default)",
+            ));
+        }
+        snapshot::prepare(&setup)?;
+    }
     let mut series = series_for(&args, &qemu_name);
     let progress = Progress {
         per_boot_lines: args.vs_qemu || matches!(args.until, BootUntil::Ready | BootUntil::Output),
@@ -968,6 +987,7 @@ mod tests {
             initrd: None,
             boot_timeout: "1m".into(),
             profile: false,
+            snapshot: false,
             json: false,
         }
     }
