@@ -106,7 +106,7 @@ fn a_ready_snapshot_starts_many_separate_vms_and_a_bad_one_is_booted_around() {
     let out = mxc_vm(&cache, &["run", "--backend", "microvm", "--", "true"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("there is no ready snapshot for this VM yet"),
+        stderr(&out).contains("no ready snapshot has been made"),
         "{}",
         stderr(&out)
     );

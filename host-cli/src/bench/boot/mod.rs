@@ -646,7 +646,7 @@ fn print_text(setup: &Setup, args: &BenchBootArgs, host: &HostKind, series: &[Se
                 "VMM peak RSS: p50 {:.1} MiB, max {:.1} MiB ({})\n",
                 rss.p50_kib / 1024.0,
                 rss.max_kib / 1024.0,
-                if s.vmm == Vmm::Ours(BootUntil::Output) {
+                if matches!(s.vmm, Vmm::Ours(BootUntil::Output) | Vmm::Restored) {
                     "VmHWM just before the VM ends"
                 } else {
                     "ru_maxrss of the reaped process"
