@@ -562,31 +562,7 @@ mod tests {
 
     #[test]
     fn a_refusal_answers_every_connection_with_the_error() {
-        let path = std::env::temp_dir().join(format!("agent-refusal-{}.sock", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let opts = Options {
-            stop_on_disconnect: false,
-            pid1: false,
-            max_frame: proto::DEFAULT_MAX_FRAME,
-            agent_version: "test".into(),
-            refusal: Some("cannot mount share mxcfs0 at /w".into()),
-            accept_setup: false,
-        };
-        // The server runs (and blocks its signals) on its own thread, for the rest of the
-        // test process.
-        std::thread::spawn(move || {
-            let ctx = SpawnContext {
-                cgroups: None,
-                reset_oom_score: false,
-                is_root: false,
-                extra_env: Vec::new(),
-            };
-            let mut server = Server::new(OwnedFd::from(listener), ctx, opts).unwrap();
-            server.run()
-        });
-
+        let path = serve("refusal", false, Some("cannot mount share mxcfs0 at /w"));
         let answers: Vec<String> = (0..2)
             .map(|_| {
                 let stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
@@ -602,7 +578,7 @@ mod tests {
     }
 
     /// A server on a fresh socket, on its own thread; returns the socket path.
-    fn serve(name: &str, accept_setup: bool) -> std::path::PathBuf {
+    fn serve(name: &str, accept_setup: bool, refusal: Option<&str>) -> std::path::PathBuf {
         let path = std::env::temp_dir().join(format!("agent-{name}-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
@@ -612,7 +588,7 @@ mod tests {
             pid1: false,
             max_frame: proto::DEFAULT_MAX_FRAME,
             agent_version: "test".into(),
-            refusal: None,
+            refusal: refusal.map(str::to_string),
             accept_setup,
         };
         std::thread::spawn(move || {
@@ -645,14 +621,14 @@ mod tests {
             ..proto::Exec::default()
         };
 
-        let path = serve("setup-once", true);
+        let path = serve("setup-once", true, None);
         let mut client = connect(&path);
         client.setup("", "").unwrap();
         let mut again = connect(&path);
         assert!(remote_message(again.setup("", "")).contains("once"));
         let _ = std::fs::remove_file(&path);
 
-        let path = serve("setup-bad", true);
+        let path = serve("setup-bad", true, None);
         let mut client = connect(&path);
         let message = remote_message(client.setup("", "mxcfs0:relative:ro"));
         assert!(message.starts_with("mounts:"), "{message}");
@@ -664,7 +640,7 @@ mod tests {
         assert!(message.starts_with("mounts:"), "{message}");
         let _ = std::fs::remove_file(&path);
 
-        let path = serve("setup-refused", false);
+        let path = serve("setup-refused", false, None);
         let mut client = connect(&path);
         assert!(remote_message(client.setup("", "")).contains("only accepted by the guest's PID 1"));
         let _ = std::fs::remove_file(&path);

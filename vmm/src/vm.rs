@@ -532,18 +532,7 @@ impl Vm {
 
     /// The kernel command line this VM will boot with.
     pub fn cmdline(&self) -> Result<String, VmmError> {
-        let pvm = if self.pvm {
-            self.config.pvm_cmdline.as_str()
-        } else {
-            ""
-        };
-        Ok(boot::cmdline::build(&CmdlineParts {
-            virtio_slots: self.virtio_slots,
-            console: self.config.console != ConsoleMode::Off,
-            pvm,
-            extra: &self.config.cmdline_extra,
-        })
-        .map_err(BootError::from)?)
+        guest_cmdline(&self.config, self.pvm, self.virtio_slots)
     }
 
     /// Boot the guest and block until the VM ends: guest reset/power-off, a vCPU
@@ -729,6 +718,17 @@ impl SnapshotParts<'_> {
     }
 }
 
+/// The kernel command line of a VM of `config` with `virtio_slots` virtio-mmio devices.
+fn guest_cmdline(config: &VmConfig, pvm: bool, virtio_slots: u32) -> Result<String, VmmError> {
+    Ok(boot::cmdline::build(&CmdlineParts {
+        virtio_slots,
+        console: config.console != ConsoleMode::Off,
+        pvm: if pvm { config.pvm_cmdline.as_str() } else { "" },
+        extra: &config.cmdline_extra,
+    })
+    .map_err(BootError::from)?)
+}
+
 /// What a snapshot of the VM `config` would be made from on this host: a saved
 /// snapshot whose identity differs cannot be restored into it.
 pub fn snapshot_identity_for(config: &VmConfig) -> Result<Identity, VmmError> {
@@ -743,13 +743,7 @@ fn snapshot_identity(
     pvm: bool,
 ) -> Result<Identity, VmmError> {
     let virtio_slots = u32::from(config.vsock.is_some()) + share_devices(config).len() as u32;
-    let cmdline = boot::cmdline::build(&CmdlineParts {
-        virtio_slots,
-        console: config.console != ConsoleMode::Off,
-        pvm: if pvm { config.pvm_cmdline.as_str() } else { "" },
-        extra: &config.cmdline_extra,
-    })
-    .map_err(BootError::from)?;
+    let cmdline = guest_cmdline(config, pvm, virtio_slots)?;
     Ok(Identity {
         format: snapshot::FORMAT,
         vmm_version: env!("CARGO_PKG_VERSION").to_string(),

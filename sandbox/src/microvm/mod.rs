@@ -245,21 +245,20 @@ impl MicrovmBackend {
         runtime: &Path,
     ) -> Result<Start, SandboxError> {
         let planned = self.slot_config(config, runtime).and_then(|slotted| {
-            let dir = self.ready_snapshot_dir(&slotted)?;
-            Ok((slotted, dir))
+            let (dir, identity) = self.ready_snapshot_dir(&slotted)?;
+            Ok((slotted, dir, identity))
         });
         if self.opts.save_ready_snapshot {
-            let (mut slotted, dir) = planned.map_err(|why| SandboxError::Unenforceable {
-                backend: "microvm",
-                what: format!("a ready snapshot of this VM: {why}"),
-            })?;
+            let (mut slotted, dir, identity) =
+                planned.map_err(|why| SandboxError::Unenforceable {
+                    backend: "microvm",
+                    what: format!("a ready snapshot of this VM: {why}"),
+                })?;
             self.timeline.snapshot = Some(dir.clone());
-            let fresh = vmm::snapshot_identity_for(&slotted)
-                .ok()
-                .is_some_and(|identity| vmm::snapshot::check(&dir, &identity).is_ok());
-            if fresh {
+            if vmm::snapshot::check(&dir, &identity).is_ok() {
                 return Ok(Start::SnapshotUpToDate);
             }
+            make_placeholder(&slotted)?;
             slotted.snapshot = Some(vmm::SnapshotMode::SaveAtReady(dir));
             *config = slotted;
             return Ok(Start::Save);
@@ -267,7 +266,7 @@ impl MicrovmBackend {
         if self.opts.cold {
             return Ok(Start::Boot);
         }
-        let (mut slotted, dir) = match planned {
+        let (mut slotted, dir, identity) = match planned {
             Ok(planned) => planned,
             Err(why) => {
                 self.notify(format!("booting the guest kernel: {why}"));
@@ -291,13 +290,9 @@ impl MicrovmBackend {
             }
             return Ok(Start::Boot);
         }
-        let usable = vmm::snapshot_identity_for(&slotted)
-            .map_err(|e| crate::error_chain(&e))
-            .and_then(|identity| {
-                vmm::snapshot::check(&dir, &identity).map_err(|e| crate::error_chain(&e))
-            });
-        match usable {
+        match vmm::snapshot::check(&dir, &identity).map_err(|e| crate::error_chain(&e)) {
             Ok(_) => {
+                make_placeholder(&slotted)?;
                 slotted.snapshot = Some(vmm::SnapshotMode::Restore(dir));
                 *config = slotted;
                 self.timeline.restored = true;
@@ -322,13 +317,6 @@ impl MicrovmBackend {
                 config.shares.len()
             ));
         }
-        let placeholder = runtime.join("empty");
-        match std::fs::DirBuilder::new().mode(0o555).create(&placeholder) {
-            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
-                return Err(format!("creating {}: {e}", placeholder.display()))
-            }
-            _ => {}
-        }
         let console = if self.opts.console {
             guest_image::GuestConsole::Shown
         } else {
@@ -342,16 +330,19 @@ impl MicrovmBackend {
             net::VmNet::relay_cmdline()
         );
         slotted.share_slots = SHARE_SLOTS;
-        slotted.share_placeholder = Some(placeholder);
+        slotted.share_placeholder = Some(runtime.join("empty"));
         Ok(slotted)
     }
 
     /// Where the ready snapshot of a VM configured as `config` lives: in the image
     /// cache, named by what it is made from.
-    fn ready_snapshot_dir(&self, config: &vmm::VmConfig) -> Result<PathBuf, String> {
+    fn ready_snapshot_dir(
+        &self,
+        config: &vmm::VmConfig,
+    ) -> Result<(PathBuf, vmm::snapshot::Identity), String> {
         let identity = vmm::snapshot_identity_for(config).map_err(|e| crate::error_chain(&e))?;
         let cache = guest_image::cache_dir(&self.opts.image).map_err(|e| e.to_string())?;
-        Ok(cache.join("snapshots").join(identity.key()))
+        Ok((cache.join("snapshots").join(identity.key()), identity))
     }
 
     fn notify(&mut self, line: String) {
@@ -388,6 +379,19 @@ fn wall_clock_ns() -> Option<u64> {
         .duration_since(std::time::UNIX_EPOCH)
         .ok()
         .and_then(|d| u64::try_from(d.as_nanos()).ok())
+}
+
+/// Create the empty directory a snapshot VM's unused share slots serve.
+fn make_placeholder(config: &vmm::VmConfig) -> Result<(), SandboxError> {
+    let Some(dir) = &config.share_placeholder else {
+        return Ok(());
+    };
+    match std::fs::DirBuilder::new().mode(0o555).create(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            Err(SandboxError::io(format!("creating {}", dir.display()), e))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// How `start` goes on once the snapshot is planned.

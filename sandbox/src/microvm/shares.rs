@@ -150,25 +150,17 @@ impl GuestFiles {
     }
 
     pub fn cmdline(&self) -> Result<String, SharesError> {
-        let mut words = Vec::new();
-        if !self.links.is_empty() {
-            let value = proto::mounts::encode_links(&self.links).map_err(SharesError::Encoding)?;
-            words.push(format!("{}={value}", proto::mounts::LINKS_PARAM));
-        }
-        if !self.shares.is_empty() {
-            let mounts: Vec<GuestMount> = self
-                .shares
-                .iter()
-                .map(|s| GuestMount {
-                    tag: s.tag.clone(),
-                    path: s.guest_path.clone(),
-                    readonly: s.readonly,
-                })
-                .collect();
-            let value = proto::mounts::encode_mounts(&mounts).map_err(SharesError::Encoding)?;
-            words.push(format!("{}={value}", proto::mounts::MOUNTS_PARAM));
-        }
-        Ok(words.join(" "))
+        let (links, mounts) = self.encoded()?;
+        let words = [
+            (proto::mounts::LINKS_PARAM, links),
+            (proto::mounts::MOUNTS_PARAM, mounts),
+        ];
+        Ok(words
+            .iter()
+            .filter(|(_, value)| !value.is_empty())
+            .map(|(param, value)| format!("{param}={value}"))
+            .collect::<Vec<_>>()
+            .join(" "))
     }
 }
 

@@ -48,9 +48,6 @@ pub const KVM_PATH: &str = "/dev/kvm";
 /// away from every device).
 const TSS_ADDRESS: usize = 0xfffb_d000;
 
-/// Size of `kvm_xsave`, the area KVM_GET/SET_XSAVE move.
-const XSAVE_STRUCT_SIZE: i32 = 4096;
-
 /// Offsets of the local APIC LVT LINT0/LINT1 registers in the APIC page.
 const APIC_LVT_LINT0: usize = 0x350;
 const APIC_LVT_LINT1: usize = 0x360;
@@ -170,18 +167,9 @@ impl Hypervisor for KvmHypervisor {
             .kvm
             .create_vm()
             .map_err(|e| HypervisorError::call("KVM_CREATE_VM", e))?;
-        // The MSRs a snapshot saves; KVM's XSAVE area must fit `kvm_xsave` (4 KiB) for
-        // KVM_GET/SET_XSAVE (KVM_CAP_XSAVE2 is 0 where there is no larger area).
-        let msr_list = self
-            .kvm
-            .get_msr_index_list()
-            .map_err(|e| HypervisorError::call("KVM_GET_MSR_INDEX_LIST", e))?;
-        let xsave_size = self.kvm.check_extension_int(Cap::Xsave2);
         Ok(Box::new(KvmVm {
             fd,
             pit: !self.tsc_deadline_timer(),
-            msr_list: msr_list.as_slice().into(),
-            xsave_fits: xsave_size <= XSAVE_STRUCT_SIZE,
         }))
     }
 
@@ -212,10 +200,6 @@ pub struct KvmVm {
     fd: VmFd,
     /// Whether `create_irqchip` adds a PIT (only where there is no TSC-deadline timer).
     pit: bool,
-    /// The MSRs KVM lists (`KVM_GET_MSR_INDEX_LIST`): what a vCPU snapshot saves.
-    msr_list: Arc<[u32]>,
-    /// KVM's XSAVE area fits `kvm_xsave`.
-    xsave_fits: bool,
 }
 
 impl Vm for KvmVm {
@@ -282,8 +266,6 @@ impl Vm for KvmVm {
             run,
             kick,
             bound: false,
-            msr_list: self.msr_list.clone(),
-            xsave_fits: self.xsave_fits,
         }))
     }
 
@@ -412,9 +394,6 @@ pub struct KvmVcpu {
     run: *mut kvm_run,
     kick: Arc<KvmKick>,
     bound: bool,
-    /// See `KvmVm`.
-    msr_list: Arc<[u32]>,
-    xsave_fits: bool,
 }
 
 // SAFETY: `run` points into the mapping owned by `fd`, which moves with the struct; it is

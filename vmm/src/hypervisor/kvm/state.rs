@@ -4,6 +4,7 @@
 //! LAPIC, pending events last.
 
 use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
 
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
@@ -11,6 +12,7 @@ use kvm_bindings::{
     CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
     KVM_MAX_CPUID_ENTRIES,
 };
+use kvm_ioctls::{Cap, Kvm};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use super::{immediate_exit_flag, KvmVcpu, KvmVm};
@@ -28,6 +30,33 @@ const IRQCHIPS: [(&str, u32); 3] = [
     ("pic_slave", KVM_IRQCHIP_PIC_SLAVE),
     ("ioapic", KVM_IRQCHIP_IOAPIC),
 ];
+
+/// Size of `kvm_xsave`, the area KVM_GET/SET_XSAVE move.
+const XSAVE_STRUCT_SIZE: i32 = 4096;
+
+/// What snapshots need to know of this host's KVM, asked once per process when the first
+/// vCPU is saved or restored (never on a plain boot): the MSRs KVM lists, and whether
+/// its XSAVE area fits `kvm_xsave` (KVM_CAP_XSAVE2 is 0 where there is no larger one).
+struct HostKvm {
+    msrs: Vec<u32>,
+    xsave_fits: bool,
+}
+
+fn host_kvm() -> Result<&'static HostKvm> {
+    static HOST: OnceLock<HostKvm> = OnceLock::new();
+    if let Some(host) = HOST.get() {
+        return Ok(host);
+    }
+    let kvm = Kvm::new().map_err(|e| HypervisorError::call("open /dev/kvm", e))?;
+    let msrs = kvm
+        .get_msr_index_list()
+        .map_err(call("KVM_GET_MSR_INDEX_LIST"))?;
+    let host = HostKvm {
+        msrs: msrs.as_slice().to_vec(),
+        xsave_fits: kvm.check_extension_int(Cap::Xsave2) <= XSAVE_STRUCT_SIZE,
+    };
+    Ok(HOST.get_or_init(|| host))
+}
 
 /// A saved part as the struct it was, if its size is exactly right.
 fn read_part<T: FromBytes>(state: &SavedState, name: &'static str) -> Result<T> {
@@ -158,7 +187,7 @@ impl KvmVcpu {
         state.push("regs", bytes_of(&regs));
         let sregs = self.fd.get_sregs().map_err(call("KVM_GET_SREGS"))?;
         state.push("sregs", bytes_of(&sregs));
-        if !self.xsave_fits {
+        if !host_kvm()?.xsave_fits {
             return Err(HypervisorError::Unsupported(
                 "snapshots of vCPUs whose XSAVE state is over 4 KiB",
             ));
@@ -185,8 +214,9 @@ impl KvmVcpu {
 
     /// Every MSR KVM lists that can be read (one that cannot is left out).
     fn read_msrs(&self) -> Result<Vec<kvm_msr_entry>> {
-        let mut saved = Vec::with_capacity(self.msr_list.len());
-        let mut rest: &[u32] = &self.msr_list;
+        let list = &host_kvm()?.msrs;
+        let mut saved = Vec::with_capacity(list.len());
+        let mut rest: &[u32] = list;
         while !rest.is_empty() {
             let chunk: Vec<kvm_msr_entry> = rest
                 .iter()
@@ -244,7 +274,7 @@ impl KvmVcpu {
         let sregs: kvm_sregs = read_part(state, "sregs")?;
         self.fd.set_sregs(&sregs).map_err(call("KVM_SET_SREGS"))?;
         let xsave: kvm_xsave = read_part(state, "xsave")?;
-        if !self.xsave_fits {
+        if !host_kvm()?.xsave_fits {
             return Err(HypervisorError::Unsupported(
                 "restoring on a host whose XSAVE state is over 4 KiB",
             ));
