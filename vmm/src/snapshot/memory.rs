@@ -1,10 +1,18 @@
 //! Guest RAM in a snapshot: written with its zero pages left as holes, checksummed, and
 //! mapped back copy-on-write.
+//!
+//! Reading the whole file for its checksum would dominate a restore, so it is done once
+//! per version of the file: a restore that has checked it records the file's identity on
+//! disk (device, inode, size, modification and change times) in [`VERIFIED_FILE`], and
+//! later restores of the very same file skip the read. Any write, truncation, copy or
+//! replacement changes that identity and the next restore checks the whole file again.
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
+
+use serde::{Deserialize, Serialize};
 
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{
@@ -72,6 +80,94 @@ fn write_nonzero_pages(file: &File, chunk: &[u8], offset: u64) -> std::io::Resul
         }
     }
     Ok(())
+}
+
+/// The record of the last whole-file check of `memory`, beside it.
+pub const VERIFIED_FILE: &str = "memory.verified";
+/// A record is never larger than this.
+const MAX_VERIFIED_FILE: u64 = 4096;
+/// File times come from a coarse clock: a write within the same tick as the check
+/// could leave them unchanged. A check is recorded only for a file this long unchanged.
+const SETTLE_NS: i128 = 2_000_000_000;
+
+/// The memory file on disk when its whole content last matched `crc32`.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Verified {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    crc32: u32,
+}
+
+impl Verified {
+    pub(super) fn of(meta: &std::fs::Metadata, crc32: u32) -> Self {
+        let ns = |secs: i64, nsecs: i64| i128::from(secs) * 1_000_000_000 + i128::from(nsecs);
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+            ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+            crc32,
+        }
+    }
+}
+
+/// Check that the open memory `file` (`meta` its metadata, read from the open file)
+/// holds what checksums to `crc32`: by the record of an earlier check of this very file
+/// in `dir`, or else by reading it all (and recording that, if the file has been
+/// unchanged for a while at `now_ns`). Returns whether the whole file was read.
+pub(super) fn verify(
+    dir: &Path,
+    file: &File,
+    path: &Path,
+    meta: &std::fs::Metadata,
+    crc32: u32,
+    now_ns: i128,
+) -> Result<bool, SnapshotError> {
+    let record_path = dir.join(VERIFIED_FILE);
+    let current = Verified::of(meta, crc32);
+    if read_record(&record_path).as_ref() == Some(&current) {
+        return Ok(false);
+    }
+    if checksum(file, path)? != crc32 {
+        return Err(SnapshotError::Corrupt {
+            path: path.to_path_buf(),
+            why: "guest memory does not match its checksum".into(),
+        });
+    }
+    if now_ns - current.ctime_ns.max(current.mtime_ns) >= SETTLE_NS {
+        // Best effort: a restore from a read-only directory checks the whole file again.
+        let _ = write_record(dir, &record_path, &current);
+    }
+    Ok(true)
+}
+
+/// The record in `path`, if there is one that is ours, private and well-formed (any
+/// other is ignored: the whole file is checked instead).
+fn read_record(path: &Path) -> Option<Verified> {
+    let file = File::open(path).ok()?;
+    let meta = file.metadata().ok()?;
+    super::check_private(path, &meta).ok()?;
+    let mut text = Vec::new();
+    file.take(MAX_VERIFIED_FILE).read_to_end(&mut text).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// Put `record` in `path` (0600), written under a temporary name and renamed.
+fn write_record(dir: &Path, path: &Path, record: &Verified) -> Result<(), SnapshotError> {
+    let text = serde_json::to_vec(record)
+        .map_err(|e| SnapshotError::Unsaveable(format!("cannot encode the record: {e}")))?;
+    let tmp = dir.join(format!(".{VERIFIED_FILE}.{}.tmp", std::process::id()));
+    let result = super::write_private(&tmp, &text).and_then(|()| {
+        std::fs::rename(&tmp, path).map_err(SnapshotError::io("rename into place", path))
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// The CRC-32 of the whole of `file`.

@@ -9,7 +9,8 @@
 //!   and CRC-32 of the state and of `memory`), then the [`VmSnapshot`]: hypervisor state
 //!   of the VM and each vCPU, the serial port, every virtio-mmio transport.
 //!
-//! A restore checks both checksums before the guest runs and refuses a snapshot made
+//! A restore checks both checksums before the guest runs (the memory's once per version
+//! of the file, see [`VERIFIED_FILE`]) and refuses a snapshot made
 //! by another format, VMM version, hypervisor flavour, host CPU, kernel, initrd, guest
 //! command line, memory size or vCPU count, naming what differs. Saving writes both
 //! files under temporary names and renames `vm.json` last, so a directory never holds
@@ -23,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use self::memory::map_memory;
+pub use self::memory::{map_memory, VERIFIED_FILE};
 use crate::devices::serial::SerialSnapshot;
 use crate::devices::virtio::mmio::MmioError;
 use crate::devices::virtio::TransportSnapshot;
@@ -382,6 +383,14 @@ pub fn check(dir: &Path, now: &Identity) -> Result<Header, SnapshotError> {
 /// Read the snapshot in `dir`, check it is whole, private and ours, and that it was made
 /// from `now`.
 pub fn load(dir: &Path, now: &Identity) -> Result<Loaded, SnapshotError> {
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128);
+    load_at(dir, now, now_ns)
+}
+
+/// [`load`] at wall-clock time `now_ns`.
+fn load_at(dir: &Path, now: &Identity, now_ns: i128) -> Result<Loaded, SnapshotError> {
     let state_path = dir.join(STATE_FILE);
     let corrupt = |why: String| SnapshotError::Corrupt {
         path: state_path.clone(),
@@ -435,13 +444,20 @@ pub fn load(dir: &Path, now: &Identity) -> Result<Loaded, SnapshotError> {
         .metadata()
         .map_err(SnapshotError::io("read", &memory_path))?;
     check_private(&memory_path, &meta)?;
-    let crc = memory::checksum(&memory, &memory_path)?;
-    if meta.len() != header.memory_len || crc != header.memory_crc32 {
+    if meta.len() != header.memory_len {
         return Err(SnapshotError::Corrupt {
             path: memory_path,
             why: "guest memory does not match its checksum".into(),
         });
     }
+    memory::verify(
+        dir,
+        &memory,
+        &memory_path,
+        &meta,
+        header.memory_crc32,
+        now_ns,
+    )?;
     Ok(Loaded {
         header,
         state,

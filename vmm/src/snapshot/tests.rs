@@ -1,6 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -196,4 +196,58 @@ fn saved_hypervisor_state_is_hex_in_the_file_and_checked_on_the_way_back() {
     }
     assert!(state.part("lapic").is_err());
     assert!(state.check_backend("whp").is_err());
+}
+
+#[test]
+fn memory_is_read_for_its_checksum_once_per_version_of_the_file() {
+    let tmp = TempDir::new();
+    let id = identity(tmp.root());
+    let mem = crate::memory::create_guest_memory(64).unwrap();
+    mem.write_slice(b"hello", GuestAddress(0x20_0000)).unwrap();
+    let dir = tmp.path("snap");
+    save(&dir, id.clone(), &state(), &mem).unwrap();
+    let record = dir.join(VERIFIED_FILE);
+    let ns = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i128
+    };
+    let now = ns(std::time::SystemTime::now());
+
+    // A file changed a moment ago is checked but not recorded (its times could still
+    // miss a write in the same clock tick).
+    load_at(&dir, &id, now).unwrap();
+    assert!(!record.exists());
+    // Once it has settled, the check is recorded, privately.
+    let later = now + 3_000_000_000;
+    load_at(&dir, &id, later).unwrap();
+    let mode = std::fs::metadata(&record).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // The record stands for this very file: a changed byte changes the file's times and
+    // the whole file is read again.
+    let memory_path = dir.join(MEMORY_FILE);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&memory_path)
+        .unwrap();
+    file.write_all_at(b"j", 0x20_0000).unwrap();
+    drop(file);
+    let err = load_at(&dir, &id, later + 3_000_000_000)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("guest memory does not match"), "{err}");
+
+    // And the record is what lets a restore skip the read: one forged for the damaged
+    // file's current identity is believed (only the owner can write it).
+    let meta = std::fs::metadata(&memory_path).unwrap();
+    let header = check(&dir, &id).unwrap();
+    let forged = serde_json::to_vec(&memory::Verified::of(&meta, header.memory_crc32)).unwrap();
+    std::fs::write(&record, forged).unwrap();
+    std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o600)).unwrap();
+    load_at(&dir, &id, later + 3_000_000_000).unwrap();
+    // A record others could write is ignored.
+    std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o622)).unwrap();
+    let err = load_at(&dir, &id, later + 3_000_000_000)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("guest memory does not match"), "{err}");
 }
