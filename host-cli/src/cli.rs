@@ -63,6 +63,14 @@ pub struct ServeArgs {
     /// Timeout of an exec that names none (and whose policy names none).
     #[arg(long, value_name = "DUR", default_value = "10m")]
     pub exec_timeout: String,
+    /// Keep N microVMs restored from the ready snapshot waiting: a microVM sandbox that
+    /// fits it (256 MiB, 1 vCPU) takes one instead of starting its own, and the pool
+    /// refills in the background (needs `mxc-vm image build`'s ready snapshot).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub warm_pool: usize,
+    /// Guest RAM the waiting VMs may hold together, MiB (bounds --warm-pool).
+    #[arg(long, value_name = "MIB", default_value_t = 4096)]
+    pub warm_pool_memory: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,6 +119,28 @@ pub enum BenchCommand {
     /// An exec round trip through `mxc-vm serve` in a live process sandbox against
     /// `mxc-vm run` of the same command and fork+exec; then many clients at once.
     Serve(BenchServeArgs),
+    /// Idle microVMs restored from the ready snapshot into a warm pool: how many this
+    /// machine holds and each one's private memory (`/proc/PID/smaps_rollup`), against
+    /// one VM booted cold in the same run.
+    Density(BenchDensityArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchDensityArgs {
+    /// Restored VMs to hold at once.
+    #[arg(long, default_value_t = 50)]
+    pub vms: usize,
+    /// Guest RAM of each, MiB (the ready snapshot's size restores; others boot).
+    #[arg(long, default_value_t = 256)]
+    pub mem: u64,
+    /// Seconds to let the VMs go idle before reading their memory.
+    #[arg(long, default_value_t = 5)]
+    pub settle: u64,
+    /// Give up filling the pool after this many seconds (and report what it holds).
+    #[arg(long, default_value_t = 1800)]
+    pub timeout: u64,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

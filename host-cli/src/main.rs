@@ -46,6 +46,7 @@ fn main() {
         Commands::Bench(cli::BenchCommand::Boot(a)) => a.json,
         Commands::Bench(cli::BenchCommand::Fs(a)) => a.json,
         Commands::Bench(cli::BenchCommand::Serve(a)) => a.json,
+        Commands::Bench(cli::BenchCommand::Density(a)) => a.json,
         Commands::Serve(_) => false,
     };
     let is_run = matches!(cli.command, Commands::Run(_));

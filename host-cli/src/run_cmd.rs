@@ -212,6 +212,7 @@ pub fn run_with_policy(args: RunArgs, policy: Policy) -> Result<i32, Failure> {
                 let json = args.json;
                 move |line: String| note(json, &line)
             })),
+            pool: None,
         }
     } else {
         if args.kernel.is_some()

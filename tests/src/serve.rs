@@ -19,6 +19,11 @@ pub struct Server {
 
 impl Server {
     pub fn start(extra: &[&str]) -> Self {
+        Self::start_with_env(extra, &[])
+    }
+
+    /// [`Server::start`] with these environment variables set.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &std::path::Path)]) -> Self {
         let dir = TempDir::new("serve");
         let socket = dir.join("api.sock");
         let mut child = Command::new(crate::mxc_vm_bin())
@@ -26,6 +31,7 @@ impl Server {
             .arg("--socket")
             .arg(&socket)
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

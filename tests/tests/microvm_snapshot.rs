@@ -15,10 +15,10 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use policy::{Policy, PolicySource};
-use sandbox::microvm::{MicrovmBackend, MicrovmOptions};
+use sandbox::microvm::{MicrovmBackend, MicrovmOptions, PoolOptions, WarmPool};
 use sandbox::output::{Collect, StdinMode};
 use sandbox::{Backend, ExecIo, ExecRequest, ExitKind, SandboxSpec};
-use tests::{code, mxc_vm_bin, require_kvm, stderr, stdout, TempDir};
+use tests::{code, mxc_vm_bin, pids_with, require_kvm, stderr, stdout, TempDir};
 
 /// A cache directory holding the built image (linked) and no snapshot.
 fn private_cache(tmp: &TempDir) -> PathBuf {
@@ -199,6 +199,10 @@ fn a_ready_snapshot_starts_many_separate_vms_and_a_bad_one_is_booted_around() {
         vm.deprovision().unwrap();
     }
 
+    warm_pool_vms_take_the_policy_of_whoever_adopts_them(&tmp, &cache);
+    killed_restores_leave_nothing_behind(&tmp, &cache, &dir);
+    serve_takes_microvm_sandboxes_from_its_warm_pool(&cache);
+
     // A snapshot others could read is not used: said in one line, booted around.
     let memory = dir.join("memory");
     std::fs::set_permissions(&memory, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -257,4 +261,242 @@ fn a_ready_snapshot_starts_many_separate_vms_and_a_bad_one_is_booted_around() {
         stderr(&out)
     );
     assert!(!stderr(&out).contains("snapshot"), "{}", stderr(&out));
+}
+
+/// A backend given a warm pool adopts one of its waiting VMs: the VM gets this backend's
+/// shares (bound into its slots over the VMM's control socket) and mounts, and the pool
+/// refills behind it. Two adopted VMs with different policies each see only their own.
+fn warm_pool_vms_take_the_policy_of_whoever_adopts_them(tmp: &TempDir, cache: &Path) {
+    let image = guest_image::BuildOptions {
+        cache_dir: Some(cache.to_path_buf()),
+        ..Default::default()
+    };
+    let pool = WarmPool::new(PoolOptions {
+        size: 2,
+        vmm_binary: Some(mxc_vm_bin()),
+        image: image.clone(),
+        ..PoolOptions::default()
+    })
+    .unwrap();
+    let status = pool.wait_full(Duration::from_secs(600));
+    assert_eq!((status.ready, &status.stopped), (2, &None), "{status:?}");
+
+    let (rw, ro) = (tmp.join("pool-rw"), tmp.join("pool-ro"));
+    for dir in [&rw, &ro] {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("seen"), dir.display().to_string()).unwrap();
+    }
+    let adopt = |name: &str, overrides: policy::Overrides| {
+        let mut policy = Policy::empty(PolicySource::Cli);
+        policy
+            .apply_overrides_at(&overrides, Path::new("/"))
+            .unwrap();
+        let view = policy::resolve_fs(&policy.filesystem, Path::new("/")).unwrap();
+        let spec = SandboxSpec {
+            policy,
+            view,
+            id: format!("pool-{name}-{}", std::process::id()),
+            net: Default::default(),
+        };
+        let mut vm = MicrovmBackend::new(MicrovmOptions {
+            vmm_binary: Some(mxc_vm_bin()),
+            image: image.clone(),
+            pool: Some(pool.clone()),
+            ..MicrovmOptions::default()
+        });
+        vm.provision(&spec).expect("provision");
+        vm.start().expect("start");
+        assert!(vm.timeline.pooled, "{name} did not come from the pool");
+        vm
+    };
+    let mut writer = adopt(
+        "rw",
+        policy::Overrides {
+            rw: vec![rw.clone()],
+            ..Default::default()
+        },
+    );
+    let mut reader = adopt(
+        "ro",
+        policy::Overrides {
+            ro: vec![ro.clone()],
+            ..Default::default()
+        },
+    );
+    let (rw_s, ro_s) = (rw.display().to_string(), ro.display().to_string());
+    assert_eq!(
+        sh(
+            &mut writer,
+            &format!(
+                "cat {rw_s}/seen; echo pooled > {rw_s}/out; test -e {ro_s} && echo shown || echo hidden"
+            )
+        ),
+        format!("{rw_s}hidden")
+    );
+    assert_eq!(std::fs::read_to_string(rw.join("out")).unwrap(), "pooled\n");
+    assert_eq!(
+        sh(
+            &mut reader,
+            &format!(
+                "cat {ro_s}/seen; echo; touch {ro_s}/new 2>/dev/null || echo refused; test -e {rw_s} && echo shown || echo hidden"
+            )
+        ),
+        format!("{ro_s}\nrefused\nhidden")
+    );
+    assert!(!ro.join("new").exists());
+    let status = pool.wait_full(Duration::from_secs(600));
+    assert_eq!(
+        (status.ready, status.taken),
+        (2, 2),
+        "the pool refills: {status:?}"
+    );
+    for mut vm in [writer, reader] {
+        vm.stop().unwrap();
+        vm.deprovision().unwrap();
+    }
+    let pids = pool.vmm_pids();
+    drop(pool);
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z ")),
+            "a pooled VMM outlived its pool: {pid}"
+        );
+    }
+}
+
+/// `kill -9` of the VMM while it restores, and of `mxc-vm` itself: no process, runtime
+/// directory or socket is left (a dead mxc-vm's directory is swept by the next run), and
+/// the snapshot is as it was.
+fn killed_restores_leave_nothing_behind(tmp: &TempDir, cache: &Path, snapshot: &Path) {
+    let runtime = tmp.join("runtime");
+    std::fs::create_dir_all(&runtime).unwrap();
+    let listing = |dir: &Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            // A restore may record its checksum of a settled memory file.
+            .filter(|n| n != vmm::snapshot::VERIFIED_FILE)
+            .collect();
+        names.sort();
+        names
+    };
+    let before = listing(snapshot);
+    let run = |argv: &[&str]| {
+        Command::new(mxc_vm_bin())
+            .args(argv)
+            .env("MXC_VM_CACHE_DIR", cache)
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let wait_gone = |marker: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !pids_with(marker).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(pids_with(marker), Vec::<u32>::new(), "processes left");
+    };
+    for victim in ["the VMM", "mxc-vm"] {
+        let child = run(&["run", "--backend", "microvm", "--", "sleep", "60"]);
+        let marker = format!("mxc-vm-{}-", child.id());
+        // The VMM shows up the moment it is spawned to restore.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let vmm = loop {
+            if let Some(&pid) = pids_with(&format!("__vmm {}", runtime.display())).first() {
+                break pid;
+            }
+            assert!(Instant::now() < deadline, "no VMM appeared");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let target = if victim == "the VMM" { vmm } else { child.id() };
+        // SAFETY: kill() on a pid this test started (or its child); no memory involved.
+        unsafe { libc::kill(target as i32, libc::SIGKILL) };
+        let out = child.wait_with_output().unwrap();
+        wait_gone(&marker);
+        if victim == "the VMM" {
+            assert_eq!(code(&out), 125, "{}", stderr(&out));
+            assert!(stderr(&out).contains("VMM"), "{}", stderr(&out));
+        } else {
+            // The next run sweeps what the killed one left.
+            let next = run(&["run", "--backend", "microvm", "--", "true"])
+                .wait_with_output()
+                .unwrap();
+            assert_eq!(code(&next), 0, "{}", stderr(&next));
+        }
+        let left: Vec<String> = listing(&runtime)
+            .into_iter()
+            .filter(|n| n.starts_with(&marker))
+            .collect();
+        assert!(left.is_empty(), "after killing {victim}: {left:?} left");
+        let sockets = std::fs::read_to_string("/proc/net/unix")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&marker))
+            .count();
+        assert_eq!(sockets, 0, "after killing {victim}: sockets left");
+    }
+    assert_eq!(listing(snapshot), before, "the snapshot directory changed");
+}
+
+/// `mxc-vm serve --warm-pool 1`: a microVM sandbox takes the waiting VM, runs commands,
+/// and the metrics say so; the service leaves no VMM behind when it stops.
+fn serve_takes_microvm_sandboxes_from_its_warm_pool(cache: &Path) {
+    let server =
+        tests::serve::Server::start_with_env(&["--warm-pool", "1"], &[("MXC_VM_CACHE_DIR", cache)]);
+    let metric = |name: &str| -> Option<u64> {
+        let reply = server.call("GET", "/metrics", b"");
+        String::from_utf8_lossy(&reply.body)
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_string))
+            .and_then(|v| v.parse().ok())
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while metric("mxc_warm_pool_ready") != Some(1) {
+        assert_eq!(metric("mxc_warm_pool_stopped"), Some(0), "the pool stopped");
+        assert!(Instant::now() < deadline, "the pool never filled");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let reply = server.json(
+        "POST",
+        "/v1/sandboxes",
+        serde_json::json!({"backend": "microvm"}),
+    );
+    assert_eq!(
+        reply.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let id = reply.json()["id"].as_str().unwrap().to_string();
+    assert_eq!(metric("mxc_warm_pool_taken_total"), Some(1));
+    let reply = server.json(
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        serde_json::json!({"argv": ["sh", "-c", "echo pooled; exit 3"]}),
+    );
+    let events = reply.lines();
+    let out: Vec<u8> = events
+        .iter()
+        .filter(|e| e["type"] == "stdout")
+        .flat_map(|e| tests::serve::unb64(e["data_b64"].as_str().unwrap()))
+        .collect();
+    assert_eq!(String::from_utf8_lossy(&out), "pooled\n", "{events:?}");
+    assert_eq!(events.last().unwrap()["exit_code"], 3, "{events:?}");
+    let marker = format!("mxc-vm-{}-", server.child.id());
+    assert_eq!(
+        server.stop(),
+        128 + libc::SIGTERM,
+        "SIGTERM ends the service"
+    );
+    assert_eq!(
+        pids_with(&marker),
+        Vec::<u32>::new(),
+        "a VMM outlived the service"
+    );
 }

@@ -112,6 +112,10 @@ pub struct VmConfig {
     /// vCPU first leaves guest code. Other stages are refused.
     #[serde(default)]
     pub stop_at: Option<Stage>,
+    /// Listen here for the host's requests while the VM runs ([`crate::control`]):
+    /// binding the share slots of a VM restored before its policy was known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_socket: Option<PathBuf>,
     /// Save a snapshot when the guest is ready, or start from one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotMode>,
@@ -167,6 +171,7 @@ impl VmConfig {
             share_guest_owner: None,
             share_slots: 0,
             share_placeholder: None,
+            control_socket: None,
             share_write_limit: None,
             pvm: PvmMode::Auto,
             pvm_cmdline: String::new(),

@@ -36,6 +36,8 @@ pub mod bus;
 #[cfg(target_os = "linux")]
 pub mod config;
 #[cfg(target_os = "linux")]
+pub mod control;
+#[cfg(target_os = "linux")]
 pub mod devices;
 #[cfg(target_os = "linux")]
 pub mod event_loop;

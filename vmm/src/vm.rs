@@ -77,6 +77,10 @@ pub enum VmmError {
     Failed(#[from] VmFailure),
     #[error("snapshot")]
     Snapshot(#[from] SnapshotError),
+    #[error("control socket")]
+    Control(#[from] crate::control::ControlError),
+    #[error("cannot start the control socket's thread")]
+    ControlThread(#[source] std::io::Error),
 }
 
 /// How a VM run ended, with its boot timeline.
@@ -201,6 +205,10 @@ pub struct Vm {
     /// Devices whose state a snapshot saves.
     serial: Option<Arc<Mutex<SerialDevice>>>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The virtio-fs devices of a VM with share slots, by slot.
+    share_slots: Vec<Arc<Mutex<crate::devices::fs::Fs>>>,
+    /// The control socket, when the config asks for one.
+    control: Option<std::os::unix::net::UnixListener>,
     /// What a snapshot of this VM is made from (when the config asks for snapshots).
     identity: Option<Identity>,
     /// The snapshot this VM is being restored from (devices take their state from it).
@@ -317,6 +325,8 @@ impl Vm {
             boot,
             serial: None,
             transports: Vec::new(),
+            share_slots: Vec::new(),
+            control: None,
             identity,
             restoring,
             vm,
@@ -345,6 +355,9 @@ impl Vm {
             this.add_vsock(vsock.guest_cid, &vsock.uds_path)?;
         }
         this.add_shares()?;
+        if let Some(path) = &this.config.control_socket {
+            this.control = Some(crate::control::listen(path)?);
+        }
         // The devices have their state now; the rest of the snapshot is not needed.
         this.restoring = None;
         Ok(this)
@@ -473,8 +486,11 @@ impl Vm {
             .share_write_limit
             .map(|bytes| Arc::new(fs::WriteBudget::new(bytes)));
         for share in &shares {
-            let device = Fs::with_budget(share, options, budget.clone())?;
-            self.add_virtio_device(Arc::new(Mutex::new(device)))?;
+            let device = Arc::new(Mutex::new(Fs::with_budget(share, options, budget.clone())?));
+            self.add_virtio_device(device.clone())?;
+            if self.config.share_slots > 0 {
+                self.share_slots.push(device);
+            }
         }
         steps.done("add shares");
         Ok(())
@@ -551,6 +567,8 @@ impl Vm {
             boot,
             serial,
             transports,
+            share_slots,
+            control,
             identity,
             vm,
             mem,
@@ -571,6 +589,13 @@ impl Vm {
         }
 
         let devices = event_loop.spawn(exit.clone())?;
+        if let Some(listener) = control {
+            let slots = crate::control::ShareSlots {
+                slots: share_slots,
+                bound: false,
+            };
+            crate::control::serve(listener, slots).map_err(VmmError::ControlThread)?;
+        }
         let shared = VcpuShared {
             io_bus: Arc::new(io_bus),
             mmio_bus: Arc::new(mmio_bus),

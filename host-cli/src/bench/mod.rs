@@ -1,6 +1,7 @@
 //! `mxc-vm bench`: latency benchmarks that compare against a baseline in the same run.
 
 mod boot;
+mod density;
 mod exec;
 mod fs;
 mod proxy;
@@ -17,5 +18,6 @@ pub fn run(cmd: BenchCommand) -> Result<i32, Failure> {
         BenchCommand::Boot(args) => boot::run(args),
         BenchCommand::Fs(args) => fs::run(args),
         BenchCommand::Serve(args) => serve::run(args),
+        BenchCommand::Density(args) => density::run(args),
     }
 }

@@ -226,11 +226,11 @@ async fn route(
             for e in svc.registry.list() {
                 *active.entry(e.backend.as_str().to_string()).or_default() += 1;
             }
-            Ok(full(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                svc.registry.metrics.render(&active),
-            ))
+            let mut text = svc.registry.metrics.render(&active);
+            if let Some(pool) = &svc.registry.pool {
+                text.push_str(&super::metrics::render_pool(&pool.status()));
+            }
+            Ok(full(StatusCode::OK, "text/plain; version=0.0.4", text))
         }
         (Method::POST, ["v1", "sandboxes"]) => create(svc, req).await,
         (Method::GET, ["v1", "sandboxes"]) => {

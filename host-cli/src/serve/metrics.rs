@@ -144,3 +144,45 @@ impl Metrics {
         out
     }
 }
+
+/// The warm pool's gauges and counter.
+pub fn render_pool(status: &sandbox::microvm::PoolStatus) -> String {
+    let mut out = String::new();
+    for (name, kind, help, value) in [
+        (
+            "mxc_warm_pool_ready",
+            "gauge",
+            "Restored microVMs waiting in the warm pool.",
+            status.ready as u64,
+        ),
+        (
+            "mxc_warm_pool_starting",
+            "gauge",
+            "MicroVMs being restored for the warm pool.",
+            status.starting as u64,
+        ),
+        (
+            "mxc_warm_pool_capacity",
+            "gauge",
+            "The most microVMs the warm pool keeps (size within its memory budget).",
+            status.capacity as u64,
+        ),
+        (
+            "mxc_warm_pool_taken_total",
+            "counter",
+            "MicroVM sandboxes that took a VM from the warm pool.",
+            status.taken,
+        ),
+        (
+            "mxc_warm_pool_stopped",
+            "gauge",
+            "1 when the warm pool stopped refilling (the service log says why).",
+            u64::from(status.stopped.is_some()),
+        ),
+    ] {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    }
+    out
+}

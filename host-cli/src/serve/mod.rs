@@ -136,8 +136,20 @@ pub fn run(args: ServeArgs) -> Result<i32, Failure> {
         default_exec_timeout: policy::parse_duration(&args.exec_timeout)
             .map_err(|e| Failure::new(format!("--exec-timeout {:?}: {e}", args.exec_timeout)))?,
     };
+    let pool = (args.warm_pool > 0)
+        .then(|| {
+            sandbox::microvm::WarmPool::new(sandbox::microvm::PoolOptions {
+                size: args.warm_pool,
+                memory_budget_mib: args.warm_pool_memory,
+                ..Default::default()
+            })
+        })
+        .transpose()
+        .map_err(|e| Failure::new(format!("--warm-pool: {}", sandbox::error_chain(&e))))?;
+    let mut registry = Registry::new(limits, Default::default());
+    registry.pool = pool;
     let svc = Arc::new(Service {
-        registry: Registry::new(limits, Default::default()),
+        registry,
         max_body: args.max_body,
     });
     let token: Option<Arc<str>> = token.map(Arc::from);

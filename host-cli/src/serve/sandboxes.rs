@@ -168,6 +168,8 @@ pub struct Registry {
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
+    /// Restored microVMs waiting for a sandbox (`--warm-pool`).
+    pub pool: Option<sandbox::microvm::WarmPool>,
     next: AtomicU64,
 }
 
@@ -178,6 +180,7 @@ impl Registry {
             threads: Mutex::new(Vec::new()),
             limits,
             metrics,
+            pool: None,
             next: AtomicU64::new(1),
         }
     }
@@ -240,9 +243,13 @@ impl Registry {
         let metrics = Arc::clone(&self.metrics);
         let running = Arc::new(AtomicUsize::new(0));
         let counted = Arc::clone(&running);
+        let pool = self.pool.clone();
         let thread = std::thread::Builder::new()
             .name(format!("sandbox {id}"))
-            .spawn(move || sandbox_thread(containment, spec, jobs_rx, ready_tx, metrics, counted))
+            .spawn(move || {
+                let backend = make_backend(containment, pool);
+                sandbox_thread(backend, spec, jobs_rx, ready_tx, metrics, counted)
+            })
             .map_err(|e| ApiError::internal(format!("cannot start a sandbox thread: {e}")))?;
         let root_pid = match ready_rx.recv() {
             Ok(Ok(pid)) => pid,
@@ -372,14 +379,14 @@ impl OutputSink for ChannelSink {
 }
 
 fn sandbox_thread(
-    containment: Containment,
+    backend: Result<Box<dyn sandbox::Backend>, ApiError>,
     spec: SandboxSpec,
     jobs: std_mpsc::Receiver<Job>,
     ready: std_mpsc::SyncSender<Result<Option<u32>, ApiError>>,
     metrics: Arc<Metrics>,
     running: Arc<AtomicUsize>,
 ) {
-    let mut backend = match make_backend(containment) {
+    let mut backend = match backend {
         Ok(b) => b,
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -423,11 +430,17 @@ fn sandbox_thread(
     let _ = backend.deprovision();
 }
 
-fn make_backend(containment: Containment) -> Result<Box<dyn sandbox::Backend>, ApiError> {
+fn make_backend(
+    containment: Containment,
+    pool: Option<sandbox::microvm::WarmPool>,
+) -> Result<Box<dyn sandbox::Backend>, ApiError> {
     // One sandbox for all its execs: namespaces and root made once, /tmp kept.
     let options = sandbox::BackendOptions {
         persistent: true,
-        ..Default::default()
+        microvm: sandbox::microvm::MicrovmOptions {
+            pool,
+            ..Default::default()
+        },
     };
     sandbox::backend_for(containment, options)
         .map_err(|e| ApiError::unprocessable("backend_unavailable", e.to_string()))

@@ -17,6 +17,7 @@
 
 mod boot_failure;
 mod net;
+mod pool;
 pub mod shares;
 mod vmm_process;
 
@@ -32,6 +33,7 @@ use proto::{Exec, Rlimits};
 use crate::output::{ExecIo, Limiter, StdinMode, StreamKind};
 use crate::{Backend, ExecOutcome, ExecRequest, ExitKind, SandboxError, SandboxSpec};
 
+pub use pool::{PoolOptions, PoolStatus, WarmPool};
 pub use shares::{never_shared, GuestFiles, SharesError, SystemView};
 pub use vmm_process::{vmm_command, vmm_main, VmmFiles, VMM_ARG};
 
@@ -97,6 +99,9 @@ pub struct MicrovmOptions {
     pub save_ready_snapshot: bool,
     /// Told, in one line, why a VM that could start from a snapshot boots instead.
     pub notice: Option<NoticeFn>,
+    /// Take the VM from this warm pool when it has one of this VM's shape waiting
+    /// (otherwise start one as usual).
+    pub pool: Option<WarmPool>,
 }
 
 /// Receives one-line notices (e.g. why a VM boots cold).
@@ -127,6 +132,8 @@ pub struct HostTimeline {
     pub restored: bool,
     /// Where the VM's ready snapshot is (or would be), when it can have one.
     pub snapshot: Option<PathBuf>,
+    /// The VM came from a warm pool (restored before this backend asked for it).
+    pub pooled: bool,
 }
 
 #[derive(Debug)]
@@ -146,6 +153,9 @@ pub struct MicrovmBackend {
     pub timeline: HostTimeline,
     /// The VMM's own report (boot stages), once it has exited.
     pub report: Option<vmm::VmExitReport>,
+    /// This VM is for a warm pool: restored, with its VMM's control socket, and left
+    /// without shares or setup until a backend adopts it.
+    pooled: bool,
 }
 
 impl MicrovmBackend {
@@ -160,6 +170,7 @@ impl MicrovmBackend {
             net: net::VmNet::default(),
             timeline: HostTimeline::default(),
             report: None,
+            pooled: false,
         }
     }
 
@@ -584,6 +595,26 @@ impl Backend for MicrovmBackend {
             Start::Save => true,
             Start::Boot => false,
         };
+        if let (true, Some(pool), Some(vmm::SnapshotMode::Restore(dir))) =
+            (self.timeline.restored, &self.opts.pool, &config.snapshot)
+        {
+            if let Some(warm) = pool.take(dir) {
+                return self.adopt(warm);
+            }
+        }
+        if self.pooled {
+            if !self.timeline.restored {
+                return Err(SandboxError::Unavailable {
+                    backend: "microvm",
+                    reason: "a warm pool restores its VMs from the ready snapshot, and there \
+                             is none for them (`mxc-vm image build` makes it)"
+                        .into(),
+                });
+            }
+            // Its shares come when a backend adopts it.
+            config.shares.clear();
+            config.control_socket = Some(runtime.join(pool::CONTROL_SOCKET));
+        }
         // The proxy listens before the guest can try to reach it.
         self.net.start(&runtime.join("vsock.sock"))?;
         self.timeline.spawned = Some(Instant::now());
@@ -642,7 +673,7 @@ impl Backend for MicrovmBackend {
             if !saving && self.socket()?.exists() {
                 match self.try_connect() {
                     Ok(mut client) => {
-                        if self.timeline.restored {
+                        if self.timeline.restored && !self.pooled {
                             // The restored guest mounts its shares now.
                             let (links, mounts) = self
                                 .files

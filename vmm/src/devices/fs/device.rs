@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::bridge::{self, GuestRam};
 use super::creds::{self, RunAs};
 use super::filter::{OwnerMap, PolicyFs};
-use super::queue_handler::Serving;
+use super::queue_handler::{Rebound, Serving};
 use super::share::{self, PreparedShare};
 use super::WriteBudget;
 use super::{FsError, FsShareConfig, ServerOptions};
@@ -59,7 +59,11 @@ pub struct Fs {
     served: Arc<AtomicBool>,
     /// Each queue's (next_avail, next_used) when the device was activated.
     start_positions: Vec<(u16, u16)>,
+    /// A share bound after activation ([`Fs::rebind`]), for the worker to take up before
+    /// its first request.
+    rebound: Rebound,
 }
+
 
 impl Fs {
     /// A device for `share`, with the default limits and the VMM's own identity.
@@ -104,18 +108,7 @@ impl Fs {
         if let Some(dst) = config.get_mut(TAG_LEN..) {
             dst.copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
         }
-        let owner = options.guest_owner.map(|guest| {
-            let host = match options.run_as {
-                Some(r) => (r.uid, r.gid),
-                // SAFETY: geteuid(2) and getegid(2) have no preconditions and cannot fail.
-                None => unsafe { (libc::geteuid(), libc::getegid()) },
-            };
-            OwnerMap {
-                host,
-                guest: (guest, guest),
-            }
-        });
-        let fs = PolicyFs::new(prepared, options.limits, owner)?.with_budget(budget);
+        let fs = Self::policy_fs(prepared, options, budget)?;
         Ok(Self {
             tag,
             readonly,
@@ -128,7 +121,61 @@ impl Fs {
             activated: false,
             served: Arc::new(AtomicBool::new(false)),
             start_positions: Vec::new(),
+            rebound: Arc::default(),
         })
+    }
+
+    /// The policy layer serving `prepared` with `options`.
+    fn policy_fs(
+        prepared: PreparedShare,
+        options: ServerOptions,
+        budget: Option<Arc<WriteBudget>>,
+    ) -> Result<PolicyFs, FsError> {
+        let owner = options.guest_owner.map(|guest| {
+            let host = match options.run_as {
+                Some(r) => (r.uid, r.gid),
+                // SAFETY: geteuid(2) and getegid(2) have no preconditions and cannot fail.
+                None => unsafe { (libc::geteuid(), libc::getegid()) },
+            };
+            OwnerMap {
+                host,
+                guest: (guest, guest),
+            }
+        });
+        Ok(PolicyFs::new(prepared, options.limits, owner)?.with_budget(budget))
+    }
+
+    /// Serve `prepared` (with guest owner `guest_owner` and write budget `budget`)
+    /// instead of what the device was made with: a slot of a VM restored before its
+    /// policy was known gets its share. Only while the guest has sent no request (it has
+    /// not mounted the slot), and only a share with this slot's tag.
+    pub fn rebind(
+        &mut self,
+        prepared: PreparedShare,
+        guest_owner: Option<u32>,
+        budget: Option<Arc<WriteBudget>>,
+    ) -> Result<(), FsError> {
+        if prepared.tag != self.tag {
+            return Err(FsError::RebindTag {
+                slot: self.tag.clone(),
+                tag: prepared.tag,
+            });
+        }
+        let options = ServerOptions {
+            guest_owner,
+            ..self.options
+        };
+        let readonly = prepared.readonly;
+        let fs = Arc::new(Self::policy_fs(prepared, options, budget)?);
+        let mut rebound = self.rebound.lock().unwrap_or_else(|e| e.into_inner());
+        if self.served.load(Ordering::SeqCst) {
+            return Err(FsError::AlreadyServing(self.tag.clone()));
+        }
+        *rebound = Some(fs.clone());
+        self.fs = fs;
+        self.options = options;
+        self.readonly = readonly;
+        Ok(())
     }
 
     pub fn tag(&self) -> &str {
@@ -316,7 +363,14 @@ impl VirtioDevice for Fs {
         }
         // One activation per device: a failed start leaves it unusable rather than half up.
         self.activated = true;
-        let serving = Serving::new(ram, served, interrupt, self.fs.clone(), self.served.clone());
+        let serving = Serving::new(
+            ram,
+            served,
+            interrupt,
+            self.fs.clone(),
+            self.served.clone(),
+            self.rebound.clone(),
+        );
         let worker = self.start_worker(serving).map_err(ActivateError::Backend)?;
         self.worker = Some(worker);
         Ok(())

@@ -223,6 +223,10 @@ pub enum FsError {
     RootChanged(PathBuf),
     #[error("run_as needs mxc-vm to run as root (it runs as uid {0})")]
     RunAsNeedsRoot(u32),
+    #[error("share {tag:?} cannot be bound to slot {slot:?}: the tags differ")]
+    RebindTag { slot: String, tag: String },
+    #[error("slot {0:?} cannot be bound to another share: the guest already uses it")]
+    AlreadyServing(String),
     #[error("cannot create the fs device's eventfd")]
     EventFd(#[source] std::io::Error),
     #[error(

@@ -9,7 +9,7 @@
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
@@ -65,6 +65,10 @@ struct ServedQueue {
 
 type Chain<'a> = DescriptorChain<&'a GuestMemory017>;
 
+/// A share waiting for the worker: the worker takes it, under this lock, when it takes its
+/// first request, and a rebind is refused, under the same lock, once that happened.
+pub(crate) type Rebound = Arc<Mutex<Option<Arc<PolicyFs>>>>;
+
 /// Everything the worker needs to serve a share.
 pub(crate) struct Serving {
     ram: GuestRam,
@@ -77,6 +81,8 @@ pub(crate) struct Serving {
     /// Set once a request was taken off a queue (until then a snapshot can hold the
     /// device: its rings are where activation left them).
     served: Arc<AtomicBool>,
+    /// A share bound after activation, taken up before the first request.
+    rebound: Rebound,
 }
 
 impl std::fmt::Debug for Serving {
@@ -94,6 +100,7 @@ impl Serving {
         interrupt: Arc<Interrupt>,
         fs: Arc<PolicyFs>,
         served: Arc<AtomicBool>,
+        rebound: Rebound,
     ) -> Self {
         Self {
             ram,
@@ -110,6 +117,7 @@ impl Serving {
             fs,
             copy: Vec::new(),
             served,
+            rebound,
         }
     }
 
@@ -161,8 +169,6 @@ impl Serving {
     /// Serve the chains available on queue `idx`. Returns whether buffers were used.
     pub(crate) fn process_queue(&mut self, idx: usize) -> bool {
         let mem = self.ram.view();
-        let server = &self.server;
-        let fs = &*self.fs;
         let copy = &mut self.copy;
         let Some(sq) = self.queues.get_mut(idx) else {
             return false;
@@ -172,9 +178,18 @@ impl Serving {
             let Some(chain) = pop_chain(sq, mem) else {
                 return used;
             };
-            self.served.store(true, Ordering::SeqCst);
+            if !self.served.load(Ordering::SeqCst) {
+                // The first request: serve the share bound since activation, if any, and
+                // from now on refuse a rebind (both under the rebind lock).
+                let mut rebound = self.rebound.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(fs) = rebound.take() {
+                    self.server = Server::new(fs.clone());
+                    self.fs = fs;
+                }
+                self.served.store(true, Ordering::SeqCst);
+            }
             let head = chain.head_index();
-            let len = serve_chain(server, fs, mem, chain, copy);
+            let len = serve_chain(&self.server, &self.fs, mem, chain, copy);
             used |= add_used(sq, mem, head, len);
         }
         // More may be waiting: come back after the other fds had their turn.

@@ -61,7 +61,14 @@ impl SyncDevice {
         Self {
             mem,
             queue: DriverQueue::new(1),
-            serving: Serving::new(ram, queues, interrupt, Arc::new(fs), Default::default()),
+            serving: Serving::new(
+                ram,
+                queues,
+                interrupt,
+                Arc::new(fs),
+                Default::default(),
+                Default::default(),
+            ),
             unique: 0,
         }
     }

@@ -411,3 +411,104 @@ fn shares_divide_the_descriptor_limit_capped_at_the_defaults() {
     assert_eq!((tight.max_inodes, tight.max_handles), (4_319, 617));
     assert!(too_few.to_string().contains("RLIMIT_NOFILE allows 512"));
 }
+
+/// A slot serving an empty read-only placeholder, as a VM restored for a warm pool has.
+fn placeholder_slot(placeholder: &TempDir) -> Guest {
+    std::fs::create_dir_all(placeholder.path("empty")).unwrap();
+    Guest::new(&share_of(&placeholder.path("empty"), true, &[]))
+}
+
+#[test]
+fn an_unused_slot_is_bound_to_its_share_over_the_control_socket() {
+    use crate::control::{listen, request, serve, ControlError, ControlRequest, ShareSlots};
+    let placeholder = TempDir::new();
+    let project = TempDir::new();
+    std::fs::write(project.path("notes.txt"), b"hello").unwrap();
+    let mut guest = placeholder_slot(&placeholder);
+    let socket = placeholder.path("control.sock");
+    let slots = ShareSlots {
+        slots: vec![guest.dev.clone()],
+        bound: false,
+    };
+    serve(listen(&socket).unwrap(), slots).unwrap();
+    let bind = |share: FsShareConfig, write_limit| ControlRequest::BindShares {
+        shares: vec![share],
+        guest_owner: None,
+        write_limit,
+    };
+
+    // Refused before anything changes: a share in another slot's tag, a missing directory.
+    let wrong_tag = FsShareConfig {
+        tag: "mxcfs1".into(),
+        ..share_of(project.root(), false, &[])
+    };
+    let err = request(&socket, &bind(wrong_tag, None)).unwrap_err();
+    assert!(
+        matches!(&err, ControlError::Refused(m) if m.contains("must have tag \"mxcfs0\"")),
+        "{err}"
+    );
+    let err = request(
+        &socket,
+        &bind(share_of(&project.path("gone"), false, &[]), None),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("cannot open shared directory"), "{err}");
+
+    // Bound: the guest's first mount sees the project, writable, with the write limit.
+    request(
+        &socket,
+        &bind(share_of(project.root(), false, &[]), Some(3)),
+    )
+    .unwrap();
+    assert!(!guest.dev.lock().unwrap().readonly());
+    guest.init();
+    let file = guest.lookup(1, "notes.txt").unwrap();
+    let (created, fh) = guest
+        .create(1, "new.txt", libc::O_WRONLY | libc::O_EXCL, 0o644)
+        .unwrap();
+    let over_limit = guest.write(created.nodeid, fh, 0, b"four");
+    assert_eq!(file.attr.size, 5);
+    assert_eq!(over_limit, Err(libc::ENOSPC));
+
+    // Once: a second bind is refused, and so is a rebind of a slot the guest has used.
+    let err = request(&socket, &bind(share_of(project.root(), true, &[]), None))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bound already"), "{err}");
+    let again = crate::devices::fs::share::prepare(&share_of(placeholder.root(), true, &[]));
+    let err = guest
+        .dev
+        .lock()
+        .unwrap()
+        .rebind(again.unwrap(), None, None)
+        .unwrap_err();
+    assert!(matches!(err, FsError::AlreadyServing(_)), "{err}");
+
+    // Garbage gets an answer naming it, not a dead socket.
+    use std::io::{BufRead, Write};
+    let mut raw = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    raw.write_all(b"{\"type\":\"format_disk\"}\n").unwrap();
+    let mut reply = String::new();
+    std::io::BufReader::new(&raw).read_line(&mut reply).unwrap();
+    assert!(reply.contains("bad request"), "{reply}");
+}
+
+#[test]
+fn a_slot_can_be_bound_only_to_a_share_of_its_own_tag() {
+    let placeholder = TempDir::new();
+    let project = TempDir::new();
+    let guest = placeholder_slot(&placeholder);
+    let other = FsShareConfig {
+        tag: "mxcfs3".into(),
+        ..share_of(project.root(), false, &[])
+    };
+    let prepared = crate::devices::fs::share::prepare(&other).unwrap();
+    let err = guest
+        .dev
+        .lock()
+        .unwrap()
+        .rebind(prepared, None, None)
+        .unwrap_err();
+    assert!(matches!(err, FsError::RebindTag { .. }), "{err}");
+}
