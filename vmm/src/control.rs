@@ -166,6 +166,12 @@ pub(crate) fn serve(listener: UnixListener, slots: ShareSlots) -> std::io::Resul
     std::thread::Builder::new()
         .name("mxc-control".into())
         .spawn(move || {
+            use crate::seccomp::threads::{enter, ThreadKind};
+            if let Err(e) = enter(ThreadKind::Control) {
+                // No requests are served: a host's bind fails and it discards the VM.
+                tracing::error!(error = %e, "control: not serving");
+                return;
+            }
             for stream in listener.incoming() {
                 match stream {
                     Ok(stream) => {

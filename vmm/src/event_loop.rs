@@ -91,6 +91,12 @@ impl EventLoop {
         let thread = std::thread::Builder::new()
             .name("mxc-devices".into())
             .spawn(move || {
+                if let Err(e) =
+                    crate::seccomp::threads::enter(crate::seccomp::threads::ThreadKind::Devices)
+                {
+                    exit.request(Err(VmFailure::Seccomp(e)));
+                    return;
+                }
                 while !self.stop.load(Ordering::SeqCst) {
                     if let Err(e) = self.manager.run() {
                         exit.request(Err(VmFailure::EventLoop(e)));

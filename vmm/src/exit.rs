@@ -115,6 +115,8 @@ pub enum VmFailure {
     Vcpu(#[from] VcpuError),
     #[error("device event loop failed")]
     EventLoop(#[source] event_manager::Error),
+    #[error("a VMM thread could not install its seccomp filter")]
+    Seccomp(#[source] crate::seccomp::SeccompError),
 }
 
 /// The shared "VM is over" signal. Requesting an exit records the first outcome, raises

@@ -603,6 +603,7 @@ impl Vm {
             timeline: timeline.clone(),
             exits: Arc::new(AtomicU64::new(0)),
             stop_at: config.stop_at,
+            saving: matches!(config.snapshot, Some(SnapshotMode::SaveAtReady(_))),
         };
         let mut runners = (0u8..)
             .zip(vcpus)

@@ -206,6 +206,26 @@ pub fn vmm_main(args: &[std::ffi::OsString]) -> i32 {
             return 2;
         }
     };
+    // No program, mount, namespace, BPF, ... from this process from here on
+    // (vmm::seccomp), before the VM exists and starts threads: every thread inherits
+    // it. Each VMM thread then confines itself to the calls its kind needs once it
+    // starts its work (vmm::seccomp::threads); the report file is opened now, as the
+    // boot vCPU's thread, which ends the VM, may not open files.
+    if let Err(e) = vmm::seccomp::install() {
+        eprintln!("mxc-vm vmm: {}", crate::error_chain(&e));
+        return 1;
+    }
+    vmm::seccomp::threads::enable();
+    let mut report_file = match std::fs::File::create(report_path) {
+        Ok(file) => file,
+        Err(e) => {
+            eprintln!(
+                "mxc-vm vmm: cannot create {}: {e}",
+                Path::new(report_path).display()
+            );
+            return 1;
+        }
+    };
     let vm = match vmm::Vm::new(config) {
         Ok(vm) => vm,
         Err(e) => {
@@ -217,16 +237,11 @@ pub fn vmm_main(args: &[std::ffi::OsString]) -> i32 {
     if let Err(e) = vmm::kill_on_termination_signals(&handle) {
         eprintln!("mxc-vm vmm: signal handlers: {e}");
     }
-    // From here on the guest runs: no program, mount, namespace, BPF, ... from this
-    // process (vmm::seccomp). The threads the VM starts inherit the filter.
-    if let Err(e) = vmm::seccomp::install() {
-        eprintln!("mxc-vm vmm: {}", crate::error_chain(&e));
-        return 1;
-    }
     match vm.run() {
         Ok(report) => {
             if let Ok(json) = serde_json::to_vec(&report) {
-                let _ = std::fs::write(report_path, json);
+                use std::io::Write;
+                let _ = report_file.write_all(&json);
             }
             0
         }

@@ -7,10 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::bus::Bus;
-use crate::exit::{ExitReason, VmExit};
+use crate::exit::{ExitReason, VmExit, VmFailure};
 pub use crate::exit::{VcpuError, VcpuState};
 use crate::hypervisor::{CpuidEntry, MsrEntry, SystemEventKind, VcpuExit, VcpuX86};
 use crate::logging::{guest_debug, guest_warn};
+use crate::seccomp::threads::ThreadKind;
 use crate::timeline::{Stage, Timeline};
 
 /// x87 control word at power-on (all exceptions masked, 64-bit precision).
@@ -83,6 +84,9 @@ pub struct VcpuShared {
     pub exits: Arc<AtomicU64>,
     /// Benchmarks: end the VM at this stage of the boot vCPU (see `VmConfig::stop_at`).
     pub stop_at: Option<Stage>,
+    /// The boot vCPU saves the ready snapshot when the guest is ready: its thread may
+    /// write the snapshot files (see [`crate::seccomp::threads`]).
+    pub saving: bool,
 }
 
 /// One vCPU and the loop that runs it.
@@ -110,6 +114,14 @@ impl VcpuRunner {
     pub fn run(mut self) -> Box<dyn VcpuX86> {
         self.shared.exit.add_kicker(self.vcpu.kicker());
         let boot_vcpu = self.id == 0;
+        let kind = if boot_vcpu && self.shared.saving {
+            ThreadKind::VcpuSaving
+        } else {
+            ThreadKind::Vcpu
+        };
+        if let Err(e) = crate::seccomp::threads::enter(kind) {
+            self.shared.exit.request(Err(VmFailure::Seccomp(e)));
+        }
         let mut first = boot_vcpu;
         while !self.shared.exit.stopped() {
             if first {

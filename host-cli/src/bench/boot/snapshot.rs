@@ -85,7 +85,7 @@ pub(super) fn goals(series: &[Series], host: &HostKind) -> Vec<Goal> {
         limit_ms: GOAL_RESTORE_SETUP_MS,
         p50_ms: setup,
         met: setup.map(|v| v <= GOAL_RESTORE_SETUP_MS),
-        note: "memory checksummed and mapped, devices and vCPUs restored".into(),
+        note: "memory mapped (its checksum is read once per version of the file), devices and vCPUs restored".into(),
     }];
     if host.is_hardware() {
         let limit = cold.map_or(f64::NAN, |c| c * GOAL_HARDWARE_SHARE);

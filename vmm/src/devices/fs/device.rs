@@ -3,7 +3,7 @@
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, SyncSender};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
@@ -41,6 +41,8 @@ const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 struct Worker {
     kill: EventFd,
     thread: Option<JoinHandle<()>>,
+    /// Hands the worker its queues at activation (dropped: the worker ends unused).
+    serving: Option<SyncSender<Serving>>,
 }
 
 /// A virtio-fs device serving one share.
@@ -63,7 +65,6 @@ pub struct Fs {
     /// its first request.
     rebound: Rebound,
 }
-
 
 impl Fs {
     /// A device for `share`, with the default limits and the VMM's own identity.
@@ -109,7 +110,7 @@ impl Fs {
             dst.copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
         }
         let fs = Self::policy_fs(prepared, options, budget)?;
-        Ok(Self {
+        let mut device = Self {
             tag,
             readonly,
             config,
@@ -122,7 +123,11 @@ impl Fs {
             served: Arc::new(AtomicBool::new(false)),
             start_positions: Vec::new(),
             rebound: Arc::default(),
-        })
+        };
+        // The worker starts now, while the VMM may still start threads, and waits for
+        // its queues (see `crate::seccomp::threads`).
+        device.worker = Some(device.start_worker().map_err(FsError::Worker)?);
+        Ok(device)
     }
 
     /// The policy layer serving `prepared` with `options`.
@@ -221,6 +226,8 @@ impl Fs {
     /// The guest's later requests stay unanswered. Dropping the device does this too.
     pub fn stop_worker(&mut self) {
         if let Some(worker) = self.worker.as_mut() {
+            // A worker still waiting for its queues ends when this is gone.
+            worker.serving = None;
             // If the kill cannot be sent the join would hang: leave the thread detached.
             if worker.kill.write(1).is_ok() {
                 if let Some(thread) = worker.thread.take() {
@@ -230,15 +237,16 @@ impl Fs {
         }
     }
 
-    fn start_worker(&mut self, serving: Serving) -> io::Result<Worker> {
+    fn start_worker(&self) -> io::Result<Worker> {
         let kill = EventFd::new(EFD_NONBLOCK)?;
         let worker_kill = kill.try_clone()?;
         let exit = self.exit_evt.try_clone()?;
         let run_as = self.options.run_as;
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let (serving_tx, serving_rx) = mpsc::sync_channel(1);
         let thread = thread::Builder::new()
             .name(format!("fs-{}", self.tag))
-            .spawn(move || worker_main(serving, &worker_kill, &exit, run_as, &ready_tx))?;
+            .spawn(move || worker_main(&serving_rx, &worker_kill, &exit, run_as, &ready_tx))?;
         let ready = ready_rx
             .recv()
             .unwrap_or_else(|_| Err(io::Error::other("fs worker ended before it started")));
@@ -246,6 +254,7 @@ impl Fs {
             Ok(()) => Ok(Worker {
                 kill,
                 thread: Some(thread),
+                serving: Some(serving_tx),
             }),
             Err(e) => {
                 let _ = thread.join();
@@ -255,24 +264,32 @@ impl Fs {
     }
 }
 
-/// The worker thread: confine itself, report, serve until killed.
+/// The worker thread: confine itself, report, wait for its queues, serve until killed.
 fn worker_main(
-    mut serving: Serving,
+    queues: &Receiver<Serving>,
     kill: &EventFd,
     exit: &EventFd,
     run_as: Option<RunAs>,
     ready: &SyncSender<io::Result<()>>,
 ) {
-    let confined = creds::confine_current_thread(run_as);
+    let confined = creds::confine_current_thread(run_as).and_then(|()| {
+        crate::seccomp::threads::enter(crate::seccomp::threads::ThreadKind::FsWorker)
+            .map_err(io::Error::other)
+    });
     let ok = confined.is_ok();
     // The receiver waits for exactly this message.
     let _ = ready.send(confined);
-    if ok {
-        match panic::catch_unwind(AssertUnwindSafe(|| serving.run(kill))) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "fs: worker stopped"),
-            Err(_) => tracing::error!("fs: worker panicked; the share is no longer served"),
-        }
+    if !ok {
+        return;
+    }
+    // The device was dropped before it was activated: nothing to report.
+    let Ok(mut serving) = queues.recv() else {
+        return;
+    };
+    match panic::catch_unwind(AssertUnwindSafe(|| serving.run(kill))) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "fs: worker stopped"),
+        Err(_) => tracing::error!("fs: worker panicked; the share is no longer served"),
     }
     drop(serving);
     // Tell the event loop; nothing else can be done if this fails.
@@ -371,8 +388,16 @@ impl VirtioDevice for Fs {
             self.served.clone(),
             self.rebound.clone(),
         );
-        let worker = self.start_worker(serving).map_err(ActivateError::Backend)?;
-        self.worker = Some(worker);
+        let handed = self
+            .worker
+            .as_mut()
+            .and_then(|w| w.serving.take())
+            .is_some_and(|tx| tx.send(serving).is_ok());
+        if !handed {
+            return Err(ActivateError::Backend(io::Error::other(
+                "the fs worker is gone",
+            )));
+        }
         Ok(())
     }
 }

@@ -227,6 +227,8 @@ pub enum FsError {
     RebindTag { slot: String, tag: String },
     #[error("slot {0:?} cannot be bound to another share: the guest already uses it")]
     AlreadyServing(String),
+    #[error("cannot start the fs device's worker")]
+    Worker(#[source] std::io::Error),
     #[error("cannot create the fs device's eventfd")]
     EventFd(#[source] std::io::Error),
     #[error(

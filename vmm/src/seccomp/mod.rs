@@ -5,8 +5,10 @@
 //! further into the host: running programs, tracing or reading other processes, mounts
 //! and namespaces, BPF, keys, perf, kernel modules, kexec, io_uring. Installed on every
 //! thread (TSYNC) once the VM is built and before it runs; threads started later inherit
-//! it. A deny list for now: an allowlist per thread kind (vCPU, device loop, fs worker)
-//! is the next step.
+//! it. On top of it each thread kind (vCPU, device loop, fs worker, control) has its own
+//! allowlist ([`threads`]).
+
+pub mod threads;
 
 use std::collections::BTreeMap;
 
@@ -22,6 +24,8 @@ pub enum SeccompError {
     Build(#[source] seccompiler::BackendError),
     #[error("installing the VMM's seccomp filter failed")]
     Install(#[source] seccompiler::Error),
+    #[error("building the VMM's per-thread seccomp filters failed: {0}")]
+    Compile(String),
 }
 
 /// Calls that kill the VMM.
@@ -75,7 +79,10 @@ const NAMESPACE_FLAGS: &[u64] = &[
 pub fn describe() -> String {
     let names: Vec<&str> = KILLED.iter().map(|(_, n)| *n).collect();
     format!(
-        "the VMM is killed by: {}, unshare or clone into new namespaces",
+        "the VMM is killed by: {}, unshare or clone into new namespaces; each VMM thread \
+         may make only its kind's calls (vCPU: KVM ioctls and eventfds, no files or \
+         sockets; device loop: epoll and Unix sockets; fs worker: file calls, no sockets \
+         or ioctls), others answer EPERM",
         names.join(", ")
     )
 }
