@@ -337,7 +337,7 @@ fn spawn_init(
     let uid_map = format!("0 {uid} 1");
     let gid_map = format!("0 {gid} 1");
     let cgroup_procs = cgroup
-        .map(|c| CString::new(c.procs_file().into_os_string().into_encoded_bytes()))
+        .map(|c| CString::new(c.join_file().into_os_string().into_encoded_bytes()))
         .transpose()
         .map_err(|_| SandboxError::Lifecycle("cgroup path contains NUL"))?;
     let fds = Inherit {
@@ -432,7 +432,7 @@ fn spawn_forked(
     let uid_map = format!("0 {uid} 1");
     let gid_map = format!("0 {gid} 1");
     let cgroup_procs = cgroup
-        .map(|c| CString::new(c.procs_file().into_os_string().into_encoded_bytes()))
+        .map(|c| CString::new(c.join_file().into_os_string().into_encoded_bytes()))
         .transpose()
         .map_err(|_| SandboxError::Lifecycle("cgroup path contains NUL"))?;
     let flags = SANDBOX_NAMESPACES;
