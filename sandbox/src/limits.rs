@@ -262,6 +262,16 @@ impl SandboxCgroup {
         })
     }
 
+    /// The cgroup's directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether this is a cgroup v1 pids cgroup (else a cgroup v2 one).
+    pub fn is_v1(&self) -> bool {
+        self.v1
+    }
+
     /// The file a freshly forked (so single-threaded) child writes "0" to, to join this
     /// cgroup. cgroup v1: `tasks`, which moves the calling thread only (in a
     /// single-threaded process, the whole process) and so skips the global thread-group

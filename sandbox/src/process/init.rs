@@ -89,22 +89,10 @@ fn run() -> i32 {
 /// The init's work, once its descriptors are in place and the plan is known: used after
 /// the re-exec and, directly in the forked child, when the caller is single-threaded.
 pub(crate) fn run_plan(plan: &InitPlan) -> i32 {
-    // The status descriptor must not leak into the command.
-    // SAFETY: fcntl on a descriptor we own.
-    unsafe { libc::fcntl(STATUS_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+    if let Err(code) = build_root(plan) {
+        return code;
+    }
     let proxied = matches!(plan.net, NetMode::Proxied { .. });
-    if proxied {
-        // Never inherited by the command, whatever happens below.
-        // SAFETY: fcntl on the descriptor the parent placed for us.
-        unsafe { libc::fcntl(NET_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
-    }
-    if let Err(e) = mounts::enter_scratch_root() {
-        return fail("mount", e);
-    }
-    if let Err(e) = mounts::build_root(&plan.view) {
-        return fail("mount", e);
-    }
-    stage(plan, "root built");
     // SAFETY: fork in a single-threaded process.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
@@ -127,6 +115,32 @@ pub(crate) fn run_plan(plan: &InitPlan) -> i32 {
     }
     report(&Status::Child { pid });
     wait_exit_code(pid)
+}
+
+/// The init's work when it was cloned as PID 1 of the sandbox's PID namespace (the
+/// fast path): build the root and go on as PID 1, with no process in between.
+pub(crate) fn run_as_pid_one(plan: &InitPlan) -> i32 {
+    if let Err(code) = build_root(plan) {
+        return code;
+    }
+    pid_one(plan)
+}
+
+/// Mark the inherited descriptors close-on-exec and build the sandbox's root under
+/// /newroot. Err: the exit code, the failure already reported.
+fn build_root(plan: &InitPlan) -> Result<(), i32> {
+    // The status descriptor must not leak into the command.
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe { libc::fcntl(STATUS_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+    if matches!(plan.net, NetMode::Proxied { .. }) {
+        // Never inherited by the command, whatever happens below.
+        // SAFETY: fcntl on the descriptor the parent placed for us.
+        unsafe { libc::fcntl(NET_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    mounts::enter_scratch_root().map_err(|e| fail("mount", e))?;
+    mounts::build_root(&plan.view).map_err(|e| fail("mount", e))?;
+    stage(plan, "root built");
+    Ok(())
 }
 
 /// Wait for `pid` and turn its status into an exit code.
