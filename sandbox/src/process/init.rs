@@ -99,7 +99,7 @@ pub(crate) fn run_plan(plan: &InitPlan) -> i32 {
         return fail("fork", std::io::Error::last_os_error());
     }
     if pid == 0 {
-        let code = pid_one(plan);
+        let code = pid_one(plan, None);
         // SAFETY: leave the child without running the parent's atexit handlers.
         unsafe { libc::_exit(code) };
     }
@@ -118,12 +118,14 @@ pub(crate) fn run_plan(plan: &InitPlan) -> i32 {
 }
 
 /// The init's work when it was cloned as PID 1 of the sandbox's PID namespace (the
-/// fast path): build the root and go on as PID 1, with no process in between.
-pub(crate) fn run_as_pid_one(plan: &InitPlan) -> i32 {
+/// fast path): build the root and go on as PID 1, with no process in between. Its
+/// network namespace, made meanwhile by the host's helper (`super::netns_helper`),
+/// arrives on `netns`.
+pub(crate) fn run_as_pid_one(plan: &InitPlan, netns: RawFd) -> i32 {
     if let Err(code) = build_root(plan) {
         return code;
     }
-    pid_one(plan)
+    pid_one(plan, Some(netns))
 }
 
 /// Mark the inherited descriptors close-on-exec and build the sandbox's root under
@@ -163,17 +165,31 @@ fn wait_exit_code(pid: libc::pid_t) -> i32 {
     }
 }
 
-/// PID 1 of the sandbox's PID namespace.
-fn pid_one(plan: &InitPlan) -> i32 {
+/// PID 1 of the sandbox's PID namespace. `netns`: the socket its network namespace
+/// arrives on, with `lo` up (else it is in its own one already, `lo` still down).
+fn pid_one(plan: &InitPlan, netns: Option<RawFd>) -> i32 {
     // SAFETY: prctl without memory arguments.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     if let Err(e) = mounts::finish_root() {
         return fail("mount", e);
     }
     stage(plan, "pid 1: /proc, pivot_root");
-    // Every sandbox has its own network namespace (no tier shares the host's).
-    if let Err(e) = loopback_up() {
-        return fail("network", format!("bringing up lo: {e}"));
+    // Every sandbox has its own network namespace (no tier shares the host's): no
+    // command is forked before this succeeds.
+    match netns {
+        Some(sock) => {
+            if let Err(e) = join_netns(sock) {
+                return fail(
+                    "network",
+                    format!("entering the sandbox's network namespace: {e}"),
+                );
+            }
+        }
+        None => {
+            if let Err(e) = loopback_up() {
+                return fail("network", format!("bringing up lo: {e}"));
+            }
+        }
     }
     if let NetMode::Proxied { port } = plan.net {
         let sent = handoff::bind_and_send(port, NET_FD);
@@ -232,7 +248,30 @@ fn pid_one(plan: &InitPlan) -> i32 {
     }
 }
 
-fn loopback_up() -> std::io::Result<()> {
+/// Receive the network namespace the host's helper made (one descriptor on `sock`,
+/// which is closed) and enter it.
+fn join_netns(sock: RawFd) -> std::io::Result<()> {
+    let mut byte = [0u8; 1];
+    let received = recv_fds(sock, &mut byte);
+    // SAFETY: closing the socket this process was given; nothing else uses it.
+    unsafe { libc::close(sock) };
+    let (_, fds) = received?;
+    let [netns] = fds.as_slice() else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the helper sent no namespace",
+        ));
+    };
+    // SAFETY: setns on a descriptor we own; the kernel checks that it is a network
+    // namespace (EINVAL otherwise) owned by our user namespace.
+    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Bring up `lo` in the calling process's network namespace.
+pub(crate) fn loopback_up() -> std::io::Result<()> {
     // SAFETY: socket/ioctl/close on our own descriptor with a zeroed ifreq we own.
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
