@@ -209,16 +209,10 @@ fn pid_one(plan: &InitPlan, netns: Option<RawFd>) -> i32 {
         return serve(plan);
     }
 
-    // SAFETY: fork in a single-threaded process.
-    let child = unsafe { libc::fork() };
-    if child < 0 {
-        return fail("fork", std::io::Error::last_os_error());
-    }
-    if child == 0 {
-        let code = command(plan);
-        // SAFETY: leave without running atexit handlers.
-        unsafe { libc::_exit(code) };
-    }
+    let child = match spawn_command(plan) {
+        Ok(pid) => pid,
+        Err(e) => return fail("fork", e),
+    };
     // Reap everything; return when the command itself exits. Leaving then tears the
     // namespace down, killing whatever the command left behind.
     loop {
@@ -246,6 +240,63 @@ fn pid_one(plan: &InitPlan, netns: Option<RawFd>) -> i32 {
             return 128 + signal;
         }
     }
+}
+
+/// Start the command's process (`command`) as vfork would: it shares PID 1's memory and
+/// PID 1 is suspended until it has exec'd (or exited), so there are no page tables to
+/// copy (PID 1 is a copy of the whole mxc-vm) and none for the exec to tear down. It has
+/// its own stack (with a guard page below), descriptor table, working directory,
+/// signal handlers, credentials, rlimits and filters, as after fork; what it allocates
+/// before the exec stays behind in PID 1's heap, unused. Returns its pid.
+fn spawn_command(plan: &InitPlan) -> std::io::Result<libc::pid_t> {
+    const STACK: usize = 512 * 1024;
+    const GUARD: usize = 4096;
+    extern "C" fn run(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` is the plan, alive until this process has exec'd or exited
+        // (PID 1 is suspended meanwhile).
+        let plan = unsafe { &*arg.cast::<InitPlan>() };
+        let code = command(plan);
+        // SAFETY: leave without running atexit handlers (they are PID 1's).
+        unsafe { libc::_exit(code) }
+    }
+    // SAFETY: a fresh private anonymous mapping, its lowest page made inaccessible;
+    // unmapped below once the child no longer uses it.
+    let stack = unsafe {
+        let base = libc::mmap(
+            std::ptr::null_mut(),
+            STACK + GUARD,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+            -1,
+            0,
+        );
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::mprotect(base, GUARD, libc::PROT_NONE) != 0 {
+            let e = std::io::Error::last_os_error();
+            libc::munmap(base, STACK + GUARD);
+            return Err(e);
+        }
+        base
+    };
+    // SAFETY: the child runs `run` on the mapping's top (page-aligned) with the plan,
+    // both alive until it has exec'd or exited: CLONE_VFORK returns only then.
+    let pid = unsafe {
+        libc::clone(
+            run,
+            stack.cast::<u8>().add(STACK + GUARD).cast(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            std::ptr::from_ref(plan).cast_mut().cast(),
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: the mapping made above; the child no longer runs on it.
+    unsafe { libc::munmap(stack, STACK + GUARD) };
+    if pid < 0 {
+        return Err(err);
+    }
+    Ok(pid)
 }
 
 /// Receive the network namespace the host's helper made (one descriptor on `sock`,
