@@ -1,7 +1,8 @@
-//! The sandbox init: runs as `mxc-vm __sandbox-init` inside the new namespaces.
+//! The sandbox init: runs as `mxc-vm __sandbox-init` inside the new namespaces, or (the
+//! fast path) as PID 1 itself, cloned by the host.
 //!
-//! It builds the root (mounts.rs), forks PID 1 of the new PID namespace, which mounts
-//! /proc, pivots into the root and forks the command. The command then applies rlimits,
+//! It builds the root (mounts.rs) and forks PID 1 of the new PID namespace, which mounts
+//! /proc, pivots into the root and starts the command. The command then applies rlimits,
 //! Landlock, drops every capability, sets no_new_privs, installs the seccomp filters and
 //! execs. Every failure is reported on the status pipe (fd 3) as a `Status` line.
 //! In a persistent sandbox (`session`), PID 1 instead serves exec requests from the
@@ -119,8 +120,8 @@ pub(crate) fn run_plan(plan: &InitPlan) -> i32 {
 
 /// The init's work when it was cloned as PID 1 of the sandbox's PID namespace (the
 /// fast path): build the root and go on as PID 1, with no process in between. Its
-/// network namespace, made meanwhile by the host's helper (`super::netns_helper`),
-/// arrives on `netns`.
+/// network and IPC namespaces, made meanwhile by the host's helper
+/// (`super::netns_helper`), arrive on `netns`.
 pub(crate) fn run_as_pid_one(plan: &InitPlan, netns: RawFd) -> i32 {
     if let Err(code) = build_root(plan) {
         return code;
@@ -165,8 +166,8 @@ fn wait_exit_code(pid: libc::pid_t) -> i32 {
     }
 }
 
-/// PID 1 of the sandbox's PID namespace. `netns`: the socket its network namespace
-/// arrives on, with `lo` up (else it is in its own one already, `lo` still down).
+/// PID 1 of the sandbox's PID namespace. `netns`: the socket its network (with `lo`
+/// up) and IPC namespaces arrive on (else it is in its own ones already, `lo` down).
 fn pid_one(plan: &InitPlan, netns: Option<RawFd>) -> i32 {
     // SAFETY: prctl without memory arguments.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
@@ -181,7 +182,7 @@ fn pid_one(plan: &InitPlan, netns: Option<RawFd>) -> i32 {
             if let Err(e) = join_netns(sock) {
                 return fail(
                     "network",
-                    format!("entering the sandbox's network namespace: {e}"),
+                    format!("entering the sandbox's network and IPC namespaces: {e}"),
                 );
             }
         }
@@ -299,24 +300,26 @@ fn spawn_command(plan: &InitPlan) -> std::io::Result<libc::pid_t> {
     Ok(pid)
 }
 
-/// Receive the network namespace the host's helper made (one descriptor on `sock`,
-/// which is closed) and enter it.
+/// Receive the network and IPC namespaces the host's helper made (two descriptors on
+/// `sock`, which is closed) and enter them.
 fn join_netns(sock: RawFd) -> std::io::Result<()> {
     let mut byte = [0u8; 1];
     let received = recv_fds(sock, &mut byte);
     // SAFETY: closing the socket this process was given; nothing else uses it.
     unsafe { libc::close(sock) };
     let (_, fds) = received?;
-    let [netns] = fds.as_slice() else {
+    let [net, ipc] = fds.as_slice() else {
         return Err(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
-            "the helper sent no namespace",
+            "the helper sent no namespaces",
         ));
     };
-    // SAFETY: setns on a descriptor we own; the kernel checks that it is a network
-    // namespace (EINVAL otherwise) owned by our user namespace.
-    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error());
+    for (ns, kind) in [(net, libc::CLONE_NEWNET), (ipc, libc::CLONE_NEWIPC)] {
+        // SAFETY: setns on a descriptor we own; the kernel checks that it is a
+        // namespace of that kind (EINVAL otherwise) owned by our user namespace.
+        if unsafe { libc::setns(ns.as_raw_fd(), kind) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
     }
     Ok(())
 }
@@ -452,11 +455,15 @@ fn resolve_program(plan: &InitPlan) -> Result<PathBuf, (String, i32)> {
 fn drop_capabilities() -> std::io::Result<()> {
     // SAFETY: prctl calls without memory arguments; capset reads the two structs we own.
     unsafe {
+        // Capability numbers are dense: the first one the kernel calls invalid (EINVAL)
+        // is past its last, and so is every one after it.
         for cap in 0..64 {
-            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
-                && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
-            {
-                return Err(std::io::Error::last_os_error());
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EINVAL) {
+                    break;
+                }
+                return Err(e);
             }
         }
         libc::prctl(

@@ -2,15 +2,19 @@
 //! Landlock as a second layer, a seccomp filter, no new privileges, and cgroup v2 or
 //! rlimit limits.
 //!
-//! Process tree (host view):
+//! Process tree (host view) of a single-threaded caller (`mxc-vm run`), the fast path:
 //! ```text
 //! mxc-vm (supervisor)            relays output, enforces the timeout
-//!  └─ mxc-vm __sandbox-init      new user/mount/ipc/uts/cgroup[/net] namespaces; builds the root
-//!      └─ PID 1 of a new PID ns  mounts /proc, pivots into the root, reaps
-//!          └─ the command        Landlock + no_new_privs + seccomp, then execve
+//!  ├─ (netns helper, briefly)    makes the network and IPC namespaces for PID 1
+//!  └─ PID 1 of a new PID ns      cloned into new user/mount/uts namespaces (and the v2
+//!      │                         cgroup); enters the cgroup, network and IPC namespaces,
+//!      │                         builds the root, mounts /proc, pivots, reaps
+//!      └─ the command            Landlock + no_new_privs + seccomp, then execve
 //! ```
-//! The init is a fresh exec of the current binary (see [`crate::init_hook`]), so all of
-//! the setup runs in a single-threaded process whatever the caller's threads are doing.
+//! A multi-threaded caller (`mxc-vm serve`) starts `mxc-vm __sandbox-init` instead, a
+//! fresh exec of the current binary (see [`crate::init_hook`]) in all of the new
+//! namespaces, so that the setup runs in a single-threaded process whatever the
+//! caller's threads are doing; it builds the root and forks PID 1.
 
 pub mod init;
 mod mounts;
@@ -387,10 +391,14 @@ fn open_join_file(cgroup: &SandboxCgroup) -> Result<OwnedFd, SandboxError> {
 /// The namespaces PID 1 is cloned into on the fast path: all of the sandbox's but two.
 /// The cgroup namespace PID 1 enters once it is in the sandbox's cgroup, so that this
 /// cgroup is the root of what the sandbox sees. The network namespace (the costliest
-/// to make, ~0.4 ms) a helper makes meanwhile, while PID 1 builds the root
-/// ([`netns_helper`]); PID 1 enters it before it forks the command, or fails.
+/// to make, ~0.4 ms) and the IPC one a helper makes meanwhile, while PID 1 builds the
+/// root ([`netns_helper`]); PID 1 enters them before it forks the command, or fails.
 const CLONED_NAMESPACES: u64 =
-    (SANDBOX_NAMESPACES & !(libc::CLONE_NEWCGROUP | libc::CLONE_NEWNET)) as u64;
+    (SANDBOX_NAMESPACES & !(libc::CLONE_NEWCGROUP | HELPER_NAMESPACES)) as u64;
+/// The namespaces the helper makes for PID 1 ([`netns_helper`]): the network one and
+/// the IPC one (whose message-queue file system costs about as much as a mount
+/// namespace).
+const HELPER_NAMESPACES: libc::c_int = libc::CLONE_NEWNET | libc::CLONE_NEWIPC;
 /// clone3's flag that starts the child in the cgroup v2 directory `clone_args.cgroup`.
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
@@ -670,10 +678,10 @@ fn spawn_forked(
     result
 }
 
-/// Run the helper that makes the sandbox's network namespace while PID 1 (`pid_one`)
-/// builds the root: it joins PID 1's user namespace (so the new network namespace is
-/// the sandbox's, as if PID 1 had made it), makes the namespace, brings up `lo` and
-/// sends the namespace to PID 1 over `sock`. It shares this process's memory and this
+/// Run the helper that makes the sandbox's network and IPC namespaces while PID 1
+/// (`pid_one`) builds the root: it joins PID 1's user namespace (so the new namespaces
+/// are the sandbox's, as if PID 1 had made them), makes them, brings up `lo` and sends
+/// both to PID 1 over `sock`. It shares this process's memory and this
 /// process waits until it has exited (CLONE_VM | CLONE_VFORK): no page tables to copy
 /// and no memory of ours touched while it runs, only its own stack. Returns the
 /// helper's exit code (0: sent), None if it could not be started.
@@ -690,16 +698,18 @@ fn netns_helper(pid_one: libc::pid_t, sock: RawFd) -> Option<i32> {
             let user = libc::open(args.user_ns.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
             if user < 0
                 || libc::setns(user, libc::CLONE_NEWUSER) != 0
-                || libc::unshare(libc::CLONE_NEWNET) != 0
+                || libc::unshare(HELPER_NAMESPACES) != 0
                 || init::loopback_up().is_err()
             {
                 return 1;
             }
-            let net = libc::open(
-                c"/proc/self/ns/net".as_ptr(),
-                libc::O_RDONLY | libc::O_CLOEXEC,
-            );
-            if net < 0 || crate::proxy::sys::send_fds(args.sock, b"n", &[net]).is_err() {
+            let flags = libc::O_RDONLY | libc::O_CLOEXEC;
+            let net = libc::open(c"/proc/self/ns/net".as_ptr(), flags);
+            let ipc = libc::open(c"/proc/self/ns/ipc".as_ptr(), flags);
+            if net < 0
+                || ipc < 0
+                || crate::proxy::sys::send_fds(args.sock, b"n", &[net, ipc]).is_err()
+            {
                 return 1;
             }
             0
