@@ -450,6 +450,15 @@ fn clone_pid_one(cgroup: Option<&SandboxCgroup>, join: &mut Join) -> std::io::Re
     ) {
         return Err(err);
     }
+    clone_pid_one_plain(cgroup, join)
+}
+
+/// [`clone_pid_one`] where clone3 is refused: clone(2), and a v2 cgroup joined by a
+/// write to its `cgroup.procs` (opened here) instead of CLONE_INTO_CGROUP.
+fn clone_pid_one_plain(
+    cgroup: Option<&SandboxCgroup>,
+    join: &mut Join,
+) -> std::io::Result<libc::pid_t> {
     if let (Join::CloneInto(_), Some(cgroup)) = (&*join, cgroup) {
         let procs = std::fs::OpenOptions::new()
             .write(true)
@@ -978,6 +987,65 @@ mod tests {
             libc::WEXITSTATUS(status),
             0,
             "1: not in {expected:?}; 2: not PID 1"
+        );
+    }
+
+    /// Where clone3 is refused, plain clone starts PID 1 and it joins the v2 cgroup by
+    /// the `cgroup.procs` the fallback opened for it.
+    #[test]
+    fn without_clone3_pid_one_joins_its_v2_cgroup_by_cgroup_procs() {
+        let parent = match own_cgroup2_dir() {
+            Ok(dir) => dir,
+            Err(why) => {
+                eprintln!("SKIPPED without_clone3_pid_one_joins_its_v2_cgroup: {why}");
+                return;
+            }
+        };
+        let id = format!("{}-clone-fallback-test", std::process::id());
+        let cgroup =
+            SandboxCgroup::create(&parent, &id, &policy::Limits::default()).expect("a test cgroup");
+        let expected = format!("0::/mxc-vm-{id}\n");
+        let mut join = Join::CloneInto(OwnedFd::from(
+            std::fs::File::open(cgroup.path()).expect("open the cgroup"),
+        ));
+
+        let pid = clone_pid_one_plain(Some(&cgroup), &mut join).expect("clone");
+        if pid == 0 {
+            let fd = match &join {
+                Join::Write(fd) => fd.as_raw_fd(),
+                // SAFETY: leaving the child.
+                _ => unsafe { libc::_exit(3) },
+            };
+            let mut buf = [0u8; 4096];
+            // SAFETY: write/open/read/close into our own buffer, getpid and _exit.
+            unsafe {
+                let joined = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                let cg = libc::open(c"/proc/self/cgroup".as_ptr(), libc::O_RDONLY);
+                let n = libc::read(cg, buf.as_mut_ptr().cast(), buf.len());
+                libc::close(cg);
+                let text = &buf[..n.max(0) as usize];
+                let in_cgroup = text
+                    .windows(expected.len())
+                    .any(|w| w == expected.as_bytes());
+                let code = match (joined && in_cgroup, libc::getpid()) {
+                    (true, 1) => 0,
+                    (false, _) => 1,
+                    (true, _) => 2,
+                };
+                libc::_exit(code);
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waitpid writes into our integer.
+        let reaped = unsafe { libc::waitpid(pid, &mut status, 0) };
+
+        assert_eq!(reaped, pid);
+        assert!(matches!(join, Join::Write(_)));
+        assert!(libc::WIFEXITED(status));
+        assert_eq!(
+            libc::WEXITSTATUS(status),
+            0,
+            "1: not joined {expected:?}; 2: not PID 1; 3: no cgroup.procs"
         );
     }
 }
