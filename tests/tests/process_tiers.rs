@@ -43,6 +43,7 @@ both_backends!(
     a_missing_denied_path_a_grant_would_show_is_refused,
     a_disk_limit_is_refused,
     fifos_and_sockets_cannot_be_made_in_a_grant,
+    every_namespace_is_the_sandboxs_own,
 );
 
 fn run(backend: &str, extra: &[&str], cmd: &[&str]) -> std::process::Output {
@@ -878,5 +879,35 @@ fn explain_shows_the_system_view_and_errors_keep_secrets_out() {
             all.contains("alice:***@proxy.example") && !all.contains("s3cret"),
             "{all}"
         );
+    }
+}
+
+/// The sandbox has a namespace of its own of every kind, however it was made (the
+/// process tier's fast path makes the network and IPC ones in a helper and passes them
+/// to PID 1): none is the host's.
+fn every_namespace_is_the_sandboxs_own(backend: &str) {
+    let kinds = ["user", "mnt", "pid", "net", "ipc", "uts", "cgroup"];
+    let script = kinds
+        .iter()
+        .map(|k| format!("echo {k} $(readlink /proc/self/ns/{k})"))
+        .collect::<Vec<_>>()
+        .join("; ");
+
+    let out = sh(backend, &[], &script);
+
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = stdout(&out);
+    for kind in kinds {
+        let host = std::fs::read_link(format!("/proc/self/ns/{kind}")).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(kind))
+            .unwrap_or_else(|| panic!("no {kind} line in {text:?}"));
+        let inside = line.split_whitespace().nth(1).unwrap_or_default();
+        assert!(
+            inside.starts_with(&format!("{kind}:[")),
+            "{kind}: {inside:?}"
+        );
+        assert_ne!(inside, host.to_string_lossy(), "{kind} is the host's");
     }
 }

@@ -388,7 +388,7 @@ impl Backend for BubblewrapBackend {
 
         let procs = cgroup
             .as_ref()
-            .map(|c| CString::new(c.procs_file().into_os_string().into_encoded_bytes()))
+            .map(|c| CString::new(c.join_file().into_os_string().into_encoded_bytes()))
             .transpose()
             .map_err(|_| SandboxError::Lifecycle("cgroup path contains NUL"))?;
         let mut cmd = Command::new(bwrap);

@@ -1,7 +1,8 @@
-//! The sandbox init: runs as `mxc-vm __sandbox-init` inside the new namespaces.
+//! The sandbox init: runs as `mxc-vm __sandbox-init` inside the new namespaces, or (the
+//! fast path) as PID 1 itself, cloned by the host.
 //!
-//! It builds the root (mounts.rs), forks PID 1 of the new PID namespace, which mounts
-//! /proc, pivots into the root and forks the command. The command then applies rlimits,
+//! It builds the root (mounts.rs) and forks PID 1 of the new PID namespace, which mounts
+//! /proc, pivots into the root and starts the command. The command then applies rlimits,
 //! Landlock, drops every capability, sets no_new_privs, installs the seccomp filters and
 //! execs. Every failure is reported on the status pipe (fd 3) as a `Status` line.
 //! In a persistent sandbox (`session`), PID 1 instead serves exec requests from the
@@ -89,29 +90,17 @@ fn run() -> i32 {
 /// The init's work, once its descriptors are in place and the plan is known: used after
 /// the re-exec and, directly in the forked child, when the caller is single-threaded.
 pub(crate) fn run_plan(plan: &InitPlan) -> i32 {
-    // The status descriptor must not leak into the command.
-    // SAFETY: fcntl on a descriptor we own.
-    unsafe { libc::fcntl(STATUS_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+    if let Err(code) = build_root(plan) {
+        return code;
+    }
     let proxied = matches!(plan.net, NetMode::Proxied { .. });
-    if proxied {
-        // Never inherited by the command, whatever happens below.
-        // SAFETY: fcntl on the descriptor the parent placed for us.
-        unsafe { libc::fcntl(NET_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
-    }
-    if let Err(e) = mounts::enter_scratch_root() {
-        return fail("mount", e);
-    }
-    if let Err(e) = mounts::build_root(&plan.view) {
-        return fail("mount", e);
-    }
-    stage(plan, "root built");
     // SAFETY: fork in a single-threaded process.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return fail("fork", std::io::Error::last_os_error());
     }
     if pid == 0 {
-        let code = pid_one(plan);
+        let code = pid_one(plan, None);
         // SAFETY: leave the child without running the parent's atexit handlers.
         unsafe { libc::_exit(code) };
     }
@@ -127,6 +116,34 @@ pub(crate) fn run_plan(plan: &InitPlan) -> i32 {
     }
     report(&Status::Child { pid });
     wait_exit_code(pid)
+}
+
+/// The init's work when it was cloned as PID 1 of the sandbox's PID namespace (the
+/// fast path): build the root and go on as PID 1, with no process in between. Its
+/// network and IPC namespaces, made meanwhile by the host's helper
+/// (`super::netns_helper`), arrive on `netns`.
+pub(crate) fn run_as_pid_one(plan: &InitPlan, netns: RawFd) -> i32 {
+    if let Err(code) = build_root(plan) {
+        return code;
+    }
+    pid_one(plan, Some(netns))
+}
+
+/// Mark the inherited descriptors close-on-exec and build the sandbox's root under
+/// /newroot. Err: the exit code, the failure already reported.
+fn build_root(plan: &InitPlan) -> Result<(), i32> {
+    // The status descriptor must not leak into the command.
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe { libc::fcntl(STATUS_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+    if matches!(plan.net, NetMode::Proxied { .. }) {
+        // Never inherited by the command, whatever happens below.
+        // SAFETY: fcntl on the descriptor the parent placed for us.
+        unsafe { libc::fcntl(NET_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    mounts::enter_scratch_root().map_err(|e| fail("mount", e))?;
+    mounts::build_root(&plan.view).map_err(|e| fail("mount", e))?;
+    stage(plan, "root built");
+    Ok(())
 }
 
 /// Wait for `pid` and turn its status into an exit code.
@@ -149,17 +166,31 @@ fn wait_exit_code(pid: libc::pid_t) -> i32 {
     }
 }
 
-/// PID 1 of the sandbox's PID namespace.
-fn pid_one(plan: &InitPlan) -> i32 {
+/// PID 1 of the sandbox's PID namespace. `netns`: the socket its network (with `lo`
+/// up) and IPC namespaces arrive on (else it is in its own ones already, `lo` down).
+fn pid_one(plan: &InitPlan, netns: Option<RawFd>) -> i32 {
     // SAFETY: prctl without memory arguments.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     if let Err(e) = mounts::finish_root() {
         return fail("mount", e);
     }
     stage(plan, "pid 1: /proc, pivot_root");
-    // Every sandbox has its own network namespace (no tier shares the host's).
-    if let Err(e) = loopback_up() {
-        return fail("network", format!("bringing up lo: {e}"));
+    // Every sandbox has its own network namespace (no tier shares the host's): no
+    // command is forked before this succeeds.
+    match netns {
+        Some(sock) => {
+            if let Err(e) = join_netns(sock) {
+                return fail(
+                    "network",
+                    format!("entering the sandbox's network and IPC namespaces: {e}"),
+                );
+            }
+        }
+        None => {
+            if let Err(e) = loopback_up() {
+                return fail("network", format!("bringing up lo: {e}"));
+            }
+        }
     }
     if let NetMode::Proxied { port } = plan.net {
         let sent = handoff::bind_and_send(port, NET_FD);
@@ -179,16 +210,10 @@ fn pid_one(plan: &InitPlan) -> i32 {
         return serve(plan);
     }
 
-    // SAFETY: fork in a single-threaded process.
-    let child = unsafe { libc::fork() };
-    if child < 0 {
-        return fail("fork", std::io::Error::last_os_error());
-    }
-    if child == 0 {
-        let code = command(plan);
-        // SAFETY: leave without running atexit handlers.
-        unsafe { libc::_exit(code) };
-    }
+    let child = match spawn_command(plan) {
+        Ok(pid) => pid,
+        Err(e) => return fail("fork", e),
+    };
     // Reap everything; return when the command itself exits. Leaving then tears the
     // namespace down, killing whatever the command left behind.
     loop {
@@ -218,7 +243,89 @@ fn pid_one(plan: &InitPlan) -> i32 {
     }
 }
 
-fn loopback_up() -> std::io::Result<()> {
+/// Start the command's process (`command`) as vfork would: it shares PID 1's memory and
+/// PID 1 is suspended until it has exec'd (or exited), so there are no page tables to
+/// copy (PID 1 is a copy of the whole mxc-vm) and none for the exec to tear down. It has
+/// its own stack (with a guard page below), descriptor table, working directory,
+/// signal handlers, credentials, rlimits and filters, as after fork; what it allocates
+/// before the exec stays behind in PID 1's heap, unused. Returns its pid.
+fn spawn_command(plan: &InitPlan) -> std::io::Result<libc::pid_t> {
+    const STACK: usize = 512 * 1024;
+    const GUARD: usize = 4096;
+    extern "C" fn run(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` is the plan, alive until this process has exec'd or exited
+        // (PID 1 is suspended meanwhile).
+        let plan = unsafe { &*arg.cast::<InitPlan>() };
+        let code = command(plan);
+        // SAFETY: leave without running atexit handlers (they are PID 1's).
+        unsafe { libc::_exit(code) }
+    }
+    // SAFETY: a fresh private anonymous mapping, its lowest page made inaccessible;
+    // unmapped below once the child no longer uses it.
+    let stack = unsafe {
+        let base = libc::mmap(
+            std::ptr::null_mut(),
+            STACK + GUARD,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+            -1,
+            0,
+        );
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::mprotect(base, GUARD, libc::PROT_NONE) != 0 {
+            let e = std::io::Error::last_os_error();
+            libc::munmap(base, STACK + GUARD);
+            return Err(e);
+        }
+        base
+    };
+    // SAFETY: the child runs `run` on the mapping's top (page-aligned) with the plan,
+    // both alive until it has exec'd or exited: CLONE_VFORK returns only then.
+    let pid = unsafe {
+        libc::clone(
+            run,
+            stack.cast::<u8>().add(STACK + GUARD).cast(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            std::ptr::from_ref(plan).cast_mut().cast(),
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: the mapping made above; the child no longer runs on it.
+    unsafe { libc::munmap(stack, STACK + GUARD) };
+    if pid < 0 {
+        return Err(err);
+    }
+    Ok(pid)
+}
+
+/// Receive the network and IPC namespaces the host's helper made (two descriptors on
+/// `sock`, which is closed) and enter them.
+fn join_netns(sock: RawFd) -> std::io::Result<()> {
+    let mut byte = [0u8; 1];
+    let received = recv_fds(sock, &mut byte);
+    // SAFETY: closing the socket this process was given; nothing else uses it.
+    unsafe { libc::close(sock) };
+    let (_, fds) = received?;
+    let [net, ipc] = fds.as_slice() else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the helper sent no namespaces",
+        ));
+    };
+    for (ns, kind) in [(net, libc::CLONE_NEWNET), (ipc, libc::CLONE_NEWIPC)] {
+        // SAFETY: setns on a descriptor we own; the kernel checks that it is a
+        // namespace of that kind (EINVAL otherwise) owned by our user namespace.
+        if unsafe { libc::setns(ns.as_raw_fd(), kind) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Bring up `lo` in the calling process's network namespace.
+pub(crate) fn loopback_up() -> std::io::Result<()> {
     // SAFETY: socket/ioctl/close on our own descriptor with a zeroed ifreq we own.
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
@@ -348,11 +455,15 @@ fn resolve_program(plan: &InitPlan) -> Result<PathBuf, (String, i32)> {
 fn drop_capabilities() -> std::io::Result<()> {
     // SAFETY: prctl calls without memory arguments; capset reads the two structs we own.
     unsafe {
+        // Capability numbers are dense: the first one the kernel calls invalid (EINVAL)
+        // is past its last, and so is every one after it.
         for cap in 0..64 {
-            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
-                && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
-            {
-                return Err(std::io::Error::last_os_error());
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EINVAL) {
+                    break;
+                }
+                return Err(e);
             }
         }
         libc::prctl(

@@ -5,7 +5,9 @@
 //! Host paths were canonicalised by the policy resolver, so an absolute symlink swapped
 //! in afterwards resolves inside the scratch tmpfs and fails instead of escaping.
 
+use std::collections::HashSet;
 use std::ffi::CString;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{symlink, DirBuilderExt};
 use std::path::{Path, PathBuf};
 
@@ -126,21 +128,57 @@ fn mkdir_p(path: &Path) -> Result<(), MountError> {
     }
 }
 
-/// Create an empty file to bind over, unless something is there already.
-fn touch(path: &Path) -> Result<(), MountError> {
-    if let Some(parent) = path.parent() {
-        mkdir_p(parent)?;
+/// The directories under the sandbox's root known to exist, so that building the root
+/// asks the kernel for each one once (most steps share a parent: /etc, /dev).
+#[derive(Default)]
+struct Dirs(HashSet<PathBuf>);
+
+impl Dirs {
+    /// `mkdir -p`, unless `path` is known to exist.
+    fn ensure(&mut self, path: &Path) -> Result<(), MountError> {
+        if self.0.contains(path) {
+            return Ok(());
+        }
+        mkdir_p(path)?;
+        for dir in path.ancestors() {
+            if !self.0.insert(dir.to_path_buf()) {
+                break;
+            }
+        }
+        Ok(())
     }
-    if path.symlink_metadata().is_ok() {
-        return Ok(());
+
+    /// `ensure` for the parent of `path`.
+    fn ensure_parent(&mut self, path: &Path) -> Result<(), MountError> {
+        match path.parent() {
+            Some(parent) => self.ensure(parent),
+            None => Ok(()),
+        }
     }
-    std::fs::File::create(path)
-        .map(drop)
-        .map_err(|source| MountError {
+
+    /// Something was mounted at `path`: what was below it is not known any more.
+    fn mounted(&mut self, path: &Path) {
+        self.0.retain(|d| d == path || !d.starts_with(path));
+    }
+}
+
+/// Create an empty file to bind over, unless something is there already (a symlink
+/// included, which is not followed).
+fn touch(dirs: &mut Dirs, path: &Path) -> Result<(), MountError> {
+    dirs.ensure_parent(path)?;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(MountError {
             what: "create mount point",
             path: path.to_path_buf(),
             source,
-        })
+        }),
+    }
 }
 
 fn under(root: &str, p: &Path) -> PathBuf {
@@ -209,6 +247,13 @@ pub(crate) fn pivot_root(new_root: &Path, put_old: &Path) -> Result<(), MountErr
 /// masks and the root itself read-only.
 pub(crate) fn build_root(view: &SandboxView) -> Result<(), MountError> {
     let mut masks = Vec::new();
+    let mut dirs = Dirs::default();
+    // SAFETY: umask only swaps the process's mask; the old one is put back at once.
+    let umask = unsafe {
+        let old = libc::umask(0);
+        libc::umask(old);
+        old
+    };
     for op in &view.ops {
         match op {
             MountOp::Bind {
@@ -220,10 +265,8 @@ pub(crate) fn build_root(view: &SandboxView) -> Result<(), MountError> {
                 // A copy on the /etc tmpfs (made read-only below) costs less than a bind
                 // mount and its mount point, and keeps the mount table short.
                 let target = under(NEWROOT, dst);
-                if let Some(parent) = target.parent() {
-                    mkdir_p(parent)?;
-                }
-                copy_file(&under(OLDROOT, src), &target)?;
+                dirs.ensure_parent(&target)?;
+                copy_file(&under(OLDROOT, src), &target, umask)?;
             }
             MountOp::Bind {
                 src,
@@ -233,9 +276,9 @@ pub(crate) fn build_root(view: &SandboxView) -> Result<(), MountError> {
             } => {
                 let target = under(NEWROOT, dst);
                 if *dir {
-                    mkdir_p(&target)?;
+                    dirs.ensure(&target)?;
                 } else {
-                    touch(&target)?;
+                    touch(&mut dirs, &target)?;
                 }
                 let source = under(OLDROOT, src);
                 mount(
@@ -245,6 +288,7 @@ pub(crate) fn build_root(view: &SandboxView) -> Result<(), MountError> {
                     libc::MS_BIND | libc::MS_REC,
                     None,
                 )?;
+                dirs.mounted(&target);
                 if *readonly {
                     make_readonly(&target, true)?;
                 }
@@ -259,6 +303,7 @@ pub(crate) fn build_root(view: &SandboxView) -> Result<(), MountError> {
                         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
                         Some("mode=0000,size=4k"),
                     )?;
+                    dirs.mounted(&target);
                     masks.push(target);
                 } else {
                     mount(
@@ -273,9 +318,7 @@ pub(crate) fn build_root(view: &SandboxView) -> Result<(), MountError> {
             }
             MountOp::Symlink { target, dst } => {
                 let at = under(NEWROOT, dst);
-                if let Some(parent) = at.parent() {
-                    mkdir_p(parent)?;
-                }
+                dirs.ensure_parent(&at)?;
                 symlink(target, &at).map_err(|source| MountError {
                     what: "symlink",
                     path: at.clone(),
@@ -292,7 +335,7 @@ pub(crate) fn build_root(view: &SandboxView) -> Result<(), MountError> {
                 if *readonly {
                     masks.push(target.clone());
                 }
-                mkdir_p(&target)?;
+                dirs.ensure(&target)?;
                 mount(
                     Some(Path::new("tmpfs")),
                     &target,
@@ -303,20 +346,19 @@ pub(crate) fn build_root(view: &SandboxView) -> Result<(), MountError> {
                         None => format!("mode={mode:o}"),
                     }),
                 )?;
+                dirs.mounted(&target);
             }
             MountOp::File { dst, contents } => {
                 let at = under(NEWROOT, dst);
-                if let Some(parent) = at.parent() {
-                    mkdir_p(parent)?;
-                }
+                dirs.ensure_parent(&at)?;
                 std::fs::write(&at, contents).map_err(|source| MountError {
                     what: "write",
                     path: at.clone(),
                     source,
                 })?;
             }
-            MountOp::Dev => build_dev()?,
-            MountOp::Proc => mkdir_p(&under(NEWROOT, Path::new("/proc")))?,
+            MountOp::Dev => build_dev(&mut dirs)?,
+            MountOp::Proc => dirs.ensure(&under(NEWROOT, Path::new("/proc")))?,
         }
     }
     // Masks and read-only tmpfs mounts (/etc) become read-only once populated.
@@ -327,11 +369,12 @@ pub(crate) fn build_root(view: &SandboxView) -> Result<(), MountError> {
 }
 
 /// Copy a (small, host-owned) file onto the sandbox's tmpfs with its permission bits:
-/// plain reads and writes, since `std::fs::copy` first tries copy_file_range, which
-/// never works from the host's file system to a tmpfs, and sets the mode separately.
-fn copy_file(src: &Path, dst: &Path) -> Result<(), MountError> {
-    use std::io::{Read, Write};
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+/// sendfile from the host file to the new one (`std::fs::copy` first tries
+/// copy_file_range, which never works from the host's file system to a tmpfs, and
+/// sets the mode separately); the mode is given at creation, and set again only where
+/// `umask` (the process's) took bits from it.
+fn copy_file(src: &Path, dst: &Path, umask: libc::mode_t) -> Result<(), MountError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
     fn failed<'a>(
         what: &'static str,
         path: &'a Path,
@@ -342,25 +385,49 @@ fn copy_file(src: &Path, dst: &Path) -> Result<(), MountError> {
             source,
         }
     }
-    let mut from = std::fs::File::open(src).map_err(failed("open", src))?;
-    let mode = from.metadata().map_err(failed("stat", src))?.mode() & 0o7777;
-    let mut data = Vec::new();
-    from.read_to_end(&mut data).map_err(failed("read", src))?;
-    let mut to = std::fs::OpenOptions::new()
+    let from = std::fs::File::open(src).map_err(failed("open", src))?;
+    let meta = from.metadata().map_err(failed("stat", src))?;
+    let mode = meta.mode() & 0o7777;
+    let to = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(mode)
         .open(dst)
         .map_err(failed("copy", dst))?;
-    to.write_all(&data).map_err(failed("copy", dst))?;
+    let mut left = meta.len();
+    while left > 0 {
+        // SAFETY: sendfile between two descriptors we own, from the source's offset.
+        let sent = unsafe {
+            libc::sendfile(
+                to.as_raw_fd(),
+                from.as_raw_fd(),
+                std::ptr::null_mut(),
+                usize::try_from(left).unwrap_or(usize::MAX),
+            )
+        };
+        match sent {
+            n if n > 0 => left = left.saturating_sub(n as u64),
+            0 => break,
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(failed("copy", dst)(e));
+                }
+            }
+        }
+    }
     // Exactly the host file's bits, whatever the umask.
-    to.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(failed("copy", dst))
+    if mode & umask != 0 {
+        to.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(failed("copy", dst))?;
+    }
+    Ok(())
 }
 
 /// A minimal /dev: a tmpfs with the harmless character devices bound from the host.
-fn build_dev() -> Result<(), MountError> {
+fn build_dev(dirs: &mut Dirs) -> Result<(), MountError> {
     let dev = under(NEWROOT, Path::new("/dev"));
-    mkdir_p(&dev)?;
+    dirs.ensure(&dev)?;
     mount(
         Some(Path::new("tmpfs")),
         &dev,
@@ -368,9 +435,10 @@ fn build_dev() -> Result<(), MountError> {
         libc::MS_NOSUID | libc::MS_NOEXEC,
         Some("mode=0755"),
     )?;
+    dirs.mounted(&dev);
     for name in ["null", "zero", "full", "random", "urandom", "tty"] {
         let target = dev.join(name);
-        touch(&target)?;
+        touch(dirs, &target)?;
         mount(
             Some(&under(OLDROOT, &Path::new("/dev").join(name))),
             &target,
@@ -394,7 +462,7 @@ fn build_dev() -> Result<(), MountError> {
         })?;
     }
     let shm = dev.join("shm");
-    mkdir_p(&shm)?;
+    dirs.ensure(&shm)?;
     mount(
         Some(Path::new("tmpfs")),
         &shm,
@@ -403,7 +471,7 @@ fn build_dev() -> Result<(), MountError> {
         Some("mode=1777"),
     )?;
     let pts = dev.join("pts");
-    mkdir_p(&pts)?;
+    dirs.ensure(&pts)?;
     // A private devpts instance; without it programs simply have no pseudo-terminals.
     let _ = mount(
         Some(Path::new("devpts")),
