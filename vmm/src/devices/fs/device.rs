@@ -64,7 +64,6 @@ pub struct Fs {
     rebound: Rebound,
 }
 
-
 impl Fs {
     /// A device for `share`, with the default limits and the VMM's own identity.
     pub fn new(share: &FsShareConfig) -> Result<Self, FsError> {
