@@ -74,6 +74,16 @@ indirect = vq_memory(
     [ring_desc(0xc00, 32, 4, 0)], [0], [], [],
     [(0xc00, ring_desc(0xe00, 40, 3, 1) + ring_desc(0xe40, 200, 2, 0))])
 write("virtqueue", "rx-indirect", vq_setup(pending=1, rx_first=1) + indirect)
+# The fs device (bit 7 of the last set-up byte): a GETATTR of the root and a LOOKUP of f on
+# the request queue (at 0x400), each with a reply buffer.
+getattr_req = struct.pack("<IIQQIIII", 56, 3, 1, 1, 0, 0, 1, 0) + bytes(16)
+lookup_req = struct.pack("<IIQQIIII", 42, 1, 2, 1, 0, 0, 1, 0) + b"f\0"
+fs_mem = vq_memory(
+    [], [],
+    [ring_desc(0xc00, 56, 1, 1), ring_desc(0xd00, 256, 2, 0),
+     ring_desc(0xc80, 42, 1, 3), ring_desc(0xe00, 256, 2, 0)], [0, 2],
+    [(0xc00, getattr_req), (0xc80, lookup_req), (0xe00, bytes(256))])
+write("virtqueue", "fs-requests", vq_setup(rx_first=0x80) + fs_mem)
 
 # fuse_request: knob, then requests (flags u8, len u16, bytes).
 ROOM_4K = 5

@@ -1,27 +1,31 @@
-//! Fuzz the virtqueue walk of the vsock device: its three split queues with arbitrary ring
-//! contents (descriptor tables, avail rings, indexes, indirect tables, loops), the queue
-//! positions a restored VM starts from, and a guest that rewrites memory between kicks.
-//! The device's tx and rx work (`pop_chain`, the chain parsers, `add_used`) runs against
-//! a backend that echoes what it gets.
+//! Fuzz the virtqueue walk of the devices: split queues with arbitrary ring contents
+//! (descriptor tables, avail rings, indexes, indirect tables, loops), the queue positions
+//! a restored VM starts from, and a guest that rewrites memory between kicks. Either the
+//! vsock device's tx and rx work (`pop_chain`, the chain parsers, `add_used`) runs against
+//! a backend that echoes what it gets, or (bit 7 of the last set-up byte) the fs device's
+//! worker serves its two queues (`pop_chain`, `take_request`, the FUSE server) over a
+//! read-only share.
 //!
 //! Input: 16 bytes of queue set-up (size and positions of each queue, knobs), then up to
 //! three patches the guest applies between rounds (`offset:u16 len:u8 bytes`), then the
 //! bytes that fill guest memory. Nothing may panic, and the device may write guest memory
-//! only in the used rings and in device-writable buffers of the rx queue.
+//! only in its used rings and in device-writable buffers of the queues it answers on.
 #![no_main]
 
 use std::collections::{HashSet, VecDeque};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::AtomicU32;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm::devices::fs::FsShareConfig;
 use vmm::devices::virtio::{ActiveQueue, Interrupt, VirtioDevice};
 use vmm::devices::vsock::packet::{HDR_SIZE, HOST_CID, OP_RW, TYPE_STREAM};
 use vmm::devices::vsock::{PacketHeader, Vsock, VsockBackend};
-use vmm::fuzzing::{vsock_process_rx, vsock_process_tx};
+use vmm::fuzzing::{vsock_process_rx, vsock_process_tx, FsServer};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const MEM_SIZE: usize = 0x1_0000;
@@ -127,10 +131,10 @@ fn table(mem: &[u8], start: u64, len: u64) -> &[u8] {
     &mem[s..e]
 }
 
-/// Which bytes of guest memory the device may write now: the used rings, and every buffer
-/// that a descriptor of the rx queue (or of an indirect table it points to) lets the
-/// device write.
-fn writable(mem: &[u8], queues: &[Queue]) -> Vec<bool> {
+/// Which bytes of guest memory the device may write now: the `used` queues' used rings,
+/// and every buffer that a descriptor of a `buffers` queue (or of an indirect table it
+/// points to) lets the device write.
+fn writable(mem: &[u8], used: &[&Queue], buffers: &[&Queue]) -> Vec<bool> {
     let mut delta = vec![0i32; MEM_SIZE + 1];
     let mut allow = |start: u64, len: u64| {
         let s = start.min(MEM_SIZE as u64) as usize;
@@ -140,21 +144,22 @@ fn writable(mem: &[u8], queues: &[Queue]) -> Vec<bool> {
             delta[e] -= 1;
         }
     };
-    for q in queues {
+    for q in used {
         allow(q.used_ring(), 6 + 8 * u64::from(q.size()));
     }
-    let rx = &queues[0];
     let mut indirect = HashSet::new();
-    let descs = table(mem, rx.desc_table(), 16 * u64::from(rx.size()));
-    for (addr, len, flags) in descs.chunks_exact(16).filter_map(parse_desc) {
-        if flags & F_WRITE != 0 {
-            allow(addr, u64::from(len));
-        }
-        if flags & F_INDIRECT != 0 && indirect.insert((addr, len)) {
-            let entries = table(mem, addr, u64::from(len));
-            for (a, l, f) in entries.chunks_exact(16).filter_map(parse_desc) {
-                if f & F_WRITE != 0 {
-                    allow(a, u64::from(l));
+    for q in buffers {
+        let descs = table(mem, q.desc_table(), 16 * u64::from(q.size()));
+        for (addr, len, flags) in descs.chunks_exact(16).filter_map(parse_desc) {
+            if flags & F_WRITE != 0 {
+                allow(addr, u64::from(len));
+            }
+            if flags & F_INDIRECT != 0 && indirect.insert((addr, len)) {
+                let entries = table(mem, addr, u64::from(len));
+                for (a, l, f) in entries.chunks_exact(16).filter_map(parse_desc) {
+                    if f & F_WRITE != 0 {
+                        allow(a, u64::from(l));
+                    }
                 }
             }
         }
@@ -166,6 +171,72 @@ fn writable(mem: &[u8], queues: &[Queue]) -> Vec<bool> {
         out.push(level > 0);
     }
     out
+}
+
+enum Device {
+    Vsock(Vsock<Echo>),
+    /// The share lives as long as the server.
+    Fs {
+        server: FsServer,
+        _share: Share,
+    },
+}
+
+/// An activated vsock device on the three queues, with host packets waiting as `setup`
+/// asks.
+fn vsock(mem: &GuestMemoryMmap, setup: &[u8]) -> Vsock<Echo> {
+    let backend = Echo {
+        fd: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+        pending: VecDeque::new(),
+    };
+    let mut dev = Vsock::with_backend(CID, backend).expect("device");
+    let active = (0..3)
+        .map(|i| ActiveQueue {
+            queue: queue(i, &setup[4 * i..4 * i + 4]),
+            notify: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+        })
+        .collect();
+    let irq: Arc<EventFd> = Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd"));
+    let interrupt = Arc::new(Interrupt::new(Arc::new(AtomicU32::new(0)), irq));
+    dev.activate(mem.clone(), interrupt, active)
+        .expect("activation");
+    // Host packets waiting before the guest gave any buffer.
+    for i in 0..setup[13] & 3 {
+        let hdr = PacketHeader {
+            src_cid: HOST_CID,
+            dst_cid: CID,
+            src_port: 1024,
+            dst_port: u32::from(i),
+            op: OP_RW,
+            type_: TYPE_STREAM,
+            ..PacketHeader::default()
+        };
+        let len = usize::from(setup[14]) * 64 + HDR_SIZE;
+        dev.backend_mut().pending.push_back((hdr, vec![i; len]));
+    }
+    dev
+}
+
+/// A fresh directory to share for one input, removed on drop.
+struct Share(PathBuf);
+
+impl Share {
+    fn new() -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let root = std::env::temp_dir().join(format!("mxc-fuzz-vq-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("d")).expect("share directory");
+        std::fs::write(root.join("f"), b"public bytes of f\n").expect("f");
+        std::fs::write(root.join("secret"), b"denied bytes\n").expect("secret");
+        Self(std::fs::canonicalize(root).expect("canonical root"))
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn snapshot(mem: &GuestMemoryMmap) -> Vec<u8> {
@@ -200,35 +271,30 @@ fuzz_target!(|data: &[u8]| {
     if !queues.iter().all(|q| q.is_valid(&mem)) {
         return;
     }
-    let backend = Echo {
-        fd: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
-        pending: VecDeque::new(),
-    };
-    let mut dev = Vsock::with_backend(CID, backend).expect("device");
-    let active = (0..3)
-        .map(|i| ActiveQueue {
-            queue: queue(i, &setup[4 * i..4 * i + 4]),
-            notify: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
-        })
-        .collect();
-    let irq: Arc<EventFd> = Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd"));
-    let interrupt = Arc::new(Interrupt::new(Arc::new(AtomicU32::new(0)), irq));
-    dev.activate(mem.clone(), interrupt, active)
-        .expect("activation");
-    // Host packets waiting before the guest gave any buffer.
-    for i in 0..setup[13] & 3 {
-        let hdr = PacketHeader {
-            src_cid: HOST_CID,
-            dst_cid: CID,
-            src_port: 1024,
-            dst_port: u32::from(i),
-            op: OP_RW,
-            type_: TYPE_STREAM,
-            ..PacketHeader::default()
+    let mut device = if setup[15] & 0x80 != 0 {
+        // The fs device on the first two queues (high priority, requests), over a
+        // read-only share: the same walk through its own code (fs/queue_handler).
+        let share = Share::new();
+        let config = FsShareConfig {
+            tag: "mxcfs0".into(),
+            host_path: share.0.clone(),
+            guest_path: "/work".into(),
+            readonly: true,
+            denied: vec![share.0.join("secret")],
+            root_allowlist: None,
         };
-        let len = usize::from(setup[14]) * 64 + HDR_SIZE;
-        dev.backend_mut().pending.push_back((hdr, vec![i; len]));
-    }
+        let server = FsServer::new(&config, 0, &mem, &queues[..2]).expect("the share is served");
+        Device::Fs {
+            server,
+            _share: share,
+        }
+    } else {
+        Device::Vsock(vsock(&mem, setup))
+    };
+    let (used, buffers): (Vec<&Queue>, Vec<&Queue>) = match device {
+        Device::Vsock(_) => (queues.iter().collect(), vec![&queues[0]]),
+        Device::Fs { .. } => (queues[..2].iter().collect(), queues[..2].iter().collect()),
+    };
 
     for round in 0..=patches.len() {
         if let Some((offset, bytes)) = round.checked_sub(1).and_then(|r| patches.get(r)) {
@@ -237,19 +303,27 @@ fuzz_target!(|data: &[u8]| {
             let _ = mem.write_slice(&bytes[..n], GuestAddress(*offset));
         }
         let before = snapshot(&mem);
-        let allowed = writable(&before, &queues);
-        if setup[15] & (1 << round) != 0 {
-            vsock_process_rx(&mut dev);
+        let allowed = writable(&before, &used, &buffers);
+        match &mut device {
+            Device::Vsock(dev) => {
+                if setup[15] & (1 << round) != 0 {
+                    vsock_process_rx(dev);
+                }
+                vsock_process_tx(dev);
+                vsock_process_rx(dev);
+            }
+            Device::Fs { server, .. } => {
+                server.process_queue(0);
+                server.process_queue(1);
+            }
         }
-        vsock_process_tx(&mut dev);
-        vsock_process_rx(&mut dev);
         let after = snapshot(&mem);
         if before == after {
             continue;
         }
         // A buffer may overlap a descriptor table, so the device may have written the
         // descriptors it walked later: what they allow counts too.
-        let allowed_after = writable(&after, &queues);
+        let allowed_after = writable(&after, &used, &buffers);
         for (i, (a, b)) in before.iter().zip(&after).enumerate() {
             assert!(
                 a == b || allowed[i] || allowed_after[i],
