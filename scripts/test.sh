@@ -10,16 +10,12 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # No import cycles between the modules of a crate; API docs without a warning.
 python3 scripts/check-cycles.py
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
-# The fuzz targets (the frame decoders, the policy parser) build and their libFuzzer
-# drivers run 20,000 inputs each, the policy's from committed seeds (stable Rust has no
-# coverage instrumentation: `cargo +nightly fuzz run TARGET` in proto/fuzz or
-# policy/fuzz explores properly).
-cargo build --locked --manifest-path proto/fuzz/Cargo.toml --target-dir target/fuzz
-target/fuzz/debug/decode -runs=20000 -max_len=4096 -seed=1 2>&1 | tail -1
-cargo build --locked --manifest-path policy/fuzz/Cargo.toml --target-dir target/fuzz
-rm -rf target/fuzz/corpus-policy && mkdir -p target/fuzz/corpus-policy
-cp policy/fuzz/seeds/* target/fuzz/corpus-policy/
-target/fuzz/debug/parse target/fuzz/corpus-policy -runs=20000 -max_len=4096 -seed=1 2>&1 | tail -1
+# The fuzz targets (the frame decoders, the policy parser, vsock packets, the virtqueue
+# walk, FUSE requests through the fs policy filter, the proxy's HTTP and ClientHello
+# parsers) are built with coverage instrumentation and each runs a fixed number of
+# inputs from its committed seeds (scripts/fuzz.sh; `scripts/fuzz.sh TARGET [SECONDS]`
+# is a longer run).
+scripts/fuzz.sh --ci
 # The Windows Hypervisor Platform backend: vmm compiled and linted for Windows (no
 # Windows machine runs it). Without the target the step says so and is skipped.
 if rustup target list --installed 2>/dev/null | grep -qx x86_64-pc-windows-gnu; then

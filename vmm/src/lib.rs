@@ -43,6 +43,9 @@ pub mod devices;
 pub mod event_loop;
 #[cfg(target_os = "linux")]
 pub mod exit;
+#[cfg(all(target_os = "linux", feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 #[cfg(target_os = "linux")]
 pub mod memory;
 #[cfg(target_os = "linux")]

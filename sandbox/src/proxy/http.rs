@@ -594,7 +594,10 @@ pub(crate) fn response_status(head: &[u8]) -> Result<u16, HttpError> {
     let (Some(version), Some(code)) = (parts.next(), parts.next()) else {
         return Err(HttpError::Response);
     };
-    if !version.starts_with("HTTP/1.") || code.len() != 3 {
+    if !matches!(version, "HTTP/1.0" | "HTTP/1.1")
+        || code.len() != 3
+        || !code.bytes().all(|b| b.is_ascii_digit())
+    {
         return Err(HttpError::Response);
     }
     code.parse().map_err(|_| HttpError::Response)
@@ -928,6 +931,15 @@ mod tests {
             Ok(200)
         );
         assert_eq!(response_status(b"HTTP/1.0 407 Auth\r\n\r\n"), Ok(407));
+        // Found by the fuzz target sandbox/fuzz http_request (httparse refuses these).
+        assert_eq!(
+            response_status(b"HTTP/1.q 200 OK\r\n\r\n"),
+            Err(HttpError::Response)
+        );
+        assert_eq!(
+            response_status(b"HTTP/1.1 +20 OK\r\n\r\n"),
+            Err(HttpError::Response)
+        );
         assert_eq!(
             response_status(b"SSH-2.0\r\n\r\n"),
             Err(HttpError::Response)

@@ -32,6 +32,9 @@
 mod audit;
 mod conn;
 mod decide;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handoff;
 mod http;
 mod relay;

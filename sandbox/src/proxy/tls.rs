@@ -116,10 +116,11 @@ fn client_hello_sni(message: &[u8]) -> Option<Option<String>> {
     let Some(extensions) = hello.ext else {
         return Some(None);
     };
-    let (rest, extensions) = parse_tls_client_hello_extensions(extensions).ok()?;
-    if !rest.is_empty() {
+    let (rest, parsed) = parse_tls_client_hello_extensions(extensions).ok()?;
+    if !rest.is_empty() || !server_names_exact(extensions) {
         return None;
     }
+    let extensions = parsed;
     let mut lists = extensions.iter().filter_map(|e| match e {
         TlsExtension::SNI(list) => Some(list),
         _ => None,
@@ -140,6 +141,53 @@ fn client_hello_sni(message: &[u8]) -> Option<Option<String>> {
             Some(Some(text.to_ascii_lowercase()))
         }
     }
+}
+
+/// Whether every server_name extension in the raw extension block `exts` is exactly a
+/// list of whole entries with at most one host_name (RFC 6066, 3; OpenSSL and Go refuse
+/// anything else). `tls-parser` stops quietly at an entry that overruns the list, so a
+/// name followed by a truncated entry would otherwise pass for a well-formed hello.
+fn server_names_exact(mut exts: &[u8]) -> bool {
+    fn split_u16(b: &[u8]) -> Option<(usize, &[u8])> {
+        let (n, rest) = b.split_first_chunk::<2>()?;
+        Some((usize::from(u16::from_be_bytes(*n)), rest))
+    }
+    while !exts.is_empty() {
+        let Some((kind, rest)) = split_u16(exts) else {
+            return false;
+        };
+        let Some((len, rest)) = split_u16(rest) else {
+            return false;
+        };
+        let Some((data, rest)) = rest.split_at_checked(len) else {
+            return false;
+        };
+        exts = rest;
+        if kind != 0 {
+            continue;
+        }
+        let Some((list_len, mut list)) = split_u16(data) else {
+            return false;
+        };
+        if list_len != list.len() {
+            return false;
+        }
+        let mut host_names = 0;
+        while let Some((&name_type, rest)) = list.split_first() {
+            let Some((name_len, rest)) = split_u16(rest) else {
+                return false;
+            };
+            let Some((_, rest)) = rest.split_at_checked(name_len) else {
+                return false;
+            };
+            host_names += usize::from(name_type == 0);
+            list = rest;
+        }
+        if host_names > 1 {
+            return false;
+        }
+    }
+    true
 }
 
 /// A fatal TLS alert (access_denied) to send before closing a refused tunnel, so the
@@ -274,6 +322,55 @@ pub(crate) mod tests {
         fix_lengths(&mut trailing);
         assert!(matches!(inspect(&trailing), Hello::Malformed(_)));
         assert_eq!(inspect(&good), Hello::Sni(Some("x.test".into())));
+    }
+
+    /// A server_name list of `entries` (type, name) in a ClientHello record.
+    fn hello_with_names(entries: &[(u8, &[u8])], list_extra: &[u8]) -> Vec<u8> {
+        let mut list: Vec<u8> = Vec::new();
+        for (kind, name) in entries {
+            list.push(*kind);
+            list.extend_from_slice(&(name.len() as u16).to_be_bytes());
+            list.extend_from_slice(name);
+        }
+        list.extend_from_slice(list_extra);
+        let mut rec = client_hello(Some("x"));
+        // Replace the one-entry list ("x") at the end with ours, then fix the lengths.
+        let ext_at = rec.len() - (4 + 2 + 3 + 1);
+        rec.truncate(ext_at);
+        rec.extend_from_slice(&[0, 0]);
+        rec.extend_from_slice(&((list.len() + 2) as u16).to_be_bytes());
+        rec.extend_from_slice(&(list.len() as u16).to_be_bytes());
+        rec.extend_from_slice(&list);
+        // The extensions block starts after the record and handshake headers, version,
+        // random, empty session id, one cipher suite and one compression method.
+        let exts_len = rec.len() - 52;
+        rec[50..52].copy_from_slice(&(exts_len as u16).to_be_bytes());
+        fix_lengths(&mut rec);
+        rec
+    }
+
+    #[test]
+    fn a_server_name_list_must_be_whole_entries_with_one_host_name() {
+        let good = hello_with_names(&[(0, b"allowed.test")], &[]);
+        // Found by the fuzz target sandbox/fuzz tls_client_hello: tls-parser stops at an
+        // entry that overruns the list and keeps the names before it.
+        let truncated = hello_with_names(&[(0, b"allowed.test")], &[0, 0xff, 0xf5, b'x']);
+        let two_names = hello_with_names(&[(0, b"allowed.test"), (0, b"other.test")], &[]);
+        let other_type = hello_with_names(&[(0, b"allowed.test"), (1, b"abc")], &[]);
+
+        assert_eq!(inspect(&good), Hello::Sni(Some("allowed.test".into())));
+        assert_eq!(
+            inspect(&truncated),
+            Hello::Malformed("malformed ClientHello")
+        );
+        assert_eq!(
+            inspect(&two_names),
+            Hello::Malformed("malformed ClientHello")
+        );
+        assert_eq!(
+            inspect(&other_type),
+            Hello::Sni(Some("allowed.test".into()))
+        );
     }
 
     #[test]

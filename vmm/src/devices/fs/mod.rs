@@ -93,7 +93,7 @@ pub mod device;
 mod event_handler;
 pub mod filter;
 pub mod protocol;
-mod queue_handler;
+pub(crate) mod queue_handler;
 pub mod share;
 
 #[cfg(test)]
