@@ -272,14 +272,17 @@ fn worker_main(
     run_as: Option<RunAs>,
     ready: &SyncSender<io::Result<()>>,
 ) {
-    let confined = creds::confine_current_thread(run_as).and_then(|()| {
-        crate::seccomp::threads::enter(crate::seccomp::threads::ThreadKind::FsWorker)
-            .map_err(io::Error::other)
-    });
+    let confined = creds::confine_current_thread(run_as);
     let ok = confined.is_ok();
     // The receiver waits for exactly this message.
     let _ = ready.send(confined);
     if !ok {
+        return;
+    }
+    // Off the VM's setup path: the device is made while this thread filters itself.
+    // Without its filter it never serves (the device then fails its activation).
+    if let Err(e) = crate::seccomp::threads::enter(crate::seccomp::threads::ThreadKind::FsWorker) {
+        tracing::error!(error = %e, "fs: worker not started");
         return;
     }
     // The device was dropped before it was activated: nothing to report.
