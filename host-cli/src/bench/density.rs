@@ -36,18 +36,7 @@ fn memory_of(pid: u32) -> Result<Memory, Failure> {
     let path = format!("/proc/{pid}/smaps_rollup");
     let text = std::fs::read_to_string(&path)
         .map_err(|e| Failure::new(format!("cannot read {path}: {e}")))?;
-    let field = |name: &str| -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| {
-                rest.trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<f64>()
-                    .ok()
-            })
-            .map_or(0.0, |kib| kib / 1024.0)
-    };
+    let field = |name: &str| kib_field(&text, name) / 1024.0;
     Ok(Memory {
         rss: field("Rss:"),
         pss: field("Pss:"),
@@ -55,12 +44,10 @@ fn memory_of(pid: u32) -> Result<Memory, Failure> {
     })
 }
 
-/// The host's MemAvailable, MiB.
-fn mem_available() -> f64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
+/// The value of the `name` line (`Name:   123 kB`) of a /proc file, in KiB (0 if absent).
+fn kib_field(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
         .and_then(|rest| {
             rest.trim()
                 .trim_end_matches("kB")
@@ -68,7 +55,13 @@ fn mem_available() -> f64 {
                 .parse::<f64>()
                 .ok()
         })
-        .map_or(0.0, |kib| kib / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// The host's MemAvailable, MiB.
+fn mem_available() -> f64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    kib_field(&text, "MemAvailable:") / 1024.0
 }
 
 /// One VM booted cold, idle at its agent's Ready: its VMM's memory.

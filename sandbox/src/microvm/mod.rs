@@ -356,6 +356,24 @@ impl MicrovmBackend {
         Ok((cache.join("snapshots").join(identity.key()), identity))
     }
 
+    /// Tell the agent of a VM that started without its policy (restored, `which`) the
+    /// links and mounts of this backend's files.
+    fn send_setup(&self, client: &mut Client, which: &str) -> Result<(), SandboxError> {
+        let (links, mounts) = self
+            .files
+            .encoded()
+            .map_err(|e| SandboxError::setup("shares", e))?;
+        client
+            .setup(&links, &mounts)
+            .map_err(|e| SandboxError::Setup {
+                stage: "guest setup".into(),
+                message: format!(
+                    "the {which} guest could not set up its files: {}",
+                    crate::error_chain(&e)
+                ),
+            })
+    }
+
     fn notify(&mut self, line: String) {
         match &mut self.opts.notice {
             Some(notice) => notice(line),
@@ -675,19 +693,7 @@ impl Backend for MicrovmBackend {
                     Ok(mut client) => {
                         if self.timeline.restored && !self.pooled {
                             // The restored guest mounts its shares now.
-                            let (links, mounts) = self
-                                .files
-                                .encoded()
-                                .map_err(|e| SandboxError::setup("shares", e))?;
-                            client
-                                .setup(&links, &mounts)
-                                .map_err(|e| SandboxError::Setup {
-                                    stage: "guest setup".into(),
-                                    message: format!(
-                                        "the restored guest could not set up its files: {}",
-                                        crate::error_chain(&e)
-                                    ),
-                                })?;
+                            self.send_setup(&mut client, "restored")?;
                         }
                         self.control = Some(client);
                         self.timeline.agent_ready = Some(Instant::now());

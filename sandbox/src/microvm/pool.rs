@@ -331,19 +331,7 @@ impl MicrovmBackend {
             }
         })?;
         self.net.start(&runtime.join("vsock.sock"))?;
-        let (links, mounts) = self
-            .files
-            .encoded()
-            .map_err(|e| SandboxError::setup("shares", e))?;
-        client
-            .setup(&links, &mounts)
-            .map_err(|e| SandboxError::Setup {
-                stage: "guest setup".into(),
-                message: format!(
-                    "the pooled guest could not set up its files: {}",
-                    crate::error_chain(&e)
-                ),
-            })?;
+        self.send_setup(&mut client, "pooled")?;
         self.control = Some(client);
         self.timeline.pooled = true;
         self.timeline.agent_ready = Some(Instant::now());

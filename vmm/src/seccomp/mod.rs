@@ -145,13 +145,18 @@ pub fn install() -> Result<(), SeccompError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Fork, install the filter in the child, run `call` there, and return how the child
     /// ended: `Ok(exit code)` or `Err(signal)`.
     fn in_filtered_child(call: fn() -> i32) -> Result<i32, i32> {
-        let progs = [clone3_filter().unwrap(), filter().unwrap()];
+        in_child_with(&[clone3_filter().unwrap(), filter().unwrap()], call)
+    }
+
+    /// Fork, install `progs` in the child, run `call` there, and return how the child
+    /// ended: `Ok(exit code)` or `Err(signal)`.
+    pub(crate) fn in_child_with(progs: &[BpfProgram], call: fn() -> i32) -> Result<i32, i32> {
         // SAFETY: the child only calls async-signal-safe functions (prctl, seccomp via
         // the prebuilt program, the test's call, _exit) before it exits.
         let pid = unsafe { libc::fork() };

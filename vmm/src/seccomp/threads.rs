@@ -315,30 +315,7 @@ mod tests {
             super::super::filter().unwrap(),
             filter(kind).unwrap(),
         ];
-        // SAFETY: the child only calls async-signal-safe functions (prctl, seccomp with
-        // the prebuilt programs, the test's raw calls, _exit) before it exits.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork failed");
-        if pid == 0 {
-            // SAFETY: see above; _exit never returns.
-            unsafe {
-                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-                let code = if progs.iter().all(|p| seccompiler::apply_filter(p).is_ok()) {
-                    call()
-                } else {
-                    99
-                };
-                libc::_exit(code);
-            }
-        }
-        let mut status = 0;
-        // SAFETY: waitpid writes into our integer.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        if libc::WIFSIGNALED(status) {
-            Err(libc::WTERMSIG(status))
-        } else {
-            Ok(libc::WEXITSTATUS(status))
-        }
+        super::super::tests::in_child_with(&progs, call)
     }
 
     /// 0 when the call succeeded, its errno otherwise.
