@@ -475,6 +475,7 @@ fn serve_takes_microvm_sandboxes_from_its_warm_pool(cache: &Path) {
     );
     let id = reply.json()["id"].as_str().unwrap().to_string();
     assert_eq!(metric("mxc_warm_pool_taken_total"), Some(1));
+    assert_eq!(metric("mxc_warm_pool_missed_total"), Some(0));
     let reply = server.json(
         "POST",
         &format!("/v1/sandboxes/{id}/exec"),

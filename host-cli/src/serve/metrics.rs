@@ -174,6 +174,12 @@ pub fn render_pool(status: &sandbox::microvm::PoolStatus) -> String {
             status.taken,
         ),
         (
+            "mxc_warm_pool_missed_total",
+            "counter",
+            "MicroVM sandboxes that started a VM of their own (none waiting, or another shape).",
+            status.missed,
+        ),
+        (
             "mxc_warm_pool_stopped",
             "gauge",
             "1 when the warm pool stopped refilling (the service log says why).",

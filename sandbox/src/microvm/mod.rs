@@ -613,11 +613,15 @@ impl Backend for MicrovmBackend {
             Start::Save => true,
             Start::Boot => false,
         };
-        if let (true, Some(pool), Some(vmm::SnapshotMode::Restore(dir))) =
-            (self.timeline.restored, &self.opts.pool, &config.snapshot)
-        {
-            if let Some(warm) = pool.take(dir) {
-                return self.adopt(warm);
+        if let Some(pool) = &self.opts.pool {
+            let warm = match (self.timeline.restored, &config.snapshot) {
+                (true, Some(vmm::SnapshotMode::Restore(dir))) => pool.take(dir),
+                // Another shape, or --cold: the pool's VMs do not fit.
+                _ => None,
+            };
+            match warm {
+                Some(warm) => return self.adopt(warm),
+                None => pool.missed(),
             }
         }
         if self.pooled {

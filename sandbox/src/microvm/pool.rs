@@ -81,6 +81,9 @@ pub struct PoolStatus {
     pub capacity: usize,
     /// VMs handed out so far.
     pub taken: u64,
+    /// Backends given the pool that started a VM of their own (none waiting, or not
+    /// of the pool's shape).
+    pub missed: u64,
     /// Why the pool stopped refilling, if it did.
     pub stopped: Option<String>,
 }
@@ -110,6 +113,7 @@ struct State {
     ready: VecDeque<MicrovmBackend>,
     starting: usize,
     taken: u64,
+    missed: u64,
     failures: u32,
     stopped: Option<String>,
     shutdown: bool,
@@ -150,6 +154,7 @@ impl WarmPool {
             starting: state.starting,
             capacity: self.inner.shared.opts.capacity(),
             taken: state.taken,
+            missed: state.missed,
             stopped: state.stopped.clone(),
         }
     }
@@ -179,6 +184,11 @@ impl WarmPool {
     pub fn vmm_pids(&self) -> Vec<u32> {
         let state = self.inner.shared.lock();
         state.ready.iter().filter_map(|vm| vm.vmm_pid()).collect()
+    }
+
+    /// Count a backend that started its own VM instead of taking one.
+    pub(super) fn missed(&self) {
+        self.inner.shared.lock().missed += 1;
     }
 
     /// A waiting VM restored from `snapshot`, if there is one (whose VMM still runs).
