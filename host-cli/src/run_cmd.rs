@@ -259,6 +259,7 @@ pub fn run_with_policy(args: RunArgs, policy: Policy) -> Result<i32, Failure> {
         stdin: StdinMode::Inherit,
         sink,
         output_limit: policy.limits.output_bytes,
+        signals: None,
     };
     let outcome = sandbox::run_once(backend.as_mut(), &spec, &req, &mut io)?;
     sandbox::stages::mark("host: done");

@@ -20,6 +20,7 @@ pub mod output;
 pub mod process;
 pub mod proxy;
 pub mod seccomp;
+pub mod signals;
 pub mod stages;
 mod supervise;
 pub mod view;
@@ -30,6 +31,7 @@ use std::time::Duration;
 use policy::{Containment, FsView, Policy};
 
 pub use output::{ExecIo, OutputSink, StreamKind};
+pub use signals::ExecSignals;
 
 /// Errors from any backend. Messages are short; the caller adds context.
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +188,19 @@ pub trait Backend: Send {
     fn stop(&mut self) -> Result<(), SandboxError>;
     /// Release every host resource (nothing may be left: processes, mounts, files).
     fn deprovision(&mut self) -> Result<(), SandboxError>;
+    /// After `start`: a handle that runs commands in this sandbox from any thread, many
+    /// at once, when the backend can (a persistent process sandbox, a microVM). Its
+    /// execs fail once the sandbox is stopped; `stop` ends those still running.
+    fn shared_exec(&self) -> Option<std::sync::Arc<dyn SharedExec>> {
+        None
+    }
+}
+
+/// Runs commands in a started sandbox from many threads at once (see
+/// [`Backend::shared_exec`]).
+pub trait SharedExec: Send + Sync {
+    /// Run one command to completion, streaming its output through `io`.
+    fn exec(&self, req: &ExecRequest, io: &mut ExecIo<'_>) -> Result<ExecOutcome, SandboxError>;
 }
 
 /// How [`backend_for`] builds a backend.

@@ -88,6 +88,8 @@ pub struct ExecIo<'a> {
     pub sink: Option<&'a mut dyn OutputSink>,
     /// Most bytes of stdout+stderr passed on; the rest is counted and dropped.
     pub output_limit: Option<u64>,
+    /// Signals other threads send to the running command (see [`crate::signals`]).
+    pub signals: Option<crate::signals::ExecSignals>,
 }
 
 impl std::fmt::Debug for ExecIo<'_> {
@@ -96,6 +98,7 @@ impl std::fmt::Debug for ExecIo<'_> {
             .field("stdin", &self.stdin)
             .field("sink", &self.sink.is_some())
             .field("output_limit", &self.output_limit)
+            .field("signals", &self.signals)
             .finish()
     }
 }
@@ -107,6 +110,7 @@ impl<'a> ExecIo<'a> {
             stdin: StdinMode::Inherit,
             sink: Some(sink),
             output_limit: None,
+            signals: None,
         }
     }
 }

@@ -74,6 +74,11 @@ pub(crate) trait Killer {
     fn kill(&mut self, extra_pid: Option<i32>);
     /// The sandbox reported the pid of its first process (its PID 1).
     fn started(&mut self, _pid: i32) {}
+    /// How other threads signal the command once the sandbox reported `pid` (its PID 1
+    /// as the host sees it): by default only SIGKILL, which ends the exec's sandbox.
+    fn deliverer(&self, pid: i32) -> crate::signals::Deliver {
+        crate::signals::kill_only(pid)
+    }
 }
 
 /// Kills a sandbox through the host's child that runs it (the init, or bwrap), and the
@@ -115,6 +120,23 @@ pub(crate) struct Pipes {
 /// Relay output and status until every pipe is closed, killing the sandbox at the
 /// deadline. Returns the outcome (without duration; the caller fills it).
 pub(crate) fn supervise(
+    pipes: Pipes,
+    io: &mut ExecIo<'_>,
+    timeout: Option<Duration>,
+    killer: &mut dyn Killer,
+    parse: fn(&[u8]) -> Option<Status>,
+    warnings: &mut Vec<String>,
+) -> Result<ExecOutcome, SandboxError> {
+    let result = supervise_pipes(pipes, io, timeout, killer, parse, warnings);
+    // Whatever happened, the command is gone (or about to be reaped): no signal may be
+    // sent to its pid from here on.
+    if let Some(signals) = &io.signals {
+        signals.end();
+    }
+    result
+}
+
+fn supervise_pipes(
     mut pipes: Pipes,
     io: &mut ExecIo<'_>,
     timeout: Option<Duration>,
@@ -222,6 +244,9 @@ pub(crate) fn supervise(
                             if let Status::Child { pid } = s {
                                 child_pid = Some(pid);
                                 killer.started(pid);
+                                if let Some(signals) = &io.signals {
+                                    signals.attach(killer.deliverer(pid));
+                                }
                                 if timed_out {
                                     killer.kill(child_pid);
                                 }
@@ -240,6 +265,9 @@ pub(crate) fn supervise(
         if pipes.stdout.is_none() && pipes.stderr.is_none() && pipes.status.is_none() {
             break;
         }
+    }
+    if let Some(signals) = &io.signals {
+        signals.end();
     }
 
     let mut exit = None;

@@ -36,6 +36,14 @@ export interface ExecOptions {
   timeoutMs?: number;
   onStdout?: (chunk: Buffer) => void;
   onStderr?: (chunk: Buffer) => void;
+  /** The exec's id, once the service accepted it (for `Sandbox.signal`). */
+  onStart?: (execId: number) => void;
+}
+
+export interface RunningExec {
+  id: number;
+  argv: string[];
+  started_unix_ms: number;
 }
 
 export interface ExecResult {
@@ -86,6 +94,8 @@ export declare class Sandbox {
   readonly files: Files;
   static create(options?: CreateOptions): Promise<Sandbox>;
   exec(argv: string[], options?: ExecOptions): Promise<ExecResult>;
+  execs(): Promise<RunningExec[]>;
+  signal(execId: number, signal?: number | string): Promise<void>;
   refresh(): Promise<SandboxInfo>;
   close(): Promise<void>;
 }

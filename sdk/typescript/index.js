@@ -139,7 +139,11 @@ export class Sandbox {
     return (options.client ?? new Client()).createSandbox(options);
   }
 
-  /** Run a command; output reaches the callbacks as it comes and is kept in the result. */
+  /**
+   * Run a command; output reaches the callbacks as it comes and is kept in the result.
+   * `onStart` gets the exec's id once the service accepted it (for `signal`). Persistent
+   * process and microVM sandboxes run several execs side by side.
+   */
   async exec(argv, options = {}) {
     const body = { argv };
     if (options.env) body.env = options.env;
@@ -147,6 +151,8 @@ export class Sandbox {
     if (options.stdin !== undefined) body.stdin_b64 = Buffer.from(options.stdin).toString("base64");
     if (options.timeoutMs !== undefined) body.timeout_ms = options.timeoutMs;
     const res = await this.client.request("POST", `/v1/sandboxes/${this.id}/exec`, { json: body });
+    const execId = res.headers["x-exec-id"];
+    if (options.onStart && execId !== undefined) options.onStart(Number(execId));
     const out = [];
     const err = [];
     let end;
@@ -186,6 +192,21 @@ export class Sandbox {
       stdout: Buffer.concat(out),
       stderr: Buffer.concat(err),
     };
+  }
+
+  /** The running execs: `{id, argv, started_unix_ms}` each. */
+  async execs() {
+    return (await this.client.json("GET", `/v1/sandboxes/${this.id}/execs`)).execs;
+  }
+
+  /**
+   * Send a signal (a number or a name such as "TERM") to a running exec's command and its
+   * process group. A bubblewrap sandbox delivers only KILL.
+   */
+  async signal(execId, signal = "TERM") {
+    await this.client.json("POST", `/v1/sandboxes/${this.id}/execs/${execId}/signal`, {
+      json: { signal },
+    });
   }
 
   async refresh() {

@@ -30,6 +30,7 @@ fn exec(vm: &mut MicrovmBackend, r: &ExecRequest) -> (sandbox::ExecOutcome, Coll
             stdin: StdinMode::Null,
             sink: Some(&mut out),
             output_limit: None,
+            signals: None,
         };
         vm.exec(r, &mut io).expect("exec")
     };
@@ -551,8 +552,9 @@ fn a_disk_limit_stops_writes_into_the_grants() {
 }
 
 /// `mxc-vm serve` with a microVM sandbox: it boots once at creation, runs several execs
-/// (stdin, exit codes), sees a file uploaded into its read-write grant, and deleting it
-/// while a command runs ends the command and leaves no VMM behind.
+/// (stdin, exit codes), sees a file uploaded into its read-write grant, runs execs side by
+/// side, delivers a signal to a running one, and deleting it while a command runs ends
+/// the command and leaves no VMM behind.
 #[test]
 fn serve_runs_execs_and_files_in_a_microvm_sandbox() {
     require_kvm();
@@ -610,6 +612,52 @@ fn serve_runs_execs_and_files_in_a_microvm_sandbox() {
         b"",
     );
     assert_eq!(got.body, b"back\n");
+    // Execs run side by side, each on its own agent connection: one waits for a file
+    // the other makes; then a running exec takes a TERM it traps, by its id.
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| {
+            exec(serde_json::json!({"argv": ["sh", "-c", format!(
+                "i=0; while [ ! -e {rw}/go ]; do i=$((i+1)); [ $i -gt 600 ] && exit 9; \
+                 sleep 0.1; done; echo went")], "timeout_ms": 120000}))
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let (_, made) = exec(serde_json::json!({"argv": ["touch", format!("{rw}/go")]}));
+        assert_eq!(made["exit_code"], 0, "{made}");
+        let (out, exit) = waiter.join().unwrap();
+        assert_eq!(
+            (out.as_str(), &exit["exit_code"]),
+            ("went\n", &serde_json::json!(0))
+        );
+
+        let trapped = s.spawn(|| {
+            exec(serde_json::json!({"argv": ["sh", "-c", format!(
+                "trap 'echo got-term; exit 7' TERM; touch {rw}/trapped; \
+                 while :; do sleep 0.1; done")]}))
+        });
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !std::path::Path::new(&format!("{rw}/trapped")).exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the trapping command never started"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let listed = server.call("GET", &format!("/v1/sandboxes/{id}/execs"), b"");
+        let execs = listed.json()["execs"].as_array().unwrap().clone();
+        assert_eq!(execs.len(), 1, "{execs:?}");
+        let one = execs[0]["id"].as_u64().unwrap();
+        let sent = server.json(
+            "POST",
+            &format!("/v1/sandboxes/{id}/execs/{one}/signal"),
+            serde_json::json!({"signal": "TERM"}),
+        );
+        assert_eq!(sent.status, 200, "{}", String::from_utf8_lossy(&sent.body));
+        let (out, exit) = trapped.join().unwrap();
+        assert_eq!(
+            (out.as_str(), &exit["exit_code"]),
+            ("got-term\n", &serde_json::json!(7))
+        );
+    });
     // Deleting the sandbox while a command runs kills the VM at once.
     let (deleted, last, took) =
         server.delete_during_exec(&id, &["sleep", "600"], Duration::from_secs(2));

@@ -92,6 +92,7 @@ fn sh(vm: &mut MicrovmBackend, script: &str) -> Ran {
             stdin: StdinMode::Null,
             sink: Some(&mut out),
             output_limit: None,
+            signals: None,
         };
         vm.exec(&req, &mut io).expect("exec")
     };
@@ -458,6 +459,7 @@ fn fsynced_data_survives_sigkill(mut vm: MicrovmBackend, spec: &SandboxSpec, t: 
             stdin: StdinMode::Null,
             sink: Some(&mut out),
             output_limit: None,
+            signals: None,
         };
         let result = vm.exec(&req, &mut io).map(|_| ());
         (vm, result)

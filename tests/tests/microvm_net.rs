@@ -56,6 +56,7 @@ fn sh(vm: &mut MicrovmBackend, script: &str) -> Ran {
             stdin: StdinMode::Null,
             sink: Some(&mut out),
             output_limit: None,
+            signals: None,
         };
         vm.exec(&req, &mut io).expect("exec")
     };

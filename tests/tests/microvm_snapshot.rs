@@ -88,6 +88,7 @@ fn sh(vm: &mut MicrovmBackend, script: &str) -> String {
             stdin: StdinMode::Null,
             sink: Some(&mut out),
             output_limit: None,
+            signals: None,
         };
         vm.exec(&req, &mut io).expect("exec")
     };

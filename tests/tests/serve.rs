@@ -638,3 +638,177 @@ fn a_client_that_stops_reading_cannot_freeze_its_sandbox() {
     drop(stalled);
     assert_eq!(server.stop(), 128 + libc::SIGTERM);
 }
+
+/// The running execs of a sandbox whose argv starts with `first`: their ids.
+fn running_ids(server: &Server, id: &str, first: &str) -> Vec<u64> {
+    let reply = server.call("GET", &format!("/v1/sandboxes/{id}/execs"), b"");
+    assert_eq!(reply.status, 200);
+    reply.json()["execs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["argv"][0] == first)
+        .map(|e| e["id"].as_u64().unwrap())
+        .collect()
+}
+
+/// Run `probe` until it exits 0 (at most 20 s).
+fn wait_for(server: &Server, id: &str, probe: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, _, exit) = exec(server, id, serde_json::json!({ "argv": probe }));
+        if exit["exit_code"] == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{probe:?} never succeeded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Execs of one persistent process sandbox run side by side (one waits for a file the
+/// other makes), a running exec takes a signal by its id (a trapped TERM, a KILL by
+/// number), and bad signal requests are refused naming what is wrong. A bubblewrap
+/// sandbox, which makes a fresh sandbox per exec, ends an exec on KILL and refuses
+/// other signals instead of pretending.
+#[test]
+fn execs_run_side_by_side_and_take_signals() {
+    let _host = HOST.lock().unwrap_or_else(|e| e.into_inner());
+    let server = Server::start(&[]);
+    let id = create(&server, serde_json::json!({"backend": "process"}));
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| {
+            exec(
+                &server,
+                &id,
+                serde_json::json!({"argv": ["sh", "-c",
+                    "i=0; while [ ! -e /tmp/go ]; do i=$((i+1)); [ $i -gt 1500 ] && exit 9; \
+                     sleep 0.01; done; echo went"],
+                    "timeout_ms": 60000}),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let (_, _, made) = exec(
+            &server,
+            &id,
+            serde_json::json!({"argv": ["touch", "/tmp/go"]}),
+        );
+        assert_eq!(made["exit_code"], 0, "{made}");
+        let (out, err, exit) = waiter.join().unwrap();
+        assert_eq!(
+            (out.as_str(), &exit["exit_code"]),
+            ("went\n", &serde_json::json!(0)),
+            "{err}"
+        );
+
+        // A TERM the command traps.
+        let trapped = s.spawn(|| {
+            exec(
+                &server,
+                &id,
+                serde_json::json!({"argv": ["sh", "-c",
+                    "trap 'echo got-term; exit 7' TERM; touch /tmp/trapped; \
+                     while :; do sleep 0.05; done"]}),
+            )
+        });
+        wait_for(&server, &id, &["test", "-e", "/tmp/trapped"]);
+        let ids = running_ids(&server, &id, "sh");
+        assert_eq!(ids.len(), 1, "{ids:?}");
+        let term = ids[0];
+        let path = format!("/v1/sandboxes/{id}/execs/{term}/signal");
+        // Bad requests first: the exec must still be running after them.
+        for (body, code) in [
+            (serde_json::json!({"signal": "SIGFOO"}), "malformed_request"),
+            (serde_json::json!({"signal": 0}), "malformed_request"),
+            (serde_json::json!({"signal": 65}), "malformed_request"),
+            (serde_json::json!({"signal": [15]}), "malformed_request"),
+            (serde_json::json!({"sig": 15}), "malformed_request"),
+        ] {
+            let reply = server.json("POST", &path, body.clone());
+            let (status, got, message) = reply.error();
+            assert_eq!((status, got.as_str()), (400, code), "{body}: {message}");
+        }
+        for other in ["999999", "abc"] {
+            let reply = server.json(
+                "POST",
+                &format!("/v1/sandboxes/{id}/execs/{other}/signal"),
+                serde_json::json!({"signal": "TERM"}),
+            );
+            assert_eq!(reply.error().0, 404, "{other}");
+        }
+        let reply = server.json("POST", &path, serde_json::json!({"signal": "TERM"}));
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        let (out, _, exit) = trapped.join().unwrap();
+        assert_eq!(
+            (out.as_str(), &exit["exit_code"]),
+            ("got-term\n", &serde_json::json!(7))
+        );
+        // Ended: its id is no longer running.
+        let again = server.json("POST", &path, serde_json::json!({"signal": "TERM"}));
+        assert_eq!(again.error().0, 404);
+
+        // KILL by number ends a command that ignores TERM.
+        let stubborn = s.spawn(|| {
+            exec(
+                &server,
+                &id,
+                serde_json::json!({"argv": ["sh", "-c", "trap '' TERM; touch /tmp/stubborn; sleep 120"]}),
+            )
+        });
+        wait_for(&server, &id, &["test", "-e", "/tmp/stubborn"]);
+        let kill = running_ids(&server, &id, "sh")[0];
+        let reply = server.json(
+            "POST",
+            &format!("/v1/sandboxes/{id}/execs/{kill}/signal"),
+            serde_json::json!({"signal": 9}),
+        );
+        assert_eq!(reply.status, 200);
+        let started = Instant::now();
+        let (_, _, exit) = stubborn.join().unwrap();
+        assert_eq!(exit["signal"], libc::SIGKILL, "{exit}");
+        assert!(started.elapsed() < Duration::from_secs(30));
+    });
+    assert!(running_ids(&server, &id, "sh").is_empty());
+    let (out, _, _) = exec(&server, &id, serde_json::json!({"argv": ["echo", "still"]}));
+    assert_eq!(out, "still\n");
+
+    // bubblewrap: a fresh sandbox per exec; KILL ends it, TERM is refused.
+    let bw = create(&server, serde_json::json!({"backend": "bubblewrap"}));
+    std::thread::scope(|s| {
+        let running = s.spawn(|| exec(&server, &bw, serde_json::json!({"argv": ["sleep", "120"]})));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let one = loop {
+            if let Some(one) = running_ids(&server, &bw, "sleep").first() {
+                break *one;
+            }
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let path = format!("/v1/sandboxes/{bw}/execs/{one}/signal");
+        let refused = server.json("POST", &path, serde_json::json!({"signal": "TERM"}));
+        let (status, code, message) = refused.error();
+        assert_eq!(
+            (status, code.as_str()),
+            (409, "signal_refused"),
+            "{message}"
+        );
+        assert!(message.contains("SIGKILL"), "{message}");
+        let killed = server.json("POST", &path, serde_json::json!({"signal": "KILL"}));
+        assert_eq!(
+            killed.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&killed.body)
+        );
+        let (_, _, exit) = running.join().unwrap();
+        assert!(
+            exit["exit_code"] != 0 || !exit["signal"].is_null(),
+            "{exit}"
+        );
+    });
+    assert_eq!(server.stop(), 128 + libc::SIGTERM);
+}

@@ -165,6 +165,7 @@ fn guest_run(dir: &Path, args: &BenchFsArgs) -> Result<(Figures, Duration), Fail
                 stdin: StdinMode::Null,
                 sink: Some(&mut out),
                 output_limit: None,
+                signals: None,
             };
             vm.exec(&req, &mut io)?
         };

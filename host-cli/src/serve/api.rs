@@ -257,6 +257,27 @@ async fn route(
             let id = id.to_string();
             exec(svc, &id, req).await
         }
+        (Method::GET, ["v1", "sandboxes", id, "execs"]) => {
+            let entry = svc.registry.get(id)?;
+            let execs: Vec<_> = entry
+                .active()
+                .into_iter()
+                .map(|(id, a)| {
+                    serde_json::json!({
+                        "id": id,
+                        "argv": a.argv,
+                        "started_unix_ms": a.started
+                            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis()),
+                    })
+                })
+                .collect();
+            Ok(json(StatusCode::OK, &serde_json::json!({ "execs": execs })))
+        }
+        (Method::POST, ["v1", "sandboxes", id, "execs", exec_id, "signal"]) => {
+            let (id, exec_id) = (id.to_string(), exec_id.to_string());
+            signal(svc, &id, &exec_id, req).await
+        }
         (Method::GET, ["v1", "sandboxes", id, "files"]) => {
             let id = id.to_string();
             download(svc, &id, &req)
@@ -428,11 +449,14 @@ async fn exec(
         timeout: Some(timeout),
     };
     let (events_tx, mut events_rx) = mpsc::channel::<ExecEvent>(64);
-    entry.submit(ExecJob {
-        req: request,
-        stdin,
-        events: events_tx,
-    })?;
+    let exec_id = entry.submit(
+        ExecJob {
+            req: request,
+            stdin,
+            events: events_tx,
+        },
+        sandbox::ExecSignals::new(),
+    )?;
     let (out_tx, out_rx) = mpsc::channel::<Bytes>(64);
     let sandbox_id = entry.id.clone();
     tokio::spawn(async move {
@@ -471,7 +495,82 @@ async fn exec(
             let _ = out_tx.send(Bytes::from(line)).await;
         }
     });
-    Ok(streaming("application/x-ndjson", out_rx))
+    let mut response = streaming("application/x-ndjson", out_rx);
+    response
+        .headers_mut()
+        .insert(EXEC_ID_HEADER, hyper::header::HeaderValue::from(exec_id));
+    Ok(response)
+}
+
+/// The response header of `POST …/exec` that names the exec (for `…/execs/{exec}/signal`).
+pub const EXEC_ID_HEADER: &str = "x-exec-id";
+
+/// How long a signal waits for an exec's command to start.
+const SIGNAL_PATIENCE: Duration = Duration::from_secs(5);
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignalBody {
+    /// A number (15) or a name (`"TERM"`, `"SIGTERM"`).
+    signal: serde_json::Value,
+}
+
+async fn signal(
+    svc: &Arc<Service>,
+    id: &str,
+    exec_id: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let body: SignalBody = read_json(req.into_body(), svc.max_body).await?;
+    let entry = svc.registry.get(id)?;
+    let signo = match &body.signal {
+        serde_json::Value::Number(n) => n.as_i64().and_then(|n| {
+            i32::try_from(n)
+                .ok()
+                .and_then(|n| sandbox::signals::parse_signal(&n.to_string()))
+        }),
+        serde_json::Value::String(name) => sandbox::signals::parse_signal(name),
+        _ => None,
+    }
+    .ok_or_else(|| {
+        ApiError::bad_request(
+            "malformed_request",
+            format!(
+                "`signal` {} is not a signal: give a number 1..=64 or a name such as \"TERM\"",
+                body.signal
+            ),
+        )
+    })?;
+    let signals = exec_id
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| entry.signals(n))
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no running exec {exec_id:?} in sandbox {id:?} (it may have ended)"
+            ))
+        })?;
+    let sent = tokio::task::spawn_blocking(move || signals.send(signo, SIGNAL_PATIENCE))
+        .await
+        .map_err(|e| ApiError::internal(format!("the signal task failed: {e}")))?;
+    use sandbox::signals::SignalError;
+    match sent {
+        Ok(()) => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({ "exec_id": exec_id, "signal": signo }),
+        )),
+        Err(e @ SignalError::NotASignal(_)) => {
+            Err(ApiError::bad_request("malformed_request", e.to_string()))
+        }
+        Err(e @ SignalError::Ended) => Err(ApiError::not_found(format!(
+            "exec {exec_id} in sandbox {id:?}: {e}"
+        ))),
+        Err(e) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "signal_refused",
+            format!("exec {exec_id} in sandbox {id:?}: {e}"),
+        )),
+    }
 }
 
 fn download(
@@ -608,6 +707,8 @@ mod tests {
             "/v1/sandboxes",
             "/v1/sandboxes/{id}",
             "/v1/sandboxes/{id}/exec",
+            "/v1/sandboxes/{id}/execs",
+            "/v1/sandboxes/{id}/execs/{exec}/signal",
             "/v1/sandboxes/{id}/files",
             "/v1/sandboxes/{id}/list",
             "/metrics",

@@ -1,7 +1,9 @@
 //! The service's sandboxes. Each lives on a thread of its own that owns its backend
 //! (provisioned and started once, stopped and deprovisioned when the sandbox is deleted,
-//! expires or the service stops) and runs its execs one after another, streaming output
-//! to the HTTP response as it comes.
+//! expires or the service stops). Where the backend can run commands side by side (a
+//! persistent process sandbox, a microVM) each exec runs on a thread of its own, many at
+//! once; otherwise the sandbox's thread runs them one after another. Output streams to
+//! the HTTP response as it comes; a running exec can be signalled by its id.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::AsRawFd;
@@ -13,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use policy::{Containment, FsView};
 use sandbox::output::{ExecIo, OutputSink, StdinMode, StreamKind};
-use sandbox::{ExecOutcome, ExecRequest, ExitKind, SandboxSpec};
+use sandbox::{ExecOutcome, ExecRequest, ExecSignals, ExitKind, SandboxSpec, SharedExec};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -45,8 +47,57 @@ pub struct ExecJob {
 }
 
 enum Job {
-    Exec(ExecJob),
+    Exec(u64, ExecJob, ExecSignals),
     Stop,
+}
+
+/// A running exec, as the API lists and signals it.
+#[derive(Debug, Clone)]
+pub struct Active {
+    pub argv: Vec<String>,
+    pub started: SystemTime,
+    pub signals: ExecSignals,
+}
+
+/// What ends an exec, wherever it ran: its metrics, counters and listing.
+#[derive(Clone)]
+struct Books {
+    metrics: Arc<Metrics>,
+    running: Arc<AtomicUsize>,
+    active: Arc<Mutex<HashMap<u64, Active>>>,
+}
+
+impl Books {
+    /// Send the exec's last event and forget it.
+    fn close(
+        &self,
+        id: u64,
+        events: &mpsc::Sender<ExecEvent>,
+        done: (Result<ExecOutcome, ApiError>, bool),
+        start: Instant,
+    ) {
+        let (result, stalled) = done;
+        let event = match result {
+            Ok(outcome) => {
+                self.metrics.exec_done(start.elapsed(), &outcome);
+                ExecEvent::Exit(outcome)
+            }
+            Err(e) => ExecEvent::Failed(e),
+        };
+        if let Ok(mut active) = self.active.lock() {
+            if let Some(a) = active.remove(&id) {
+                a.signals.end();
+            }
+        }
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        // A client that stopped reading gets no more patience.
+        let patience = if stalled {
+            Duration::ZERO
+        } else {
+            STALLED_CLIENT
+        };
+        let _ = send_patiently(events, event, patience);
+    }
 }
 
 /// A live sandbox.
@@ -64,10 +115,14 @@ pub struct Entry {
     /// The policy's limit of each exec ([`policy::Policy::exec_timeout`]): a request may
     /// only lower it.
     pub policy_timeout: Option<Duration>,
-    /// Execs accepted and not yet finished (the sandbox's thread counts them down).
+    /// Execs accepted and not yet finished (counted down as each ends).
     pub running: Arc<AtomicUsize>,
     pub execs: AtomicU64,
     jobs: Mutex<std_mpsc::Sender<Job>>,
+    /// Runs execs side by side, when the backend can.
+    shared: Option<Arc<dyn SharedExec>>,
+    books: Books,
+    output_limit: Option<u64>,
     /// The sandbox's root process, when the backend has one for its whole life (a
     /// persistent process sandbox): deleting the sandbox kills it, ending running execs.
     root_pid: Option<u32>,
@@ -123,20 +178,78 @@ impl Entry {
         absolute || idle
     }
 
-    /// Queue an exec; the sandbox's thread runs it after those queued before.
-    pub fn submit(&self, job: ExecJob) -> Result<(), ApiError> {
+    /// Start an exec: on a thread of its own when the backend runs execs side by side,
+    /// else queued for the sandbox's thread. Its id.
+    pub fn submit(&self, job: ExecJob, signals: ExecSignals) -> Result<u64, ApiError> {
+        let id = self.execs.fetch_add(1, Ordering::SeqCst) + 1;
         self.running.fetch_add(1, Ordering::SeqCst);
-        self.execs.fetch_add(1, Ordering::SeqCst);
         self.touch();
-        let sent = self
-            .jobs
-            .lock()
-            .map_err(|_| ApiError::internal("sandbox state is poisoned"))?
-            .send(Job::Exec(job));
-        sent.map_err(|_| {
+        if let Ok(mut active) = self.books.active.lock() {
+            active.insert(
+                id,
+                Active {
+                    argv: job.req.argv.clone(),
+                    started: SystemTime::now(),
+                    signals: signals.clone(),
+                },
+            );
+        }
+        let undo = |e: ApiError| {
+            if let Ok(mut active) = self.books.active.lock() {
+                active.remove(&id);
+            }
             self.running.fetch_sub(1, Ordering::SeqCst);
-            ApiError::gone(&self.id)
-        })
+            e
+        };
+        let Some(shared) = &self.shared else {
+            let sent = self
+                .jobs
+                .lock()
+                .map_err(|_| ApiError::internal("sandbox state is poisoned"))?
+                .send(Job::Exec(id, job, signals));
+            return sent
+                .map(|()| id)
+                .map_err(|_| undo(ApiError::gone(&self.id)));
+        };
+        let shared = Arc::clone(shared);
+        let books = self.books.clone();
+        let limit = self.output_limit;
+        std::thread::Builder::new()
+            .name(format!("exec {id}"))
+            .spawn(move || {
+                let events = job.events.clone();
+                let start = Instant::now();
+                let done = run_exec(&mut |req, io| shared.exec(req, io), job, limit, signals);
+                books.close(id, &events, done, start);
+            })
+            .map(|_| id)
+            .map_err(|e| {
+                undo(ApiError::internal(format!(
+                    "cannot start an exec thread: {e}"
+                )))
+            })
+    }
+
+    /// The running execs, oldest first.
+    pub fn active(&self) -> Vec<(u64, Active)> {
+        let mut all: Vec<(u64, Active)> = self
+            .books
+            .active
+            .lock()
+            .map(|m| m.iter().map(|(id, a)| (*id, a.clone())).collect())
+            .unwrap_or_default();
+        all.sort_by_key(|(id, _)| *id);
+        all
+    }
+
+    /// A running exec's signal handle.
+    pub fn signals(&self, exec: u64) -> Option<ExecSignals> {
+        self.books
+            .active
+            .lock()
+            .ok()?
+            .get(&exec)
+            .map(|a| a.signals.clone())
     }
 
     fn stop(&self) {
@@ -239,20 +352,23 @@ impl Registry {
             net: Default::default(),
         };
         let (jobs_tx, jobs_rx) = std_mpsc::channel::<Job>();
-        let (ready_tx, ready_rx) = std_mpsc::sync_channel::<Result<Option<u32>, ApiError>>(1);
-        let metrics = Arc::clone(&self.metrics);
-        let running = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&running);
+        let (ready_tx, ready_rx) = std_mpsc::sync_channel::<Result<Ready, ApiError>>(1);
+        let books = Books {
+            metrics: Arc::clone(&self.metrics),
+            running: Arc::new(AtomicUsize::new(0)),
+            active: Arc::new(Mutex::new(HashMap::new())),
+        };
+        let thread_books = books.clone();
         let pool = self.pool.clone();
         let thread = std::thread::Builder::new()
             .name(format!("sandbox {id}"))
             .spawn(move || {
                 let backend = make_backend(containment, pool);
-                sandbox_thread(backend, spec, jobs_rx, ready_tx, metrics, counted)
+                sandbox_thread(backend, spec, jobs_rx, ready_tx, thread_books)
             })
             .map_err(|e| ApiError::internal(format!("cannot start a sandbox thread: {e}")))?;
-        let root_pid = match ready_rx.recv() {
-            Ok(Ok(pid)) => pid,
+        let ready = match ready_rx.recv() {
+            Ok(Ok(ready)) => ready,
             Ok(Err(e)) => {
                 let _ = thread.join();
                 return Err(e);
@@ -274,10 +390,13 @@ impl Registry {
             last_used: Mutex::new(now),
             view,
             policy_timeout: policy.exec_timeout(),
-            running,
+            running: Arc::clone(&books.running),
             execs: AtomicU64::new(0),
             jobs: Mutex::new(jobs_tx),
-            root_pid,
+            shared: ready.shared,
+            books,
+            output_limit: policy.limits.output_bytes,
+            root_pid: ready.root_pid,
         });
         if let Ok(mut m) = self.sandboxes.lock() {
             m.insert(id, Arc::clone(&entry));
@@ -378,13 +497,18 @@ impl OutputSink for ChannelSink {
     }
 }
 
+/// What a started sandbox tells the service.
+struct Ready {
+    root_pid: Option<u32>,
+    shared: Option<Arc<dyn SharedExec>>,
+}
+
 fn sandbox_thread(
     backend: Result<Box<dyn sandbox::Backend>, ApiError>,
     spec: SandboxSpec,
     jobs: std_mpsc::Receiver<Job>,
-    ready: std_mpsc::SyncSender<Result<Option<u32>, ApiError>>,
-    metrics: Arc<Metrics>,
-    running: Arc<AtomicUsize>,
+    ready: std_mpsc::SyncSender<Result<Ready, ApiError>>,
+    books: Books,
 ) {
     let mut backend = match backend {
         Ok(b) => b,
@@ -403,28 +527,24 @@ fn sandbox_thread(
         let _ = ready.send(Err(e));
         return;
     }
-    let _ = ready.send(Ok(backend.root_pid()));
+    let _ = ready.send(Ok(Ready {
+        root_pid: backend.root_pid(),
+        shared: backend.shared_exec(),
+    }));
     let output_limit = spec.policy.limits.output_bytes;
     for job in jobs {
-        let Job::Exec(job) = job else { break };
+        let Job::Exec(id, job, signals) = job else {
+            break;
+        };
         let events = job.events.clone();
         let start = Instant::now();
-        let (result, stalled) = run_exec(backend.as_mut(), job, output_limit);
-        let event = match result {
-            Ok(outcome) => {
-                metrics.exec_done(start.elapsed(), &outcome);
-                ExecEvent::Exit(outcome)
-            }
-            Err(e) => ExecEvent::Failed(e),
-        };
-        running.fetch_sub(1, Ordering::SeqCst);
-        // A client that stopped reading gets no more patience: the next exec waits.
-        let patience = if stalled {
-            Duration::ZERO
-        } else {
-            STALLED_CLIENT
-        };
-        let _ = send_patiently(&events, event, patience);
+        let done = run_exec(
+            &mut |req, io| backend.exec(req, io),
+            job,
+            output_limit,
+            signals,
+        );
+        books.close(id, &events, done, start);
     }
     let _ = backend.stop();
     let _ = backend.deprovision();
@@ -448,9 +568,13 @@ fn make_backend(
 
 /// Run one exec; the outcome, and whether the client stopped reading its output.
 fn run_exec(
-    backend: &mut dyn sandbox::Backend,
+    exec: &mut dyn FnMut(
+        &ExecRequest,
+        &mut ExecIo<'_>,
+    ) -> Result<ExecOutcome, sandbox::SandboxError>,
     job: ExecJob,
     output_limit: Option<u64>,
+    signals: ExecSignals,
 ) -> (Result<ExecOutcome, ApiError>, bool) {
     let mut sink = ChannelSink {
         tx: job.events.clone(),
@@ -484,8 +608,11 @@ fn run_exec(
         stdin,
         sink: Some(&mut sink),
         output_limit,
+        signals: Some(signals.clone()),
     };
-    let result = backend.exec(&job.req, &mut io);
+    let result = exec(&job.req, &mut io);
+    // A backend that failed before its command ran never ended the handle.
+    signals.end();
     // The command is gone: its end of the pipe closes, and so does the writer's.
     drop(read_end);
     if let Some(w) = writer {

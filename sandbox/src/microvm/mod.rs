@@ -191,27 +191,29 @@ impl MicrovmBackend {
         self.try_connect().map_err(ConnectFailure::into_message)
     }
 
+    /// What running a command needs, copied out of the started VM.
+    fn agent_exec(&self) -> Result<AgentExec, SandboxError> {
+        let Some(spec) = &self.spec else {
+            return Err(SandboxError::Lifecycle("exec before provision"));
+        };
+        let Some(vmm) = &self.vmm else {
+            return Err(SandboxError::Lifecycle("exec before start"));
+        };
+        Ok(AgentExec {
+            socket: self.socket()?,
+            proxy_port: self.net.port,
+            default_cwd: self.files.default_cwd.clone(),
+            nproc: spec.policy.limits.pids.map(u64::from),
+            root: spec.policy.process.guest_root,
+            vmm_pid: vmm.pid(),
+        })
+    }
+
     /// Like [`Self::connect`], telling an agent that refuses to serve (the guest could not
     /// be set up, e.g. a share did not mount) from one that is not there yet.
     fn try_connect(&self) -> Result<Client, ConnectFailure> {
         let socket = self.socket().map_err(|e| e.to_string())?;
-        // Neither the vsock handshake nor the agent's Ready may hang us.
-        let stream = proto::client::connect_hybrid_vsock_within(
-            &socket,
-            proto::AGENT_VSOCK_PORT,
-            Some(Duration::from_secs(15)),
-        )
-        .map_err(|e| e.to_string())?;
-        let control = stream.try_clone().map_err(|e| e.to_string())?;
-        let client = match AgentClient::over_unix(stream) {
-            Ok(client) => client,
-            Err(proto::client::ClientError::Remote { id: None, message }) => {
-                return Err(ConnectFailure::Refused(message))
-            }
-            Err(e) => return Err(crate::error_chain(&e).into()),
-        };
-        control.set_read_timeout(None).map_err(|e| e.to_string())?;
-        Ok(client)
+        connect_agent(&socket)
     }
 
     fn image_paths(&mut self) -> Result<(PathBuf, PathBuf), SandboxError> {
@@ -738,70 +740,14 @@ impl Backend for MicrovmBackend {
         req: &ExecRequest,
         io: &mut ExecIo<'_>,
     ) -> Result<ExecOutcome, SandboxError> {
-        let Some(spec) = &self.spec else {
-            return Err(SandboxError::Lifecycle("exec before provision"));
-        };
-        if self.vmm.is_none() {
-            return Err(SandboxError::Lifecycle("exec before start"));
-        }
-        if req.argv.is_empty() {
-            return Err(SandboxError::NoCommand);
-        }
-        let mut client = self.connect().map_err(|message| SandboxError::Setup {
-            stage: "agent".into(),
-            message,
-        })?;
-        let env = self
-            .net
-            .env(crate::env::compose_env(&req.env))
-            .into_iter()
-            .collect();
-        let exec = Exec {
-            argv: req.argv.clone(),
-            env,
-            cwd: Some(
-                req.cwd
-                    .as_ref()
-                    .or(self.files.default_cwd.as_ref())
-                    .map_or_else(|| "/".to_string(), |c| c.display().to_string()),
-            ),
-            timeout_ms: req.timeout.map(|t| t.as_millis() as u64),
-            rlimits: Rlimits {
-                nproc: spec.policy.limits.pids.map(u64::from),
-                ..Rlimits::default()
-            },
-            root: spec.policy.process.guest_root,
-            // Every command reseeds the guest's random generator and sets its clock: a
-            // VM restored from a snapshot starts with the saved random state and time.
-            entropy: host_entropy()?,
-            wall_clock_ns: wall_clock_ns(),
-            ..Exec::default()
-        };
-        let start = Instant::now();
-        let writer = ChunkWriter {
-            io,
-            limiter: Limiter::default(),
-            first_output: &mut self.timeline.first_output,
-        };
-        let vmm_pid = self.vmm.as_ref().map_or(0, |v| v.pid());
-        let kill_vm = move || {
-            if vmm_pid > 0 {
-                // SAFETY: kill() has no memory effects; the pid is our own child.
-                unsafe { libc::kill(vmm_pid, libc::SIGKILL) };
-            }
-        };
-        let (exit, truncated) = run_agent_exec(&mut client, exec, writer, req.timeout, kill_vm)?;
-        let kind = match (exit.code, exit.signal) {
-            (Some(c), _) => ExitKind::Code(c),
-            (None, Some(s)) => ExitKind::Signal(s),
-            (None, None) => ExitKind::Code(-1),
-        };
-        Ok(ExecOutcome {
-            exit: kind,
-            timed_out: exit.timed_out,
-            duration: start.elapsed(),
-            output_truncated: truncated,
-        })
+        let agent = self.agent_exec()?;
+        agent.run(req, io, &mut self.timeline.first_output)
+    }
+
+    fn shared_exec(&self) -> Option<std::sync::Arc<dyn crate::SharedExec>> {
+        self.agent_exec()
+            .ok()
+            .map(|a| std::sync::Arc::new(a) as std::sync::Arc<dyn crate::SharedExec>)
     }
 
     fn stop(&mut self) -> Result<(), SandboxError> {
@@ -846,6 +792,148 @@ impl Drop for MicrovmBackend {
     fn drop(&mut self) {
         let _ = self.deprovision();
     }
+}
+
+/// A connection to the agent behind the VM's vsock socket, after the handshake.
+fn connect_agent(socket: &Path) -> Result<Client, ConnectFailure> {
+    // Neither the vsock handshake nor the agent's Ready may hang us.
+    let stream = proto::client::connect_hybrid_vsock_within(
+        socket,
+        proto::AGENT_VSOCK_PORT,
+        Some(Duration::from_secs(15)),
+    )
+    .map_err(|e| e.to_string())?;
+    let control = stream.try_clone().map_err(|e| e.to_string())?;
+    let client = match AgentClient::over_unix(stream) {
+        Ok(client) => client,
+        Err(proto::client::ClientError::Remote { id: None, message }) => {
+            return Err(ConnectFailure::Refused(message))
+        }
+        Err(e) => return Err(crate::error_chain(&e).into()),
+    };
+    control.set_read_timeout(None).map_err(|e| e.to_string())?;
+    Ok(client)
+}
+
+/// Runs commands over connections of their own to a started VM's agent (one per
+/// command, so many may run at once).
+#[derive(Debug, Clone)]
+struct AgentExec {
+    socket: PathBuf,
+    proxy_port: Option<u16>,
+    default_cwd: Option<PathBuf>,
+    nproc: Option<u64>,
+    root: bool,
+    vmm_pid: i32,
+}
+
+impl AgentExec {
+    fn run(
+        &self,
+        req: &ExecRequest,
+        io: &mut ExecIo<'_>,
+        first_output: &mut Option<Instant>,
+    ) -> Result<ExecOutcome, SandboxError> {
+        let result = self.run_connected(req, io, first_output);
+        // The command is over (or never started): no signal may follow it.
+        if let Some(signals) = &io.signals {
+            signals.end();
+        }
+        result
+    }
+
+    fn run_connected(
+        &self,
+        req: &ExecRequest,
+        io: &mut ExecIo<'_>,
+        first_output: &mut Option<Instant>,
+    ) -> Result<ExecOutcome, SandboxError> {
+        if req.argv.is_empty() {
+            return Err(SandboxError::NoCommand);
+        }
+        let mut client = connect_agent(&self.socket)
+            .map_err(ConnectFailure::into_message)
+            .map_err(|message| SandboxError::Setup {
+                stage: "agent".into(),
+                message,
+            })?;
+        let env = net::guest_env(self.proxy_port, crate::env::compose_env(&req.env));
+        let exec = Exec {
+            argv: req.argv.clone(),
+            env: env.into_iter().collect(),
+            cwd: Some(
+                req.cwd
+                    .as_ref()
+                    .or(self.default_cwd.as_ref())
+                    .map_or_else(|| "/".to_string(), |c| c.display().to_string()),
+            ),
+            timeout_ms: req.timeout.map(|t| t.as_millis() as u64),
+            rlimits: Rlimits {
+                nproc: self.nproc,
+                ..Rlimits::default()
+            },
+            root: self.root,
+            // Every command reseeds the guest's random generator and sets its clock: a
+            // VM restored from a snapshot starts with the saved random state and time.
+            entropy: host_entropy()?,
+            wall_clock_ns: wall_clock_ns(),
+            ..Exec::default()
+        };
+        if let Some(signals) = &io.signals {
+            signals.attach(agent_deliverer(client.signaller()));
+        }
+        let start = Instant::now();
+        let writer = ChunkWriter {
+            io,
+            limiter: Limiter::default(),
+            first_output,
+        };
+        let vmm_pid = self.vmm_pid;
+        let kill_vm = move || {
+            if vmm_pid > 0 {
+                // SAFETY: kill() has no memory effects; the pid is our own child.
+                unsafe { libc::kill(vmm_pid, libc::SIGKILL) };
+            }
+        };
+        let (exit, truncated) = run_agent_exec(&mut client, exec, writer, req.timeout, kill_vm)?;
+        let kind = match (exit.code, exit.signal) {
+            (Some(c), _) => ExitKind::Code(c),
+            (None, Some(s)) => ExitKind::Signal(s),
+            (None, None) => ExitKind::Code(-1),
+        };
+        Ok(ExecOutcome {
+            exit: kind,
+            timed_out: exit.timed_out,
+            duration: start.elapsed(),
+            output_truncated: truncated,
+        })
+    }
+}
+
+impl crate::SharedExec for AgentExec {
+    fn exec(&self, req: &ExecRequest, io: &mut ExecIo<'_>) -> Result<ExecOutcome, SandboxError> {
+        self.run(req, io, &mut None)
+    }
+}
+
+/// Signals through the exec's own agent connection. The agent learns the command only
+/// with the `Exec` frame; a signal sent in the moment before it is retried briefly.
+fn agent_deliverer(
+    signaller: proto::client::Signaller<std::os::unix::net::UnixStream>,
+) -> crate::signals::Deliver {
+    Box::new(move |signo| {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            match signaller.signal(signo) {
+                Ok(true) => return Ok(()),
+                Ok(false) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Ok(false) => return Err("the command is not running".into()),
+                Err(e) => return Err(crate::error_chain(&e)),
+            }
+        }
+    })
 }
 
 /// Run one exec over the client: stdout/stderr chunks go to `writer`, stdin is forwarded

@@ -45,7 +45,7 @@ pub fn host_port_socket(vsock_uds: &Path, port: u32) -> PathBuf {
 pub(crate) struct VmNet {
     net: SandboxNet,
     /// The guest's relay port; `None` on a closed network.
-    port: Option<u16>,
+    pub(crate) port: Option<u16>,
     server: Option<Server>,
     socket: Option<PathBuf>,
 }
@@ -101,15 +101,6 @@ impl VmNet {
             .unwrap_or_default()
     }
 
-    /// A command's environment with the proxy variables (the same as on the process
-    /// tiers), replacing any the request gave.
-    pub(crate) fn env(&self, env: Vec<(String, String)>) -> Vec<(String, String)> {
-        match self.port {
-            Some(port) => with_proxy_env(env, NetMode::Proxied { port }),
-            None => env,
-        }
-    }
-
     /// Stops accepting, ends every proxied connection (writing its audit line) and
     /// removes the socket. Idempotent.
     pub(crate) fn stop(&mut self) {
@@ -120,6 +111,14 @@ impl VmNet {
         if let Some(path) = self.socket.take() {
             let _ = std::fs::remove_file(path);
         }
+    }
+}
+
+/// A command's environment, with the proxy variables when the guest has a relay on `port`.
+pub(crate) fn guest_env(port: Option<u16>, env: Vec<(String, String)>) -> Vec<(String, String)> {
+    match port {
+        Some(port) => with_proxy_env(env, NetMode::Proxied { port }),
+        None => env,
     }
 }
 
@@ -168,7 +167,7 @@ mod tests {
 
         assert!(!net.proxied());
         assert_eq!(net.cmdline(), "");
-        assert!(net.env(vec![]).is_empty());
+        assert!(guest_env(net.port, vec![]).is_empty());
     }
 
     #[test]
@@ -183,7 +182,10 @@ mod tests {
     fn proxied_commands_get_the_process_tiers_variables() {
         let net = VmNet::provision(&spec(Action::Allow, None)).unwrap();
 
-        let env = net.env(vec![("HTTP_PROXY".into(), "http://elsewhere:1".into())]);
+        let env = guest_env(
+            net.port,
+            vec![("HTTP_PROXY".into(), "http://elsewhere:1".into())],
+        );
 
         assert_eq!(env, crate::proxy::proxy_env(3128));
     }

@@ -592,6 +592,13 @@ fn serve(plan: &InitPlan) -> i32 {
                     libc::kill(pid, libc::SIGKILL);
                 }
             }
+            Ok(Request::Signal { pid, signo })
+                if running.contains_key(&pid) && pid > 1 && (1..=64).contains(&signo) =>
+            {
+                // SAFETY: kill() has no memory effects; pid leads the process group of a
+                // command we started and have not reaped.
+                unsafe { libc::kill(-pid, signo) };
+            }
             // A malformed or unknown request is dropped; its descriptors close with it.
             _ => {}
         }

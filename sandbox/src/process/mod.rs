@@ -77,7 +77,7 @@ pub struct ProcessBackend {
     pub warnings: Vec<String>,
     /// One sandbox for all execs (see [`session`]) instead of a fresh one per exec.
     persistent: bool,
-    session: Option<session::Session>,
+    session: Option<std::sync::Arc<session::Session>>,
 }
 
 impl ProcessBackend {
@@ -102,7 +102,7 @@ impl Backend for ProcessBackend {
     }
 
     fn root_pid(&self) -> Option<u32> {
-        self.session.as_ref().map(session::Session::root_pid)
+        self.session.as_ref().map(|s| s.root_pid())
     }
 
     fn provision(&mut self, spec: &SandboxSpec) -> Result<(), SandboxError> {
@@ -148,7 +148,7 @@ impl Backend for ProcessBackend {
             let mut warnings = Vec::new();
             let started = session::Session::start(&plan, cgroup, handoff, &mut warnings);
             self.warnings.extend(warnings);
-            self.session = Some(started?);
+            self.session = Some(std::sync::Arc::new(started?));
         }
         self.started = true;
         Ok(())
@@ -235,6 +235,43 @@ impl Backend for ProcessBackend {
         self.spec = None;
         self.view = None;
         Ok(())
+    }
+
+    fn shared_exec(&self) -> Option<std::sync::Arc<dyn crate::SharedExec>> {
+        let (Some(session), Some(view), Some(net)) = (&self.session, &self.view, self.net) else {
+            return None;
+        };
+        Some(std::sync::Arc::new(SessionExec {
+            session: std::sync::Arc::clone(session),
+            net,
+            default_cwd: view.default_cwd.clone(),
+        }))
+    }
+}
+
+/// A persistent sandbox's execs from many threads: each asks PID 1 for its own command.
+struct SessionExec {
+    session: std::sync::Arc<session::Session>,
+    net: NetMode,
+    default_cwd: std::path::PathBuf,
+}
+
+impl crate::SharedExec for SessionExec {
+    fn exec(&self, req: &ExecRequest, io: &mut ExecIo<'_>) -> Result<ExecOutcome, SandboxError> {
+        if req.argv.is_empty() {
+            return Err(SandboxError::NoCommand);
+        }
+        // Status warnings of a shared exec have no backend to collect them; the command's
+        // own failures reach its stderr.
+        let mut warnings = Vec::new();
+        self.session.exec(
+            req.argv.clone(),
+            with_proxy_env(compose_env(&req.env), self.net),
+            req.cwd.clone().unwrap_or_else(|| self.default_cwd.clone()),
+            io,
+            req.timeout,
+            &mut warnings,
+        )
     }
 }
 
@@ -526,6 +563,11 @@ impl Killer for PidKiller {
             }
             libc::kill(self.pid, libc::SIGKILL);
         }
+    }
+
+    /// The sandbox's PID 1 is our own child here, whatever pid the sandbox reported.
+    fn deliverer(&self, _pid: i32) -> crate::signals::Deliver {
+        crate::signals::kill_only(self.pid)
     }
 }
 

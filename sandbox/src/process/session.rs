@@ -40,6 +40,8 @@ pub(crate) enum Request {
     },
     /// SIGKILL a running command (its pid as PID 1 reported it) and its process group.
     Kill { pid: i32 },
+    /// Send `signo` (1..=64) to a running command's process group.
+    Signal { pid: i32, signo: i32 },
 }
 
 /// Send a request (and the exec's descriptors) to PID 1.
@@ -51,10 +53,13 @@ pub(crate) fn send(ctl: RawFd, req: &Request, fds: &[RawFd]) -> std::io::Result<
 /// The host's side of a persistent sandbox.
 pub(crate) struct Session {
     ctl: OwnedFd,
-    init: std::process::Child,
+    /// The init (reaped by [`Session::stop`]) and its pid.
+    init: std::sync::Mutex<std::process::Child>,
+    init_pid: u32,
     /// The init's status pipe: kept open so PID 1 never writes into a closed pipe.
     _status: OwnedFd,
-    _root: crate::interrupt::Registered,
+    /// Registered for the signal handler until `stop` reaped the init.
+    root: std::sync::Mutex<Option<crate::interrupt::Registered>>,
     /// The proxy handoff, alive as long as the sandbox.
     _handoff: Option<(OwnedFd, crate::proxy::Server)>,
     _cgroup: Option<crate::limits::SandboxCgroup>,
@@ -63,7 +68,7 @@ pub(crate) struct Session {
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
-            .field("init", &self.init.id())
+            .field("init", &self.init_pid)
             .finish_non_exhaustive()
     }
 }
@@ -78,6 +83,18 @@ impl crate::supervise::Killer for SessionKiller<'_> {
         if let Some(pid) = extra_pid {
             let _ = send(self.ctl.as_raw_fd(), &Request::Kill { pid }, &[]);
         }
+    }
+
+    /// Signals go to PID 1, which sends them to the command's process group while the
+    /// command runs (a pid it no longer runs is ignored there, so a late signal can never
+    /// reach another process).
+    fn deliverer(&self, pid: i32) -> crate::signals::Deliver {
+        let ctl = self.ctl.try_clone();
+        Box::new(move |signo| {
+            let ctl = ctl.as_ref().map_err(|e| e.to_string())?;
+            send(ctl.as_raw_fd(), &Request::Signal { pid, signo }, &[])
+                .map_err(|e| format!("the sandbox's PID 1 is gone ({e})"))
+        })
     }
 }
 
@@ -114,9 +131,10 @@ impl Session {
         }
         Ok(Self {
             ctl,
-            init,
+            init_pid: init.id(),
+            init: std::sync::Mutex::new(init),
             _status: status_r,
-            _root: root,
+            root: std::sync::Mutex::new(Some(root)),
             _handoff: handoff,
             _cgroup: cgroup,
         })
@@ -124,7 +142,7 @@ impl Session {
 
     /// The host pid of the sandbox's init (its root: killing it ends the sandbox).
     pub(crate) fn root_pid(&self) -> u32 {
-        self.init.id()
+        self.init_pid
     }
 
     /// Run one command in the sandbox.
@@ -196,11 +214,17 @@ impl Session {
         )
     }
 
-    /// End the sandbox: PID 1 sees the control socket close and exits, taking every
-    /// process of the sandbox with it; the init follows.
-    pub(crate) fn stop(self) {
-        let Session { ctl, mut init, .. } = self;
-        drop(ctl);
+    /// End the sandbox: PID 1 sees the control socket shut down and exits, taking every
+    /// process of the sandbox with it (execs running on other threads see their pipes
+    /// close); the init follows.
+    pub(crate) fn stop(&self) {
+        // SAFETY: shutdown() on our own socket; other threads holding the session only
+        // see their sends fail from now on.
+        unsafe { libc::shutdown(self.ctl.as_raw_fd(), libc::SHUT_RDWR) };
+        let mut init = self
+            .init
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
             match init.try_wait() {
@@ -213,6 +237,13 @@ impl Session {
                 Ok(None) => std::thread::sleep(std::time::Duration::from_millis(2)),
             }
         }
+        // Reaped: its pid may be reused, so the signal handler must forget it.
+        drop(
+            self.root
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take(),
+        );
     }
 }
 

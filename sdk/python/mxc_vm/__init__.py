@@ -216,9 +216,12 @@ class Sandbox:
         timeout_ms: Optional[int] = None,
         on_stdout: Optional[Output] = None,
         on_stderr: Optional[Output] = None,
+        on_start: Optional[Callable[[int], None]] = None,
     ) -> ExecResult:
         """Run a command; output reaches the callbacks as it comes and is also kept in
-        the result."""
+        the result. `on_start` gets the exec's id as soon as the service accepted it
+        (for `signal`). Persistent process and microVM sandboxes run execs from several
+        threads side by side."""
         body: Dict[str, Any] = {"argv": list(argv)}
         if env:
             body["env"] = env
@@ -230,6 +233,9 @@ class Sandbox:
         if timeout_ms is not None:
             body["timeout_ms"] = timeout_ms
         resp = self.client.request("POST", f"/v1/sandboxes/{self.id}/exec", json_body=body)
+        exec_id = resp.getheader("x-exec-id")
+        if on_start and exec_id is not None:
+            on_start(int(exec_id))
         out: List[bytes] = []
         err: List[bytes] = []
         end: Optional[Dict[str, Any]] = None
@@ -259,6 +265,19 @@ class Sandbox:
             duration_ms=end.get("duration_ms", 0.0),
             stdout=b"".join(out),
             stderr=b"".join(err),
+        )
+
+    def execs(self) -> List[Dict[str, Any]]:
+        """The running execs: `{"id", "argv", "started_unix_ms"}` each."""
+        return self.client._json("GET", f"/v1/sandboxes/{self.id}/execs")["execs"]
+
+    def signal(self, exec_id: int, signal: Union[int, str] = "TERM") -> None:
+        """Send a signal (a number or a name such as "TERM") to a running exec's
+        command and its process group. A bubblewrap sandbox delivers only KILL."""
+        self.client._json(
+            "POST",
+            f"/v1/sandboxes/{self.id}/execs/{exec_id}/signal",
+            json_body={"signal": signal},
         )
 
     def refresh(self) -> Dict[str, Any]:
@@ -303,6 +322,12 @@ class AsyncSandbox:
 
     async def exec(self, argv: Sequence[str], **kw) -> ExecResult:
         return await asyncio.to_thread(lambda: self.sync.exec(argv, **kw))
+
+    async def execs(self) -> List[Dict[str, Any]]:
+        return await asyncio.to_thread(self.sync.execs)
+
+    async def signal(self, exec_id: int, signal: Union[int, str] = "TERM") -> None:
+        await asyncio.to_thread(self.sync.signal, exec_id, signal)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.sync.close)

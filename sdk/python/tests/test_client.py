@@ -96,6 +96,39 @@ class ServeTest(unittest.TestCase):
             sb.exec(["true"])
         self.assertEqual(gone.exception.code, "not_found")
 
+    def test_execs_run_side_by_side_and_take_signals(self):
+        import threading
+
+        with Sandbox.create(self.client, backend="process") as sb:
+            started = threading.Event()
+            ids = []
+            result = {}
+
+            def run():
+                result["r"] = sb.exec(
+                    ["sh", "-c", "trap 'echo got-term; exit 7' TERM; touch /tmp/t; "
+                     "while :; do sleep 0.05; done"],
+                    on_start=lambda i: (ids.append(i), started.set()),
+                )
+
+            t = threading.Thread(target=run)
+            t.start()
+            self.assertTrue(started.wait(20))
+            # Another exec runs while the first one does.
+            for _ in range(400):
+                if sb.exec(["test", "-e", "/tmp/t"]).exit_code == 0:
+                    break
+            self.assertEqual([e["id"] for e in sb.execs()], ids)
+            sb.signal(ids[0], "TERM")
+            t.join(30)
+            self.assertEqual((result["r"].exit_code, result["r"].stdout), (7, b"got-term\n"))
+            with self.assertRaises(MxcVmError) as ended:
+                sb.signal(ids[0], "TERM")
+            self.assertEqual(ended.exception.status, 404)
+            with self.assertRaises(MxcVmError) as bad:
+                sb.signal(ids[0], "SIGFOO")
+            self.assertEqual((bad.exception.status, bad.exception.code), (400, "malformed_request"))
+
     def test_asyncio(self):
         async def main():
             client = AsyncClient(socket_path=self.socket)

@@ -92,3 +92,29 @@ test("errors are typed", async () => {
   await sb.close();
   await assert.rejects(sb.exec(["true"]), { status: 404, code: "not_found" });
 });
+
+test("execs run side by side and take signals", async () => {
+  const sb = await Sandbox.create({ client, backend: "process" });
+  try {
+    let started;
+    const gotId = new Promise((resolve) => (started = resolve));
+    const running = sb.exec(
+      ["sh", "-c", "trap 'echo got-term; exit 7' TERM; touch /tmp/t; while :; do sleep 0.05; done"],
+      { onStart: started },
+    );
+    const id = await gotId;
+    // Another exec runs while the first one does.
+    for (let i = 0; i < 400; i++) {
+      if ((await sb.exec(["test", "-e", "/tmp/t"])).exitCode === 0) break;
+    }
+    assert.deepEqual((await sb.execs()).map((e) => e.id), [id]);
+    await sb.signal(id, "TERM");
+    const r = await running;
+    assert.equal(r.exitCode, 7);
+    assert.equal(r.stdout.toString(), "got-term\n");
+    await assert.rejects(sb.signal(id, "TERM"), { status: 404 });
+    await assert.rejects(sb.signal(id, "SIGFOO"), { status: 400, code: "malformed_request" });
+  } finally {
+    await sb.close();
+  }
+});

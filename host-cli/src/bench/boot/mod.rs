@@ -305,6 +305,7 @@ fn boot_lifecycle(setup: &Setup, n: usize, start: snapshot::Start) -> Result<Boo
             stdin: StdinMode::Null,
             sink: Some(&mut out),
             output_limit: None,
+            signals: None,
         };
         vm.exec(
             &ExecRequest {
