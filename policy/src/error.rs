@@ -19,6 +19,8 @@ pub struct Diagnostic {
     pub message: String,
     /// A suggestion (`did you mean "readonly"?`).
     pub hint: Option<String>,
+    /// Further problems of the same policy, after this one (the most fundamental).
+    pub also: Vec<Diagnostic>,
 }
 
 /// `scheme://user:password@host` becomes `scheme://user:***@host` (and `scheme://token@`
@@ -72,6 +74,9 @@ impl fmt::Display for Diagnostic {
         if let Some(h) = &self.hint {
             write!(f, " (hint: {})", redact_credentials(h))?;
         }
+        for more in &self.also {
+            write!(f, "\n{more}")?;
+        }
         Ok(())
     }
 }
@@ -99,6 +104,7 @@ impl PolicyError {
             path: path.into(),
             message: message.into(),
             hint: None,
+            also: Vec::new(),
         }))
     }
 
@@ -167,14 +173,31 @@ impl PolicyError {
     /// The error as a JSON object for `--json` output:
     /// `{file, line, column, path, message, hint}` (absent values are `null`).
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "file": self.file(),
             "line": self.line(),
             "column": self.column(),
             "path": self.path(),
             "message": self.message(),
             "hint": self.hint().map(redact_credentials),
-        })
+        });
+        if let Some(d) = self.diagnostic().filter(|d| !d.also.is_empty()) {
+            v["also"] = d
+                .also
+                .iter()
+                .map(|m| {
+                    serde_json::json!({
+                        "file": m.file,
+                        "line": m.line,
+                        "column": m.column,
+                        "path": m.path,
+                        "message": redact_credentials(&m.message),
+                        "hint": m.hint.as_deref().map(redact_credentials),
+                    })
+                })
+                .collect();
+        }
+        v
     }
 }
 

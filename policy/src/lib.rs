@@ -7,6 +7,7 @@
 //! [`resolve_fs`] turns the filesystem rules into the canonical [`FsView`] backends
 //! enforce, and [`explain`] shows the effective result.
 
+mod collect;
 mod duration;
 mod error;
 mod explain;
@@ -81,6 +82,15 @@ pub fn parse_with_base(
     file_label: &str,
     base_dir: &Path,
 ) -> Result<Policy, PolicyError> {
+    parse_once(text, file_label, base_dir).map_err(|first| {
+        collect::every_problem(first, text, |edited| {
+            parse_once(edited, file_label, base_dir).map(drop)
+        })
+    })
+}
+
+/// Parse, stopping at the first problem.
+fn parse_once(text: &str, file_label: &str, base_dir: &Path) -> Result<Policy, PolicyError> {
     let src = Source::new(file_label, text, base_dir);
     if text.len() as u64 > MAX_POLICY_BYTES {
         return Err(src.err(

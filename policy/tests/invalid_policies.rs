@@ -711,3 +711,47 @@ fn unreadable_file_names_the_file() {
     assert!(err.message().contains("cannot read the policy file"));
     assert_eq!(err.to_json()["path"], "");
 }
+
+/// Every problem is reported, each at its own line and column, the containment first and
+/// the rest in the order of the text; a member emptied only because a problem inside it
+/// was taken out is not reported as a problem of its own.
+#[test]
+fn every_problem_is_reported_the_containment_first() {
+    let text = "{\n  \"version\": \"0.8.0-alpha\",\n  \"process\": {\"commandLine\": \"ls\", \"args\": []},\n  \"filesystem\": {\"readwritePaths\": [\"C:\\\\a\", \"/ok\", \"D:\\\\b\"]},\n  \"containment\": \"processcontainer\"\n}";
+    let err = parse(text).expect_err("four problems");
+    let d = err.diagnostic().expect("a diagnostic");
+    let all: Vec<(&str, Option<usize>, Option<usize>)> = std::iter::once(d)
+        .chain(d.also.iter())
+        .map(|d| (d.path.as_str(), d.line, d.column))
+        .collect();
+    assert_eq!(
+        all,
+        vec![
+            ("containment", Some(5), Some(18)),
+            ("process.args", Some(3), Some(36)),
+            ("filesystem.readwritePaths[0]", Some(4), Some(37)),
+            ("filesystem.readwritePaths[2]", Some(4), Some(53)),
+        ],
+        "{err}"
+    );
+    let shown = err.to_string();
+    assert_eq!(shown.lines().count(), 4, "{shown}");
+    assert!(
+        shown
+            .lines()
+            .nth(3)
+            .unwrap()
+            .contains("\"D:\\b\" is a Windows path"),
+        "{shown}"
+    );
+    let json = err.to_json();
+    assert_eq!(json["path"], "containment");
+    assert_eq!(json["also"].as_array().map(Vec::len), Some(3), "{json}");
+
+    // One problem inside a list: the list, now empty, is not a second problem.
+    let one = parse(
+        "{\"version\": \"0.8.0-alpha\", \"process\": {}, \"network\": {\"egress\": {\"allow\": [\n {\"to\": [{\"cidr\": \"10.0.0.1/8\"}]}]}}}",
+    )
+    .expect_err("host bits");
+    assert!(one.diagnostic().unwrap().also.is_empty(), "{one}");
+}
