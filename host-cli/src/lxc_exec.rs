@@ -34,6 +34,13 @@ struct Args {
     log_file: Option<PathBuf>,
 }
 
+/// Whether the config is a state-aware request (it names a `phase`).
+fn is_state_aware(text: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .is_some_and(|v| v.get("phase").is_some())
+}
+
 /// MXC's error codes this executor answers with.
 fn error_line(code: &str, message: &str) -> String {
     serde_json::json!({ "error": { "code": code, "message": message } }).to_string()
@@ -79,12 +86,13 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
     Ok(args)
 }
 
-/// The error code MXC would give a policy the parser refused.
-fn policy_code(message: &str) -> &'static str {
-    if message.contains("containment") {
-        "unsupported_containment"
-    } else {
-        "policy_validation"
+/// The error code MXC would give a policy the parser refused: by the field at fault (the
+/// message may name `containment` elsewhere, e.g. in an unknown field's hint).
+fn policy_code(path: &str) -> &'static str {
+    match path {
+        "containment" => "unsupported_containment",
+        "phase" => "unsupported_phase",
+        _ => "policy_validation",
     }
 }
 
@@ -157,10 +165,15 @@ pub fn main(argv: &[String]) -> i32 {
     };
     let policy = match policy::parse_with_base(&text, &label, &base) {
         Ok(p) => p,
-        Err(e) => {
-            let message = e.to_string();
-            return fail(policy_code(&message), &message);
+        Err(e) if is_state_aware(&text) => {
+            // A state-aware request's caller reads its answer, an error envelope here,
+            // from stdout (MXC's SDK: `provisionSandbox`, `execInSandboxAsync`, ...).
+            let line = error_line(policy_code(e.path()), &e.to_string());
+            let _ = writeln!(std::io::stdout().lock(), "{line}");
+            let _ = writeln!(std::io::stderr().lock(), "{line}");
+            return CONFIG_ERROR;
         }
+        Err(e) => return fail(policy_code(e.path()), &e.to_string()),
     };
     if policy.process.command.is_none() {
         return fail(
@@ -235,9 +248,10 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["error"]["code"], "policy_validation");
         assert!(!line.contains('\n') && !line.contains('\x1b'));
-        assert_eq!(
-            policy_code("containment \"lxd\" is not supported"),
-            "unsupported_containment"
-        );
+        assert_eq!(policy_code("containment"), "unsupported_containment");
+        assert_eq!(policy_code("frobnicate"), "policy_validation");
+        assert_eq!(policy_code("phase"), "unsupported_phase");
+        assert!(is_state_aware(r#"{"phase": "provision"}"#));
+        assert!(!is_state_aware(r#"{"process": {}}"#));
     }
 }

@@ -127,6 +127,17 @@ fn config_errors_are_one_json_line_with_mxc_s_codes() {
             "policy_validation",
             "filesystem",
         ),
+        // An unknown field's hint lists "containment": still a policy error.
+        (
+            vec![
+                "--config-base64".into(),
+                b64(
+                    r#"{"version":"0.8.0-alpha","containment":"process","process":{"commandLine":"x"},"frobnicate":true}"#,
+                ),
+            ],
+            "policy_validation",
+            "frobnicate",
+        ),
         (
             vec!["--config-base64".into(), "%%%".into()],
             "malformed_request",
@@ -164,4 +175,20 @@ fn config_errors_are_one_json_line_with_mxc_s_codes() {
             "no colour"
         );
     }
+}
+
+/// A state-aware request (one with a `phase`) is answered on stdout with one error
+/// envelope, where MXC's SDK reads a state-aware answer, and with MXC's code.
+#[test]
+fn a_state_aware_request_gets_its_error_envelope_on_stdout() {
+    let dir = TempDir::new("lxcexec-phase");
+    let exe = executor(&dir);
+    let config = b64(r#"{"version":"0.8.0-alpha","phase":"provision","containment":"process"}"#);
+    let o = run(&exe, &["--config-base64", &config]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["error"]["code"], "unsupported_phase", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("phase"));
 }
