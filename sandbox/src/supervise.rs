@@ -87,17 +87,32 @@ pub(crate) struct ChildKiller<'a> {
     child: &'a mut std::process::Child,
     /// The sandbox's PID 1 as the sandbox reported it.
     pub init: Option<i32>,
+    /// The child is the init of a PID namespace of its own: the pid the sandbox reports
+    /// is of that namespace (meaningless here), and killing the child kills everything.
+    own_pid_ns: bool,
 }
 
 impl<'a> ChildKiller<'a> {
     pub(crate) fn new(child: &'a mut std::process::Child) -> Self {
-        Self { child, init: None }
+        Self {
+            child,
+            init: None,
+            own_pid_ns: false,
+        }
+    }
+
+    /// For a child that is the init of its own PID namespace.
+    pub(crate) fn of_pid_ns_init(child: &'a mut std::process::Child) -> Self {
+        Self {
+            own_pid_ns: true,
+            ..Self::new(child)
+        }
     }
 }
 
 impl Killer for ChildKiller<'_> {
     fn kill(&mut self, extra_pid: Option<i32>) {
-        if let Some(pid) = extra_pid {
+        if let Some(pid) = extra_pid.filter(|_| !self.own_pid_ns) {
             // SAFETY: kill() has no memory effects; the pid came from the sandbox's own
             // status report.
             unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -106,7 +121,19 @@ impl Killer for ChildKiller<'_> {
     }
 
     fn started(&mut self, pid: i32) {
-        self.init = Some(pid);
+        if !self.own_pid_ns {
+            self.init = Some(pid);
+        }
+    }
+
+    fn deliverer(&self, pid: i32) -> crate::signals::Deliver {
+        if self.own_pid_ns {
+            // The namespace dies with its init, our child (reaped only after the exec's
+            // signals have ended).
+            crate::signals::kill_only(self.child.id() as i32)
+        } else {
+            crate::signals::kill_only(pid)
+        }
     }
 }
 

@@ -911,3 +911,45 @@ fn every_namespace_is_the_sandboxs_own(backend: &str) {
         assert_ne!(inside, host.to_string_lossy(), "{kind} is the host's");
     }
 }
+
+/// SIGKILL of `mxc-vm` (nothing can be cleaned up then) at every moment of a sandbox's
+/// start: every process of the sandbox dies with it, on both process tiers. bubblewrap
+/// sets its children's parent-death signal only once it has built the sandbox, so a
+/// supervisor killed while it does so left bwrap's sandbox and the command running (one
+/// run in five under load); bwrap's process is now the init of a PID namespace of our
+/// own, whose end ends everything in it.
+#[test]
+fn sigkill_of_mxc_vm_at_any_moment_of_the_start_leaves_no_process() {
+    for backend in ["process", "bubblewrap"] {
+        let marker = format!("4{}.{}7", std::process::id() % 1000, backend.len());
+        for i in 0..40u64 {
+            let mut child = std::process::Command::new(tests::mxc_vm_bin())
+                .args(["run", "--backend", backend, "--", "sleep", &marker])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            // Wait for mxc-vm's first child (bwrap, or the sandbox's init), then kill
+            // it a varying moment later: inside the sandbox's setup.
+            let children = format!("/proc/{0}/task/{0}/children", child.id());
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while std::fs::read_to_string(&children)
+                .map(|c| c.trim().is_empty())
+                .unwrap_or(false)
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
+            std::thread::sleep(std::time::Duration::from_micros(250 * (i % 20)));
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let left = pids_with(&format!("sleep {marker}"));
+        for pid in &left {
+            // SAFETY: kill() on leftovers of this test, by their unique marker.
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        }
+        assert_eq!(left, Vec::<u32>::new(), "{backend}: processes outlived mxc-vm");
+    }
+}

@@ -6,7 +6,7 @@ pub(crate) mod helper;
 
 use std::ffi::{CString, OsString};
 use std::io::{Seek, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -256,6 +256,54 @@ fn become_subreaper() -> bool {
     *SET.get_or_init(|| unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0 })
 }
 
+/// In a child between fork and exec, once its parent-death signal is set: whether the
+/// parent already died (before the signal could be set), seen as the end of a pipe
+/// whose write end only the parent holds (`w`, the child's copy, is closed here).
+/// Only async-signal-safe calls.
+fn parent_gone(r: RawFd, w: RawFd) -> bool {
+    // SAFETY: closing the child's copy of a descriptor and polling one descriptor.
+    unsafe {
+        libc::close(w);
+        let mut pfd = libc::pollfd {
+            fd: r,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        libc::poll(&mut pfd, 1, 0) == 1 && pfd.revents & libc::POLLHUP != 0
+    }
+}
+
+/// Makes the next process the calling thread starts the init of a new PID namespace,
+/// until dropped (the thread's namespace for children is then set back). Needs
+/// CAP_SYS_ADMIN: without it there is none, and bwrap's `--die-with-parent` alone ends
+/// the sandbox with us (which leaves a window while bwrap sets the sandbox up).
+struct OwnPidNs {
+    previous: OwnedFd,
+}
+
+impl OwnPidNs {
+    fn enter() -> Option<Self> {
+        let previous = std::fs::File::open("/proc/thread-self/ns/pid_for_children").ok()?;
+        // SAFETY: unshare() changes only this thread's namespace for its children.
+        if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+            return None;
+        }
+        Some(Self {
+            previous: previous.into(),
+        })
+    }
+}
+
+impl Drop for OwnPidNs {
+    fn drop(&mut self) {
+        // SAFETY: setns() to the namespace this thread had; allowed (we could unshare,
+        // so we hold CAP_SYS_ADMIN, and it is the thread's own active PID namespace).
+        // Were it refused, this thread's later children would fail to start (ENOMEM:
+        // the new namespace dies with its init) -- an error, never a silent escape.
+        unsafe { libc::setns(self.previous.as_raw_fd(), libc::CLONE_NEWPID) };
+    }
+}
+
 /// Kills and reaps the sandbox's PID 1 once bwrap's outer process is gone (it is then
 /// our child, as we are a subreaper): the whole PID namespace ends with it. Nothing is
 /// done when it is not our child (bwrap reaped it): its pid may be another process's now.
@@ -391,6 +439,11 @@ impl Backend for BubblewrapBackend {
             .map(|c| CString::new(c.join_file().into_os_string().into_encoded_bytes()))
             .transpose()
             .map_err(|_| SandboxError::Lifecycle("cgroup path contains NUL"))?;
+        // Our end of the liveness pipe: bwrap's process checks we are still there once
+        // its parent-death signal is set (we may have died before it was).
+        let (alive_r, alive_w) =
+            crate::output::pipe().map_err(|e| SandboxError::io("creating a pipe", e))?;
+        let (alive_r_raw, alive_w_raw) = (alive_r.as_raw_fd(), alive_w.as_raw_fd());
         let mut cmd = Command::new(bwrap);
         cmd.args(&args).env_clear();
         cmd.stdin(
@@ -427,13 +480,23 @@ impl Backend for BubblewrapBackend {
                     }
                 }
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if parent_gone(alive_r_raw, alive_w_raw) {
+                    libc::_exit(1);
+                }
                 Ok(())
             });
         }
         let reaper = become_subreaper();
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| SandboxError::io(format!("starting {}", bwrap.display()), e))?;
+        // bwrap's process is the init of a PID namespace of its own where we can make
+        // one: when it dies (with us, by its parent-death signal) the kernel kills every
+        // process of the sandbox, whatever bwrap's children had set up by then.
+        let own_ns = OwnPidNs::enter();
+        let spawned = cmd.spawn();
+        let own_pid_ns = own_ns.is_some();
+        drop(own_ns);
+        drop((alive_r, alive_w));
+        let mut child =
+            spawned.map_err(|e| SandboxError::io(format!("starting {}", bwrap.display()), e))?;
         let root = crate::interrupt::Registered::new(child.id() as i32);
         drop(status_w);
         drop(inherited);
@@ -447,7 +510,11 @@ impl Backend for BubblewrapBackend {
             stderr: child.stderr.take().map(OwnedFd::from),
             status: Some(status_r),
         };
-        let mut killer = supervise::ChildKiller::new(&mut child);
+        let mut killer = if own_pid_ns {
+            supervise::ChildKiller::of_pid_ns_init(&mut child)
+        } else {
+            supervise::ChildKiller::new(&mut child)
+        };
         let result = supervise::supervise(
             pipes,
             io,
