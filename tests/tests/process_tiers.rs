@@ -950,6 +950,10 @@ fn sigkill_of_mxc_vm_at_any_moment_of_the_start_leaves_no_process() {
             // SAFETY: kill() on leftovers of this test, by their unique marker.
             unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
         }
-        assert_eq!(left, Vec::<u32>::new(), "{backend}: processes outlived mxc-vm");
+        assert_eq!(
+            left,
+            Vec::<u32>::new(),
+            "{backend}: processes outlived mxc-vm"
+        );
     }
 }

@@ -26,6 +26,8 @@ pub enum SeccompError {
     Install(#[source] seccompiler::Error),
     #[error("building the VMM's per-thread seccomp filters failed: {0}")]
     Compile(String),
+    #[error("dropping a VMM thread's capabilities failed")]
+    Capabilities(#[source] std::io::Error),
 }
 
 /// Calls that kill the VMM.

@@ -42,6 +42,23 @@ pub enum ThreadKind {
     Control,
 }
 
+/// The capabilities a thread of this kind gives up before it runs.
+fn drop_capabilities_for(kind: ThreadKind) -> Result<(), SeccompError> {
+    if kind.handles_guest_data() {
+        crate::privileges::drop_all_capabilities().map_err(SeccompError::Capabilities)?;
+    }
+    Ok(())
+}
+
+impl ThreadKind {
+    /// The threads that act on what the guest sends keep no capability (an fs worker
+    /// drops its own when it takes its share's credentials; the control thread, which
+    /// only the host talks to, keeps what opening a share needs).
+    fn handles_guest_data(self) -> bool {
+        matches!(self, Self::Vcpu | Self::VcpuSaving | Self::Devices)
+    }
+}
+
 /// Whether threads filter themselves in this process.
 static ENABLED: OnceLock<()> = OnceLock::new();
 /// The compiled lists, by kind (each compiled by the first thread of its kind).
@@ -88,6 +105,7 @@ pub fn enabled() -> bool {
 
 /// Install `kind`'s list on the calling thread, if this process filters its threads.
 pub fn enter(kind: ThreadKind) -> Result<(), SeccompError> {
+    drop_capabilities_for(kind)?;
     if !enabled() {
         return Ok(());
     }
@@ -389,6 +407,33 @@ mod tests {
         } else {
             1
         }
+    }
+
+    #[test]
+    fn threads_that_handle_guest_data_keep_no_capability() {
+        use crate::privileges::has_effective_capabilities;
+        let had = has_effective_capabilities().unwrap();
+        for kind in [
+            ThreadKind::Vcpu,
+            ThreadKind::VcpuSaving,
+            ThreadKind::Devices,
+        ] {
+            // Capabilities are per thread: the test's own thread keeps its own.
+            let left = std::thread::spawn(move || {
+                drop_capabilities_for(kind).unwrap();
+                has_effective_capabilities().unwrap()
+            })
+            .join()
+            .unwrap();
+            assert!(!left, "{kind:?}");
+        }
+        let control = std::thread::spawn(|| {
+            drop_capabilities_for(ThreadKind::Control).unwrap();
+            has_effective_capabilities().unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(control, had);
     }
 
     #[test]

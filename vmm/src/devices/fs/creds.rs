@@ -45,7 +45,7 @@ pub fn confine_current_thread(run_as: Option<RunAs>) -> io::Result<()> {
     if let Some(id) = run_as {
         switch_identity(id)?;
     }
-    drop_capabilities()
+    crate::privileges::drop_all_capabilities()
 }
 
 fn switch_identity(id: RunAs) -> io::Result<()> {
@@ -61,23 +61,6 @@ fn switch_identity(id: RunAs) -> io::Result<()> {
     check(unsafe { libc::syscall(libc::SYS_setresuid, id.uid, id.uid, id.uid) })?;
     let (uid, gid) = current_ids()?;
     if uid != id.uid || gid != id.gid {
-        return Err(io::Error::from_raw_os_error(libc::EPERM));
-    }
-    Ok(())
-}
-
-fn drop_capabilities() -> io::Result<()> {
-    use caps::CapSet;
-    for set in [
-        CapSet::Ambient,
-        CapSet::Inheritable,
-        CapSet::Effective,
-        CapSet::Permitted,
-    ] {
-        caps::clear(None, set).map_err(io::Error::other)?;
-    }
-    let left = caps::read(None, CapSet::Permitted).map_err(io::Error::other)?;
-    if !left.is_empty() {
         return Err(io::Error::from_raw_os_error(libc::EPERM));
     }
     Ok(())
@@ -117,12 +100,7 @@ fn check(ret: libc::c_long) -> io::Result<()> {
     }
 }
 
-/// Whether the calling thread has any effective capability.
-pub fn has_effective_capabilities() -> io::Result<bool> {
-    caps::read(None, caps::CapSet::Effective)
-        .map(|set| !set.is_empty())
-        .map_err(io::Error::other)
-}
+pub use crate::privileges::has_effective_capabilities;
 
 #[cfg(test)]
 mod tests {
