@@ -326,7 +326,12 @@ pub(crate) fn parse_proxy_url(s: &str) -> Result<String, String> {
         (h, p)
     };
     let port = match port {
-        None => 80,
+        None => {
+            return Err(format!(
+                "\"{s}\" has no port{HINT_SEP}give the proxy's port, e.g. \
+                 http://proxy.example.com:3128 (MXC refuses it too)"
+            ))
+        }
         Some(p) => crate::net_rules::parse_ports(p)
             .ok()
             .filter(|r| r.first == r.last)
@@ -363,7 +368,7 @@ mod tests {
             Ok("http://proxy.corp:3128".into())
         );
         assert_eq!(
-            parse_proxy_url("http://127.0.0.1"),
+            parse_proxy_url("http://127.0.0.1:80"),
             Ok("http://127.0.0.1:80".into())
         );
         assert_eq!(
@@ -383,6 +388,8 @@ mod tests {
             "http://p:1-2",
             "http://",
             "http://[zz]:1",
+            "http://proxy.example",
+            "http://[::1]",
         ] {
             assert!(parse_proxy_url(s).is_err(), "{s}");
         }

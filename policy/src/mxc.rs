@@ -26,8 +26,15 @@ fn minor(v: &str) -> Option<u32> {
     }
 }
 
-/// Checks an MXC `version` (`0.6.0-alpha` … `0.9.0-dev`).
+/// Checks an MXC `version` (`0.6.0-alpha` … `0.9.0-dev`): semver, as MXC requires.
 pub(crate) fn check_version(v: &str) -> Result<(), String> {
+    let core = v.split(['-', '+']).next().unwrap_or(v);
+    if core.split('.').count() != 3 {
+        return Err(format!(
+            "\"{v}\" is not a valid MXC config version{HINT_SEP}MXC versions are semver: \
+             \"0.8.0-alpha\", not \"0.8\""
+        ));
+    }
     match minor(v) {
         Some(6..=9) => Ok(()),
         Some(_) => Err(format!(
@@ -371,7 +378,36 @@ pub(crate) fn parse(src: &Source<'_>, version: String) -> Result<Policy, PolicyE
     if let Some(ui) = c.ui {
         check_ui(src, &ui)?;
     }
+    // runtimeConfig came with 0.8, as the directional rules did.
+    if c.runtime_config.is_some() && minor(&version).is_some_and(|m| m < 8) {
+        return Err(src
+            .err_key(
+                "runtimeConfig",
+                format!("runtimeConfig needs MXC 0.8 or later; this file is \"{version}\""),
+            )
+            .with_hint("set \"version\": \"0.8.0-alpha\", or use network.proxy"));
+    }
     let runtime_proxy = c.runtime_config.and_then(|r| r.network_proxy).map(|u| u.0);
+    // With a runtime proxy every connection goes to it: direct egress rules beside it
+    // would say something the proxy decides (MXC refuses them too).
+    let direct_rules = c
+        .network
+        .as_ref()
+        .and_then(|n| n.egress.as_ref())
+        .is_some_and(|e| {
+            matches!(e.default, Some(ActionName::Allow))
+                || e.allow.as_ref().is_some_and(|r| !r.is_empty())
+                || e.deny.as_ref().is_some_and(|r| !r.is_empty())
+        });
+    if runtime_proxy.is_some() && direct_rules {
+        return Err(src
+            .err(
+                "runtimeConfig.networkProxy",
+                "a runtime proxy needs network.egress.default \"deny\" with no allow or deny \
+                 rules: every connection goes to that proxy, which decides",
+            )
+            .with_hint("remove the egress rules, or the runtime proxy"));
+    }
     policy.network = match c.network {
         Some(n) => network(src, n, &version, &mut policy.warnings)?,
         None => Network::default(),
@@ -806,7 +842,6 @@ mod tests {
             "0.8.0-alpha",
             "0.9.0-alpha",
             "0.9.0-dev",
-            "0.8",
         ] {
             assert_eq!(check_version(v), Ok(()), "{v}");
         }
@@ -814,7 +849,15 @@ mod tests {
 
     #[test]
     fn other_versions_are_refused() {
-        for v in ["0.5.0-alpha", "0.10.0", "0.x", "0.8.0.1", "0."] {
+        for v in [
+            "0.5.0-alpha",
+            "0.10.0",
+            "0.x",
+            "0.8.0.1",
+            "0.",
+            "0.8",
+            "0.8-alpha",
+        ] {
             assert!(check_version(v).is_err(), "{v}");
         }
     }

@@ -373,8 +373,7 @@ fn a_full_08_config_maps_onto_the_model() {
           "deny": [{"ports": [{"protocol": "icmp"}, {"protocol": "udp"}]}]},
         "ingress": {"default": "deny", "hostLoopback": "deny"},
         "proxy": {"localhost": 3128}
-      },
-      "runtimeConfig": {"networkProxy": "http://127.0.0.1:3128"}
+      }
     }"#;
 
     let p = parse(text).unwrap();
@@ -463,4 +462,65 @@ fn legacy_allow_default_with_blocked_hosts() {
     assert_eq!(p.network.egress.default, Action::Allow);
     assert_eq!(p.network.egress.deny[0].rule_string(), "evil.example");
     assert!(!p.network.is_allow_all());
+}
+
+/// What MXC's own parser refuses is refused here too, naming the field: a proxy URL
+/// without a port, a runtime proxy beside direct egress rules, `runtimeConfig` in a file
+/// older than 0.8, and a version that is not semver.
+#[test]
+fn configs_mxc_refuses_are_refused() {
+    for (text, path, needle) in [
+        (
+            r#"{"version":"0.8.0-alpha","process":{"commandLine":"true"},
+               "runtimeConfig":{"networkProxy":"http://127.0.0.1"}}"#,
+            "runtimeConfig.networkProxy",
+            "no port",
+        ),
+        (
+            r#"{"version":"0.8.0-alpha","process":{"commandLine":"true"},
+               "network":{"proxy":{"url":"http://proxy.example"}}}"#,
+            "network.proxy.url",
+            "no port",
+        ),
+        (
+            r#"{"version":"0.8.0-alpha","process":{"commandLine":"true"},
+               "network":{"egress":{"default":"deny","allow":[{"to":[{"cidr":"10.0.0.0/8"}]}]}},
+               "runtimeConfig":{"networkProxy":"http://127.0.0.1:3128"}}"#,
+            "runtimeConfig.networkProxy",
+            "no allow or deny rules",
+        ),
+        (
+            r#"{"version":"0.8.0-alpha","process":{"commandLine":"true"},
+               "network":{"egress":{"default":"allow"}},
+               "runtimeConfig":{"networkProxy":"http://127.0.0.1:3128"}}"#,
+            "runtimeConfig.networkProxy",
+            "\"deny\"",
+        ),
+        (
+            r#"{"version":"0.6.0-alpha","process":{"commandLine":"true"},
+               "runtimeConfig":{"networkProxy":"http://127.0.0.1:3128"}}"#,
+            "runtimeConfig",
+            "0.8 or later",
+        ),
+        (
+            r#"{"version":"0.8","process":{"commandLine":"true"}}"#,
+            "version",
+            "semver",
+        ),
+    ] {
+        let err = parse(text).expect_err(text);
+        assert_eq!(err.path(), path, "{err}");
+        assert!(err.to_string().contains(needle), "{err}");
+    }
+    // A runtime proxy with egress denied by default and no rules is what MXC asks for.
+    let ok = parse(
+        r#"{"version":"0.8.0-alpha","process":{"commandLine":"true"},
+           "network":{"egress":{"default":"deny"},"ingress":{"default":"deny"}},
+           "runtimeConfig":{"networkProxy":"http://127.0.0.1:3128"}}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        ok.network.upstream_proxy.as_deref(),
+        Some("http://127.0.0.1:3128")
+    );
 }
