@@ -685,6 +685,12 @@ impl Backend for MicrovmBackend {
                     if saving && saved {
                         self.report = early.report;
                         self.vmm = None;
+                        // What older builds made of this VM can never be restored now.
+                        if let Some(dir) = &self.timeline.snapshot {
+                            for gone in vmm::snapshot::prune_superseded(dir) {
+                                tracing::info!("removed the stale snapshot {}", gone.display());
+                            }
+                        }
                         return Ok(());
                     }
                     let error = explain(early.what, early.report.as_ref(), last_error.as_deref());

@@ -17,6 +17,9 @@
 //! half a snapshot under the real names.
 
 mod memory;
+mod prune;
+
+pub use prune::prune_superseded;
 
 use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
