@@ -63,6 +63,32 @@ fn one_vm_runs_many_checks_through_the_lifecycle() {
     vm.start().expect("boot to agent ready");
     eprintln!("microvm booted to agent ready in {:?}", boot.elapsed());
 
+    // Run as root, the VMM has left the host's network, IPC and UTS namespaces, and the
+    // threads that handle what the guest sends hold no capability.
+    // SAFETY: geteuid() has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let pid = vm.vmm_pid().expect("the VMM runs");
+        for ns in ["net", "ipc", "uts"] {
+            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+            let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+            assert_ne!(theirs, ours, "the VMM shares the host's {ns} namespace");
+        }
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+        {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.starts_with("mxc-devices") || comm.starts_with("fs-") {
+                let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+                assert!(
+                    status.contains("CapEff:\t0000000000000000"),
+                    "{}: {status}",
+                    comm.trim()
+                );
+            }
+        }
+    }
+
     // echo hello prints hello
     let (o, out) = exec(&mut vm, &req(&["/bin/echo", "hello"]));
     assert_eq!(

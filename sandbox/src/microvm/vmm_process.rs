@@ -206,6 +206,12 @@ pub fn vmm_main(args: &[std::ffi::OsString]) -> i32 {
             return 2;
         }
     };
+    // Run as root, the VMM leaves the host's network, IPC and UTS namespaces before it
+    // has a thread or a guest (vmm::privileges).
+    if let Err(e) = vmm::privileges::leave_host_namespaces() {
+        eprintln!("mxc-vm vmm: cannot leave the host's network, IPC and UTS namespaces: {e}");
+        return 1;
+    }
     // No program, mount, namespace, BPF, ... from this process from here on
     // (vmm::seccomp), before the VM exists and starts threads: every thread inherits
     // it. Each VMM thread then confines itself to the calls its kind needs once it
