@@ -293,9 +293,6 @@ fn supervise_pipes(
             break;
         }
     }
-    if let Some(signals) = &io.signals {
-        signals.end();
-    }
 
     let mut exit = None;
     for s in statuses {
