@@ -230,14 +230,15 @@ pub(crate) enum InTunnel {
 /// Reads the start of a tunnel's client bytes as an HTTP/1 request, for the check that its
 /// Host names the tunnel's host.
 pub(crate) fn request_in_tunnel(bytes: &[u8]) -> Result<InTunnel, HttpError> {
-    // A method is a short run of capital letters followed by a space.
+    // A method is a short run (at most 23) of capital letters followed by a space: the
+    // same verdict whether the bytes after the 24th have arrived or not.
     let method_len = bytes
         .iter()
         .take(24)
         .take_while(|b| b.is_ascii_uppercase())
         .count();
     match bytes.get(method_len) {
-        Some(b' ') if method_len > 0 => {}
+        Some(b' ') if method_len > 0 && method_len < 24 => {}
         None if method_len == bytes.len() && method_len < 24 => return Ok(InTunnel::NeedMore),
         _ => return Ok(InTunnel::NotHttp),
     }
@@ -957,6 +958,11 @@ mod tests {
         assert_eq!(request_in_tunnel(b"SSH-2.0-x\r\n"), Ok(InTunnel::NotHttp));
         assert_eq!(request_in_tunnel(b"get / HTTP/1.1"), Ok(InTunnel::NotHttp));
         assert_eq!(request_in_tunnel(&[0u8; 40]), Ok(InTunnel::NotHttp));
+        // A 24-letter method is not one, whether the space after it has arrived or not
+        // (found by the fuzzer: the two answers differed).
+        let long = b"CONNECTLLLLLLLLLLLLLLLLL example.com:443 HTTP/1.1\r\n";
+        assert_eq!(request_in_tunnel(long), Ok(InTunnel::NotHttp));
+        assert_eq!(request_in_tunnel(&long[..24]), Ok(InTunnel::NotHttp));
         assert_eq!(
             request_in_tunnel(
                 b"POST /x HTTP/1.1\r\nHost: A.Test:8080\r\nContent-Length: 2\r\n\r\nab"
