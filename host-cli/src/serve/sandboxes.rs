@@ -115,8 +115,6 @@ pub struct Entry {
     /// The policy's limit of each exec ([`policy::Policy::exec_timeout`]): a request may
     /// only lower it.
     pub policy_timeout: Option<Duration>,
-    /// Execs accepted and not yet finished (counted down as each ends).
-    pub running: Arc<AtomicUsize>,
     pub execs: AtomicU64,
     jobs: Mutex<std_mpsc::Sender<Job>>,
     /// Runs execs side by side, when the backend can.
@@ -155,7 +153,7 @@ impl Entry {
                 .map_or(0, |d| d.as_millis()),
             ttl_s: self.ttl.map(|d| d.as_secs()),
             idle_ttl_s: self.idle_ttl.map(|d| d.as_secs()),
-            running_execs: self.running.load(Ordering::SeqCst),
+            running_execs: self.books.running.load(Ordering::SeqCst),
             execs: self.execs.load(Ordering::SeqCst),
         }
     }
@@ -173,7 +171,7 @@ impl Entry {
             .ttl
             .is_some_and(|t| now.duration_since(self.created_at) >= t);
         let idle = self.idle_ttl.is_some_and(|t| {
-            self.running.load(Ordering::SeqCst) == 0 && now.duration_since(idle_since) >= t
+            self.books.running.load(Ordering::SeqCst) == 0 && now.duration_since(idle_since) >= t
         });
         absolute || idle
     }
@@ -182,7 +180,7 @@ impl Entry {
     /// else queued for the sandbox's thread. Its id.
     pub fn submit(&self, job: ExecJob, signals: ExecSignals) -> Result<u64, ApiError> {
         let id = self.execs.fetch_add(1, Ordering::SeqCst) + 1;
-        self.running.fetch_add(1, Ordering::SeqCst);
+        self.books.running.fetch_add(1, Ordering::SeqCst);
         self.touch();
         if let Ok(mut active) = self.books.active.lock() {
             active.insert(
@@ -198,7 +196,7 @@ impl Entry {
             if let Ok(mut active) = self.books.active.lock() {
                 active.remove(&id);
             }
-            self.running.fetch_sub(1, Ordering::SeqCst);
+            self.books.running.fetch_sub(1, Ordering::SeqCst);
             e
         };
         let Some(shared) = &self.shared else {
@@ -258,7 +256,7 @@ impl Entry {
         }
         if let Some(pid) = self
             .root_pid
-            .filter(|_| self.running.load(Ordering::SeqCst) > 0)
+            .filter(|_| self.books.running.load(Ordering::SeqCst) > 0)
         {
             // SAFETY: kill() has no memory effects; the sandbox's thread reaps its root
             // only in its stop, after this, so the pid is still its child.
@@ -320,7 +318,11 @@ impl Registry {
     pub fn running_execs(&self) -> usize {
         self.sandboxes
             .lock()
-            .map(|m| m.values().map(|e| e.running.load(Ordering::SeqCst)).sum())
+            .map(|m| {
+                m.values()
+                    .map(|e| e.books.running.load(Ordering::SeqCst))
+                    .sum()
+            })
             .unwrap_or(0)
     }
 
@@ -390,7 +392,6 @@ impl Registry {
             last_used: Mutex::new(now),
             view,
             policy_timeout: policy.exec_timeout(),
-            running: Arc::clone(&books.running),
             execs: AtomicU64::new(0),
             jobs: Mutex::new(jobs_tx),
             shared: ready.shared,
