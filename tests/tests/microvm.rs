@@ -336,12 +336,21 @@ fn signals_stop_the_vm_and_leave_nothing() {
         },
     );
     let booting = tests::signal_a_run(
-        &["run", "--backend", "microvm", "--", "/bin/true"],
+        &["run", "--backend", "microvm", "--cold", "--", "/bin/true"],
         None,
-        Duration::from_millis(300),
+        Duration::ZERO,
         libc::SIGINT,
         limit,
-        &|_| {},
+        // Signalled once the VMM is up: before mxc-vm installs its handlers a SIGINT takes
+        // the inherited disposition, which a harness run in the background has set to
+        // ignore (the nested lane lost it there at a fixed 300 ms).
+        &|pid| {
+            let end = std::time::Instant::now() + limit;
+            while pids_with(&format!("mxc-vm-{pid}-")).is_empty() {
+                assert!(std::time::Instant::now() < end, "no VMM process appeared");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        },
     );
 
     for (run, signal, name) in [
