@@ -13,8 +13,27 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// Delivers one signal number to the running command (its process group).
-pub type Deliver = Box<dyn FnMut(i32) -> Result<(), String> + Send>;
+/// Delivers one signal number to the running command (its process group). It runs with
+/// the handle's lock held, so [`ExecSignals::end`] (called before the exec is reaped)
+/// waits for it: a deliverer that signals a host pid cannot reach a reused one. It must
+/// not wait: a command not running yet answers [`Delivered::NotYet`], and
+/// [`ExecSignals::send`] tries again without the lock.
+pub type Deliver = Box<dyn FnMut(i32) -> Result<Delivered, String> + Send>;
+
+/// What a [`Deliver`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// The signal was sent.
+    Yes,
+    /// The command has not started yet (the microVM agent has the exec but not yet its
+    /// process): ask again shortly.
+    NotYet,
+}
+
+/// How long [`ExecSignals::send`] keeps asking a deliverer that answers
+/// [`Delivered::NotYet`], and how often.
+const NOT_YET_FOR: Duration = Duration::from_secs(1);
+const NOT_YET_EVERY: Duration = Duration::from_millis(2);
 
 /// Why a signal was not delivered.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -70,22 +89,35 @@ impl ExecSignals {
             return Err(SignalError::NotASignal(signo));
         }
         let deadline = Instant::now() + patience;
+        let mut not_yet_until = None;
         let mut state = self.state();
         loop {
             if state.ended {
                 return Err(SignalError::Ended);
             }
-            if let Some(deliver) = state.deliver.as_mut() {
-                return deliver(signo).map_err(SignalError::Refused);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(SignalError::NotStarted(patience));
-            }
+            let wait = if let Some(deliver) = state.deliver.as_mut() {
+                match deliver(signo).map_err(SignalError::Refused)? {
+                    Delivered::Yes => return Ok(()),
+                    Delivered::NotYet => {
+                        let until = *not_yet_until.get_or_insert(Instant::now() + NOT_YET_FOR);
+                        if Instant::now() >= until {
+                            return Err(SignalError::Refused("the command is not running".into()));
+                        }
+                        NOT_YET_EVERY
+                    }
+                }
+            } else {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(SignalError::NotStarted(patience));
+                }
+                left
+            };
+            // The lock is released while waiting: the exec may end meanwhile.
             state = self
                 .inner
                 .1
-                .wait_timeout(state, left)
+                .wait_timeout(state, wait)
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .0;
         }
@@ -158,7 +190,7 @@ pub(crate) fn kill_only(init: i32) -> Deliver {
         if unsafe { libc::kill(init, libc::SIGKILL) } < 0 {
             return Err(std::io::Error::last_os_error().to_string());
         }
-        Ok(())
+        Ok(Delivered::Yes)
     })
 }
 
@@ -193,7 +225,7 @@ mod tests {
             if n == 10 {
                 Err("no".into())
             } else {
-                Ok(())
+                Ok(Delivered::Yes)
             }
         }));
         assert_eq!(sender.join().unwrap(), Ok(()));
@@ -205,8 +237,46 @@ mod tests {
         signals.end();
         assert_eq!(signals.send(15, Duration::ZERO), Err(SignalError::Ended));
         // Attaching after the end changes nothing.
-        signals.attach(Box::new(|_| Ok(())));
+        signals.attach(Box::new(|_| Ok(Delivered::Yes)));
         assert_eq!(signals.send(15, Duration::ZERO), Err(SignalError::Ended));
+    }
+
+    /// A deliverer whose command has not started is asked again without the lock held:
+    /// the exec can end meanwhile, which ends the wait at once.
+    #[test]
+    fn a_command_not_yet_running_is_asked_again_and_the_exec_may_end_meanwhile() {
+        let signals = ExecSignals::new();
+        let asked = Arc::new(Mutex::new(0));
+        let count = Arc::clone(&asked);
+        signals.attach(Box::new(move |_| {
+            let mut n = count.lock().unwrap();
+            *n += 1;
+            Ok(if *n < 3 {
+                Delivered::NotYet
+            } else {
+                Delivered::Yes
+            })
+        }));
+        assert_eq!(signals.send(15, Duration::ZERO), Ok(()));
+        assert_eq!(*asked.lock().unwrap(), 3);
+
+        signals.attach(Box::new(|_| Ok(Delivered::NotYet)));
+        let sender = {
+            let signals = signals.clone();
+            std::thread::spawn(move || signals.send(15, Duration::ZERO))
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        let ending = Instant::now();
+        signals.end();
+        assert_eq!(sender.join().unwrap(), Err(SignalError::Ended));
+        assert!(ending.elapsed() < NOT_YET_FOR, "{:?}", ending.elapsed());
+
+        let never = ExecSignals::new();
+        never.attach(Box::new(|_| Ok(Delivered::NotYet)));
+        assert_eq!(
+            never.send(15, Duration::ZERO),
+            Err(SignalError::Refused("the command is not running".into()))
+        );
     }
 
     #[test]

@@ -73,6 +73,15 @@ fn one_vm_runs_many_checks_through_the_lifecycle() {
             let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
             assert_ne!(theirs, ours, "the VMM shares the host's {ns} namespace");
         }
+        // Its network namespace has nothing but a loopback interface.
+        let dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap();
+        let interfaces: Vec<&str> = dev
+            .lines()
+            .skip(2)
+            .filter_map(|l| l.split(':').next())
+            .map(str::trim)
+            .collect();
+        assert_eq!(interfaces, ["lo"], "{dev}");
         for task in std::fs::read_dir(format!("/proc/{pid}/task"))
             .unwrap()
             .flatten()

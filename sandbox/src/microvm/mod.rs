@@ -533,6 +533,7 @@ impl Backend for MicrovmBackend {
     }
 
     fn provision(&mut self, spec: &SandboxSpec) -> Result<(), SandboxError> {
+        vmm_process::prepare_vmm_network_namespace();
         self.files = check_enforceable(spec, &self.opts.system)?;
         crate::host::kvm_kind().map_err(|reason| SandboxError::Unavailable {
             backend: "microvm",
@@ -927,18 +928,10 @@ impl crate::SharedExec for AgentExec {
 fn agent_deliverer(
     signaller: proto::client::Signaller<std::os::unix::net::UnixStream>,
 ) -> crate::signals::Deliver {
-    Box::new(move |signo| {
-        let deadline = Instant::now() + Duration::from_secs(1);
-        loop {
-            match signaller.signal(signo) {
-                Ok(true) => return Ok(()),
-                Ok(false) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Ok(false) => return Err("the command is not running".into()),
-                Err(e) => return Err(crate::error_chain(&e)),
-            }
-        }
+    Box::new(move |signo| match signaller.signal(signo) {
+        Ok(true) => Ok(crate::signals::Delivered::Yes),
+        Ok(false) => Ok(crate::signals::Delivered::NotYet),
+        Err(e) => Err(crate::error_chain(&e)),
     })
 }
 

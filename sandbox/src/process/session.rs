@@ -93,6 +93,7 @@ impl crate::supervise::Killer for SessionKiller<'_> {
         Box::new(move |signo| {
             let ctl = ctl.as_ref().map_err(|e| e.to_string())?;
             send(ctl.as_raw_fd(), &Request::Signal { pid, signo }, &[])
+                .map(|()| crate::signals::Delivered::Yes)
                 .map_err(|e| format!("the sandbox's PID 1 is gone ({e})"))
         })
     }
