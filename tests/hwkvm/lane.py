@@ -51,6 +51,12 @@ EXIT_STALLED = 75
 # nested host's CPU for seconds, and its kernel warns, then goes on. The host counts as
 # stalled only when its console also stays silent this long after such a message.
 STALL_SILENCE = 180
+# The nested host's CPU stopped: QEMU used no CPU time at all for this long while a test
+# ran. A live nested host never idles that long (its init script wakes every second to
+# time the test); seen as a lane hang, with QEMU's vCPU thread asleep in the host kernel
+# and the nested kernel's console silent: the TCG left the emulated CPU halted with
+# nothing to wake it (in nested guest mode), not a test's doing. Treated as a stall.
+FROZEN_AFTER = 120
 TEST_LINE = re.compile(r"^test (\S+) \.\.\. ?(ok|FAILED|ignored)?")
 SUMMARY = re.compile(r"^test result: \w+\. (\d+) passed; (\d+) failed")
 
@@ -439,6 +445,17 @@ def main():
             failed_tests.append(f"{name}::{pending or '(no libtest summary)'} (did not finish)")
             counts[name] = (0, 1)
 
+    def qemu_cpu_ticks():
+        """QEMU's user + system CPU time so far (all threads), in clock ticks."""
+        try:
+            with open(f"/proc/{qemu.pid}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            return None
+
+    cpu_ticks = qemu_cpu_ticks()
+    cpu_moved = time.monotonic()  # when QEMU's CPU time last grew
     bench_lines = None  # the boot benchmark's output while it runs
     stalled = None  # the stall message of a nested host that then fell silent
     stall_seen = None  # (the first stall message, when it was seen)
@@ -474,6 +491,14 @@ def main():
                 if (stall_seen and time.monotonic() - max(stall_seen[1], last_line)
                         >= STALL_SILENCE):
                     stalled = stall_seen[0]
+                    break
+                ticks = qemu_cpu_ticks()
+                if ticks != cpu_ticks:
+                    cpu_ticks, cpu_moved = ticks, time.monotonic()
+                elif booted and time.monotonic() - cpu_moved >= FROZEN_AFTER:
+                    stalled = f"QEMU used no CPU time for {FROZEN_AFTER}s: the nested CPU stopped"
+                    say(f"the nested host's CPU stopped: QEMU used no CPU time for "
+                        f"{FROZEN_AFTER}s ({'in ' + current if current else 'no test running'})")
                     break
                 if raw == b"":
                     continue
@@ -545,7 +570,10 @@ def main():
     bad = [f"{n} rc={results[n]}" + (f" (killed after {args.binary_limit}s)" if n in timeouts else "")
            for n, _ in bins if n in results and results[n] != 0]
     missing = [n for n, _ in bins if n not in results]
-    if stalled:
+    if stalled and stalled.startswith("QEMU used no CPU time"):
+        reason = (f"the nested host's CPU stopped ({stalled}; "
+                  f"{'in ' + current if current else 'no test running'}): QEMU killed")
+    elif stalled:
         reason = (f"the nested host's kernel stalled ({stalled!r} in {klog_path.name}; "
                   f"{'in ' + current if current else 'no test running'}): QEMU killed")
     elif fail_line:
