@@ -9,6 +9,10 @@
 //! 128+N. The lifecycle checks [`check`] between steps, so a signal that arrives while
 //! nothing is registered (provisioning, the boot wait) stops the run at the next step.
 //!
+//! A signal that was ignored when `mxc-vm` started stays ignored: `nohup` ignores SIGHUP,
+//! and a script's background job (`mxc-vm run ... &`) has SIGINT ignored, so that a
+//! hangup or a Ctrl-C meant for the terminal's foreground job does not stop it.
+//!
 //! The handler runs once (`SA_RESETHAND`): a second signal has its default effect, so a
 //! user who presses Ctrl-C twice is never kept waiting. It does only async-signal-safe
 //! work: atomics, `getpid`, `kill`, `raise`, `sigaction`. No thread is started, so the
@@ -50,11 +54,15 @@ extern "C" fn on_signal(sig: libc::c_int) {
     }
 }
 
-/// Install the handler for [`SIGNALS`] in this process (call once, early in `main`).
+/// Install the handler for [`SIGNALS`] in this process (call once, early in `main`), but
+/// not for one this process inherited as ignored.
 pub fn install() -> std::io::Result<()> {
     // SAFETY: getpid() has no preconditions.
     OWNER.store(unsafe { libc::getpid() }, Ordering::SeqCst);
     for sig in SIGNALS {
+        if inherited_ignored(sig)? {
+            continue;
+        }
         // SAFETY: a zeroed sigaction is a valid starting point; the handler is an
         // extern "C" fn that only does async-signal-safe work. No SA_RESTART: a blocking
         // wait of the supervisor returns EINTR and looks at the sandbox again.
@@ -70,6 +78,21 @@ pub fn install() -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether `sig` is ignored in this process now (before [`install`]: as inherited).
+fn inherited_ignored(sig: i32) -> std::io::Result<bool> {
+    // SAFETY: a zeroed sigaction is valid to be written into; a null new action only
+    // reads the current one.
+    let (rc, current) = unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        let rc = libc::sigaction(sig, std::ptr::null(), &mut current);
+        (rc, current)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(current.sa_sigaction == libc::SIG_IGN)
 }
 
 /// The first signal received since [`install`], if any.

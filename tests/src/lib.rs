@@ -164,13 +164,22 @@ pub fn signal_a_run(
     use std::sync::mpsc;
     use std::time::Instant;
 
-    let mut child = Command::new(mxc_vm_bin())
-        .args(args)
+    let mut cmd = Command::new(mxc_vm_bin());
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mxc-vm");
+        .stderr(Stdio::piped());
+    // As a terminal's foreground job has them: a harness run in the background (the
+    // nested lane's init script) would pass SIGINT on ignored, and mxc-vm keeps an
+    // inherited ignore.
+    // SAFETY: signal() is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            libc::signal(signal, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn mxc-vm");
     let pid = child.id();
     let (tx, rx) = mpsc::channel::<String>();
     let stdout = child.stdout.take().expect("stdout");

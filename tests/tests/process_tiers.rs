@@ -44,6 +44,7 @@ both_backends!(
     a_disk_limit_is_refused,
     fifos_and_sockets_cannot_be_made_in_a_grant,
     every_namespace_is_the_sandboxs_own,
+    an_inherited_ignored_hangup_stays_ignored,
 );
 
 fn run(backend: &str, extra: &[&str], cmd: &[&str]) -> std::process::Output {
@@ -511,6 +512,44 @@ fn signals_stop_the_sandbox_and_leave_nothing(backend: &str) {
         assert_eq!(tests::runtime_dirs_of(run.pid), Vec::<String>::new());
     }
     assert_eq!(mount_table(), mounts_before);
+}
+
+/// `nohup mxc-vm run ...`: SIGHUP was ignored when mxc-vm started, so a hangup neither
+/// stops the run nor reaches the command, which finishes and passes its exit code on.
+fn an_inherited_ignored_hangup_stays_ignored(backend: &str) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new(tests::mxc_vm_bin());
+    cmd.args([
+        "run",
+        "--backend",
+        backend,
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo ready; sleep 1; echo done; exit 4",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    // SAFETY: signal() is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    // SAFETY: kill() on our own child, not yet reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    assert_eq!(lines.next().unwrap().unwrap(), "done");
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(4), "{err}");
+    assert!(!err.contains("stopped by"), "{err}");
 }
 
 fn json_output_streams_and_reports_exit(backend: &str) {
