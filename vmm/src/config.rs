@@ -119,11 +119,11 @@ pub struct VmConfig {
     /// Save a snapshot when the guest is ready, or start from one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotMode>,
-    /// The VMM process was started in an empty network namespace (one its parent made for
-    /// all its VMMs, [`crate::privileges::empty_network_namespace`]): it does not make one
-    /// of its own ([`crate::privileges::leave_host_namespaces`]).
+    /// The VMM process was started in empty network, IPC and UTS namespaces (ones its
+    /// parent made for all its VMMs, [`crate::privileges::EmptyNamespaces`]): it does not
+    /// make its own ([`crate::privileges::leave_host_namespaces`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub network_namespace_joined: bool,
+    pub namespaces_joined: bool,
 }
 
 fn is_zero(n: &u8) -> bool {
@@ -183,7 +183,7 @@ impl VmConfig {
             start_monotonic_ns: None,
             stop_at: None,
             snapshot: None,
-            network_namespace_joined: false,
+            namespaces_joined: false,
         }
     }
 

@@ -31,98 +31,162 @@ pub fn has_effective_capabilities() -> io::Result<bool> {
         .map_err(io::Error::other)
 }
 
+/// The namespaces a VMM leaves, with their names under `/proc/PID/ns/`: network, IPC,
+/// UTS.
+pub const VMM_NAMESPACES: [(libc::c_int, &str); 3] = [
+    (libc::CLONE_NEWNET, "net"),
+    (libc::CLONE_NEWIPC, "ipc"),
+    (libc::CLONE_NEWUTS, "uts"),
+];
+
 /// Leave the host's network, IPC and UTS namespaces for new, empty ones: a VMM taken over
 /// by its guest then has no network at all (not even the host's loopback services or
 /// abstract Unix sockets), no System V IPC and no host name to change. The VMM itself
 /// uses only Unix sockets bound to paths, which work across network namespaces. Call
 /// before the VMM starts any thread (namespaces are per thread; new threads inherit
-/// them). With `network_joined` the VMM was started in an empty network namespace
-/// already ([`empty_network_namespace`], made once by its parent for all its VMMs:
-/// making one costs the kernel far more than joining it), and only the IPC and UTS
-/// namespaces are left here. Needs CAP_SYS_ADMIN: as an ordinary user nothing changes
+/// them). With `joined` the VMM was started in empty ones already
+/// ([`EmptyNamespaces`], made once by its parent for all its VMMs: making a network
+/// or IPC namespace costs the kernel far more than joining one); each that is indeed
+/// not its parent's is kept. Needs CAP_SYS_ADMIN: as an ordinary user nothing changes
 /// (`Ok(false)`).
-pub fn leave_host_namespaces(network_joined: bool) -> io::Result<bool> {
+pub fn leave_host_namespaces(joined: bool) -> io::Result<bool> {
     // SAFETY: geteuid() has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Ok(false);
     }
-    let mut flags = libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
-    if !(network_joined && in_other_network_namespace_than_parent()) {
-        flags |= libc::CLONE_NEWNET;
-    }
+    let flags = VMM_NAMESPACES
+        .iter()
+        .filter(|(_, name)| !(joined && not_the_parents(name)))
+        .fold(0, |flags, (flag, _)| flags | flag);
     // SAFETY: unshare() takes flags and touches no memory.
-    if unsafe { libc::unshare(flags) } != 0 {
+    if flags != 0 && unsafe { libc::unshare(flags) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(true)
 }
 
-/// Whether this process's network namespace differs from its parent's: what a parent
-/// that says it started the VMM in a namespace of its own is taken at (when it cannot be
+/// Whether this process's namespace `name` differs from its parent's: what a parent
+/// that says it started the VMM in namespaces of its own is taken at (when it cannot be
 /// read, the VMM makes its own).
-fn in_other_network_namespace_than_parent() -> bool {
+fn not_the_parents(name: &str) -> bool {
     use std::os::unix::fs::MetadataExt;
     // SAFETY: getppid() has no preconditions.
     let parent = unsafe { libc::getppid() };
-    let ours = std::fs::metadata("/proc/self/ns/net");
-    let theirs = std::fs::metadata(format!("/proc/{parent}/ns/net"));
+    let ours = std::fs::metadata(format!("/proc/self/ns/{name}"));
+    let theirs = std::fs::metadata(format!("/proc/{parent}/ns/{name}"));
     match (ours, theirs) {
         (Ok(a), Ok(b)) => (a.dev(), a.ino()) != (b.dev(), b.ino()),
         _ => false,
     }
 }
 
-/// A new network namespace with nothing in it (its loopback interface is down), for VMM
-/// processes to start in (`setns` between fork and exec): made by a short-lived thread
-/// of the caller, which leaves the caller's own namespaces as they are. Needs
-/// CAP_SYS_ADMIN. The VMMs that share it share nothing through it: none of them binds,
-/// listens or connects to anything but Unix sockets bound to paths.
-pub fn empty_network_namespace() -> io::Result<std::os::fd::OwnedFd> {
-    std::thread::Builder::new()
-        .name("mxc-netns".into())
-        .spawn(|| {
-            // SAFETY: unshare() takes flags and touches no memory; it changes only this
-            // thread, which ends below.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            std::fs::File::open("/proc/thread-self/ns/net").map(std::os::fd::OwnedFd::from)
-        })?
-        .join()
-        .map_err(|_| io::Error::other("the network namespace thread panicked"))?
+/// New network, IPC and UTS namespaces with nothing in them (the loopback interface is
+/// down), for VMM processes to start in ([`join`] between fork and
+/// exec). The VMMs that share them share nothing through them: none of them binds,
+/// listens or connects to anything but Unix sockets bound to paths, or uses System V IPC
+/// or the host name.
+#[derive(Debug)]
+pub struct EmptyNamespaces {
+    fds: Vec<(libc::c_int, std::os::fd::OwnedFd)>,
+}
+
+impl EmptyNamespaces {
+    /// Make them on a short-lived thread of the caller, whose own namespaces stay as they
+    /// are. Needs CAP_SYS_ADMIN.
+    pub fn new() -> io::Result<Self> {
+        std::thread::Builder::new()
+            .name("mxc-vmm-ns".into())
+            .spawn(|| {
+                let all = VMM_NAMESPACES
+                    .iter()
+                    .fold(0, |flags, (flag, _)| flags | flag);
+                // SAFETY: unshare() takes flags and touches no memory; it changes only
+                // this thread, which ends below.
+                if unsafe { libc::unshare(all) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let fds = VMM_NAMESPACES
+                    .iter()
+                    .map(|(flag, name)| {
+                        std::fs::File::open(format!("/proc/thread-self/ns/{name}"))
+                            .map(|f| (*flag, std::os::fd::OwnedFd::from(f)))
+                    })
+                    .collect::<io::Result<Vec<_>>>()?;
+                Ok(Self { fds })
+            })?
+            .join()
+            .map_err(|_| io::Error::other("the namespace thread panicked"))?
+    }
+
+    /// What [`join`] needs, copied out for a child between fork and exec.
+    pub fn raw(&self) -> Vec<(std::os::fd::RawFd, libc::c_int)> {
+        use std::os::fd::AsRawFd;
+        self.fds
+            .iter()
+            .map(|(flag, fd)| (fd.as_raw_fd(), *flag))
+            .collect()
+    }
+}
+
+/// Join the namespaces of [`EmptyNamespaces::raw`]: only system calls, so it may run in
+/// a child between fork and exec.
+pub fn join(raw: &[(std::os::fd::RawFd, libc::c_int)]) -> io::Result<()> {
+    for (fd, flag) in raw {
+        // SAFETY: setns() on a descriptor the parent holds open; no memory is touched.
+        if unsafe { libc::setns(*fd, *flag) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn netns_of(path: &str) -> std::path::PathBuf {
+    fn ns_of(path: &str) -> std::path::PathBuf {
         std::fs::read_link(path).unwrap()
     }
 
-    /// As root: the namespace is new and empty, and the caller's own is unchanged.
+    /// As root: the namespaces are new and empty, the caller's own are unchanged, and a
+    /// thread that joins them is in all three.
     #[test]
-    fn the_empty_network_namespace_is_new_and_leaves_the_caller_where_it_was() {
+    fn the_empty_namespaces_are_new_and_leave_the_caller_where_it_was() {
         // SAFETY: geteuid() has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             eprintln!("skipped: needs root");
             return;
         }
-        let before = netns_of("/proc/thread-self/ns/net");
-        let fd = empty_network_namespace().unwrap();
-        use std::os::fd::AsRawFd;
-        let made = netns_of(&format!("/proc/self/fd/{}", fd.as_raw_fd()));
-        assert_ne!(made, before);
-        assert_eq!(netns_of("/proc/thread-self/ns/net"), before);
-        // A thread that joins it sees only a loopback interface.
-        let raw = fd.as_raw_fd();
-        let dev = std::thread::spawn(move || {
-            // SAFETY: setns() on a descriptor we hold, for this thread only (it ends here).
-            assert_eq!(unsafe { libc::setns(raw, libc::CLONE_NEWNET) }, 0);
-            std::fs::read_to_string("/proc/thread-self/net/dev").unwrap()
+        let before: Vec<_> = VMM_NAMESPACES
+            .iter()
+            .map(|(_, name)| ns_of(&format!("/proc/thread-self/ns/{name}")))
+            .collect();
+        let empty = EmptyNamespaces::new().unwrap();
+        let raw = empty.raw();
+        let made: Vec<_> = raw
+            .iter()
+            .map(|(fd, _)| ns_of(&format!("/proc/self/fd/{fd}")))
+            .collect();
+        for (made, before) in made.iter().zip(&before) {
+            assert_ne!(made, before);
+        }
+        let now: Vec<_> = VMM_NAMESPACES
+            .iter()
+            .map(|(_, name)| ns_of(&format!("/proc/thread-self/ns/{name}")))
+            .collect();
+        assert_eq!(now, before);
+        let (inside, dev) = std::thread::spawn(move || {
+            join(&raw).unwrap();
+            let inside: Vec<_> = VMM_NAMESPACES
+                .iter()
+                .map(|(_, name)| ns_of(&format!("/proc/thread-self/ns/{name}")))
+                .collect();
+            let dev = std::fs::read_to_string("/proc/thread-self/net/dev").unwrap();
+            (inside, dev)
         })
         .join()
         .unwrap();
+        assert_eq!(inside, made);
         let interfaces: Vec<&str> = dev
             .lines()
             .skip(2)

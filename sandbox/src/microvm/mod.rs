@@ -533,7 +533,7 @@ impl Backend for MicrovmBackend {
     }
 
     fn provision(&mut self, spec: &SandboxSpec) -> Result<(), SandboxError> {
-        vmm_process::prepare_vmm_network_namespace();
+        vmm_process::prepare_vmm_namespaces();
         self.files = check_enforceable(spec, &self.opts.system)?;
         crate::host::kvm_kind().map_err(|reason| SandboxError::Unavailable {
             backend: "microvm",

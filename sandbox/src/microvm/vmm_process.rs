@@ -68,9 +68,9 @@ pub fn vmm_command(
         report: runtime.join("report.json"),
         log: runtime.join("vmm.log"),
     };
-    let netns = vmm_network_namespace();
+    let namespaces = vmm_namespaces().map(vmm::privileges::EmptyNamespaces::raw);
     let mut config = config.clone();
-    config.network_namespace_joined = netns.is_some();
+    config.namespaces_joined = namespaces.is_some();
     config.start_monotonic_ns = Some(monotonic_ns());
     let json = serde_json::to_vec(&config).map_err(|e| SandboxError::setup("vmm config", e))?;
     std::fs::write(&files.config, json)
@@ -87,16 +87,14 @@ pub fn vmm_command(
     } else {
         cmd.stdout(Stdio::null()).stderr(log);
     }
-    let netns = netns.map(std::os::fd::AsRawFd::as_raw_fd);
-    // SAFETY: prctl and setns are async-signal-safe system calls; the VMM must not
-    // outlive us. The namespace's descriptor lives as long as this process.
+    // SAFETY: prctl and setns (vmm::privileges::join) are async-signal-safe system
+    // calls; the VMM must not outlive us. The namespaces' descriptors live as long as
+    // this process.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            if let Some(fd) = netns {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+            if let Some(raw) = &namespaces {
+                vmm::privileges::join(raw)?;
             }
             Ok(())
         });
@@ -104,23 +102,25 @@ pub fn vmm_command(
     Ok((cmd, files))
 }
 
-/// The empty network namespace this process starts its VMMs in, made on first use (run
-/// as root; `None` otherwise, or when it cannot be made: then each VMM makes its own).
-/// One for all the VMMs of this process: making a network namespace costs the kernel
-/// about a millisecond here and tens of milliseconds on a slow host, joining one almost
-/// nothing. [`prepare_vmm_network_namespace`] makes it ahead, beside other work.
-fn vmm_network_namespace() -> Option<&'static std::os::fd::OwnedFd> {
-    static NETNS: std::sync::OnceLock<Option<std::os::fd::OwnedFd>> = std::sync::OnceLock::new();
-    NETNS
+/// The empty network, IPC and UTS namespaces this process starts its VMMs in, made on
+/// first use (run as root; `None` otherwise, or when they cannot be made: then each VMM
+/// makes its own). One set for all the VMMs of this process: making a network namespace
+/// costs the kernel about a millisecond here and tens of milliseconds on a slow host,
+/// joining one almost nothing. [`prepare_vmm_namespaces`] makes them ahead, beside
+/// other work.
+fn vmm_namespaces() -> Option<&'static vmm::privileges::EmptyNamespaces> {
+    static NAMESPACES: std::sync::OnceLock<Option<vmm::privileges::EmptyNamespaces>> =
+        std::sync::OnceLock::new();
+    NAMESPACES
         .get_or_init(|| {
             // SAFETY: geteuid() has no preconditions.
             if unsafe { libc::geteuid() } != 0 {
                 return None;
             }
-            match vmm::privileges::empty_network_namespace() {
-                Ok(fd) => Some(fd),
+            match vmm::privileges::EmptyNamespaces::new() {
+                Ok(namespaces) => Some(namespaces),
                 Err(e) => {
-                    tracing::debug!("no shared network namespace for the VMMs: {e}");
+                    tracing::debug!("no shared namespaces for the VMMs: {e}");
                     None
                 }
             }
@@ -128,15 +128,15 @@ fn vmm_network_namespace() -> Option<&'static std::os::fd::OwnedFd> {
         .as_ref()
 }
 
-/// Make the VMMs' network namespace on a thread of its own now, so that the first VMM
-/// started finds it made.
-pub(crate) fn prepare_vmm_network_namespace() {
+/// Make the VMMs' namespaces on a thread of its own now, so that the first VMM started
+/// finds them made.
+pub(crate) fn prepare_vmm_namespaces() {
     static STARTED: std::sync::Once = std::sync::Once::new();
     STARTED.call_once(|| {
         let _ = std::thread::Builder::new()
-            .name("mxc-netns-prep".into())
+            .name("mxc-ns-prep".into())
             .spawn(|| {
-                vmm_network_namespace();
+                vmm_namespaces();
             });
     });
 }
@@ -254,7 +254,7 @@ pub fn vmm_main(args: &[std::ffi::OsString]) -> i32 {
     };
     // Run as root, the VMM leaves the host's network, IPC and UTS namespaces before it
     // has a thread or a guest (vmm::privileges).
-    if let Err(e) = vmm::privileges::leave_host_namespaces(config.network_namespace_joined) {
+    if let Err(e) = vmm::privileges::leave_host_namespaces(config.namespaces_joined) {
         eprintln!("mxc-vm vmm: cannot leave the host's network, IPC and UTS namespaces: {e}");
         return 1;
     }
