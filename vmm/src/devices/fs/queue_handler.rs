@@ -15,7 +15,7 @@ use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{FuseBuf, Reader, VirtioFsWriter, Writer};
 use virtio_queue_017::{DescriptorChain, Queue, QueueT};
-use vm_memory_017::{Bytes, GuestAddress};
+use vm_memory_017::{Bytes, GuestAddress, GuestMemory};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -294,16 +294,19 @@ fn take_request<'m>(
     // request may hold.
     let take = readable.min(MAX_MESSAGE_LEN);
     copy.clear();
-    copy.resize(take, 0);
-    let mut filled = 0;
     for &(addr, len, _) in descs.iter().filter(|d| !d.2) {
+        let filled = copy.len();
         let n = (len as usize).min(take - filled);
-        let dst = copy
-            .get_mut(filled..filled + n)
-            .ok_or(Unanswered::Outside)?;
+        // Room is made only for bytes the guest has: a descriptor that claims more than
+        // its memory holds is refused before anything is filled for it (the length is
+        // the guest's word until then).
+        if n > 0 && !mem.check_range(addr, n) {
+            return Err(Unanswered::Outside);
+        }
+        copy.resize(filled + n, 0);
+        let dst = copy.get_mut(filled..).ok_or(Unanswered::Outside)?;
         mem.read_slice(dst, addr).map_err(|_| Unanswered::Outside)?;
-        filled += n;
-        if filled == take {
+        if copy.len() == take {
             break;
         }
     }
