@@ -83,12 +83,14 @@ pub enum GuestConsole {
 pub const PVM_USER_ENV: &str = pvm_user_env!();
 
 /// Added under the `kvm_pvm` hypervisor only: hide what its emulator cannot run, turn
-/// on our three compatibility patches and keep user programs off AVX
-/// ([`PVM_USER_ENV`]). On hardware KVM pass none of this.
+/// on our three compatibility patches, keep user programs off AVX ([`PVM_USER_ENV`]) and
+/// time with kvmclock: a restored guest's TSC does not go back to its saved value there,
+/// so with the TSC as clock source the time its snapshot lay on disk would pass at once
+/// (kvmclock is restored). On hardware KVM pass none of this.
 pub const KERNEL_CMDLINE_PVM: &str = concat!(
     "clearcpuid=",
     clearcpuid!(),
-    " mxc_pvm_syscall mxc_pvm_nofwait mxc_pvm_noint3test ",
+    " mxc_pvm_syscall mxc_pvm_nofwait mxc_pvm_noint3test clocksource=kvm-clock ",
     pvm_user_env!()
 );
 
@@ -148,6 +150,7 @@ mod tests {
 
         assert_eq!(flags, [true, true, true]);
         assert!(pvm.contains(&concat!("clearcpuid=", clearcpuid!())));
+        assert!(pvm.contains(&"clocksource=kvm-clock"));
     }
 
     #[test]
