@@ -76,7 +76,7 @@ pub fn place_link(root: &Path, link: &GuestLink) -> Result<(), SharesError> {
             }
             std::fs::remove_file(&path).map_err(fail)?;
         }
-        Ok(md) if md.is_dir() => std::fs::remove_dir_all(&path).map_err(fail)?,
+        Ok(md) if md.is_dir() => set_aside(root, &path).map_err(fail)?,
         Ok(_) => std::fs::remove_file(&path).map_err(fail)?,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             if let Some(parent) = path.parent() {
@@ -86,6 +86,44 @@ pub fn place_link(root: &Path, link: &GuestLink) -> Result<(), SharesError> {
         Err(e) => return Err(fail(e)),
     }
     std::os::unix::fs::symlink(&link.target, &path).map_err(fail)
+}
+
+/// Where [`set_aside`] moves the directories links replace, under the root.
+pub const SET_ASIDE_DIR: &str = ".mxc/replaced";
+
+/// Move the directory `path` out of the way, into [`SET_ASIDE_DIR`] under `root`: one
+/// rename, where deleting its entries one by one (the initramfs's `/bin` and `/sbin` hold
+/// 128 busybox links) cost a restored VM's setup about half a second of emulated kernel
+/// work under `kvm_pvm`. What is moved is the initramfs's own, already in the guest's
+/// memory and reachable through `/.mxc/bin/busybox` anyway. Where a rename cannot be
+/// made (another file system), the directory is deleted.
+fn set_aside(root: &Path, path: &Path) -> io::Result<()> {
+    let aside = under(root, Path::new(SET_ASIDE_DIR));
+    std::fs::create_dir_all(&aside)?;
+    let from = sys::path_cstring(path)?;
+    for n in 0u32..64 {
+        let to = sys::path_cstring(&aside.join(n.to_string()))?;
+        // SAFETY: both paths are NUL-terminated strings that live across the call.
+        let moved = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if moved == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EEXIST) => continue,
+            Some(libc::EXDEV | libc::EBUSY | libc::EINVAL | libc::ENOSYS) => break,
+            _ => return Err(err),
+        }
+    }
+    std::fs::remove_dir_all(path)
 }
 
 /// Create the links, then mount the shares. Stops at the first failure.
@@ -154,8 +192,12 @@ mod tests {
         std::fs::create_dir_all(dir.0.join("bin")).unwrap();
         std::os::unix::fs::symlink("/.mxc/bin/busybox", dir.0.join("bin/sh")).unwrap();
 
+        std::fs::create_dir_all(dir.0.join("sbin")).unwrap();
+        std::fs::write(dir.0.join("sbin/init"), "x").unwrap();
+
         place_link(&dir.0, &link("/bin", "usr/bin")).unwrap();
         place_link(&dir.0, &link("/bin", "usr/bin")).unwrap();
+        place_link(&dir.0, &link("/sbin", "usr/sbin")).unwrap();
         place_link(&dir.0, &link("/deep/lib64", "/usr/lib64")).unwrap();
 
         assert_eq!(
@@ -166,6 +208,10 @@ mod tests {
             std::fs::read_link(dir.0.join("deep/lib64")).unwrap(),
             PathBuf::from("/usr/lib64")
         );
+        // The replaced directories were set aside whole, each under a name of its own.
+        let aside = dir.0.join(SET_ASIDE_DIR);
+        assert!(aside.join("0/sh").symlink_metadata().is_ok());
+        assert_eq!(std::fs::read_to_string(aside.join("1/init")).unwrap(), "x");
     }
 
     #[test]
