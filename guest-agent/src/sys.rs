@@ -519,7 +519,7 @@ pub fn decode_wait_status(status: libc::c_int) -> WaitStatus {
     }
 }
 
-/// Everything a child needs between `fork` and `execve`, prepared before the fork so the
+/// Everything a child needs between `clone` and `execve`, prepared before the clone so the
 /// child only makes async-signal-safe system calls and never allocates.
 #[derive(Debug)]
 pub struct ChildSpec {
@@ -556,28 +556,117 @@ pub const STEP_EXEC: u32 = 6;
 /// Switching to the unprivileged identity failed.
 pub const STEP_IDENTITY: u32 = 7;
 
-/// Forks a child that joins a new session (and so its own process group), wires its
+/// Bytes of stack the child of [`spawn`] runs on until `execve` (it calls a few libc
+/// wrappers, nothing deep).
+const CHILD_STACK_LEN: usize = 64 * 1024;
+
+/// What the child of [`spawn`] reads, in the parent's memory (which it shares).
+struct ChildArgs<'a> {
+    spec: &'a ChildSpec,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+    stdio: [RawFd; 3],
+    report: RawFd,
+}
+
+/// Starts a child that joins a new session (and so its own process group), wires its
 /// standard streams to `stdio`, and executes `spec`. A failure before `execve` succeeds
 /// is written to `report` as 8 bytes (step, errno; native endian) and the child exits
 /// with 127. `report` must be close-on-exec: end-of-file on its read end means success.
+///
+/// The child shares the agent's memory until it executes (`clone` with `CLONE_VM |
+/// CLONE_VFORK`, as `posix_spawn` does), and the agent waits meanwhile: no page tables
+/// are copied and neither side takes copy-on-write faults afterwards. Under `kvm_pvm`,
+/// where the guest kernel's work is emulated, that is about a fifth of what starting a
+/// small program costs (a fork-and-exec 330 ms against 265 ms there).
 pub fn spawn(spec: &ChildSpec, stdio: [RawFd; 3], report: RawFd) -> io::Result<libc::pid_t> {
+    // One stack for every child: a child is done with it (executed or exited) before
+    // `clone` returns, and a stack already touched costs no page faults the next time.
+    static STACK: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
     let mut argv: Vec<*const c_char> = spec.argv_storage.iter().map(|s| s.as_ptr()).collect();
     argv.push(std::ptr::null());
     let mut envp: Vec<*const c_char> = spec.envp_storage.iter().map(|s| s.as_ptr()).collect();
     envp.push(std::ptr::null());
+    let args = ChildArgs {
+        spec,
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        stdio,
+        report,
+    };
+    let mut stack = STACK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if stack.len() < CHILD_STACK_LEN {
+        stack.resize(CHILD_STACK_LEN, 0);
+    }
+    // The stack grows down from its 16-byte aligned top.
+    let top = stack.as_mut_ptr().wrapping_add(CHILD_STACK_LEN);
+    let top = top.wrapping_sub(top as usize % 16);
+    // Every signal stays blocked until the child has put back the default handlers: a
+    // handler of ours running in the child would run on the agent's memory.
+    let all = {
+        // SAFETY: sigset_t is a plain bit array; sigfillset initialises it.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t.
+        unsafe { libc::sigfillset(&mut set) };
+        set
+    };
+    // SAFETY: a zeroed sigset_t is valid; sigprocmask fills it.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: both sets are valid sigset_t values we own.
+    cvt(unsafe { libc::sigprocmask(libc::SIG_SETMASK, &all, &mut old) })?;
+    // SAFETY: `child_main` gets a pointer to `args`, which lives (with everything it
+    // points to: `argv`, `envp`, `spec`) until `clone` returns, and with CLONE_VFORK that
+    // is after the child has executed or exited; the child runs on `stack`, locked
+    // until then, and makes only async-signal-safe system calls, allocating nothing.
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            top.cast(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            std::ptr::addr_of!(args).cast_mut().cast(),
+        )
+    };
+    let cloned = cvt(pid);
+    // SAFETY: `old` is the mask read above.
+    unsafe { libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    drop(stack);
+    cloned
+}
+
+/// The child of [`spawn`], on its own stack in the agent's memory.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `spawn` passes a pointer to its `ChildArgs`, alive until this child has
+    // executed or exited.
+    let args = unsafe { &*arg.cast::<ChildArgs<'_>>() };
+    // SAFETY: this is the child of `clone(CLONE_VM | CLONE_VFORK)`, as `child_setup`
+    // requires.
+    unsafe { child_setup(args) }
+}
+
+/// Between `clone` and `execve`: default signal handling, a new session, the cgroup, the
+/// standard streams, limits, identity, working directory, then the program.
+///
+/// # Safety
+/// Only for the child of [`spawn`]: it shares the agent's memory, so it calls only
+/// async-signal-safe functions on memory prepared before the clone, and never returns.
+unsafe fn child_setup(a: &ChildArgs<'_>) -> ! {
+    let spec = a.spec;
     let empty = sigset(&[]);
     let oom_path: &CStr = c"/proc/self/oom_score_adj";
-    // SAFETY: fork has no preconditions. The agent is single-threaded, and the child
-    // below only calls async-signal-safe functions on memory prepared before the fork.
-    let pid = cvt(unsafe { libc::fork() })?;
-    if pid > 0 {
-        return Ok(pid);
-    }
-    // SAFETY: (in the child) every pointer refers to memory prepared above, which the child's
-    // copy of the address space still holds; no allocation, no locks, only syscalls.
+    // SAFETY: every pointer refers to memory the parent keeps alive until we execute or
+    // exit; no allocation, no locks, only system calls (the identity changes as raw
+    // system calls: glibc's wrappers would act for every thread of the agent).
     unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        // This process has its own copy of the handler table: back to the defaults (the
+        // runtime's SIGSEGV and SIGBUS handlers would run on the agent's memory), then
+        // nothing blocked.
+        for signo in [libc::SIGPIPE, libc::SIGSEGV, libc::SIGBUS] {
+            libc::signal(signo, libc::SIG_DFL);
+        }
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        let report = a.report;
         if libc::setsid() == -1 {
             child_fail(report, STEP_SETSID);
         }
@@ -593,7 +682,7 @@ pub fn spawn(spec: &ChildSpec, stdio: [RawFd; 3], report: RawFd) -> io::Result<l
                 libc::close(fd);
             }
         }
-        for (target, &src) in stdio.iter().enumerate() {
+        for (target, &src) in a.stdio.iter().enumerate() {
             if libc::dup2(src, target as libc::c_int) == -1 {
                 child_fail(report, STEP_DUP);
             }
@@ -611,9 +700,9 @@ pub fn spawn(spec: &ChildSpec, stdio: [RawFd; 3], report: RawFd) -> io::Result<l
         if let Some((uid, gid)) = spec.identity {
             // The gid first: once the uid changes, the right to change gids is gone.
             let groups = [gid];
-            if libc::setgroups(1, groups.as_ptr()) == -1
-                || libc::setresgid(gid, gid, gid) == -1
-                || libc::setresuid(uid, uid, uid) == -1
+            if libc::syscall(libc::SYS_setgroups, 1, groups.as_ptr()) == -1
+                || libc::syscall(libc::SYS_setresgid, gid, gid, gid) == -1
+                || libc::syscall(libc::SYS_setresuid, uid, uid, uid) == -1
             {
                 child_fail(report, STEP_IDENTITY);
             }
@@ -624,7 +713,7 @@ pub fn spawn(spec: &ChildSpec, stdio: [RawFd; 3], report: RawFd) -> io::Result<l
         }
         let mut best = libc::ENOENT;
         for prog in &spec.programs {
-            libc::execve(prog.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            libc::execve(prog.as_ptr(), a.argv, a.envp);
             let errno = *libc::__errno_location();
             // Like execvp: remember a more telling error than "not found".
             if errno != libc::ENOENT && errno != libc::ENOTDIR {
@@ -639,7 +728,7 @@ pub fn spawn(spec: &ChildSpec, stdio: [RawFd; 3], report: RawFd) -> io::Result<l
 /// In the child: reports `step` and the current errno on `report`, then exits 127.
 ///
 /// # Safety
-/// Only for a forked child before `execve`: it exits the process.
+/// Only for the child of [`spawn`] before `execve`: it exits the process.
 unsafe fn child_fail(report: RawFd, step: u32) -> ! {
     // SAFETY: errno is thread-local and always readable; `msg` is a local buffer; write
     // and _exit are async-signal-safe.
