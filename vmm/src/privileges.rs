@@ -81,7 +81,7 @@ fn not_the_parents(name: &str) -> bool {
 }
 
 /// New network, IPC and UTS namespaces with nothing in them (the loopback interface is
-/// down), for VMM processes to start in ([`join`] between fork and
+/// down), for VMM processes to start in ([`EmptyNamespaces::join`] between fork and
 /// exec). The VMMs that share them share nothing through them: none of them binds,
 /// listens or connects to anything but Unix sockets bound to paths, or uses System V IPC
 /// or the host name.
@@ -118,31 +118,24 @@ impl EmptyNamespaces {
             .map_err(|_| io::Error::other("the namespace thread panicked"))?
     }
 
-    /// What [`join`] needs, copied out for a child between fork and exec.
-    pub fn raw(&self) -> Vec<(std::os::fd::RawFd, libc::c_int)> {
+    /// Move the calling thread into these namespaces: only system calls on descriptors
+    /// this set holds, so it may run in a child between fork and exec.
+    pub fn join(&self) -> io::Result<()> {
         use std::os::fd::AsRawFd;
-        self.fds
-            .iter()
-            .map(|(flag, fd)| (fd.as_raw_fd(), *flag))
-            .collect()
-    }
-}
-
-/// Join the namespaces of [`EmptyNamespaces::raw`]: only system calls, so it may run in
-/// a child between fork and exec.
-pub fn join(raw: &[(std::os::fd::RawFd, libc::c_int)]) -> io::Result<()> {
-    for (fd, flag) in raw {
-        // SAFETY: setns() on a descriptor the parent holds open; no memory is touched.
-        if unsafe { libc::setns(*fd, *flag) } != 0 {
-            return Err(io::Error::last_os_error());
+        for (flag, fd) in &self.fds {
+            // SAFETY: setns() on a descriptor we hold open; no memory is touched.
+            if unsafe { libc::setns(fd.as_raw_fd(), *flag) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     fn ns_of(path: &str) -> std::path::PathBuf {
         std::fs::read_link(path).unwrap()
@@ -162,10 +155,10 @@ mod tests {
             .map(|(_, name)| ns_of(&format!("/proc/thread-self/ns/{name}")))
             .collect();
         let empty = EmptyNamespaces::new().unwrap();
-        let raw = empty.raw();
-        let made: Vec<_> = raw
+        let made: Vec<_> = empty
+            .fds
             .iter()
-            .map(|(fd, _)| ns_of(&format!("/proc/self/fd/{fd}")))
+            .map(|(_, fd)| ns_of(&format!("/proc/self/fd/{}", fd.as_raw_fd())))
             .collect();
         for (made, before) in made.iter().zip(&before) {
             assert_ne!(made, before);
@@ -176,7 +169,7 @@ mod tests {
             .collect();
         assert_eq!(now, before);
         let (inside, dev) = std::thread::spawn(move || {
-            join(&raw).unwrap();
+            empty.join().unwrap();
             let inside: Vec<_> = VMM_NAMESPACES
                 .iter()
                 .map(|(_, name)| ns_of(&format!("/proc/thread-self/ns/{name}")))

@@ -68,7 +68,7 @@ pub fn vmm_command(
         report: runtime.join("report.json"),
         log: runtime.join("vmm.log"),
     };
-    let namespaces = vmm_namespaces().map(vmm::privileges::EmptyNamespaces::raw);
+    let namespaces = vmm_namespaces();
     let mut config = config.clone();
     config.namespaces_joined = namespaces.is_some();
     config.start_monotonic_ns = Some(monotonic_ns());
@@ -87,14 +87,14 @@ pub fn vmm_command(
     } else {
         cmd.stdout(Stdio::null()).stderr(log);
     }
-    // SAFETY: prctl and setns (vmm::privileges::join) are async-signal-safe system
-    // calls; the VMM must not outlive us. The namespaces' descriptors live as long as
-    // this process.
+    // SAFETY: prctl and setns (EmptyNamespaces::join) are async-signal-safe system
+    // calls on memory made before the fork; the VMM must not outlive us. The namespaces'
+    // descriptors live as long as this process.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            if let Some(raw) = &namespaces {
-                vmm::privileges::join(raw)?;
+            if let Some(namespaces) = namespaces {
+                namespaces.join()?;
             }
             Ok(())
         });
