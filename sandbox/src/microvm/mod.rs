@@ -288,18 +288,21 @@ impl MicrovmBackend {
         };
         self.timeline.snapshot = Some(dir.clone());
         if !dir.join(vmm::snapshot::STATE_FILE).exists() {
-            // `image build` makes the snapshot of the default VM (256 MiB, 1 vCPU, no
-            // console); a VM of another shape boots without a word once some snapshot
-            // exists. The default VM says so always: its snapshot is missing because
-            // none was made, or because this mxc-vm (its VMM, kernel command line or
-            // image) differs from the one that made the snapshots there are.
+            // `image build` makes the snapshot of the default VM (the image's kernel and
+            // initramfs, 256 MiB, 1 vCPU, no console); a VM of another shape boots
+            // without a word once some snapshot exists. The default VM says so always:
+            // its snapshot is missing because none was made, or because this mxc-vm
+            // (its VMM, kernel command line or image) differs from the one that made the
+            // snapshots there are.
             let none_made = dir
                 .parent()
                 .and_then(|all| std::fs::read_dir(all).ok())
                 .is_none_or(|mut entries| entries.next().is_none());
             let default_shape = u64::from(slotted.mem_mib) == DEFAULT_MEM_MIB
                 && slotted.vcpus == 1
-                && !self.opts.console;
+                && !self.opts.console
+                && self.opts.kernel.is_none()
+                && self.opts.initrd.is_none();
             let line = if none_made {
                 "booting the guest kernel: no ready snapshot has been made \
                  (`mxc-vm image build` makes one)"
