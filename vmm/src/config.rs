@@ -119,11 +119,16 @@ pub struct VmConfig {
     /// Save a snapshot when the guest is ready, or start from one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotMode>,
-    /// The VMM process was started in empty network, IPC and UTS namespaces (ones its
-    /// parent made for all its VMMs, [`crate::privileges::EmptyNamespaces`]): it does not
-    /// make its own ([`crate::privileges::leave_host_namespaces`]).
+    /// The VMM's parent passes it empty network, IPC and UTS namespaces on its standard
+    /// input (ones it made for all its VMMs, [`crate::privileges::EmptyNamespaces::send`]),
+    /// which the VMM joins first ([`crate::privileges::join_passed`]) instead of making
+    /// its own ([`crate::privileges::leave_host_namespaces`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub namespaces_joined: bool,
+    /// The process that started the VMM: the VMM dies with it, and ends at once when it
+    /// is no longer its parent (it died before the VMM could ask to die with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_pid: Option<u32>,
 }
 
 fn is_zero(n: &u8) -> bool {
@@ -184,6 +189,7 @@ impl VmConfig {
             stop_at: None,
             snapshot: None,
             namespaces_joined: false,
+            parent_pid: None,
         }
     }
 

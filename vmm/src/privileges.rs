@@ -118,8 +118,7 @@ impl EmptyNamespaces {
             .map_err(|_| io::Error::other("the namespace thread panicked"))?
     }
 
-    /// Move the calling thread into these namespaces: only system calls on descriptors
-    /// this set holds, so it may run in a child between fork and exec.
+    /// Move the calling thread into these namespaces.
     pub fn join(&self) -> io::Result<()> {
         use std::os::fd::AsRawFd;
         for (flag, fd) in &self.fds {
@@ -130,6 +129,79 @@ impl EmptyNamespaces {
         }
         Ok(())
     }
+
+    /// Send them over `socket` for [`join_passed`] at its other end: one message, the
+    /// namespace types as native-endian `i32`s and a descriptor for each. A VMM gets them
+    /// this way on its standard input, so that its parent need not run code of its own
+    /// between fork and exec, which would keep it from starting the VMM the cheap way
+    /// (`posix_spawn`: no copy of the parent's page tables).
+    pub fn send(&self, socket: &std::os::unix::net::UnixStream) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let kinds: Vec<u8> = self
+            .fds
+            .iter()
+            .flat_map(|(flag, _)| flag.to_ne_bytes())
+            .collect();
+        let fds: Vec<std::os::fd::RawFd> = self.fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+        let sent = socket
+            .send_with_fds(&[kinds.as_slice()], &fds)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        if sent != kinds.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "namespaces sent in part",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Join the namespaces [`EmptyNamespaces::send`] sent over `socket`: exactly one of each
+/// of [`VMM_NAMESPACES`], each descriptor checked by the kernel to be a namespace of the
+/// type it is said to be (`setns`). The descriptors are closed afterwards.
+pub fn join_passed(socket: &std::os::unix::net::UnixStream) -> io::Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let bad = |why: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("namespaces passed: {why}"),
+        )
+    };
+    let mut kinds = [0u8; VMM_NAMESPACES.len() * 4];
+    let mut fds = [-1; VMM_NAMESPACES.len()];
+    let mut iov = [libc::iovec {
+        iov_base: kinds.as_mut_ptr().cast(),
+        iov_len: kinds.len(),
+    }];
+    // SAFETY: the iovec describes `kinds`, which outlives the call; the kernel writes at
+    // most its length there.
+    let (read, count) = unsafe { socket.recv_with_fds(&mut iov, &mut fds) }
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    // SAFETY: recvmsg gave us these `count` descriptors; nothing else owns them.
+    let owned: Vec<OwnedFd> = fds
+        .iter()
+        .take(count)
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if read != kinds.len() || count != VMM_NAMESPACES.len() {
+        return Err(bad(&format!("{read} bytes and {count} descriptors")));
+    }
+    let mut seen = 0;
+    for (chunk, fd) in kinds.chunks_exact(4).zip(&owned) {
+        let flag = i32::from_ne_bytes(chunk.try_into().map_err(|_| bad("short type"))?);
+        if !VMM_NAMESPACES.iter().any(|(f, _)| *f == flag) || seen & flag != 0 {
+            return Err(bad(&format!("unexpected namespace type {flag:#x}")));
+        }
+        seen |= flag;
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns() on a descriptor we own; no memory is touched.
+        if unsafe { libc::setns(fd.as_raw_fd(), flag) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -168,17 +240,20 @@ mod tests {
             .map(|(_, name)| ns_of(&format!("/proc/thread-self/ns/{name}")))
             .collect();
         assert_eq!(now, before);
-        let (inside, dev) = std::thread::spawn(move || {
-            empty.join().unwrap();
-            let inside: Vec<_> = VMM_NAMESPACES
-                .iter()
-                .map(|(_, name)| ns_of(&format!("/proc/thread-self/ns/{name}")))
-                .collect();
-            let dev = std::fs::read_to_string("/proc/thread-self/net/dev").unwrap();
-            (inside, dev)
-        })
-        .join()
-        .unwrap();
+        let (inside, dev) = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    empty.join().unwrap();
+                    let inside: Vec<_> = VMM_NAMESPACES
+                        .iter()
+                        .map(|(_, name)| ns_of(&format!("/proc/thread-self/ns/{name}")))
+                        .collect();
+                    let dev = std::fs::read_to_string("/proc/thread-self/net/dev").unwrap();
+                    (inside, dev)
+                })
+                .join()
+                .unwrap()
+        });
         assert_eq!(inside, made);
         let interfaces: Vec<&str> = dev
             .lines()
@@ -187,5 +262,55 @@ mod tests {
             .map(str::trim)
             .collect();
         assert_eq!(interfaces, ["lo"]);
+
+        // Passed over a socket, as a VMM gets them: the joining thread is in all three.
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        empty.send(&ours).unwrap();
+        let passed = std::thread::spawn(move || {
+            join_passed(&theirs).unwrap();
+            VMM_NAMESPACES
+                .iter()
+                .map(|(_, name)| ns_of(&format!("/proc/thread-self/ns/{name}")))
+                .collect::<Vec<_>>()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(passed, made);
+    }
+
+    /// What a VMM is handed on its standard input must be exactly one namespace of each
+    /// kind: anything else is refused and leaves the thread where it was.
+    #[test]
+    fn passed_namespaces_that_are_not_one_of_each_are_refused() {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let send = |kinds: &[i32], fds: &[std::os::fd::RawFd]| {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            let bytes: Vec<u8> = kinds.iter().flat_map(|k| k.to_ne_bytes()).collect();
+            if fds.is_empty() {
+                std::io::Write::write_all(&mut &ours, &bytes).unwrap();
+            } else {
+                ours.send_with_fds(&[bytes.as_slice()], fds).unwrap();
+            }
+            drop(ours);
+            let before = ns_of("/proc/thread-self/ns/net");
+            let result = std::thread::spawn(move || join_passed(&theirs))
+                .join()
+                .unwrap();
+            assert_eq!(ns_of("/proc/thread-self/ns/net"), before);
+            result
+        };
+        let own = |name: &str| std::fs::File::open(format!("/proc/self/ns/{name}")).unwrap();
+        let (net, ipc, uts) = (own("net"), own("ipc"), own("uts"));
+        let all = [net.as_raw_fd(), ipc.as_raw_fd(), uts.as_raw_fd()];
+        let (n, i, u) = (libc::CLONE_NEWNET, libc::CLONE_NEWIPC, libc::CLONE_NEWUTS);
+        // Nothing at all (the parent closed its end), no descriptors, too few, a type
+        // twice, a type that is not ours, and a descriptor that is not the type it is said
+        // to be (setns checks; the first, network, is joined in the thread that fails).
+        assert!(send(&[], &[]).is_err());
+        assert!(send(&[n, i, u], &[]).is_err());
+        assert!(send(&[n, i], &all[..2]).is_err());
+        assert!(send(&[n, n, u], &all).is_err());
+        assert!(send(&[n, libc::CLONE_NEWNS, u], &all).is_err());
+        assert!(send(&[n, u, i], &all).is_err());
     }
 }
