@@ -100,27 +100,14 @@ pub const SET_ASIDE_DIR: &str = ".mxc/replaced";
 fn set_aside(root: &Path, path: &Path) -> io::Result<()> {
     let aside = under(root, Path::new(SET_ASIDE_DIR));
     std::fs::create_dir_all(&aside)?;
-    let from = sys::path_cstring(path)?;
     for n in 0u32..64 {
-        let to = sys::path_cstring(&aside.join(n.to_string()))?;
-        // SAFETY: both paths are NUL-terminated strings that live across the call.
-        let moved = unsafe {
-            libc::renameat2(
-                libc::AT_FDCWD,
-                from.as_ptr(),
-                libc::AT_FDCWD,
-                to.as_ptr(),
-                libc::RENAME_NOREPLACE,
-            )
-        };
-        if moved == 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EEXIST) => continue,
-            Some(libc::EXDEV | libc::EBUSY | libc::EINVAL | libc::ENOSYS) => break,
-            _ => return Err(err),
+        match sys::rename_noreplace(path, &aside.join(n.to_string())) {
+            Ok(()) => return Ok(()),
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EEXIST) => continue,
+                Some(libc::EXDEV | libc::EBUSY | libc::EINVAL | libc::ENOSYS) => break,
+                _ => return Err(e),
+            },
         }
     }
     std::fs::remove_dir_all(path)

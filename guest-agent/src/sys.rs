@@ -26,9 +26,26 @@ fn cvt_retry(mut f: impl FnMut() -> libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-pub(crate) fn path_cstring(path: &Path) -> io::Result<CString> {
+fn path_cstring(path: &Path) -> io::Result<CString> {
     use std::os::unix::ffi::OsStrExt;
     CString::new(path.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput.into())
+}
+
+/// `renameat2(from, to, RENAME_NOREPLACE)`: fails with `EEXIST` where `to` exists.
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    let from = path_cstring(from)?;
+    let to = path_cstring(to)?;
+    // SAFETY: both paths are NUL-terminated strings that live across the call.
+    cvt(unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    })?;
+    Ok(())
 }
 
 /// Our process id.

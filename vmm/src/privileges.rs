@@ -81,8 +81,8 @@ fn not_the_parents(name: &str) -> bool {
 }
 
 /// New network, IPC and UTS namespaces with nothing in them (the loopback interface is
-/// down), for VMM processes to start in ([`EmptyNamespaces::join`] between fork and
-/// exec). The VMMs that share them share nothing through them: none of them binds,
+/// down), for VMM processes to join first thing ([`EmptyNamespaces::send`],
+/// [`join_passed`]). The VMMs that share them share nothing through them: none of them binds,
 /// listens or connects to anything but Unix sockets bound to paths, or uses System V IPC
 /// or the host name.
 #[derive(Debug)]
@@ -116,18 +116,6 @@ impl EmptyNamespaces {
             })?
             .join()
             .map_err(|_| io::Error::other("the namespace thread panicked"))?
-    }
-
-    /// Move the calling thread into these namespaces.
-    pub fn join(&self) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
-        for (flag, fd) in &self.fds {
-            // SAFETY: setns() on a descriptor we hold open; no memory is touched.
-            if unsafe { libc::setns(fd.as_raw_fd(), *flag) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        Ok(())
     }
 
     /// Send them over `socket` for [`join_passed`] at its other end: one message, the
@@ -240,10 +228,14 @@ mod tests {
             .map(|(_, name)| ns_of(&format!("/proc/thread-self/ns/{name}")))
             .collect();
         assert_eq!(now, before);
+        // Passed over a socket, as a VMM gets them: the joining thread is in all three
+        // and sees only a loopback interface.
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        empty.send(&ours).unwrap();
         let (inside, dev) = std::thread::scope(|scope| {
             scope
                 .spawn(|| {
-                    empty.join().unwrap();
+                    join_passed(&theirs).unwrap();
                     let inside: Vec<_> = VMM_NAMESPACES
                         .iter()
                         .map(|(_, name)| ns_of(&format!("/proc/thread-self/ns/{name}")))
@@ -262,20 +254,6 @@ mod tests {
             .map(str::trim)
             .collect();
         assert_eq!(interfaces, ["lo"]);
-
-        // Passed over a socket, as a VMM gets them: the joining thread is in all three.
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-        empty.send(&ours).unwrap();
-        let passed = std::thread::spawn(move || {
-            join_passed(&theirs).unwrap();
-            VMM_NAMESPACES
-                .iter()
-                .map(|(_, name)| ns_of(&format!("/proc/thread-self/ns/{name}")))
-                .collect::<Vec<_>>()
-        })
-        .join()
-        .unwrap();
-        assert_eq!(passed, made);
     }
 
     /// What a VMM is handed on its standard input must be exactly one namespace of each

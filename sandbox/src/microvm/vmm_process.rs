@@ -59,8 +59,8 @@ pub struct VmmFiles {
 /// the log. Its standard input is a socket that carries the VMM's namespaces
 /// ([`vmm::privileges::EmptyNamespaces::send`]) when this process has them, else
 /// nothing. The command runs no code of ours between fork and exec, so the standard
-/// library starts it with `posix_spawn` (no copy of this process's page tables: 1–2 ms
-/// less here than a fork); the VMM itself asks to be killed when its parent dies and
+/// library starts it with `posix_spawn` (no copy of this process's page tables: about
+/// 0.2–0.4 ms of a VMM's setup here, more from a larger process); the VMM itself asks to be killed when its parent dies and
 /// checks it still has the parent that started it. The caller spawns it.
 pub fn vmm_command(
     config: &vmm::VmConfig,
