@@ -13,6 +13,7 @@ use crate::boot::{self, cmdline::CmdlineParts, BootError, Initrd, LoadedKernel};
 use crate::bus::{Bus, BusError};
 use crate::config::{ConfigError, ConsoleMode, SnapshotMode, VmConfig};
 use crate::devices::boot_timer::BootTimer;
+use crate::devices::fs::Fs;
 use crate::devices::i8042::{I8042, I8042_PORT_LEN};
 use crate::devices::serial::{ConsoleOutput, SerialDevice, SerialSnapshot, CONSOLE_LIMIT};
 use crate::devices::virtio::mmio::{MmioError, MmioTransport, QUEUE_NOTIFY_OFFSET};
@@ -266,11 +267,11 @@ impl Vm {
             None => memory::create_guest_memory(config.mem_mib)?,
         };
 
-        // The KVM calls below mostly wait in the kernel; loading the kernel image and
-        // fetching the CPUID set in the meantime hides that wait. A restore loads
-        // neither.
+        // The KVM calls below mostly wait in the kernel; loading the kernel image,
+        // fetching the CPUID set and starting the share devices in the meantime hides that
+        // wait. A restore loads neither image nor CPUID set.
         let restoring = loaded.is_some();
-        let (kvm_setup, images, supported) = std::thread::scope(|scope| {
+        let (kvm_setup, images, supported, shares) = std::thread::scope(|scope| {
             let kvm = scope.spawn(|| Self::setup_kvm(vm.as_ref(), &mem, config.vcpus, &timeline));
             let (images, supported) = if restoring {
                 (Ok(None), Ok(Vec::new()))
@@ -280,13 +281,15 @@ impl Vm {
                     hypervisor.supported_cpuid(),
                 )
             };
+            let shares = start_share_devices(&config);
             let kvm_setup = kvm.join().unwrap_or_else(|_| {
                 Err(VmmError::Hypervisor(HypervisorError::InvalidArgument(
                     "vm setup thread panicked",
                 )))
             });
-            (kvm_setup, images, supported)
+            (kvm_setup, images, supported, shares)
         });
+        let shares = shares?;
         let mut vcpus = kvm_setup?;
         let boot = images?;
         let supported = supported?;
@@ -354,7 +357,7 @@ impl Vm {
         if let Some(vsock) = this.config.vsock.clone() {
             this.add_vsock(vsock.guest_cid, &vsock.uds_path)?;
         }
-        this.add_shares()?;
+        this.add_shares(shares)?;
         if let Some(path) = &this.config.control_socket {
             this.control = Some(crate::control::listen(path)?);
         }
@@ -466,33 +469,15 @@ impl Vm {
         Ok(())
     }
 
-    /// One virtio-fs device per configured share. Every share is checked and opened here,
-    /// so a share the guest cannot get is an error before anything boots.
-    fn add_shares(&mut self) -> Result<(), VmmError> {
-        use crate::devices::fs::{self, Fs, ServerOptions};
-        let shares = share_devices(&self.config);
-        if shares.is_empty() {
-            return Ok(());
-        }
-        let mut steps = SetupSteps::new();
-        fs::validate_shares(&shares)?;
-        let options = ServerOptions {
-            limits: fs::limits_within_fd_budget(shares.len())?,
-            run_as: self.config.share_run_as,
-            guest_owner: self.config.share_guest_owner,
-        };
-        let budget = self
-            .config
-            .share_write_limit
-            .map(|bytes| Arc::new(fs::WriteBudget::new(bytes)));
-        for share in &shares {
-            let device = Arc::new(Mutex::new(Fs::with_budget(share, options, budget.clone())?));
+    /// Put the share devices in the next virtio-mmio slots, in order.
+    fn add_shares(&mut self, devices: Vec<Fs>) -> Result<(), VmmError> {
+        for device in devices {
+            let device = Arc::new(Mutex::new(device));
             self.add_virtio_device(device.clone())?;
             if self.config.share_slots > 0 {
                 self.share_slots.push(device);
             }
         }
-        steps.done("add shares");
         Ok(())
     }
 
@@ -678,6 +663,42 @@ impl Vm {
             cmdline,
         })
     }
+}
+
+/// One virtio-fs device per configured share (and unbound slot). Every share is checked
+/// and opened here, so a share the guest cannot get is an error before anything boots.
+/// The devices' workers open their roots and confine themselves side by side, each
+/// while the next device is made.
+fn start_share_devices(config: &VmConfig) -> Result<Vec<Fs>, VmmError> {
+    use crate::devices::fs::{self, ServerOptions};
+    let shares = share_devices(config);
+    if shares.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut steps = SetupSteps::new();
+    fs::validate_shares(&shares)?;
+    let options = ServerOptions {
+        limits: fs::limits_within_fd_budget(shares.len())?,
+        run_as: config.share_run_as,
+        guest_owner: config.share_guest_owner,
+    };
+    let budget = config
+        .share_write_limit
+        .map(|bytes| Arc::new(fs::WriteBudget::new(bytes)));
+    let mountinfo = fs::share::read_mountinfo()?;
+    let starting = shares
+        .iter()
+        .map(|share| {
+            let prepared = fs::share::prepare_with(share, &mountinfo)?;
+            Fs::start_prepared(prepared, options, budget.clone())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let devices = starting
+        .into_iter()
+        .map(Fs::started)
+        .collect::<Result<Vec<_>, _>>()?;
+    steps.done("start shares");
+    Ok(devices)
 }
 
 /// The virtio-fs devices of `config`, in slot order: its shares, then (with share slots)

@@ -3,7 +3,8 @@
 //! Linux keeps credentials, capabilities and the umask per thread (the umask once the
 //! thread has its own `fs_struct`), and the raw system calls below change only the calling
 //! thread (glibc's wrappers would change every thread of the VMM). Each worker calls
-//! [`confine_current_thread`] before it serves its first request:
+//! [`confine_current_thread`] before it serves its first request (a device's worker opens
+//! its share's root between steps 1 and 2: [`own_fs_struct`], then [`drop_credentials`]):
 //!
 //! 1. `unshare(CLONE_FS)`: its own umask and cwd, then `umask(0)` so the modes the guest
 //!    asks for are applied as given (the policy layer strips set-ID bits first). The rest
@@ -35,6 +36,12 @@ pub struct RunAs {
 
 /// Give the calling thread its own umask (0) and the fewest credentials it can have.
 pub fn confine_current_thread(run_as: Option<RunAs>) -> io::Result<()> {
+    own_fs_struct()?;
+    drop_credentials(run_as)
+}
+
+/// Step 1 alone: the calling thread's own `fs_struct`, umask 0.
+pub fn own_fs_struct() -> io::Result<()> {
     // SAFETY: unshare(2) with CLONE_FS only detaches this thread's cwd/root/umask from the
     // rest of the process; it touches no memory.
     if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
@@ -42,6 +49,11 @@ pub fn confine_current_thread(run_as: Option<RunAs>) -> io::Result<()> {
     }
     // SAFETY: umask(2) cannot fail and now affects only this thread's fs_struct.
     unsafe { libc::umask(0) };
+    Ok(())
+}
+
+/// Steps 2 and 3: the identity of `run_as`, then no capabilities.
+pub fn drop_credentials(run_as: Option<RunAs>) -> io::Result<()> {
     if let Some(id) = run_as {
         switch_identity(id)?;
     }

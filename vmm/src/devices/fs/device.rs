@@ -41,6 +41,9 @@ const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 struct Worker {
     kill: EventFd,
     thread: Option<JoinHandle<()>>,
+    /// The worker's report that it opened the share's root and confined itself, until it
+    /// is taken ([`Fs::started`]).
+    report: Option<Receiver<Result<(), FsError>>>,
     /// Hands the worker its queues at activation (dropped: the worker ends unused).
     serving: Option<SyncSender<Serving>>,
 }
@@ -84,11 +87,37 @@ impl Fs {
         options: ServerOptions,
         budget: Option<Arc<WriteBudget>>,
     ) -> Result<Self, FsError> {
-        let prepared = share::prepare(share)?;
-        Self::from_prepared(prepared, options, budget)
+        Self::start(share, options, budget)?.started()
     }
 
-    pub fn from_prepared(
+    /// [`Fs::with_budget`] without waiting for the worker: it opens the share's root and
+    /// confines itself while the caller goes on (a VM's shares start side by side). The
+    /// device serves nothing before that is done; [`Fs::started`] waits for it and
+    /// reports its failure.
+    pub fn start(
+        share: &FsShareConfig,
+        options: ServerOptions,
+        budget: Option<Arc<WriteBudget>>,
+    ) -> Result<Self, FsError> {
+        let prepared = share::prepare(share)?;
+        Self::start_prepared(prepared, options, budget)
+    }
+
+    /// Wait until the worker has opened the share's root and confined itself.
+    pub fn started(mut self) -> Result<Self, FsError> {
+        let report = self.worker.as_mut().and_then(|w| w.report.take());
+        if let Some(report) = report {
+            report.recv().unwrap_or_else(|_| {
+                Err(FsError::Worker(io::Error::other(
+                    "fs worker ended before it started",
+                )))
+            })?;
+        }
+        Ok(self)
+    }
+
+    /// [`Fs::start`] of a share already prepared (`share::prepare_with`).
+    pub fn start_prepared(
         prepared: PreparedShare,
         options: ServerOptions,
         budget: Option<Arc<WriteBudget>>,
@@ -109,7 +138,9 @@ impl Fs {
         if let Some(dst) = config.get_mut(TAG_LEN..) {
             dst.copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
         }
-        let fs = Self::policy_fs(prepared, options, budget)?;
+        // The worker opens the root, on its own thread with its own umask.
+        let fs =
+            PolicyFs::unimported(prepared, options.limits, owner_map(options))?.with_budget(budget);
         let mut device = Self {
             tag,
             readonly,
@@ -128,26 +159,6 @@ impl Fs {
         // its queues (see `crate::seccomp::threads`).
         device.worker = Some(device.start_worker().map_err(FsError::Worker)?);
         Ok(device)
-    }
-
-    /// The policy layer serving `prepared` with `options`.
-    fn policy_fs(
-        prepared: PreparedShare,
-        options: ServerOptions,
-        budget: Option<Arc<WriteBudget>>,
-    ) -> Result<PolicyFs, FsError> {
-        let owner = options.guest_owner.map(|guest| {
-            let host = match options.run_as {
-                Some(r) => (r.uid, r.gid),
-                // SAFETY: geteuid(2) and getegid(2) have no preconditions and cannot fail.
-                None => unsafe { (libc::geteuid(), libc::getegid()) },
-            };
-            OwnerMap {
-                host,
-                guest: (guest, guest),
-            }
-        });
-        Ok(PolicyFs::new(prepared, options.limits, owner)?.with_budget(budget))
     }
 
     /// Serve `prepared` (with guest owner `guest_owner` and write budget `budget`)
@@ -171,7 +182,9 @@ impl Fs {
             ..self.options
         };
         let readonly = prepared.readonly;
-        let fs = Arc::new(Self::policy_fs(prepared, options, budget)?);
+        let fs = Arc::new(
+            PolicyFs::new(prepared, options.limits, owner_map(options))?.with_budget(budget),
+        );
         let mut rebound = self.rebound.lock().unwrap_or_else(|e| e.into_inner());
         if self.served.load(Ordering::SeqCst) {
             return Err(FsError::AlreadyServing(self.tag.clone()));
@@ -237,45 +250,65 @@ impl Fs {
         }
     }
 
+    /// Start the worker; it reports through [`Worker::report`].
     fn start_worker(&self) -> io::Result<Worker> {
         let kill = EventFd::new(EFD_NONBLOCK)?;
         let worker_kill = kill.try_clone()?;
         let exit = self.exit_evt.try_clone()?;
         let run_as = self.options.run_as;
-        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let root = self.fs.clone();
+        let (report_tx, report_rx) = mpsc::sync_channel(1);
         let (serving_tx, serving_rx) = mpsc::sync_channel(1);
         let thread = thread::Builder::new()
             .name(format!("fs-{}", self.tag))
-            .spawn(move || worker_main(&serving_rx, &worker_kill, &exit, run_as, &ready_tx))?;
-        let ready = ready_rx
-            .recv()
-            .unwrap_or_else(|_| Err(io::Error::other("fs worker ended before it started")));
-        match ready {
-            Ok(()) => Ok(Worker {
-                kill,
-                thread: Some(thread),
-                serving: Some(serving_tx),
-            }),
-            Err(e) => {
-                let _ = thread.join();
-                Err(e)
-            }
-        }
+            .spawn(move || {
+                let started = start_serving(&root, run_as);
+                drop(root);
+                worker_main(started, &serving_rx, &worker_kill, &exit, &report_tx);
+            })?;
+        Ok(Worker {
+            kill,
+            thread: Some(thread),
+            report: Some(report_rx),
+            serving: Some(serving_tx),
+        })
     }
 }
 
-/// The worker thread: confine itself, report, wait for its queues, serve until killed.
+/// The host side of `guest_owner` for a server running with `options`.
+fn owner_map(options: ServerOptions) -> Option<OwnerMap> {
+    options.guest_owner.map(|guest| {
+        let host = match options.run_as {
+            Some(r) => (r.uid, r.gid),
+            // SAFETY: geteuid(2) and getegid(2) have no preconditions and cannot fail.
+            None => unsafe { (libc::geteuid(), libc::getegid()) },
+        };
+        OwnerMap {
+            host,
+            guest: (guest, guest),
+        }
+    })
+}
+
+/// The worker's first steps: its own umask, the share's root opened with the VMM's
+/// credentials (as any later-bound share is), then the fewest credentials it can have.
+fn start_serving(fs: &PolicyFs, run_as: Option<RunAs>) -> Result<(), FsError> {
+    creds::own_fs_struct().map_err(FsError::Worker)?;
+    fs.import_root()?;
+    creds::drop_credentials(run_as).map_err(FsError::Worker)
+}
+
+/// The worker thread: report how its start went, wait for its queues, serve until killed.
 fn worker_main(
+    started: Result<(), FsError>,
     queues: &Receiver<Serving>,
     kill: &EventFd,
     exit: &EventFd,
-    run_as: Option<RunAs>,
-    ready: &SyncSender<io::Result<()>>,
+    report: &SyncSender<Result<(), FsError>>,
 ) {
-    let confined = creds::confine_current_thread(run_as);
-    let ok = confined.is_ok();
+    let ok = started.is_ok();
     // The receiver waits for exactly this message.
-    let _ = ready.send(confined);
+    let _ = report.send(started);
     if !ok {
         return;
     }

@@ -171,6 +171,30 @@ impl PolicyFs {
         limits: FsLimits,
         owner: Option<OwnerMap>,
     ) -> Result<Self, FsError> {
+        let fs = Self::unimported(share, limits, owner)?;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    super::creds::own_fs_struct().map_err(FsError::Worker)?;
+                    fs.import_root()
+                })
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(FsError::Worker(io::Error::other(
+                        "importing the share root panicked",
+                    )))
+                })
+        })?;
+        Ok(fs)
+    }
+
+    /// The passthrough behind the policy, its root not yet opened: serves nothing until
+    /// [`PolicyFs::import_root`] has run.
+    pub(super) fn unimported(
+        share: PreparedShare,
+        limits: FsLimits,
+        owner: Option<OwnerMap>,
+    ) -> Result<Self, FsError> {
         if limits.max_inodes == 0 || limits.max_handles == 0 {
             return Err(FsError::InvalidLimits {
                 max_inodes: limits.max_inodes,
@@ -207,11 +231,6 @@ impl PolicyFs {
             source,
         };
         let inner = PassthroughFs::<()>::new(cfg).map_err(failed)?;
-        import_root(&inner).map_err(failed)?;
-        let (st, _) = inner.getattr(&SERVER_CTX, ROOT_ID, None).map_err(failed)?;
-        if stat_id(&st) != share.root_id {
-            return Err(FsError::RootChanged(share.root.clone()));
-        }
         Ok(Self {
             inner,
             share,
@@ -220,6 +239,26 @@ impl PolicyFs {
             budget: None,
             state: Mutex::new(State::default()),
         })
+    }
+
+    /// Open the share's root in the passthrough and check it is the directory the share
+    /// was prepared with. Only on a thread with its own `fs_struct`
+    /// (`unshare(CLONE_FS)`): the passthrough's import sets the umask to 0, which must not
+    /// leak into the rest of the VMM.
+    pub(super) fn import_root(&self) -> Result<(), FsError> {
+        let failed = |source| FsError::Passthrough {
+            path: self.share.root.clone(),
+            source,
+        };
+        self.inner.import().map_err(failed)?;
+        let (st, _) = self
+            .inner
+            .getattr(&SERVER_CTX, ROOT_ID, None)
+            .map_err(failed)?;
+        if stat_id(&st) != self.share.root_id {
+            return Err(FsError::RootChanged(self.share.root.clone()));
+        }
+        Ok(())
     }
 
     /// Writes, extensions and allocations take from `budget` first (`ENOSPC` past it).
@@ -460,25 +499,6 @@ impl PolicyFs {
             NameState::Absent | NameState::Denied => Err(err(libc::ENOENT)),
         }
     }
-}
-
-/// Open the share's root in the passthrough from a short-lived thread with its own
-/// `fs_struct`: the passthrough's import sets the umask to 0, which must not leak into the
-/// rest of the VMM.
-fn import_root(inner: &PassthroughFs<()>) -> io::Result<()> {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: unshare(2) with CLONE_FS detaches this thread's cwd/root/umask from
-                // the process; it touches no memory.
-                if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                inner.import()
-            })
-            .join()
-            .map_err(|_| io::Error::other("importing the share root panicked"))?
-    })
 }
 
 fn stat_id(st: &stat64) -> InodeId {

@@ -124,6 +124,19 @@ pub(crate) fn check_allowlist(share: &FsShareConfig) -> Result<(), FsError> {
 
 /// Check a share's config and resolve its paths.
 pub fn prepare(share: &FsShareConfig) -> Result<PreparedShare, FsError> {
+    prepare_with(share, &read_mountinfo()?)
+}
+
+/// The host's mount table, for [`prepare_with`].
+pub fn read_mountinfo() -> Result<String, FsError> {
+    fs::read_to_string(MOUNTINFO).map_err(|source| FsError::HostPath {
+        path: PathBuf::from(MOUNTINFO),
+        source,
+    })
+}
+
+/// [`prepare`] against `mountinfo` ([`read_mountinfo`]): a VM's shares read it once.
+pub fn prepare_with(share: &FsShareConfig, mountinfo: &str) -> Result<PreparedShare, FsError> {
     check_tag(&share.tag)?;
     check_guest_path(share)?;
     check_allowlist(share)?;
@@ -142,11 +155,7 @@ pub fn prepare(share: &FsShareConfig) -> Result<PreparedShare, FsError> {
     for path in &share.denied {
         add_denied(&mut denied, &root, path)?;
     }
-    let mountinfo = fs::read_to_string(MOUNTINFO).map_err(|source| FsError::HostPath {
-        path: PathBuf::from(MOUNTINFO),
-        source,
-    })?;
-    hide_mount_points(&mut denied, &root, &mountinfo)?;
+    hide_mount_points(&mut denied, &root, mountinfo)?;
     if let Some(allowed) = &share.root_allowlist {
         deny_all_but(&mut denied, &root, InodeId::of(&md), allowed)?;
     }

@@ -512,3 +512,33 @@ fn a_slot_can_be_bound_only_to_a_share_of_its_own_tag() {
         .unwrap_err();
     assert!(matches!(err, FsError::RebindTag { .. }), "{err}");
 }
+
+#[test]
+fn a_share_root_replaced_after_it_was_prepared_is_refused_by_the_starting_worker() {
+    use crate::devices::fs::filter::PolicyFs;
+    use crate::devices::fs::{share, ServerOptions};
+    let parent = TempDir::new();
+    let root = parent.root().join("share");
+    std::fs::create_dir(&root).unwrap();
+    let config = share_of(&root, false, &[]);
+    let prepared = share::prepare_with(&config, &share::read_mountinfo().unwrap()).unwrap();
+    let again = share::prepare(&config).unwrap();
+    // Another directory now stands where the prepared one was.
+    std::fs::rename(&root, parent.root().join("moved")).unwrap();
+    std::fs::create_dir(&root).unwrap();
+
+    // Started side by side (the worker opens the root): the failure comes with `started`.
+    let starting = Fs::start_prepared(prepared, ServerOptions::default(), None).unwrap();
+    let err = starting.started().unwrap_err();
+    // Opened on a short-lived thread (a share bound later).
+    let direct = PolicyFs::new(again, FsLimits::default(), None).unwrap_err();
+
+    assert!(
+        matches!(err, FsError::RootChanged(ref p) if *p == root),
+        "{err}"
+    );
+    assert!(
+        matches!(direct, FsError::RootChanged(ref p) if *p == root),
+        "{direct}"
+    );
+}
