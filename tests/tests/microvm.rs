@@ -342,6 +342,23 @@ fn signals_stop_the_vm_and_leave_nothing() {
                     .any(|l| l.split_whitespace().eq(["Seccomp:", "2"])),
                 "the VMM runs without its seccomp filter:\n{status}"
             );
+            // Every thread adds its own list to the process-wide ones: the device loop
+            // at once, an fs worker when the guest first uses its share, so the one
+            // that served the shell's files (the system view) has as many as the loop.
+            let filters = thread_filters(vmm[0]);
+            let count = |name: &str| filters.iter().find(|(n, _)| n == name).map(|f| f.1);
+            let own = count("mxc-devices").expect("the device loop thread");
+            let workers: Vec<u32> = filters
+                .iter()
+                .filter(|(n, _)| n.starts_with("fs-mxcfs"))
+                .map(|f| f.1)
+                .collect();
+            assert!(own >= 2, "{filters:?}");
+            assert!(
+                workers.contains(&own),
+                "no fs worker filtered itself after serving: {filters:?}"
+            );
+            assert!(workers.iter().all(|&n| n + 1 >= own), "{filters:?}");
         },
     );
     let booting = tests::signal_a_run(
@@ -384,6 +401,30 @@ fn signals_stop_the_vm_and_leave_nothing() {
             "{name}"
         );
     }
+}
+
+/// `(thread name, Seccomp_filters)` of each thread of process `pid`.
+fn thread_filters(pid: u32) -> Vec<(String, u32)> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_owned())
+        };
+        if let Some(comm) = field("Name:") {
+            let n = field("Seccomp_filters:").and_then(|v| v.parse().ok());
+            found.push((comm, n.unwrap_or(0)));
+        }
+    }
+    found
 }
 
 /// The escape suite's attacks on host files and the host's network (tests/src/escape.rs,

@@ -6,8 +6,9 @@
 //!
 //! A thread installs its own list when it starts its work ([`enter`]); threads it
 //! starts afterwards inherit the list, so every thread that starts others does so before
-//! it enters (the fs workers are started when their device is made, and wait for their
-//! queues). The lists are compiled once per process, on first use, and only after
+//! it enters (the fs workers are started when their device is made, and enter when the
+//! guest first notifies their queues, before they read anything the guest wrote). The
+//! lists are compiled once per process, on first use, and only after
 //! [`enable`] (the `__vmm` process; tests and embedders that do not call it run
 //! unfiltered).
 

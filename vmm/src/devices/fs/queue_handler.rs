@@ -121,8 +121,14 @@ impl Serving {
         }
     }
 
-    /// Serve until `kill` is signalled.
-    pub(crate) fn run(&mut self, kill: &EventFd) -> io::Result<()> {
+    /// Serve until `kill` is signalled. `confine` runs once, when a queue is first
+    /// notified, before anything of the guest's is read; its failure ends the serving.
+    pub(crate) fn run(
+        &mut self,
+        kill: &EventFd,
+        confine: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut confine = Some(confine);
         let epoll = Epoll::new()?;
         epoll.ctl(
             ControlOperation::Add,
@@ -147,6 +153,9 @@ impl Serving {
                 match Token::from_u64(event.data()) {
                     Token::Kill => return Ok(()),
                     Token::Queue(i) => {
+                        if let Some(confine) = confine.take() {
+                            confine()?;
+                        }
                         self.drain_notify(i);
                         if self.process_queue(i) {
                             self.signal_used();
