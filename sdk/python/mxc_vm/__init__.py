@@ -128,8 +128,17 @@ class Client:
             body = json.dumps(json_body).encode()
             headers["Content-Type"] = "application/json"
         conn = self._connection()
-        conn.request(method, path, body=body, headers=headers)
-        resp = conn.getresponse()
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+        except BaseException:
+            conn.close()
+            raise
+        # One connection per request: the response owns the socket from here, and the
+        # descriptor goes when the response is read to its end or closed.
+        if conn.sock is not None:
+            sock, conn.sock = conn.sock, None
+            sock.close()
         _raise_for(resp)
         return resp
 

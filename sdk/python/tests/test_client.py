@@ -42,11 +42,26 @@ class ServeTest(unittest.TestCase):
     def tearDownClass(cls):
         cls.server.send_signal(signal.SIGTERM)
         code = cls.server.wait(timeout=30)
+        cls.server.stdout.close()
         shutil.rmtree(cls.dir, ignore_errors=True)
         assert code == 128 + signal.SIGTERM, code
 
     def test_health(self):
         self.assertEqual(self.client.health(), {"status": "ok"})
+
+    def test_a_request_closes_its_socket_when_its_response_ends(self):
+        import gc
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            for _ in range(3):
+                self.client.health()
+            with self.assertRaises(MxcVmError):
+                self.client.sandbox("no-such-sandbox")
+            gc.collect()
+        unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+        self.assertEqual(unclosed, [])
 
     def test_exec_streams_output_and_passes_stdin_and_exit_codes(self):
         for backend in ("process", "bubblewrap"):
