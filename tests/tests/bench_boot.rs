@@ -71,3 +71,72 @@ fn zero_runs_is_refused() {
     assert_eq!(code(&out), 125);
     assert!(stderr(&out).contains("--runs must be at least 1"));
 }
+
+#[test]
+fn snapshot_until_first_entry_times_the_restore_alone() {
+    // The ready snapshot is made first when missing (a boot to Ready, not measured).
+    let out = mxc_vm(&[
+        "bench",
+        "boot",
+        "--snapshot",
+        "--until",
+        "first-entry",
+        "--runs",
+        "2",
+        "--json",
+    ]);
+
+    assert_eq!(
+        code(&out),
+        0,
+        "stdout: {}\nstderr: {}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let series = report["series"].as_array().unwrap();
+    assert_eq!(series.len(), 2, "{report}");
+    let restored = &series[1];
+    let stages: Vec<&str> = restored["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            "setup_start",
+            "vm_created",
+            "first_vcpu_entry",
+            "vm_gone",
+            "process_exit"
+        ],
+        "{restored}"
+    );
+    let runs = restored["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    assert!(
+        runs.iter().all(|r| r["exit_reason"] == "killed"),
+        "{restored}"
+    );
+    let goal = report["goals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["goal"].as_str().unwrap().starts_with("restore_setup"))
+        .unwrap();
+    assert!(goal["p50_ms"].as_f64().unwrap() > 0.0, "{goal}");
+}
+
+#[test]
+fn snapshot_until_ready_is_refused() {
+    let out = mxc_vm(&["bench", "boot", "--snapshot", "--until", "ready"]);
+
+    assert_eq!(code(&out), 125);
+    assert!(
+        stderr(&out).contains("not --until ready"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -82,17 +82,12 @@ fn one_vm_runs_many_checks_through_the_lifecycle() {
             .map(str::trim)
             .collect();
         assert_eq!(interfaces, ["lo"], "{dev}");
-        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .flatten()
-        {
-            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            if comm.starts_with("mxc-devices") || comm.starts_with("fs-") {
-                let status = std::fs::read_to_string(task.path().join("status")).unwrap();
-                assert!(
-                    status.contains("CapEff:\t0000000000000000"),
-                    "{}: {status}",
-                    comm.trim()
+        for (name, status) in thread_statuses(pid) {
+            if name.starts_with("mxc-devices") || name.starts_with("fs-") {
+                assert_eq!(
+                    status_field(&status, "CapEff:").as_deref(),
+                    Some("0000000000000000"),
+                    "{name}: {status}"
                 );
             }
         }
@@ -336,10 +331,9 @@ fn signals_stop_the_vm_and_leave_nothing() {
             let vmm = pids_with(&format!("mxc-vm-{pid}-"));
             assert_eq!(vmm.len(), 1, "one VMM process: {vmm:?}");
             let status = std::fs::read_to_string(format!("/proc/{}/status", vmm[0])).unwrap();
-            assert!(
-                status
-                    .lines()
-                    .any(|l| l.split_whitespace().eq(["Seccomp:", "2"])),
+            assert_eq!(
+                status_field(&status, "Seccomp:").as_deref(),
+                Some("2"),
                 "the VMM runs without its seccomp filter:\n{status}"
             );
             // Every thread adds its own list to the process-wide ones: the device loop
@@ -405,26 +399,32 @@ fn signals_stop_the_vm_and_leave_nothing() {
 
 /// `(thread name, Seccomp_filters)` of each thread of process `pid`.
 fn thread_filters(pid: u32) -> Vec<(String, u32)> {
-    let mut found = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+    thread_statuses(pid)
+        .into_iter()
+        .map(|(name, status)| {
+            let n = status_field(&status, "Seccomp_filters:").and_then(|v| v.parse().ok());
+            (name, n.unwrap_or(0))
+        })
+        .collect()
+}
+
+/// `(thread name, /proc status text)` of each thread of process `pid` (a thread that
+/// ended while they were read left out).
+fn thread_statuses(pid: u32) -> Vec<(String, String)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
-    {
-        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
-            continue;
-        };
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(|v| v.trim().to_owned())
-        };
-        if let Some(comm) = field("Name:") {
-            let n = field("Seccomp_filters:").and_then(|v| v.parse().ok());
-            found.push((comm, n.unwrap_or(0)));
-        }
-    }
-    found
+        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+        .filter_map(|status| Some((status_field(&status, "Name:")?, status)))
+        .collect()
+}
+
+/// The value of field `name` (with its colon) in a `/proc/PID/status` text.
+fn status_field(status: &str, name: &str) -> Option<String> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(|v| v.trim().to_owned())
 }
 
 /// The escape suite's attacks on host files and the host's network (tests/src/escape.rs,

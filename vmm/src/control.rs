@@ -129,10 +129,12 @@ impl ShareSlots {
             }
         }
         fs::validate_shares(shares)?;
-        // The servers keep the limits their slots were made with.
+        // The servers keep the limits their slots were made with. One read of the host's
+        // mount table for all the shares, as at a VM's start.
+        let mountinfo = fs::share::read_mountinfo()?;
         let prepared = shares
             .iter()
-            .map(fs::share::prepare)
+            .map(|share| fs::share::prepare_with(share, &mountinfo))
             .collect::<Result<Vec<_>, _>>()?;
         self.bound = true;
         let budget = write_limit.map(|bytes| Arc::new(WriteBudget::new(bytes)));

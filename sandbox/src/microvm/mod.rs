@@ -536,43 +536,10 @@ fn sweep_stale_runtime_dirs(base: &Path) -> usize {
     removed
 }
 
-impl Backend for MicrovmBackend {
-    fn name(&self) -> &'static str {
-        "microvm"
-    }
-
-    /// The VMM: the VM and every exec in it end with it.
-    fn root_pid(&self) -> Option<u32> {
-        self.vmm.as_ref().and_then(|v| u32::try_from(v.pid()).ok())
-    }
-
-    fn provision(&mut self, spec: &SandboxSpec) -> Result<(), SandboxError> {
-        vmm_process::prepare_vmm_namespaces();
-        self.files = check_enforceable(spec, &self.opts.system)?;
-        crate::host::kvm_kind().map_err(|reason| SandboxError::Unavailable {
-            backend: "microvm",
-            reason,
-        })?;
-        let (kernel, initrd) = self.image_paths()?;
-        for p in [&kernel, &initrd] {
-            if !p.is_file() {
-                return Err(SandboxError::Unavailable {
-                    backend: "microvm",
-                    reason: format!("{} does not exist", p.display()),
-                });
-            }
-        }
-        let network = net::VmNet::provision(spec)?;
-        let runtime = make_runtime_dir(&spec.id)?;
-        self.net = network;
-        self.runtime = Some(runtime);
-        self.spec = Some(spec.clone());
-        self.opts.kernel = Some(kernel);
-        self.opts.initrd = Some(initrd);
-        Ok(())
-    }
-
-    fn start(&mut self) -> Result<(), SandboxError> {
+impl MicrovmBackend {
+    /// The config of the VMM [`Backend::start`] spawns for the provisioned spec, and how
+    /// it goes on (boot or restore, save the ready snapshot, or nothing to do).
+    fn vmm_config(&mut self) -> Result<(vmm::VmConfig, Start), SandboxError> {
         let (Some(spec), Some(runtime), Some(kernel), Some(initrd)) = (
             &self.spec,
             &self.runtime,
@@ -625,11 +592,31 @@ impl Backend for MicrovmBackend {
             uds_path: runtime.join("vsock.sock"),
         });
         let runtime = runtime.clone();
-        let saving = match self.plan_snapshot(&mut config, &runtime)? {
-            Start::SnapshotUpToDate => return Ok(()),
-            Start::Save => true,
-            Start::Boot => false,
+        let plan = self.plan_snapshot(&mut config, &runtime)?;
+        Ok((config, plan))
+    }
+
+    /// The config of the VMM that [`Backend::start`] would spawn to restore this VM from
+    /// the ready snapshot, and the runtime directory it lives in; `None` when `start`
+    /// would boot the kernel instead (`cold`, no usable snapshot: the line saying why has
+    /// been printed). After `provision`; for benchmarks that spawn and time the VMM
+    /// themselves (`bench boot --snapshot --until first-entry`).
+    pub fn restore_config(&mut self) -> Result<Option<(vmm::VmConfig, PathBuf)>, SandboxError> {
+        let (config, _) = self.vmm_config()?;
+        let restoring = matches!(config.snapshot, Some(vmm::SnapshotMode::Restore(_)));
+        Ok(restoring
+            .then(|| self.runtime.clone())
+            .flatten()
+            .map(|dir| (config, dir)))
+    }
+
+    /// Spawn the VMM with `config` and wait for its agent's Ready (or, `saving`, for the
+    /// VMM to save the ready snapshot and end).
+    fn spawn_vmm(&mut self, mut config: vmm::VmConfig, saving: bool) -> Result<(), SandboxError> {
+        let Some(runtime) = self.runtime.clone() else {
+            return Err(SandboxError::Lifecycle("start before provision"));
         };
+        let console_log = runtime.join(CONSOLE_LOG);
         if let Some(pool) = &self.opts.pool {
             let warm = match (self.timeline.restored, &config.snapshot) {
                 (true, Some(vmm::SnapshotMode::Restore(dir))) => pool.take(dir),
@@ -754,6 +741,53 @@ impl Backend for MicrovmBackend {
             }
             std::thread::sleep(poll);
         }
+    }
+}
+
+impl Backend for MicrovmBackend {
+    fn name(&self) -> &'static str {
+        "microvm"
+    }
+
+    /// The VMM: the VM and every exec in it end with it.
+    fn root_pid(&self) -> Option<u32> {
+        self.vmm.as_ref().and_then(|v| u32::try_from(v.pid()).ok())
+    }
+
+    fn provision(&mut self, spec: &SandboxSpec) -> Result<(), SandboxError> {
+        vmm_process::prepare_vmm_namespaces();
+        self.files = check_enforceable(spec, &self.opts.system)?;
+        crate::host::kvm_kind().map_err(|reason| SandboxError::Unavailable {
+            backend: "microvm",
+            reason,
+        })?;
+        let (kernel, initrd) = self.image_paths()?;
+        for p in [&kernel, &initrd] {
+            if !p.is_file() {
+                return Err(SandboxError::Unavailable {
+                    backend: "microvm",
+                    reason: format!("{} does not exist", p.display()),
+                });
+            }
+        }
+        let network = net::VmNet::provision(spec)?;
+        let runtime = make_runtime_dir(&spec.id)?;
+        self.net = network;
+        self.runtime = Some(runtime);
+        self.spec = Some(spec.clone());
+        self.opts.kernel = Some(kernel);
+        self.opts.initrd = Some(initrd);
+        Ok(())
+    }
+
+    fn start(&mut self) -> Result<(), SandboxError> {
+        let (config, plan) = self.vmm_config()?;
+        let saving = match plan {
+            Start::SnapshotUpToDate => return Ok(()),
+            Start::Save => true,
+            Start::Boot => false,
+        };
+        self.spawn_vmm(config, saving)
     }
 
     fn exec(

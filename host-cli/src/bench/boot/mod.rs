@@ -93,14 +93,15 @@ enum Vmm {
     OursReset,
     /// QEMU booting the same.
     QemuReset,
-    /// Our VMM started from the ready snapshot, to the first output (`--snapshot`).
-    Restored,
+    /// Our VMM started from the ready snapshot (`--snapshot`): to the first output, or
+    /// to its first vCPU entry or exit (`--until`).
+    Restored(BootUntil),
 }
 
 impl Vmm {
     fn program(self) -> &'static str {
         match self {
-            Vmm::Ours(_) | Vmm::OursReset | Vmm::Restored => "mxc-vm",
+            Vmm::Ours(_) | Vmm::OursReset | Vmm::Restored(_) => "mxc-vm",
             Vmm::Qemu | Vmm::QemuReset => "qemu",
         }
     }
@@ -110,7 +111,9 @@ impl Vmm {
             Vmm::Ours(u) => until_name(u),
             Vmm::Qemu => "ready",
             Vmm::OursReset | Vmm::QemuReset => "first-instruction-reset",
-            Vmm::Restored => "restored-output",
+            Vmm::Restored(BootUntil::Output) => "restored-output",
+            Vmm::Restored(BootUntil::FirstExit) => "restored-first-exit",
+            Vmm::Restored(_) => "restored-first-entry",
         }
     }
 }
@@ -232,7 +235,22 @@ fn boot_direct(setup: &Setup, until: BootUntil, reset: bool, n: usize) -> Result
         BootUntil::Ready | BootUntil::Output => (None, vmm::ExitReason::GuestReset),
     };
     config.stop_at = stop_at;
-    let (mut cmd, files) = sandbox::microvm::vmm_command(&config, &dir, false, Some(&setup.exe))?;
+    let profile_log = setup.profile_log.as_ref().filter(|_| !reset);
+    let boot = run_vmm(setup, &config, &dir, expected, profile_log)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(boot)
+}
+
+/// Spawn our VMM with `config` (its files in `dir`), reap it and read its report: it must
+/// have ended with `expected`. With `profile_log` its console log is kept there.
+fn run_vmm(
+    setup: &Setup,
+    config: &vmm::VmConfig,
+    dir: &Path,
+    expected: vmm::ExitReason,
+    profile_log: Option<&PathBuf>,
+) -> Result<Boot, Failure> {
+    let (mut cmd, files) = sandbox::microvm::vmm_command(config, dir, false, Some(&setup.exe))?;
     let (report_path, log_path) = (files.report, files.log);
     let child = cmd
         .spawn()
@@ -270,11 +288,10 @@ fn boot_direct(setup: &Setup, until: BootUntil, reset: bool, n: usize) -> Result
         &report,
         &[(BootStage::ProcessExit, anchor.mono_ns(reaped.exited_at))],
     );
-    if let Some(keep) = setup.profile_log.as_ref().filter(|_| !reset) {
+    if let Some(keep) = profile_log {
         std::fs::copy(dir.join("console.log"), keep)
             .map_err(|e| Failure::new(format!("no kernel log of the profiled boot: {e}")))?;
     }
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(Boot {
         timeline,
         rss_kib: Some(reaped.max_rss_kib),
@@ -432,7 +449,8 @@ fn boot_qemu(setup: &Setup, reset: bool, n: usize) -> Result<Boot, Failure> {
 fn boot_once(setup: &Setup, vmm: Vmm, n: usize) -> Result<Boot, Failure> {
     match vmm {
         Vmm::Ours(BootUntil::Output) => boot_lifecycle(setup, n, snapshot::Start::Cold),
-        Vmm::Restored => boot_lifecycle(setup, n, snapshot::Start::Restore),
+        Vmm::Restored(BootUntil::Output) => boot_lifecycle(setup, n, snapshot::Start::Restore),
+        Vmm::Restored(until) => snapshot::restore_direct(setup, until, n),
         Vmm::Ours(until) => boot_direct(setup, until, false, n),
         Vmm::OursReset => boot_direct(setup, BootUntil::Ready, true, n),
         Vmm::Qemu => boot_qemu(setup, false, n),
@@ -448,8 +466,11 @@ fn series_for(args: &BenchBootArgs, qemu_name: &str) -> Vec<Series> {
     }];
     if args.snapshot {
         list.push(Series {
-            name: "mxc-vm restored from the ready snapshot (output)".into(),
-            vmm: Vmm::Restored,
+            name: format!(
+                "mxc-vm restored from the ready snapshot ({})",
+                until_name(args.until)
+            ),
+            vmm: Vmm::Restored(args.until),
             boots: vec![],
         });
     }
@@ -617,7 +638,7 @@ fn print_text(setup: &Setup, args: &BenchBootArgs, host: &HostKind, series: &[Se
     );
     for s in series
         .iter()
-        .filter(|s| matches!(s.vmm, Vmm::Ours(_) | Vmm::Restored))
+        .filter(|s| matches!(s.vmm, Vmm::Ours(_) | Vmm::Restored(_)))
     {
         let _ = writeln!(
             out,
@@ -647,7 +668,10 @@ fn print_text(setup: &Setup, args: &BenchBootArgs, host: &HostKind, series: &[Se
                 "VMM peak RSS: p50 {:.1} MiB, max {:.1} MiB ({})\n",
                 rss.p50_kib / 1024.0,
                 rss.max_kib / 1024.0,
-                if matches!(s.vmm, Vmm::Ours(BootUntil::Output) | Vmm::Restored) {
+                if matches!(
+                    s.vmm,
+                    Vmm::Ours(BootUntil::Output) | Vmm::Restored(BootUntil::Output)
+                ) {
                     "VmHWM just before the VM ends"
                 } else {
                     "ru_maxrss of the reaped process"
@@ -880,9 +904,11 @@ pub fn run(mut args: BenchBootArgs) -> Result<i32, Failure> {
         .file_name()
         .map_or("qemu".into(), |n| n.to_string_lossy().into_owned());
     if args.snapshot {
-        if args.until != BootUntil::Output {
+        if args.until == BootUntil::Ready {
             return Err(Failure::new(
-                "--snapshot compares first outputs: it needs --until output (the default)",
+                "--snapshot starts VMs at the agent's Ready: it compares first outputs \
+                 (--until output, the default) or the VMM's own setup (first-entry, \
+                 first-exit), not --until ready",
             ));
         }
         snapshot::prepare(&setup)?;

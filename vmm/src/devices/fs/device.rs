@@ -87,20 +87,7 @@ impl Fs {
         options: ServerOptions,
         budget: Option<Arc<WriteBudget>>,
     ) -> Result<Self, FsError> {
-        Self::start(share, options, budget)?.started()
-    }
-
-    /// [`Fs::with_budget`] without waiting for the worker: it opens the share's root and
-    /// confines itself while the caller goes on (a VM's shares start side by side). The
-    /// device serves nothing before that is done; [`Fs::started`] waits for it and
-    /// reports its failure.
-    pub fn start(
-        share: &FsShareConfig,
-        options: ServerOptions,
-        budget: Option<Arc<WriteBudget>>,
-    ) -> Result<Self, FsError> {
-        let prepared = share::prepare(share)?;
-        Self::start_prepared(prepared, options, budget)
+        Self::start_prepared(share::prepare(share)?, options, budget)?.started()
     }
 
     /// Wait until the worker has opened the share's root and confined itself.
@@ -116,7 +103,10 @@ impl Fs {
         Ok(self)
     }
 
-    /// [`Fs::start`] of a share already prepared (`share::prepare_with`).
+    /// [`Fs::with_budget`] of a share already prepared (`share::prepare_with`), without
+    /// waiting for the worker: it opens the share's root and confines itself while the
+    /// caller goes on (a VM's shares start side by side). The device serves nothing before
+    /// that is done; [`Fs::started`] waits for it and reports its failure.
     pub fn start_prepared(
         prepared: PreparedShare,
         options: ServerOptions,
@@ -290,10 +280,10 @@ fn owner_map(options: ServerOptions) -> Option<OwnerMap> {
     })
 }
 
-/// The worker's first steps: its own umask, the share's root opened with the VMM's
-/// credentials (as any later-bound share is), then the fewest credentials it can have.
+/// The worker's first steps: the share's root opened with the VMM's credentials (as any
+/// later-bound share is) and the worker's own umask, then the fewest credentials it can
+/// have.
 fn start_serving(fs: &PolicyFs, run_as: Option<RunAs>) -> Result<(), FsError> {
-    creds::own_fs_struct().map_err(FsError::Worker)?;
     fs.import_root()?;
     creds::drop_credentials(run_as).map_err(FsError::Worker)
 }

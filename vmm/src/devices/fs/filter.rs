@@ -173,17 +173,11 @@ impl PolicyFs {
     ) -> Result<Self, FsError> {
         let fs = Self::unimported(share, limits, owner)?;
         std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    super::creds::own_fs_struct().map_err(FsError::Worker)?;
-                    fs.import_root()
-                })
-                .join()
-                .unwrap_or_else(|_| {
-                    Err(FsError::Worker(io::Error::other(
-                        "importing the share root panicked",
-                    )))
-                })
+            scope.spawn(|| fs.import_root()).join().unwrap_or_else(|_| {
+                Err(FsError::Worker(io::Error::other(
+                    "importing the share root panicked",
+                )))
+            })
         })?;
         Ok(fs)
     }
@@ -242,10 +236,12 @@ impl PolicyFs {
     }
 
     /// Open the share's root in the passthrough and check it is the directory the share
-    /// was prepared with. Only on a thread with its own `fs_struct`
+    /// was prepared with. The calling thread first takes its own `fs_struct`
     /// (`unshare(CLONE_FS)`): the passthrough's import sets the umask to 0, which must not
-    /// leak into the rest of the VMM.
+    /// leak into the rest of the VMM. Run it on a thread of its own (a worker, or the
+    /// short-lived one of [`PolicyFs::new`]).
     pub(super) fn import_root(&self) -> Result<(), FsError> {
+        super::creds::own_fs_struct().map_err(FsError::Worker)?;
         let failed = |source| FsError::Passthrough {
             path: self.share.root.clone(),
             source,
