@@ -211,14 +211,16 @@ def link_or_copy(src, dst):
 
 
 def snapshot(out, repo, bins):
-    """Hard links (else copies) of the test executables, target/debug/mxc-vm (which the
-    tests look for next to their deps/ directory) and the guest agent under
+    """Hard links (else copies) of the test executables, target/debug/mxc-vm and the
+    mxc-vmm beside it (which the tests look for next to their deps/ directory) and the
+    guest agent under
     out/bin/, so that a cargo build running meanwhile cannot change them under the
     nested host. Returns the new [(name, path)] and the agent's path (or None)."""
     root = out / "bin"
     shutil.rmtree(root, ignore_errors=True)
     (root / "deps").mkdir(parents=True)
-    link_or_copy(Path(repo) / "target/debug/mxc-vm", root / "mxc-vm")
+    for exe in ("mxc-vm", "mxc-vmm"):
+        link_or_copy(Path(repo) / "target/debug" / exe, root / exe)
     new = []
     for name, exe in bins:
         dst = root / "deps" / Path(exe).name
@@ -232,11 +234,17 @@ def snapshot(out, repo, bins):
 
 
 def snapshot_bench(out, binary):
-    """The release mxc-vm the boot benchmark runs, frozen like the rest."""
+    """The release mxc-vm the boot benchmark runs and the mxc-vmm beside it, frozen like
+    the rest (in a directory of their own: mxc-vm starts the mxc-vmm beside it)."""
     if not binary:
         return None
-    dst = out / "bin" / "mxc-vm-release"
+    release = out / "bin" / "release"
+    release.mkdir(parents=True, exist_ok=True)
+    dst = release / "mxc-vm"
     link_or_copy(binary, dst)
+    vmm = Path(binary).with_name("mxc-vmm")
+    if vmm.is_file():
+        link_or_copy(str(vmm), release / "mxc-vmm")
     return str(dst)
 
 

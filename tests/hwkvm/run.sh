@@ -68,7 +68,7 @@ if [ -z "${MXC_VM_GUEST_AGENT:-}" ]; then
   export MXC_VM_GUEST_AGENT="$repo/target/x86_64-unknown-linux-gnu/release-guest/guest-agent"
 fi
 cargo build --locked -p host-cli
-[ ${#bench[@]} -eq 0 ] || cargo build --release --locked -p host-cli
+[ ${#bench[@]} -eq 0 ] || ./scripts/build-release.sh
 ./target/debug/mxc-vm image build
 # The image cache directory inside is the one found here (HOME there is /root).
 if [ -z "${MXC_VM_CACHE_DIR:-}" ]; then

@@ -35,7 +35,7 @@ impl HostState {
             }
             let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
             let comm = comm.trim();
-            if ["mxc-vm", "mxc-vm-sandbox", "bwrap"].contains(&comm) {
+            if ["mxc-vm", "mxc-vmm", "mxc-vm-sandbox", "bwrap"].contains(&comm) {
                 processes.insert(format!("{pid} {comm}"));
             }
         }

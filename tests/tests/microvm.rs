@@ -336,6 +336,8 @@ fn signals_stop_the_vm_and_leave_nothing() {
                 Some("2"),
                 "the VMM runs without its seccomp filter:\n{status}"
             );
+            // The VMM-only binary beside mxc-vm runs it.
+            assert_eq!(status_field(&status, "Name:").as_deref(), Some("mxc-vmm"));
             // Every thread adds its own list to the process-wide ones: the device loop
             // at once, an fs worker when the guest first uses its share, so the one
             // that served the shell's files (the system view) has as many as the loop.

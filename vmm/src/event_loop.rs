@@ -84,8 +84,13 @@ impl EventLoop {
         self.manager.add_subscriber(subscriber);
     }
 
-    /// Run the loop on its own thread. A loop failure ends the VM through `exit`.
-    pub fn spawn(mut self, exit: Arc<VmExit>) -> Result<EventLoopHandle, EventLoopError> {
+    /// Run the loop on its own thread, after `first` (run there once it is under its
+    /// seccomp list). A loop failure ends the VM through `exit`.
+    pub fn spawn(
+        mut self,
+        exit: Arc<VmExit>,
+        first: impl FnOnce() + Send + 'static,
+    ) -> Result<EventLoopHandle, EventLoopError> {
         let kill = self.kill.try_clone().map_err(EventLoopError::KillEvent)?;
         let stop = self.stop.clone();
         let thread = std::thread::Builder::new()
@@ -97,6 +102,7 @@ impl EventLoop {
                     exit.request(Err(VmFailure::Seccomp(e)));
                     return;
                 }
+                first();
                 while !self.stop.load(Ordering::SeqCst) {
                     if let Err(e) = self.manager.run() {
                         exit.request(Err(VmFailure::EventLoop(e)));
@@ -157,7 +163,7 @@ mod tests {
             seen: tx,
         })));
         let exit = Arc::new(VmExit::new().unwrap());
-        let handle = event_loop.spawn(exit.clone()).unwrap();
+        let handle = event_loop.spawn(exit.clone(), || {}).unwrap();
 
         evt.write(5).unwrap();
         let seen = rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();

@@ -573,7 +573,20 @@ impl Vm {
             )?;
         }
 
-        let devices = event_loop.spawn(exit.clone())?;
+        // Restored devices look at their queues once the loop runs: the boot vCPU's
+        // first entry does not wait for what that starts.
+        let restored = transports.clone();
+        let devices = event_loop.spawn(exit.clone(), move || {
+            for transport in restored {
+                let kicked = transport
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .kick_restored();
+                if let Err(e) = kicked {
+                    tracing::warn!("a restored device was not told to look at its queues: {e}");
+                }
+            }
+        })?;
         if let Some(listener) = control {
             let slots = crate::control::ShareSlots {
                 slots: share_slots,

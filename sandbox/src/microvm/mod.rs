@@ -1,4 +1,4 @@
-//! The `microvm` backend: our VMM (`mxc-vm __vmm`, a separate process) boots our guest
+//! The `microvm` backend: our VMM (`mxc-vmm`, a separate process) boots our guest
 //! kernel and initramfs; the guest agent (PID 1) runs each command and streams its output
 //! over virtio-vsock, reached through the VMM's hybrid-vsock Unix socket.
 //!
@@ -35,7 +35,7 @@ use crate::{Backend, ExecOutcome, ExecRequest, ExitKind, SandboxError, SandboxSp
 
 pub use pool::{PoolOptions, PoolStatus, WarmPool};
 pub use shares::{never_shared, GuestFiles, SharesError, SystemView};
-pub use vmm_process::{vmm_command, vmm_main, VmmFiles, VMM_ARG};
+pub use vmm_process::{vmm_command, vmm_main, vmm_program, VmmFiles, VMM_ARG, VMM_BINARY};
 
 type Client = AgentClient<std::os::unix::net::UnixStream, std::os::unix::net::UnixStream>;
 
@@ -87,7 +87,8 @@ pub struct MicrovmOptions {
     pub boot_timeout: Option<Duration>,
     /// Put the whole guest console into a boot failure's message (not just its tail).
     pub verbose: bool,
-    /// The binary that runs `__vmm` (default: this executable, which must call
+    /// The mxc-vm executable whose VMM runs the VM: `mxc-vmm` beside it when it is there,
+    /// else it with `__vmm` (default: this executable, which must then call
     /// [`crate::init_hook`]; tests and other embedders point it at `mxc-vm`).
     pub vmm_binary: Option<PathBuf>,
     /// The read-only system directories the guest gets (default: the host's).

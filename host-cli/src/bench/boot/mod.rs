@@ -1,6 +1,6 @@
 //! `mxc-vm bench boot`: cold microVM boots, timed stage by stage on one clock.
 //!
-//! Each boot spawns a fresh VMM process (`mxc-vm __vmm`). Its report gives the VMM's own
+//! Each boot spawns a fresh VMM process (`mxc-vmm`). Its report gives the VMM's own
 //! stages (VM created, kernel loaded, first vCPU entry and exit, the guest agent's
 //! boot-timer marks, VM gone) in nanoseconds since the spawn; the host adds what only it
 //! sees (agent handshake over vsock, first output of an exec, process reaped). `--until`

@@ -193,6 +193,8 @@ pub struct MmioTransport {
     activated: bool,
     /// The device could not reset after an activation; it cannot be activated again.
     spent: bool,
+    /// Restored activated: the device is to look at its queues once the VM runs.
+    kick_owed: bool,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -249,6 +251,7 @@ impl MmioTransport {
             config_generation: 0,
             activated: false,
             spent: false,
+            kick_owed: false,
         })
     }
 
@@ -786,8 +789,12 @@ mod tests {
         h.publish(&[0, 1, 2]);
         let seen = device.lock().unwrap().process();
         assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), vec![2]);
-        // And it is told to look at its queues once.
+        // And it is told to look at its queues once, when the VM runs, not before.
+        assert!(fresh.notify_eventfds()[0].read().is_err());
+        fresh.kick_restored().unwrap();
         assert_eq!(fresh.notify_eventfds()[0].read().unwrap(), 1);
+        fresh.kick_restored().unwrap();
+        assert!(fresh.notify_eventfds()[0].read().is_err(), "one look only");
         assert!(fresh.restore(&saved).is_err(), "restored twice");
     }
 
