@@ -196,7 +196,8 @@ pub struct SandboxCgroup {
 }
 
 impl SandboxCgroup {
-    /// The sandbox's cgroup for `enforcement`, or `None` where limits are rlimits only.
+    /// The sandbox's cgroup for `enforcement`, or `None` where limits are rlimits only
+    /// (or a v1 pids cgroup would hold no limit).
     pub fn for_sandbox(
         enforcement: &Enforcement,
         id: &str,
@@ -211,10 +212,13 @@ impl SandboxCgroup {
         }
         match enforcement {
             Enforcement::Cgroup2 { parent } => Self::create(parent, id, limits).map(Some),
-            Enforcement::PidsV1 { parent, .. } => {
+            // A v1 pids cgroup holds nothing but `pids.max`: without a pids limit there
+            // is no cgroup to make (joining one costs the sandbox's first process an RCU
+            // grace period, ~1 ms here).
+            Enforcement::PidsV1 { parent, .. } if limits.pids.is_some() => {
                 Self::create_pids_v1(parent, id, limits).map(Some)
             }
-            Enforcement::Rlimits { .. } => Ok(None),
+            Enforcement::PidsV1 { .. } | Enforcement::Rlimits { .. } => Ok(None),
         }
     }
 

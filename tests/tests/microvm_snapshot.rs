@@ -130,6 +130,29 @@ fn a_ready_snapshot_starts_many_separate_vms_and_a_bad_one_is_booted_around() {
         assert_eq!(mode & 0o777, 0o600, "{file}");
     }
 
+    // Where only other versions' snapshots are, run says so too (the boot is cut short:
+    // the line comes before it).
+    let hidden = dir.with_extension("other-version");
+    std::fs::rename(&dir, &hidden).unwrap();
+    let out = mxc_vm(
+        &cache,
+        &[
+            "run",
+            "--backend",
+            "microvm",
+            "--boot-timeout",
+            "1s",
+            "--",
+            "true",
+        ],
+    );
+    std::fs::rename(&hidden, &dir).unwrap();
+    assert!(
+        stderr(&out).contains("no ready snapshot for this version of mxc-vm"),
+        "{}",
+        stderr(&out)
+    );
+
     // A run with the default system view and a read-write grant starts from it: the
     // shares are mounted, what the command writes is on the host, its exit code comes
     // back.

@@ -157,11 +157,15 @@ pub struct MicrovmBackend {
     /// This VM is for a warm pool: restored, with its VMM's control socket, and left
     /// without shares or setup until a backend adopts it.
     pooled: bool,
+    /// The caller named no kernel or initramfs: the VM boots the image's (`provision`
+    /// fills `opts.kernel` and `opts.initrd` in either way).
+    image_kernel: bool,
 }
 
 impl MicrovmBackend {
     pub fn new(opts: MicrovmOptions) -> Self {
         Self {
+            image_kernel: opts.kernel.is_none() && opts.initrd.is_none(),
             opts,
             spec: None,
             files: GuestFiles::default(),
@@ -302,8 +306,7 @@ impl MicrovmBackend {
             let default_shape = u64::from(slotted.mem_mib) == DEFAULT_MEM_MIB
                 && slotted.vcpus == 1
                 && !self.opts.console
-                && self.opts.kernel.is_none()
-                && self.opts.initrd.is_none();
+                && self.image_kernel;
             let line = if none_made {
                 "booting the guest kernel: no ready snapshot has been made \
                  (`mxc-vm image build` makes one)"
