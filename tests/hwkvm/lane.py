@@ -279,12 +279,20 @@ def make_conf(args, bins, agent):
         cmd = base + [exe, "--test-threads=1", "--color=never"] + args.libtest_args
         lines.append(f"  hwkvm_run {q(name)} " + " ".join(q(w) for w in cmd))
     if args.bench_binary:
-        # A measurement, not a test: its lines are shown and kept, never counted.
-        cmd = base + [args.bench_binary, "bench", "boot", "--until", "output", "--runs",
-                      str(args.bench_runs), "--vs-qemu"]
+        # A measurement, not a test: its lines are shown and kept, never counted. Its
+        # ready snapshot lives in a cache on the nested host's own /tmp (the image linked
+        # from the shared one): restored guest memory is mapped from that file, and
+        # through 9p every page the guest touches would cross to the outer host.
+        cmd = [args.bench_binary, "bench", "boot", "--until", "output", "--runs",
+               str(args.bench_runs), "--vs-qemu", "--snapshot"]
+        shared = os.environ.get("MXC_VM_CACHE_DIR") or "/root/.cache/mxc-vm"
         lines.append('  echo "HWKVM-BENCH-START"')
-        lines.append("  (cd \"$HWKVM_REPO\" && " + " ".join(q(w) for w in cmd)
-                     + ") < /dev/null 2>&1")
+        lines.append("  bench_cache=$(mktemp -d /tmp/hwkvm-bench-cache.XXXXXX)")
+        for sub in ("kernel", "initramfs"):
+            lines.append(f'  ln -s {q(shared + "/" + sub)} "$bench_cache/{sub}"')
+        lines.append("  (cd \"$HWKVM_REPO\" && " + " ".join(q(w) for w in base)
+                     + ' MXC_VM_CACHE_DIR="$bench_cache" '
+                     + " ".join(q(w) for w in cmd) + ") < /dev/null 2>&1")
         lines.append('  echo "HWKVM-BENCH-END rc=$?"')
     lines.append("}")
     return "\n".join(lines) + "\n"

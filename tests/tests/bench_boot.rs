@@ -34,14 +34,8 @@ fn until_first_entry_reports_the_vmm_setup_stages_as_json() {
     assert_eq!(report["until"], "first-entry");
     let series = report["series"].as_array().unwrap();
     assert_eq!(series.len(), 1);
-    let stages: Vec<&str> = series[0]["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["stage"].as_str().unwrap())
-        .collect();
     assert_eq!(
-        stages,
+        stage_names(&series[0]),
         [
             "setup_start",
             "vm_created",
@@ -97,14 +91,8 @@ fn snapshot_until_first_entry_times_the_restore_alone() {
     let series = report["series"].as_array().unwrap();
     assert_eq!(series.len(), 2, "{report}");
     let restored = &series[1];
-    let stages: Vec<&str> = restored["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["stage"].as_str().unwrap())
-        .collect();
     assert_eq!(
-        stages,
+        stage_names(restored),
         [
             "setup_start",
             "vm_created",
@@ -139,4 +127,14 @@ fn snapshot_until_ready_is_refused() {
         "{}",
         stderr(&out)
     );
+}
+
+/// The stage names of one series of a `bench boot --json` report, in order.
+fn stage_names(series: &serde_json::Value) -> Vec<&str> {
+    series["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect()
 }
