@@ -541,9 +541,10 @@ fn sweep_stale_runtime_dirs(base: &Path) -> usize {
 }
 
 impl MicrovmBackend {
-    /// The config of the VMM [`Backend::start`] spawns for the provisioned spec, and how
-    /// it goes on (boot or restore, save the ready snapshot, or nothing to do).
-    fn vmm_config(&mut self) -> Result<(vmm::VmConfig, Start), SandboxError> {
+    /// The config of the VMM [`Backend::start`] spawns for the provisioned spec, how it
+    /// goes on (boot or restore, save the ready snapshot, or nothing to do), and the
+    /// runtime directory the VMM's files live in.
+    fn vmm_config(&mut self) -> Result<(vmm::VmConfig, Start, PathBuf), SandboxError> {
         let (Some(spec), Some(runtime), Some(kernel), Some(initrd)) = (
             &self.spec,
             &self.runtime,
@@ -597,7 +598,7 @@ impl MicrovmBackend {
         });
         let runtime = runtime.clone();
         let plan = self.plan_snapshot(&mut config, &runtime)?;
-        Ok((config, plan))
+        Ok((config, plan, runtime))
     }
 
     /// The config of the VMM that [`Backend::start`] would spawn to restore this VM from
@@ -606,20 +607,19 @@ impl MicrovmBackend {
     /// been printed). After `provision`; for benchmarks that spawn and time the VMM
     /// themselves (`bench boot --snapshot --until first-entry`).
     pub fn restore_config(&mut self) -> Result<Option<(vmm::VmConfig, PathBuf)>, SandboxError> {
-        let (config, _) = self.vmm_config()?;
+        let (config, _, runtime) = self.vmm_config()?;
         let restoring = matches!(config.snapshot, Some(vmm::SnapshotMode::Restore(_)));
-        Ok(restoring
-            .then(|| self.runtime.clone())
-            .flatten()
-            .map(|dir| (config, dir)))
+        Ok(restoring.then_some((config, runtime)))
     }
 
-    /// Spawn the VMM with `config` and wait for its agent's Ready (or, `saving`, for the
-    /// VMM to save the ready snapshot and end).
-    fn spawn_vmm(&mut self, mut config: vmm::VmConfig, saving: bool) -> Result<(), SandboxError> {
-        let Some(runtime) = self.runtime.clone() else {
-            return Err(SandboxError::Lifecycle("start before provision"));
-        };
+    /// Spawn the VMM with `config`, its files in `runtime`, and wait for its agent's
+    /// Ready (or, `saving`, for the VMM to save the ready snapshot and end).
+    fn spawn_vmm(
+        &mut self,
+        mut config: vmm::VmConfig,
+        runtime: PathBuf,
+        saving: bool,
+    ) -> Result<(), SandboxError> {
         let console_log = runtime.join(CONSOLE_LOG);
         if let Some(pool) = &self.opts.pool {
             let warm = match (self.timeline.restored, &config.snapshot) {
@@ -785,13 +785,13 @@ impl Backend for MicrovmBackend {
     }
 
     fn start(&mut self) -> Result<(), SandboxError> {
-        let (config, plan) = self.vmm_config()?;
+        let (config, plan, runtime) = self.vmm_config()?;
         let saving = match plan {
             Start::SnapshotUpToDate => return Ok(()),
             Start::Save => true,
             Start::Boot => false,
         };
-        self.spawn_vmm(config, saving)
+        self.spawn_vmm(config, runtime, saving)
     }
 
     fn exec(
