@@ -84,19 +84,41 @@ fn add_extra_env(env: &mut std::collections::BTreeMap<String, String>, extra: &[
 }
 
 /// The program paths to try for `program`, like `execvp`: as given when it contains a
-/// `/`, otherwise each `PATH` entry in order (an empty entry is the working directory).
-pub fn path_candidates(program: &str, path_var: Option<&str>) -> Vec<String> {
+/// `/`, otherwise each `PATH` entry in order (an empty entry is the working directory),
+/// then busybox when `program` is one of its `applets` (the image links only a few; see
+/// [`image_applets`]). Busybox runs the applet its `argv[0]` names.
+pub fn path_candidates(program: &str, path_var: Option<&str>, applets: &[String]) -> Vec<String> {
     if program.contains('/') {
         return vec![program.to_owned()];
     }
-    path_var
+    let mut candidates: Vec<String> = path_var
         .unwrap_or(DEFAULT_PATH)
         .split(':')
         .map(|dir| {
             let dir = if dir.is_empty() { "." } else { dir };
             format!("{}/{program}", dir.trim_end_matches('/'))
         })
-        .collect()
+        .collect();
+    if applets.iter().any(|applet| applet == program) {
+        candidates.push(proto::BUSYBOX_PATH.to_owned());
+    }
+    candidates
+}
+
+/// The guest image's busybox applets ([`proto::APPLET_LIST_PATH`]), read at the first
+/// exec; none where there is no such list (the agent outside our image).
+pub fn image_applets() -> &'static [String] {
+    static APPLETS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    APPLETS.get_or_init(|| {
+        std::fs::read_to_string(proto::APPLET_LIST_PATH)
+            .map(|list| {
+                list.lines()
+                    .filter(|name| !name.is_empty() && !name.contains('/'))
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
 }
 
 fn cstring(s: String, field: &'static str) -> Result<CString, ExecError> {
@@ -106,7 +128,8 @@ fn cstring(s: String, field: &'static str) -> Result<CString, ExecError> {
 /// Builds everything the child needs, before the fork.
 pub fn child_spec(exec: &Exec, is_root: bool) -> Result<ChildSpec, ExecError> {
     let program = exec.argv.first().map(String::as_str).unwrap_or_default();
-    let programs = path_candidates(program, exec.env.get("PATH").map(String::as_str))
+    let path_var = exec.env.get("PATH").map(String::as_str);
+    let programs = path_candidates(program, path_var, image_applets())
         .into_iter()
         .map(|p| cstring(p, "exec.argv"))
         .collect::<Result<_, _>>()?;
@@ -555,21 +578,32 @@ mod tests {
 
     #[test]
     fn program_with_slash_is_used_as_is() {
-        let c = path_candidates("./run.sh", Some("/bin"));
+        let c = path_candidates("./run.sh", Some("/bin"), &["run.sh".into()]);
 
         assert_eq!(c, ["./run.sh"]);
     }
 
     #[test]
     fn bare_program_is_searched_in_path_order() {
-        let c = path_candidates("ls", Some("/usr/bin:/bin/::rel"));
+        let c = path_candidates("ls", Some("/usr/bin:/bin/::rel"), &[]);
 
         assert_eq!(c, ["/usr/bin/ls", "/bin/ls", "./ls", "rel/ls"]);
     }
 
     #[test]
+    fn a_busybox_applet_is_tried_last_through_busybox() {
+        let applets = ["awk".to_owned(), "wget".to_owned()];
+
+        let found = path_candidates("wget", Some("/usr/bin:/bin"), &applets);
+        let other = path_candidates("curl", Some("/usr/bin"), &applets);
+
+        assert_eq!(found, ["/usr/bin/wget", "/bin/wget", "/.mxc/bin/busybox"]);
+        assert_eq!(other, ["/usr/bin/curl"]);
+    }
+
+    #[test]
     fn missing_path_uses_the_default() {
-        let c = path_candidates("sh", None);
+        let c = path_candidates("sh", None, &[]);
 
         assert_eq!(c.last().unwrap(), "/bin/sh");
         assert_eq!(c.len(), DEFAULT_PATH.split(':').count());

@@ -41,13 +41,15 @@ const MOUNTS: &[MountSpec] = &[
         data: "",
         required: true,
     },
+    // Our kernel has no sysfs (it cost seconds of every cold boot); another kernel's is
+    // mounted. Without it `/sys` stays the initramfs's directory, which holds cgroup2.
     MountSpec {
         source: "sysfs",
         target: "/sys",
         fstype: "sysfs",
         flags: NOSUID | NODEV | NOEXEC,
         data: "",
-        required: true,
+        required: false,
     },
     MountSpec {
         source: "devpts",
@@ -115,7 +117,7 @@ pub fn early() {
     boot_stage(proto::STAGE_AGENT_START);
 }
 
-/// Mounts `/proc`, `/sys`, `/tmp`, `/run` and the optional others.
+/// Mounts `/proc`, `/tmp`, `/run` and the optional others (`/sys` among them).
 pub fn mount_all() {
     for spec in MOUNTS {
         mount_one(spec);

@@ -3,7 +3,7 @@
 //!
 //! The host names both on the kernel command line (`mxc.links=`, `mxc.mounts=`, see
 //! [`proto::mounts`]). Links come first: on a merged-`/usr` host `/bin` is `usr/bin`, and
-//! the initramfs's own `/bin` (busybox applet links) gives way to it. Mounts follow,
+//! the initramfs's own `/bin` (busybox's `sh` link) gives way to it. Mounts follow,
 //! parents before children, each with `nosuid,nodev` and `ro` for read-only shares (the
 //! host refuses writes to those anyway; this is defence in depth and gives `EROFS` without
 //! a round trip). Any failure is fatal: the agent then answers every connection with the
@@ -61,7 +61,7 @@ fn under(root: &Path, path: &Path) -> PathBuf {
 }
 
 /// Make `link.path` (under `root`) a symbolic link to `link.target`, replacing whatever
-/// is there: the initramfs's directories at those paths hold only busybox applet links.
+/// is there: the initramfs's directories at those paths hold at most busybox applet links.
 pub fn place_link(root: &Path, link: &GuestLink) -> Result<(), SharesError> {
     let path = under(root, &link.path);
     let fail = |source| SharesError::Link {
@@ -92,10 +92,10 @@ pub fn place_link(root: &Path, link: &GuestLink) -> Result<(), SharesError> {
 pub const SET_ASIDE_DIR: &str = ".mxc/replaced";
 
 /// Move the directory `path` out of the way, into [`SET_ASIDE_DIR`] under `root`: one
-/// rename, where deleting its entries one by one (the initramfs's `/bin` and `/sbin` hold
-/// 128 busybox links) cost a restored VM's setup about half a second of emulated kernel
-/// work under `kvm_pvm`. What is moved is the initramfs's own, already in the guest's
-/// memory and reachable through `/.mxc/bin/busybox` anyway. Where a rename cannot be
+/// rename, where deleting its entries one by one cost a restored VM's setup emulated
+/// kernel work under `kvm_pvm` (when the initramfs's `/bin` and `/sbin` held 128 busybox
+/// links: about half a second). What is moved is the initramfs's own, already in the
+/// guest's memory and reachable through `/.mxc/bin/busybox` anyway. Where a rename cannot be
 /// made (another file system), the directory is deleted.
 fn set_aside(root: &Path, path: &Path) -> io::Result<()> {
     let aside = under(root, Path::new(SET_ASIDE_DIR));

@@ -1,15 +1,17 @@
 //! The guest's initramfs: a fixed directory skeleton, device nodes, `/init` (the static
-//! guest agent), busybox with its applet links, and minimal `/etc` files, written as a
-//! deterministic cpio newc archive (sorted, fixed owners and mtimes).
+//! guest agent), busybox with a few applet links and the list of its applets, and
+//! minimal `/etc` files, written as a deterministic cpio newc archive (sorted, fixed
+//! owners and mtimes).
 //!
-//! Busybox itself lives in `/.mxc/bin/busybox`. The usual applet links (`/bin/sh`,
-//! `/usr/bin/awk`, …) point there, so a guest without the host's system view has a
-//! complete shell. When the host's `/usr`, `/bin`, … are shared, the agent mounts them
-//! over these directories (or replaces `/bin` with the host's `usr/bin` link); `/.mxc` is
-//! never a mount point, so `/.mxc/bin/busybox APPLET` works whatever is shared. There is
-//! deliberately no second set of applet links there: under kvm_pvm every initramfs entry
-//! costs the emulated kernel tens of milliseconds at boot (269 links: ~13 s). `/init` is
-//! the agent.
+//! Busybox itself lives in `/.mxc/bin/busybox`, a directory never shadowed by a share,
+//! so `/.mxc/bin/busybox APPLET` works whatever is shared. Under kvm_pvm every initramfs
+//! entry costs the emulated kernel ~13 ms of each cold boot (all 269 applet links: 3.6 s
+//! of a 13.6 s boot to agent ready), so the image links only `/bin/sh` and
+//! `/usr/bin/env` (for `sh -c` and `#!` lines) and lists the applets' names in
+//! `/.mxc/applets`: the agent runs a command by one of those names through busybox when
+//! no `PATH` entry has it, and busybox's shell runs its applets by itself. When the
+//! host's `/usr`, `/bin`, … are shared, the agent mounts them over the image's
+//! directories. `/init` is the agent.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -21,11 +23,14 @@ use thiserror::Error;
 use crate::cpio::{CpioError, CpioWriter, Meta};
 
 /// Where busybox lives in the image; its applet links point here.
-pub const BUSYBOX_PATH: &str = "/.mxc/bin/busybox";
+pub use proto::{APPLET_LIST_PATH, BUSYBOX_PATH};
 /// The directory with busybox, never shadowed by a share.
 pub const MXC_BIN_DIR: &str = "/.mxc/bin";
 /// Changes whenever the layout of the image changes (part of its cache key).
-pub const LAYOUT_VERSION: &str = "mxc-bin-3";
+pub const LAYOUT_VERSION: &str = "mxc-bin-4";
+/// The applets the image links (when busybox has them): a shell for `sh -c` and
+/// `#!/bin/sh`, `env` for `#!/usr/bin/env`.
+pub const LINKED_APPLETS: &[&str] = &["bin/sh", "usr/bin/env"];
 
 /// Directories every image has, besides the parents of the files in it.
 const DIRECTORIES: &[(&str, u32)] = &[
@@ -143,6 +148,15 @@ fn check_relative(path: &str) -> Result<(), InitramfsError> {
     Ok(())
 }
 
+/// The contents of [`APPLET_LIST_PATH`]: each applet's name once, sorted, one per line.
+fn applet_names(applets: &[String]) -> String {
+    let names: std::collections::BTreeSet<&str> = applets
+        .iter()
+        .filter_map(|applet| applet.rsplit('/').next())
+        .collect();
+    names.into_iter().map(|name| format!("{name}\n")).collect()
+}
+
 fn add_parents<'a>(nodes: &mut BTreeMap<String, Node<'a>>, path: &str) {
     let mut end = 0;
     while let Some(slash) = path[end..].find('/') {
@@ -159,6 +173,7 @@ pub fn write_initramfs<W: Write>(
     out: W,
     contents: &InitramfsContents<'_>,
 ) -> Result<W, InitramfsError> {
+    let names = applet_names(&contents.applets);
     let mut nodes: BTreeMap<String, Node<'_>> = BTreeMap::new();
     for (dir, mode) in DIRECTORIES {
         nodes.insert((*dir).to_owned(), Node::Dir(*mode));
@@ -171,19 +186,20 @@ pub fn write_initramfs<W: Write>(
     if let Some(busybox) = contents.busybox {
         for applet in &contents.applets {
             check_relative(applet)?;
-            add_parents(&mut nodes, applet);
-            // Never let an applet link replace a real file or directory.
-            nodes
-                .entry(applet.clone())
-                .or_insert_with(|| Node::Symlink(BUSYBOX_PATH.to_owned()));
+            if LINKED_APPLETS.contains(&applet.as_str()) {
+                add_parents(&mut nodes, applet);
+                // Never let an applet link replace a real file or directory.
+                nodes
+                    .entry(applet.clone())
+                    .or_insert_with(|| Node::Symlink(BUSYBOX_PATH.to_owned()));
+            }
         }
-        // `/bin/busybox`, where it used to live, still runs it.
-        nodes
-            .entry("bin/busybox".to_owned())
-            .or_insert_with(|| Node::Symlink(BUSYBOX_PATH.to_owned()));
         let busybox_rel = BUSYBOX_PATH.trim_start_matches('/');
         add_parents(&mut nodes, busybox_rel);
         nodes.insert(busybox_rel.to_owned(), Node::File(0o755, busybox));
+        let list_rel = APPLET_LIST_PATH.trim_start_matches('/');
+        add_parents(&mut nodes, list_rel);
+        nodes.insert(list_rel.to_owned(), Node::File(0o644, names.as_bytes()));
     }
     for (path, mode, data) in &contents.extra_files {
         check_relative(path)?;
@@ -234,6 +250,7 @@ mod tests {
             applets: vec![
                 "bin/sh".into(),
                 "usr/bin/awk".into(),
+                "usr/bin/env".into(),
                 "usr/local/bin/x".into(),
             ],
             extra_files: vec![],
@@ -290,25 +307,32 @@ mod tests {
     }
 
     #[test]
-    fn applets_link_to_busybox_and_get_parent_directories() {
+    fn only_the_shell_and_env_are_linked_and_every_applet_is_listed() {
         let entries = build(&sample());
 
         let sh = find(&entries, "bin/sh");
-        let local = find(&entries, "usr/local");
+        let list = find(&entries, ".mxc/applets");
 
         assert_eq!(sh.map(|e| e.mode), Some(S_IFLNK | 0o777));
         assert_eq!(
             sh.map(|e| e.data.as_slice()),
             Some(b"/.mxc/bin/busybox".as_slice())
         );
-        assert_eq!(local.map(|e| e.mode), Some(S_IFDIR | 0o755));
+        assert_eq!(
+            find(&entries, "usr/bin/env").map(|e| e.data.as_slice()),
+            Some(b"/.mxc/bin/busybox".as_slice())
+        );
+        assert!(find(&entries, "usr/bin/awk").is_none());
+        assert!(find(&entries, "usr/local/bin/x").is_none());
+        assert!(find(&entries, "bin/busybox").is_none());
         assert_eq!(
             find(&entries, ".mxc/bin/busybox").map(|e| e.mode),
             Some(S_IFREG | 0o755)
         );
+        assert_eq!(list.map(|e| e.mode), Some(S_IFREG | 0o644));
         assert_eq!(
-            find(&entries, "bin/busybox").map(|e| e.data.as_slice()),
-            Some(b"/.mxc/bin/busybox".as_slice())
+            list.map(|e| String::from_utf8_lossy(&e.data).into_owned()),
+            Some("awk\nenv\nsh\nx\n".to_owned())
         );
     }
 

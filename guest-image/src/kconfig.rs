@@ -261,7 +261,6 @@ mod tests {
             "DEVTMPFS_MOUNT",
             "TMPFS",
             "PROC_FS",
-            "SYSFS",
             "UNIX",
             "INET",
             "SECCOMP",

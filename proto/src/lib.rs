@@ -88,6 +88,14 @@ pub const HOST_CID: u32 = 2;
 /// The vsock context id the VMM gives the guest.
 pub const GUEST_CID: u32 = 3;
 
+/// Where the guest image holds busybox (a directory no share ever covers).
+pub const BUSYBOX_PATH: &str = "/.mxc/bin/busybox";
+
+/// The guest image's list of busybox applets, one name per line: the agent runs a
+/// command named by one of them through busybox when no `PATH` entry has it (the image
+/// holds only a few applet links).
+pub const APPLET_LIST_PATH: &str = "/.mxc/applets";
+
 /// Guest-physical address of the boot-timer MMIO register; the agent writes one stage
 /// byte to it.
 pub const BOOT_TIMER_ADDR: u64 = 0xD000_0000;

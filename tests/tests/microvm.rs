@@ -245,9 +245,9 @@ fn mxc_vm_run_microvm_timeout_kills_command_and_vm() {
 #[test]
 fn guest_poweroff_ends_the_run() {
     require_kvm();
-    // Busybox's poweroff: without the host's system view the initramfs's /sbin is the
-    // guest's (the host's /usr has no poweroff that works without an init system). It
-    // signals PID 1, which only root may: --guest-root.
+    // Busybox's poweroff: without the host's system view a command PATH does not have
+    // runs as busybox's applet of that name (the host's /usr has no poweroff that works
+    // without an init system). It signals PID 1, which only root may: --guest-root.
     let out = run_and_check_gone(
         &[
             "run",
@@ -257,7 +257,7 @@ fn guest_poweroff_ends_the_run() {
             "none",
             "--guest-root",
             "--",
-            "/sbin/poweroff",
+            "poweroff",
             "-f",
         ],
         b"",
