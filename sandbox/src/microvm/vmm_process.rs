@@ -38,16 +38,6 @@ pub fn vmm_program(exe: Option<&Path>) -> PathBuf {
     }
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the struct we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
-}
-
 /// A VMM that exited while the guest was booting.
 #[derive(Debug)]
 pub(crate) struct EarlyExit {
@@ -111,7 +101,7 @@ pub fn vmm_command(
     let mut config = config.clone();
     config.namespaces_joined = stdin.is_some();
     config.parent_pid = Some(std::process::id());
-    config.start_monotonic_ns = Some(monotonic_ns());
+    config.start_monotonic_ns = Some(crate::stages::now_ns());
     let json = serde_json::to_vec(&config).map_err(|e| SandboxError::setup("vmm config", e))?;
     std::fs::write(&files.config, json)
         .map_err(|e| SandboxError::io(format!("writing {}", files.config.display()), e))?;
