@@ -7,8 +7,9 @@
 /// (port 0x64, which the VMM handles; power-off through our patch 0004, since without
 /// ACPI the stock kernel halts forever), a panic reboots at once, no timer or
 /// mitigation work the guest does not need, no PS/2 probing, and the unpacked
-/// initramfs's memory kept (`retain_initrd`: freeing it first fills its ~3.4 MB with a
-/// poison pattern, ~0.35 s of each cold boot's emulated kernel work under kvm_pvm).
+/// initramfs's memory kept (`retain_initrd`: freeing its ~3.4 MB — remapping the pages,
+/// filling them with a poison pattern, handing them back — cost ~0.35 s of each cold
+/// boot's emulated kernel work under kvm_pvm).
 macro_rules! common {
     () => {
         "reboot=k mxc_poweroff=kbd panic=-1 tsc=reliable no_timer_check mitigations=off \
