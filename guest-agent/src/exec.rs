@@ -56,6 +56,8 @@ pub struct SpawnContext {
     pub is_root: bool,
     /// Variables every exec gets on top of its own ([`hypervisor_env`]).
     pub extra_env: Vec<(String, String)>,
+    /// Busybox applets a command name may fall back to ([`image_applets`]).
+    pub applets: Vec<String>,
 }
 
 /// Variables the host's kernel command line hands to `/init` for programs in the guest
@@ -105,20 +107,18 @@ pub fn path_candidates(program: &str, path_var: Option<&str>, applets: &[String]
     candidates
 }
 
-/// The guest image's busybox applets ([`proto::APPLET_LIST_PATH`]), read at the first
-/// exec; none where there is no such list (the agent outside our image).
-pub fn image_applets() -> &'static [String] {
-    static APPLETS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    APPLETS.get_or_init(|| {
-        std::fs::read_to_string(proto::APPLET_LIST_PATH)
-            .map(|list| {
-                list.lines()
-                    .filter(|name| !name.is_empty() && !name.contains('/'))
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default()
-    })
+/// The guest image's busybox applets ([`proto::APPLET_LIST_PATH`]), read once as PID 1
+/// starts (before Ready, so a restored VM has them already); none where there is no such
+/// list.
+pub fn image_applets() -> Vec<String> {
+    std::fs::read_to_string(proto::APPLET_LIST_PATH)
+        .map(|list| {
+            list.lines()
+                .filter(|name| !name.is_empty() && !name.contains('/'))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn cstring(s: String, field: &'static str) -> Result<CString, ExecError> {
@@ -126,10 +126,10 @@ fn cstring(s: String, field: &'static str) -> Result<CString, ExecError> {
 }
 
 /// Builds everything the child needs, before the fork.
-pub fn child_spec(exec: &Exec, is_root: bool) -> Result<ChildSpec, ExecError> {
+pub fn child_spec(exec: &Exec, is_root: bool, applets: &[String]) -> Result<ChildSpec, ExecError> {
     let program = exec.argv.first().map(String::as_str).unwrap_or_default();
     let path_var = exec.env.get("PATH").map(String::as_str);
-    let programs = path_candidates(program, path_var, image_applets())
+    let programs = path_candidates(program, path_var, applets)
         .into_iter()
         .map(|p| cstring(p, "exec.argv"))
         .collect::<Result<_, _>>()?;
@@ -297,7 +297,7 @@ impl Running {
         reg: &mut Registry,
     ) -> Result<Self, ExecError> {
         add_extra_env(&mut exec.env, &ctx.extra_env);
-        let mut spec = child_spec(&exec, ctx.is_root)?;
+        let mut spec = child_spec(&exec, ctx.is_root, &ctx.applets)?;
         spec.reset_oom_score = ctx.reset_oom_score;
         let cgroup = match (&mut ctx.cgroups, exec.rlimits.nproc) {
             (Some(root), nproc) => Some(root.create(nproc).map_err(ExecError::Cgroup)?),
@@ -615,7 +615,7 @@ mod tests {
         e.env.insert("A".into(), "1".into());
         e.env.insert("B".into(), "x=y".into());
 
-        let spec = child_spec(&e, true).unwrap();
+        let spec = child_spec(&e, true, &[]).unwrap();
 
         let env: Vec<_> = spec
             .envp_storage
@@ -666,7 +666,7 @@ mod tests {
         e.rlimits.cpu_s = Some(5);
         e.rlimits.nproc = Some(10);
 
-        let spec = child_spec(&e, true).unwrap();
+        let spec = child_spec(&e, true, &[]).unwrap();
 
         assert_eq!(
             spec.rlimits,
@@ -679,7 +679,7 @@ mod tests {
         let mut e = exec(&["true"]);
         e.rlimits.nproc = Some(10);
 
-        let spec = child_spec(&e, false).unwrap();
+        let spec = child_spec(&e, false, &[]).unwrap();
 
         assert_eq!(spec.rlimits, [(libc::RLIMIT_NPROC, 10)]);
     }

@@ -239,6 +239,7 @@ fn run_pid1(unix: Option<PathBuf>) -> ! {
         reset_oom_score: true,
         is_root: true,
         extra_env: exec::hypervisor_env(),
+        applets: exec::image_applets(),
     };
     let opts = Options {
         stop_on_disconnect: cfg.poweroff_on_disconnect,
@@ -309,6 +310,7 @@ fn run_process(args: &Args) -> i32 {
         reset_oom_score: false,
         is_root: sys::is_root(),
         extra_env: Vec::new(),
+        applets: Vec::new(),
     };
     let opts = Options {
         stop_on_disconnect: args.exit_on_disconnect,

@@ -597,6 +597,7 @@ mod tests {
                 reset_oom_score: false,
                 is_root: false,
                 extra_env: Vec::new(),
+                applets: Vec::new(),
             };
             let mut server = Server::new(OwnedFd::from(listener), ctx, opts).unwrap();
             server.run()

@@ -22,10 +22,9 @@ use thiserror::Error;
 
 use crate::cpio::{CpioError, CpioWriter, Meta};
 
-/// Where busybox lives in the image; its applet links point here.
+/// Where busybox lives in the image (its applet links point there) and the list of its
+/// applets, both in the guest's private directory, which no share covers.
 pub use proto::{APPLET_LIST_PATH, BUSYBOX_PATH};
-/// The directory with busybox, never shadowed by a share.
-pub const MXC_BIN_DIR: &str = "/.mxc/bin";
 /// Changes whenever the layout of the image changes (part of its cache key).
 pub const LAYOUT_VERSION: &str = "mxc-bin-4";
 /// The applets the image links (when busybox has them): a shell for `sh -c` and

@@ -88,12 +88,16 @@ pub const HOST_CID: u32 = 2;
 /// The vsock context id the VMM gives the guest.
 pub const GUEST_CID: u32 = 3;
 
-/// Where the guest image holds busybox (a directory no share ever covers).
+/// The guest image's own directory: no share may cover it (the host refuses such a
+/// path), so what the image keeps there is always the image's.
+pub const GUEST_PRIVATE_DIR: &str = "/.mxc";
+
+/// Where the guest image holds busybox (under [`GUEST_PRIVATE_DIR`]).
 pub const BUSYBOX_PATH: &str = "/.mxc/bin/busybox";
 
-/// The guest image's list of busybox applets, one name per line: the agent runs a
-/// command named by one of them through busybox when no `PATH` entry has it (the image
-/// holds only a few applet links).
+/// The guest image's list of busybox applets, one name per line (under
+/// [`GUEST_PRIVATE_DIR`]): the agent runs a command named by one of them through busybox
+/// when no `PATH` entry has it (the image holds only a few applet links).
 pub const APPLET_LIST_PATH: &str = "/.mxc/applets";
 
 /// Guest-physical address of the boot-timer MMIO register; the agent writes one stage
@@ -121,3 +125,19 @@ pub const DATA_CHUNK: usize = 64 << 10;
 /// never has to stop reading the connection for stdin's sake, so `Signal` and other
 /// control messages get through even while a process ignores its stdin.
 pub const STDIN_WINDOW: usize = 256 << 10;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_image_s_own_files_lie_in_its_private_directory() {
+        let inside = |path: &str| {
+            path.strip_prefix(GUEST_PRIVATE_DIR)
+                .is_some_and(|rest| rest.starts_with('/'))
+        };
+
+        assert!(inside(BUSYBOX_PATH), "{BUSYBOX_PATH}");
+        assert!(inside(APPLET_LIST_PATH), "{APPLET_LIST_PATH}");
+    }
+}

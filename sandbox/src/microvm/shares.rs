@@ -57,8 +57,6 @@ pub fn never_shared() -> impl Iterator<Item = &'static Path> {
 /// Host paths a policy cannot share: pseudo file systems of the host, and the guest's
 /// own root.
 const NOT_SHAREABLE: &[&str] = &["/proc", "/sys", "/dev"];
-/// Where the initramfs keeps busybox (see `guest_image::initramfs`).
-const GUEST_PRIVATE: &str = "/.mxc";
 
 /// Which read-only system directories the guest gets.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -269,7 +267,7 @@ pub fn plan(
 /// Refuse what no policy may share with a VM.
 fn check_shareable(path: &Path) -> Result<(), SharesError> {
     let pseudo = NOT_SHAREABLE.iter().any(|p| path.starts_with(p));
-    if pseudo || path == Path::new("/") || path.starts_with(GUEST_PRIVATE) {
+    if pseudo || path == Path::new("/") || path.starts_with(proto::GUEST_PRIVATE_DIR) {
         return Err(SharesError::NotShareable(path.to_path_buf()));
     }
     if never_shared().any(|s| path.starts_with(Path::new("/").join(s))) {
