@@ -82,6 +82,7 @@ fn one_vm_runs_many_checks_through_the_lifecycle() {
             .map(str::trim)
             .collect();
         assert_eq!(interfaces, ["lo"], "{dev}");
+        assert_jailed(pid);
         for (name, status) in thread_statuses(pid) {
             if name.starts_with("mxc-devices") || name.starts_with("fs-") {
                 assert_eq!(
@@ -396,6 +397,46 @@ fn signals_stop_the_vm_and_leave_nothing() {
             Vec::<String>::new(),
             "{name}"
         );
+    }
+}
+
+/// The VMM `pid` runs jailed (vmm::jail): in a mount namespace of its own whose root, a
+/// read-only tmpfs, holds only `/dev/kvm`, its own `/proc` entry, its runtime directory,
+/// the image's kernel and initramfs, and the guest's shares (here the host's system
+/// directories).
+fn assert_jailed(pid: u32) {
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+    let ours = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    assert_ne!(theirs, ours, "the VMM shares the host's mount namespace");
+    let names = |dir: &str| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root/{dir}"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names("dev"), ["kvm"]);
+    assert_eq!(names("proc"), ["self"]);
+    let image = guest_image::cached(&guest_image::BuildOptions::default()).unwrap();
+    let cache = image.vmlinux.ancestors().nth(3).unwrap().to_path_buf();
+    let runtime = std::env::temp_dir().join("mxc-vm-");
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (point, options) = (fields[4], fields[5]);
+        if point == "/" {
+            assert!(options.split(',').any(|o| o == "ro"), "{line}");
+            continue;
+        }
+        let allowed = ["/dev/kvm", "/proc/self"].contains(&point)
+            || point.starts_with(&*runtime.to_string_lossy())
+            || std::path::Path::new(point).starts_with(&cache)
+            || ["/usr", "/etc", "/bin", "/sbin", "/lib"]
+                .iter()
+                .any(|dir| point.starts_with(dir));
+        assert!(allowed, "the jailed VMM sees {point}: {mountinfo}");
     }
 }
 

@@ -129,6 +129,12 @@ pub struct VmConfig {
     /// is no longer its parent (it died before the VMM could ask to die with it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_pid: Option<u32>,
+    /// Jail the VMM ([`crate::jail`]): the empty directory, inside its runtime
+    /// directory, on which it mounts the root of its own mount namespace, which holds
+    /// only what the VM needs. Needs CAP_SYS_ADMIN (its parent asks for it when it runs
+    /// as root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<PathBuf>,
 }
 
 fn is_zero(n: &u8) -> bool {
@@ -190,6 +196,7 @@ impl VmConfig {
             snapshot: None,
             namespaces_joined: false,
             parent_pid: None,
+            jail: None,
         }
     }
 

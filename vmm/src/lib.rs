@@ -47,6 +47,8 @@ pub mod exit;
 #[doc(hidden)]
 pub mod fuzzing;
 #[cfg(target_os = "linux")]
+pub mod jail;
+#[cfg(target_os = "linux")]
 pub mod memory;
 #[cfg(target_os = "linux")]
 pub mod privileges;

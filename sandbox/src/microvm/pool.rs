@@ -326,8 +326,12 @@ impl MicrovmBackend {
             .take()
             .ok_or(SandboxError::Lifecycle("a pooled VM without its agent"))?;
         drop(warm);
+        let shares = match &self.vmm {
+            Some(vmm) if vmm.jailed() => into_jail(vmm.pid(), &self.files.shares)?,
+            _ => self.files.shares.clone(),
+        };
         let request = vmm::control::ControlRequest::BindShares {
-            shares: self.files.shares.clone(),
+            shares,
             guest_owner,
             write_limit,
         };
@@ -347,6 +351,45 @@ impl MicrovmBackend {
         self.timeline.agent_ready = Some(Instant::now());
         Ok(())
     }
+}
+
+/// Mount each share into the jail of the VMM `pid` at its slot's path
+/// ([`vmm::jail::slot_path`]), and describe the shares as the jailed VMM sees them: at
+/// that path, with their denied paths beneath it.
+fn into_jail(
+    pid: i32,
+    shares: &[vmm::devices::fs::FsShareConfig],
+) -> Result<Vec<vmm::devices::fs::FsShareConfig>, SandboxError> {
+    let pid = u32::try_from(pid).map_err(|_| SandboxError::Lifecycle("a VMM without a pid"))?;
+    shares
+        .iter()
+        .enumerate()
+        .map(|(index, share)| {
+            let slot = vmm::jail::slot_path(index);
+            vmm::jail::inject_share(pid, &share.host_path, &slot, share.readonly).map_err(|e| {
+                SandboxError::Setup {
+                    stage: "shares".into(),
+                    message: format!(
+                        "the pooled VM could not take the share {}: {}",
+                        share.host_path.display(),
+                        crate::error_chain(&e)
+                    ),
+                }
+            })?;
+            let mut jailed = share.clone();
+            jailed.denied = share
+                .denied
+                .iter()
+                .map(|path| match path.strip_prefix(&share.host_path) {
+                    Ok(rel) => slot.join(rel),
+                    // Not inside the share: nothing of the share to deny (kept as it was).
+                    Err(_) => path.clone(),
+                })
+                .collect();
+            jailed.host_path = slot;
+            Ok(jailed)
+        })
+        .collect()
 }
 
 #[cfg(test)]

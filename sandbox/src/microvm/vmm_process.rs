@@ -52,6 +52,8 @@ pub(crate) struct VmmProcess {
     child: Child,
     report_path: PathBuf,
     log_path: PathBuf,
+    /// The VMM jailed itself ([`vmm::jail`]).
+    jailed: bool,
     /// A signal to mxc-vm kills the VMM, and with it the VM ([`crate::interrupt`]).
     _root: crate::interrupt::Registered,
 }
@@ -65,6 +67,8 @@ pub struct VmmFiles {
     pub report: PathBuf,
     /// The VMM's own log (its stderr) unless the console is shown.
     pub log: PathBuf,
+    /// Whether the VMM jails itself ([`vmm::VmConfig::jail`]).
+    pub jailed: bool,
 }
 
 /// The one way to launch the VMM: writes `config` (with the start clock read now) into
@@ -86,6 +90,7 @@ pub fn vmm_command(
         config: runtime.join("vmm.json"),
         report: runtime.join("report.json"),
         log: runtime.join("vmm.log"),
+        jailed: vmm_jailed(),
     };
     let stdin = match vmm_namespaces() {
         Some(namespaces) => {
@@ -102,6 +107,12 @@ pub fn vmm_command(
     config.namespaces_joined = stdin.is_some();
     config.parent_pid = Some(std::process::id());
     config.start_monotonic_ns = Some(crate::stages::now_ns());
+    if files.jailed {
+        let root = runtime.join(JAIL_DIR);
+        std::fs::create_dir(&root)
+            .map_err(|e| SandboxError::io(format!("creating {}", root.display()), e))?;
+        config.jail = Some(root);
+    }
     let json = serde_json::to_vec(&config).map_err(|e| SandboxError::setup("vmm config", e))?;
     std::fs::write(&files.config, json)
         .map_err(|e| SandboxError::io(format!("writing {}", files.config.display()), e))?;
@@ -119,6 +130,21 @@ pub fn vmm_command(
         cmd.stdout(Stdio::null()).stderr(log);
     }
     Ok((cmd, files))
+}
+
+/// The directory of a runtime directory on which a jailed VMM mounts its root.
+const JAIL_DIR: &str = "jail";
+
+/// The environment variable that, set to `0`, starts VMMs run as root unjailed.
+pub const JAIL_ENV: &str = "MXC_VM_JAIL";
+
+/// Whether the VMMs this process starts jail themselves ([`vmm::jail`]): when it runs as
+/// root (a VMM can make a mount namespace only with CAP_SYS_ADMIN), unless
+/// `MXC_VM_JAIL=0`.
+pub fn vmm_jailed() -> bool {
+    // SAFETY: geteuid() has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    root && std::env::var_os(JAIL_ENV).is_none_or(|v| v != "0")
 }
 
 /// The empty network, IPC and UTS namespaces this process starts its VMMs in, made on
@@ -176,11 +202,17 @@ impl VmmProcess {
             child,
             report_path: files.report,
             log_path: files.log,
+            jailed: files.jailed,
         })
     }
 
     pub(crate) fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// Whether the VMM jailed itself: a share it serves must be mounted into its jail.
+    pub(crate) fn jailed(&self) -> bool {
+        self.jailed
     }
 
     /// `Some` when the VMM has already exited (during boot that is a failure): why, and
@@ -325,6 +357,22 @@ pub fn vmm_main(args: &[std::ffi::OsString]) -> i32 {
     if let Err(e) = vmm::privileges::leave_host_namespaces(config.namespaces_joined) {
         eprintln!("mxc-vm vmm: cannot leave the host's network, IPC and UTS namespaces: {e}");
         return 1;
+    }
+    // Asked to (run as root), it moves into a root that holds only what its VM needs
+    // (vmm::jail), while it can still mount.
+    if let Some(root) = &config.jail {
+        let report_dir = Path::new(report_path).parent().unwrap_or(Path::new("/"));
+        let runtime = root.parent().unwrap_or(Path::new("/"));
+        let binds = vmm::jail::plan(&config, &[runtime, report_dir]);
+        let slots = if config.control_socket.is_some() {
+            usize::from(config.share_slots)
+        } else {
+            0
+        };
+        if let Err(e) = vmm::jail::enter(root, &binds, slots) {
+            eprintln!("mxc-vm vmm: {}", crate::error_chain(&e));
+            return 1;
+        }
     }
     // No program, mount, namespace, BPF, ... from this process from here on
     // (vmm::seccomp), before the VM exists and starts threads: every thread inherits

@@ -137,6 +137,18 @@ pub fn open() -> Result<Box<dyn Hypervisor>> {
     }
 }
 
+/// The device files the hypervisor opens (what a jailed VMM must still see).
+pub fn device_paths() -> &'static [&'static str] {
+    #[cfg(target_os = "linux")]
+    {
+        &[kvm::KVM_PATH]
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        &[]
+    }
+}
+
 /// The flavour of this host's hypervisor, detected once per process.
 pub fn host_flavour() -> Flavour {
     #[cfg(target_os = "linux")]
