@@ -130,6 +130,18 @@ pub fn microvm_usable() -> bool {
     kvm_kind().is_ok()
 }
 
+/// The environment variable that, set to `0`, starts VMMs run as root unjailed.
+pub const JAIL_ENV: &str = "MXC_VM_JAIL";
+
+/// Whether the VMMs this process starts jail themselves (`vmm::jail`): when it runs as
+/// root (a VMM can make a mount namespace only with CAP_SYS_ADMIN), unless
+/// `MXC_VM_JAIL=0`.
+pub fn vmm_jailed() -> bool {
+    // SAFETY: geteuid() has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    root && std::env::var_os(JAIL_ENV).is_none_or(|v| v != "0")
+}
+
 fn microvm_status() -> BackendStatus {
     let mut details = Vec::new();
     let kind = vmm::detect();
@@ -158,6 +170,24 @@ fn microvm_status() -> BackendStatus {
          machine), and the device model is Linux-only"
             .into(),
     );
+    details.push(if vmm_jailed() {
+        "vmm: jailed (a mount namespace of its own; its root holds only /dev/kvm, its \
+         runtime directory, kernel, initramfs, snapshot and shares), empty network, IPC \
+         and UTS namespaces, seccomp per thread kind, no capabilities in the threads the \
+         guest reaches"
+            .into()
+    } else {
+        // SAFETY: geteuid() has no preconditions.
+        let why = if unsafe { libc::geteuid() } == 0 {
+            "MXC_VM_JAIL=0"
+        } else {
+            "not run as root"
+        };
+        format!(
+            "vmm: not jailed ({why}): it sees the host's file system as this user does; \
+             seccomp per thread kind"
+        )
+    });
     details.push(
         match guest_image::cached(&guest_image::BuildOptions::default()) {
             Some(image) => format!("guest image: {}", image.key),

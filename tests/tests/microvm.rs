@@ -417,6 +417,17 @@ fn assert_jailed(pid: u32) {
         names.sort();
         names
     };
+    // Where mxc-vm can make cgroups, the VMM runs in a pids cgroup of its own.
+    if !matches!(
+        sandbox::limits::detect(),
+        sandbox::limits::Enforcement::Rlimits { .. }
+    ) {
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        assert!(
+            cgroups.lines().any(|l| l.ends_with("-vmm")),
+            "the VMM is in no cgroup of its own: {cgroups}"
+        );
+    }
     assert_eq!(names("dev"), ["kvm"]);
     assert_eq!(names("proc"), ["self"]);
     let image = guest_image::cached(&guest_image::BuildOptions::default()).unwrap();

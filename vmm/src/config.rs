@@ -135,6 +135,10 @@ pub struct VmConfig {
     /// as root).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jail: Option<PathBuf>,
+    /// The file the VMM writes `0` to first thing, to join the cgroup its parent made for
+    /// it (`tasks` of a cgroup v1 pids cgroup, else `cgroup.procs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
 }
 
 fn is_zero(n: &u8) -> bool {
@@ -197,6 +201,7 @@ impl VmConfig {
             namespaces_joined: false,
             parent_pid: None,
             jail: None,
+            cgroup: None,
         }
     }
 

@@ -54,6 +54,8 @@ pub(crate) struct VmmProcess {
     log_path: PathBuf,
     /// The VMM jailed itself ([`vmm::jail`]).
     jailed: bool,
+    /// Its cgroup, removed once the VMM is gone (fields drop after `drop`).
+    _cgroup: Option<std::sync::Arc<crate::limits::SandboxCgroup>>,
     /// A signal to mxc-vm kills the VMM, and with it the VM ([`crate::interrupt`]).
     _root: crate::interrupt::Registered,
 }
@@ -69,6 +71,8 @@ pub struct VmmFiles {
     pub log: PathBuf,
     /// Whether the VMM jails itself ([`vmm::VmConfig::jail`]).
     pub jailed: bool,
+    /// The pids cgroup a jailed VMM joins first thing; removed when dropped.
+    pub cgroup: Option<std::sync::Arc<crate::limits::SandboxCgroup>>,
 }
 
 /// The one way to launch the VMM: writes `config` (with the start clock read now) into
@@ -86,11 +90,12 @@ pub fn vmm_command(
     console: bool,
     binary: Option<&Path>,
 ) -> Result<(Command, VmmFiles), SandboxError> {
-    let files = VmmFiles {
+    let mut files = VmmFiles {
         config: runtime.join("vmm.json"),
         report: runtime.join("report.json"),
         log: runtime.join("vmm.log"),
-        jailed: vmm_jailed(),
+        jailed: crate::host::vmm_jailed(),
+        cgroup: None,
     };
     let stdin = match vmm_namespaces() {
         Some(namespaces) => {
@@ -112,6 +117,8 @@ pub fn vmm_command(
         std::fs::create_dir(&root)
             .map_err(|e| SandboxError::io(format!("creating {}", root.display()), e))?;
         config.jail = Some(root);
+        files.cgroup = vmm_cgroup(runtime)?.map(std::sync::Arc::new);
+        config.cgroup = files.cgroup.as_ref().map(|c| c.join_file());
     }
     let json = serde_json::to_vec(&config).map_err(|e| SandboxError::setup("vmm config", e))?;
     std::fs::write(&files.config, json)
@@ -135,16 +142,29 @@ pub fn vmm_command(
 /// The directory of a runtime directory on which a jailed VMM mounts its root.
 const JAIL_DIR: &str = "jail";
 
-/// The environment variable that, set to `0`, starts VMMs run as root unjailed.
-pub const JAIL_ENV: &str = "MXC_VM_JAIL";
+/// How many tasks (threads) a jailed VMM's cgroup holds at most: its main thread, one
+/// per vCPU (64 at most), the device loop, one fs worker per share, the control thread,
+/// with room to spare. A VMM a guest drove to start more gets `EAGAIN`.
+pub const VMM_TASKS: u32 = 256;
 
-/// Whether the VMMs this process starts jail themselves ([`vmm::jail`]): when it runs as
-/// root (a VMM can make a mount namespace only with CAP_SYS_ADMIN), unless
-/// `MXC_VM_JAIL=0`.
-pub fn vmm_jailed() -> bool {
-    // SAFETY: geteuid() has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    root && std::env::var_os(JAIL_ENV).is_none_or(|v| v != "0")
+/// A pids cgroup of its own for the VMM of `runtime` (`mxc-vm-<id>-vmm`, at most
+/// [`VMM_TASKS`] tasks), where this host lets mxc-vm make cgroups (`None` where only
+/// rlimits are available: `backends` says which).
+fn vmm_cgroup(runtime: &Path) -> Result<Option<crate::limits::SandboxCgroup>, SandboxError> {
+    static ENFORCEMENT: std::sync::OnceLock<crate::limits::Enforcement> =
+        std::sync::OnceLock::new();
+    let enforcement = ENFORCEMENT.get_or_init(crate::limits::detect);
+    let name = runtime
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(|n| n.strip_prefix("mxc-vm-").unwrap_or(n))
+        .unwrap_or("vm");
+    let limits = policy::Limits {
+        pids: Some(VMM_TASKS),
+        ..Default::default()
+    };
+    crate::limits::SandboxCgroup::for_sandbox(enforcement, &format!("{name}-vmm"), &limits)
+        .map_err(|e| SandboxError::setup("the VMM's cgroup", e))
 }
 
 /// The empty network, IPC and UTS namespaces this process starts its VMMs in, made on
@@ -203,6 +223,7 @@ impl VmmProcess {
             report_path: files.report,
             log_path: files.log,
             jailed: files.jailed,
+            _cgroup: files.cgroup,
         })
     }
 
@@ -357,6 +378,13 @@ pub fn vmm_main(args: &[std::ffi::OsString]) -> i32 {
     if let Err(e) = vmm::privileges::leave_host_namespaces(config.namespaces_joined) {
         eprintln!("mxc-vm vmm: cannot leave the host's network, IPC and UTS namespaces: {e}");
         return 1;
+    }
+    // Its cgroup (made by its parent) first, while it is one task and sees /sys.
+    if let Some(join) = &config.cgroup {
+        if let Err(e) = std::fs::write(join, "0") {
+            eprintln!("mxc-vm vmm: cannot join its cgroup {}: {e}", join.display());
+            return 1;
+        }
     }
     // Asked to (run as root), it moves into a root that holds only what its VM needs
     // (vmm::jail), while it can still mount.

@@ -252,6 +252,8 @@ fn run_vmm(
 ) -> Result<Boot, Failure> {
     let (mut cmd, files) = sandbox::microvm::vmm_command(config, dir, false, Some(&setup.exe))?;
     let (report_path, log_path) = (files.report, files.log);
+    // The VMM's cgroup (if any) goes once the VMM has been reaped.
+    let _cgroup = files.cgroup;
     let child = cmd
         .spawn()
         .map_err(|e| Failure::new(format!("cannot start the VMM process: {e}")))?;
