@@ -63,6 +63,13 @@ const KILLED: &[(i64, &str)] = &[
     (libc::SYS_io_uring_register, "io_uring_register"),
     (libc::SYS_iopl, "iopl"),
     (libc::SYS_ioperm, "ioperm"),
+    // Signals reach other processes only through these; the VMM signals its own threads
+    // with tgkill (see `own_process_only`).
+    (libc::SYS_kill, "kill"),
+    (libc::SYS_tkill, "tkill"),
+    (libc::SYS_rt_sigqueueinfo, "rt_sigqueueinfo"),
+    (libc::SYS_pidfd_open, "pidfd_open"),
+    (libc::SYS_pidfd_send_signal, "pidfd_send_signal"),
 ];
 
 /// Namespace flags: `unshare` and `clone` with any of them kill the VMM (the fs worker's
@@ -81,7 +88,8 @@ const NAMESPACE_FLAGS: &[u64] = &[
 pub fn describe() -> String {
     let names: Vec<&str> = KILLED.iter().map(|(_, n)| *n).collect();
     format!(
-        "the VMM is killed by: {}, unshare or clone into new namespaces; each VMM thread \
+        "the VMM is killed by: {}, unshare or clone into new namespaces, a signal to \
+         another process; each VMM thread \
          may make only its kind's calls (vCPU: KVM ioctls and eventfds, no files or \
          sockets; device loop: epoll and Unix sockets; fs worker: file calls, no sockets \
          or ioctls), others answer EPERM",
@@ -105,12 +113,29 @@ fn flag_rules() -> Result<Vec<SeccompRule>, SeccompError> {
         .collect()
 }
 
-/// The compiled filter.
+/// `tgkill` and `rt_tgsigqueueinfo` to a thread group other than `pid` (run as root, a
+/// VMM taken over by its guest could otherwise signal any process of the host).
+fn own_process_only(pid: u32) -> Result<Vec<SeccompRule>, SeccompError> {
+    let cond = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, u64::from(pid))
+        .map_err(SeccompError::Build)?;
+    Ok(vec![
+        SeccompRule::new(vec![cond]).map_err(SeccompError::Build)?
+    ])
+}
+
+/// The compiled filter, for this process.
 pub fn filter() -> Result<BpfProgram, SeccompError> {
+    filter_for(std::process::id())
+}
+
+/// The compiled filter for the VMM process `pid`: the only process it may signal.
+pub fn filter_for(pid: u32) -> Result<BpfProgram, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         KILLED.iter().map(|(nr, _)| (*nr, vec![])).collect();
     rules.insert(libc::SYS_unshare, flag_rules()?);
     rules.insert(libc::SYS_clone, flag_rules()?);
+    rules.insert(libc::SYS_tgkill, own_process_only(pid)?);
+    rules.insert(libc::SYS_rt_tgsigqueueinfo, own_process_only(pid)?);
     SeccompFilter::new(
         rules,
         SeccompAction::Allow,
@@ -215,5 +240,52 @@ pub(crate) mod tests {
         assert_eq!(exec, Err(libc::SIGSYS));
         assert_eq!(new_ns, Err(libc::SIGSYS));
         assert_eq!(ordinary, Ok(0));
+    }
+    /// Run as root, a VMM taken over by its guest could signal any process of the host
+    /// (`kill(-1, SIGKILL)` ends them all): every way to signal another process kills the
+    /// VMM, while signals to its own threads (how it kicks a vCPU) pass.
+    #[test]
+    fn a_signal_to_another_process_kills_the_vmm_and_its_own_threads_still_get_theirs() {
+        // Signal 0 checks without sending: harmless to pid 1 if the filter let it through.
+        let kill = in_filtered_child(|| {
+            // SAFETY: kill with signal 0 sends nothing.
+            unsafe { libc::kill(1, 0) };
+            7
+        });
+        let tgkill = in_filtered_child(|| {
+            // SAFETY: tgkill with signal 0 sends nothing.
+            unsafe { libc::syscall(libc::SYS_tgkill, 1, 1, 0) };
+            7
+        });
+        let tkill = in_filtered_child(|| {
+            // SAFETY: tkill with signal 0 sends nothing.
+            unsafe { libc::syscall(libc::SYS_tkill, 1, 0) };
+            7
+        });
+        let pidfd = in_filtered_child(|| {
+            // SAFETY: pidfd_open takes integers; a descriptor it returned is not used.
+            unsafe { libc::syscall(libc::SYS_pidfd_open, 1, 0) };
+            7
+        });
+        // The child builds its filter itself, for its own pid, and signals itself.
+        let own = in_child_with(&[], || {
+            let Ok(prog) = filter() else { return 9 };
+            if seccompiler::apply_filter(&prog).is_err() {
+                return 99;
+            }
+            // SAFETY: tgkill with signal 0 to this very thread sends nothing.
+            let rc = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::gettid(), 0) };
+            if rc == 0 {
+                0
+            } else {
+                8
+            }
+        });
+
+        assert_eq!(kill, Err(libc::SIGSYS));
+        assert_eq!(tgkill, Err(libc::SIGSYS));
+        assert_eq!(tkill, Err(libc::SIGSYS));
+        assert_eq!(pidfd, Err(libc::SIGSYS));
+        assert_eq!(own, Ok(0));
     }
 }
