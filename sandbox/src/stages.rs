@@ -38,15 +38,7 @@ pub fn enabled() -> bool {
 
 /// `CLOCK_MONOTONIC` in nanoseconds (async-signal-safe).
 pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as u64)
+    vmm::timeline::monotonic_ns()
 }
 
 fn marks() -> &'static Mutex<Vec<(String, u64)>> {
