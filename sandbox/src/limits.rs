@@ -138,7 +138,34 @@ fn delegated_cgroup() -> Result<PathBuf, String> {
     if !writable(&dir) {
         return Err(format!("{} is not writable", dir.display()));
     }
+    enable_for_children(&dir, &["memory", "pids"])?;
     Ok(dir)
+}
+
+/// Make sure `dir`'s children get `controllers` (its `cgroup.subtree_control`): a child
+/// cgroup has a controller's files (`pids.max`, ...) only when its parent enables it.
+/// Enabling them is refused in a non-root cgroup that holds processes itself (the "no
+/// internal processes" rule): then `dir` is no cgroup to make sandboxes under.
+fn enable_for_children(dir: &Path, controllers: &[&str]) -> Result<(), String> {
+    let control = dir.join("cgroup.subtree_control");
+    let enabled = std::fs::read_to_string(&control).map_err(|e| e.to_string())?;
+    let missing: Vec<String> = controllers
+        .iter()
+        .filter(|c| !enabled.split_whitespace().any(|e| e == **c))
+        .map(|c| format!("+{c}"))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    std::fs::write(&control, missing.join(" ")).map_err(|e| {
+        format!(
+            "the {} controllers are not enabled for the children of {} and cannot be \
+             ({}: {e})",
+            controllers.join(" and "),
+            dir.display(),
+            control.display()
+        )
+    })
 }
 
 /// The rlimits that carry the policy's limits a cgroup does not (`cgroup`: the sandbox
