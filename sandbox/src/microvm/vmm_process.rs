@@ -154,11 +154,13 @@ fn vmm_cgroup(runtime: &Path) -> Result<Option<crate::limits::SandboxCgroup>, Sa
     static ENFORCEMENT: std::sync::OnceLock<crate::limits::Enforcement> =
         std::sync::OnceLock::new();
     let enforcement = ENFORCEMENT.get_or_init(crate::limits::detect);
-    let name = runtime
-        .file_name()
-        .and_then(|n| n.to_str())
-        .map(|n| n.strip_prefix("mxc-vm-").unwrap_or(n))
-        .unwrap_or("vm");
+    // `mxc-vm-<pid>-<tag>` like the runtime directory (which a sandbox's is), so that a
+    // later run removes it if this process dies without doing so.
+    let dir = runtime.file_name().and_then(|n| n.to_str()).unwrap_or("vm");
+    let name = match dir.strip_prefix("mxc-vm-") {
+        Some(name) => name.to_owned(),
+        None => format!("{}-{dir}", std::process::id()),
+    };
     let limits = policy::Limits {
         pids: Some(VMM_TASKS),
         ..Default::default()
