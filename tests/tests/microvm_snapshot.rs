@@ -374,6 +374,18 @@ fn warm_pool_vms_take_the_policy_of_whoever_adopts_them(tmp: &TempDir, cache: &P
         format!("{rw_s}hidden")
     );
     assert_eq!(std::fs::read_to_string(rw.join("out")).unwrap(), "pooled\n");
+    // A jailed VMM (run as root) was given the share in its first slot, from outside its
+    // jail: the host path itself is no mount point of its namespace.
+    if sandbox::host::vmm_jailed() {
+        let pid = writer.vmm_pid().unwrap();
+        let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+        let points: Vec<&str> = mountinfo
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .collect();
+        assert!(points.contains(&"/.mxc-slots/0"), "{mountinfo}");
+        assert!(!points.contains(&rw_s.as_str()), "{mountinfo}");
+    }
     assert_eq!(
         sh(
             &mut reader,
