@@ -117,6 +117,17 @@ pub fn vmm_command(
         std::fs::create_dir(&root)
             .map_err(|e| SandboxError::io(format!("creating {}", root.display()), e))?;
         config.jail = Some(root);
+        // The jail binds each file at its path, which must be absolute (`--kernel
+        // ./vmlinux` is relative to our working directory, not the jail's root).
+        config.kernel = absolute(&config.kernel)?;
+        if let Some(initrd) = &config.initrd {
+            config.initrd = Some(absolute(initrd)?);
+        }
+        if let Some(vmm::SnapshotMode::SaveAtReady(dir) | vmm::SnapshotMode::Restore(dir)) =
+            &mut config.snapshot
+        {
+            *dir = absolute(dir)?;
+        }
         files.cgroup = vmm_cgroup(runtime)?.map(std::sync::Arc::new);
         config.cgroup = files.cgroup.as_ref().map(|c| c.join_file());
     }
@@ -141,6 +152,16 @@ pub fn vmm_command(
 
 /// The directory of a runtime directory on which a jailed VMM mounts its root.
 const JAIL_DIR: &str = "jail";
+
+/// `path` resolved (a directory not made yet: made absolute).
+fn absolute(path: &Path) -> Result<PathBuf, SandboxError> {
+    std::fs::canonicalize(path)
+        .or_else(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => std::path::absolute(path),
+            _ => Err(e),
+        })
+        .map_err(|e| SandboxError::io(format!("resolving {}", path.display()), e))
+}
 
 /// How many tasks (threads) a jailed VMM's cgroup holds at most: its main thread, one
 /// per vCPU (64 at most), the device loop, one fs worker per share, the control thread,
