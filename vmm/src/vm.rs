@@ -561,6 +561,7 @@ impl Vm {
             ..
         } = self;
         // A restored VM resumes where it was saved; only a fresh one is set up to boot.
+        let restoring = boot.is_none();
         if let Some((kernel, initrd)) = boot {
             let boot_vcpu = vcpus.first().ok_or(ConfigError::VcpuCount(0))?;
             boot::configure(
@@ -574,8 +575,12 @@ impl Vm {
         }
 
         // Restored devices look at their queues once the loop runs: the boot vCPU's
-        // first entry does not wait for what that starts.
-        let restored = transports.clone();
+        // first entry does not wait for what that starts. A booted VM's have none yet.
+        let restored = if restoring {
+            transports.clone()
+        } else {
+            Vec::new()
+        };
         let devices = event_loop.spawn(exit.clone(), move || {
             for transport in restored {
                 let kicked = transport
