@@ -779,8 +779,11 @@ impl Backend for MicrovmBackend {
         self.net = network;
         self.runtime = Some(runtime);
         self.spec = Some(spec.clone());
-        self.opts.kernel = Some(kernel);
-        self.opts.initrd = Some(initrd);
+        // Absolute, as the VMM (jailed, its working directory is its own root) and the
+        // snapshot it may start from name them.
+        let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+        self.opts.kernel = Some(absolute(kernel));
+        self.opts.initrd = Some(absolute(initrd));
         Ok(())
     }
 

@@ -153,13 +153,10 @@ pub fn vmm_command(
 /// The directory of a runtime directory on which a jailed VMM mounts its root.
 const JAIL_DIR: &str = "jail";
 
-/// `path` resolved (a directory not made yet: made absolute).
+/// `path` made absolute against our working directory, symbolic links kept (a VM's
+/// snapshot names its kernel and initramfs by the paths its configuration gave).
 fn absolute(path: &Path) -> Result<PathBuf, SandboxError> {
-    std::fs::canonicalize(path)
-        .or_else(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => std::path::absolute(path),
-            _ => Err(e),
-        })
+    std::path::absolute(path)
         .map_err(|e| SandboxError::io(format!("resolving {}", path.display()), e))
 }
 
