@@ -186,14 +186,7 @@ pub fn enter(root: &Path, binds: &[Bind], slots: usize) -> Result<(), JailError>
     let proc_self = open_path(AT_FDCWD, Path::new("/proc/self"), libc::O_DIRECTORY)
         .map_err(path_error("open", Path::new("/proc/self")))?;
     // Nothing mounted from here on travels back to the host's namespace.
-    mount(
-        None,
-        Path::new("/"),
-        None,
-        libc::MS_REC | libc::MS_PRIVATE,
-        None,
-    )
-    .map_err(path_error("make private the mounts under", Path::new("/")))?;
+    make_all_private().map_err(path_error("make private the mounts under", Path::new("/")))?;
     mount(
         Some(Path::new("tmpfs")),
         root,
@@ -527,7 +520,20 @@ fn mount_point(root: &OwnedFd, path: &Path, is_dir: bool) -> io::Result<OwnedFd>
     beneath(root, &so_far, libc::O_PATH)
 }
 
-fn mount(
+/// Make every mount of this mount namespace private: nothing mounted or unmounted in it
+/// from now on propagates to the namespace it was copied from, or back.
+pub fn make_all_private() -> io::Result<()> {
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+    )
+}
+
+/// `mount(2)` (the process tier's mounts use it too).
+pub fn mount(
     source: Option<&Path>,
     target: &Path,
     fstype: Option<&str>,

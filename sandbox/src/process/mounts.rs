@@ -49,24 +49,11 @@ fn mount(
     flags: libc::c_ulong,
     data: Option<&str>,
 ) -> Result<(), MountError> {
-    let s = src.map(cstr).transpose()?;
-    let d = cstr(dst)?;
-    let t = fstype.map(|t| CString::new(t).unwrap_or_default());
-    let o = data.map(|o| CString::new(o).unwrap_or_default());
-    // SAFETY: every pointer is a NUL-terminated string that outlives the call, or null.
-    let rc = unsafe {
-        libc::mount(
-            s.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
-            d.as_ptr(),
-            t.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
-            flags,
-            o.as_ref().map_or(std::ptr::null(), |c| c.as_ptr().cast()),
-        )
-    };
-    if rc != 0 {
-        return Err(err("mount", dst));
-    }
-    Ok(())
+    vmm::jail::mount(src, dst, fstype, flags, data).map_err(|source| MountError {
+        what: "mount",
+        path: dst.to_path_buf(),
+        source,
+    })
 }
 
 /// Make the mount at `path` (and, with `recursive`, everything below it) read-only.
@@ -188,13 +175,11 @@ fn under(root: &str, p: &Path) -> PathBuf {
 /// Step 1 (in the init, before forking PID 1): private propagation, scratch root,
 /// host root moved to /oldroot, sandbox root tmpfs at /newroot.
 pub(crate) fn enter_scratch_root() -> Result<(), MountError> {
-    mount(
-        None,
-        Path::new("/"),
-        None,
-        libc::MS_REC | libc::MS_PRIVATE,
-        None,
-    )?;
+    vmm::jail::make_all_private().map_err(|source| MountError {
+        what: "make private the mounts under",
+        path: PathBuf::from("/"),
+        source,
+    })?;
     let base = ["/tmp", "/run", "/mnt", "/var/tmp"]
         .into_iter()
         .map(Path::new)
