@@ -151,7 +151,14 @@ pub fn plan(config: &VmConfig, dirs: &[&Path]) -> Vec<Bind> {
 pub fn enter(root: &Path, binds: &[Bind], slots: usize) -> Result<(), JailError> {
     // What the VMM learns from /sys once per process, it learns now.
     let _ = crate::hypervisor::host_flavour();
-    for bind in binds {
+    // `/proc/self` opens as this process's own `/proc/<pid>`, which is bound.
+    let proc_self = Bind {
+        path: PathBuf::from("/proc/self"),
+        access: Access::ReadOnly,
+        recursive: false,
+    };
+    let binds: Vec<&Bind> = binds.iter().chain(std::iter::once(&proc_self)).collect();
+    for bind in &binds {
         if !bind.path.is_absolute()
             || bind
                 .path
@@ -183,8 +190,6 @@ pub fn enter(root: &Path, binds: &[Bind], slots: usize) -> Result<(), JailError>
         .iter()
         .map(|b| open_path(AT_FDCWD, &b.path, 0).map_err(path_error("open", &b.path)))
         .collect::<Result<Vec<_>, _>>()?;
-    let proc_self = open_path(AT_FDCWD, Path::new("/proc/self"), libc::O_DIRECTORY)
-        .map_err(path_error("open", Path::new("/proc/self")))?;
     // Nothing mounted from here on travels back to the host's namespace.
     make_all_private().map_err(path_error("make private the mounts under", Path::new("/")))?;
     mount(
@@ -229,41 +234,11 @@ pub fn enter(root: &Path, binds: &[Bind], slots: usize) -> Result<(), JailError>
             .map_err(path_error("restrict in the jail", &bind.path))?;
         }
     }
-    let proc_target = mount_point(&new_root, Path::new("/proc/self"), true).map_err(path_error(
-        "make the jail's mount point for",
-        Path::new("/proc/self"),
-    ))?;
-    mount(
-        Some(&fd_path(&proc_self)),
-        &fd_path(&proc_target),
-        None,
-        libc::MS_BIND,
-        None,
-    )
-    .map_err(path_error("bind into the jail", Path::new("/proc/self")))?;
-    let proc_top = beneath(&new_root, Path::new("/proc/self"), libc::O_PATH)
-        .map_err(path_error("open in the jail", Path::new("/proc/self")))?;
-    mount(
-        None,
-        &fd_path(&proc_top),
-        None,
-        libc::MS_REMOUNT
-            | libc::MS_BIND
-            | libc::MS_RDONLY
-            | libc::MS_NOSUID
-            | libc::MS_NODEV
-            | libc::MS_NOEXEC,
-        None,
-    )
-    .map_err(path_error("restrict in the jail", Path::new("/proc/self")))?;
     for index in 0..slots {
         mount_point(&new_root, &slot_path(index), true)
             .map_err(path_error("make the share slot", &slot_path(index)))?;
     }
     drop(sources);
-    drop(proc_self);
-    drop(proc_target);
-    drop(proc_top);
 
     mount(
         None,
