@@ -348,6 +348,7 @@ mod tests {
             readonly: true,
             denied: Vec::new(),
             root_allowlist: None,
+            hidden_inodes: Vec::new(),
         };
         let mut config = VmConfig::new("/k", 64, 1);
         config.shares = vec![share("mxcfs0")];

@@ -733,6 +733,7 @@ fn share_devices(config: &VmConfig) -> Vec<crate::devices::fs::FsShareConfig> {
                 readonly: true,
                 denied: Vec::new(),
                 root_allowlist: None,
+                hidden_inodes: Vec::new(),
             });
         }
     }

@@ -366,16 +366,15 @@ fn into_jail(
         .enumerate()
         .map(|(index, share)| {
             let slot = vmm::jail::slot_path(index);
-            vmm::jail::inject_share(pid, &share.host_path, &slot, share.readonly).map_err(|e| {
-                SandboxError::Setup {
+            let hidden =
+                vmm::jail::inject_share(pid, share, &slot).map_err(|e| SandboxError::Setup {
                     stage: "shares".into(),
                     message: format!(
                         "the pooled VM could not take the share {}: {}",
                         share.host_path.display(),
                         crate::error_chain(&e)
                     ),
-                }
-            })?;
+                })?;
             let mut jailed = share.clone();
             jailed.denied = share
                 .denied
@@ -387,6 +386,7 @@ fn into_jail(
                 })
                 .collect();
             jailed.host_path = slot;
+            jailed.hidden_inodes.extend(hidden);
             Ok(jailed)
         })
         .collect()

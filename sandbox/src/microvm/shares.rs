@@ -255,6 +255,7 @@ pub fn plan(
             readonly: unit.readonly,
             denied,
             root_allowlist: unit.allow.map(|a| a.into_iter().collect()),
+            hidden_inodes: Vec::new(),
         });
     }
     Ok(GuestFiles {
@@ -807,6 +808,7 @@ mod tests {
                 readonly: true,
                 denied: vec![],
                 root_allowlist: None,
+                hidden_inodes: Vec::new(),
             }],
             links: vec![GuestLink {
                 path: "/bin".into(),

@@ -368,7 +368,7 @@ pub fn vmm_main(args: &[std::ffi::OsString]) -> i32 {
         eprintln!("usage: mxc-vm {VMM_ARG} CONFIG REPORT");
         return 2;
     };
-    let config: vmm::VmConfig = match std::fs::read(config_path)
+    let mut config: vmm::VmConfig = match std::fs::read(config_path)
         .map_err(|e| e.to_string())
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
     {
@@ -417,9 +417,19 @@ pub fn vmm_main(args: &[std::ffi::OsString]) -> i32 {
         } else {
             0
         };
-        if let Err(e) = vmm::jail::enter(root, &binds, slots) {
-            eprintln!("mxc-vm vmm: {}", crate::error_chain(&e));
-            return 1;
+        match vmm::jail::enter(root, &binds, slots) {
+            // What the jail covered of each share stays hidden from its guest by inode.
+            Ok(hidden) => {
+                for share in &mut config.shares {
+                    if let Some(covered) = hidden.iter().find(|c| c.path == share.host_path) {
+                        share.hidden_inodes.extend_from_slice(&covered.inodes);
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("mxc-vm vmm: {}", crate::error_chain(&e));
+                return 1;
+            }
         }
     }
     // No program, mount, namespace, BPF, ... from this process from here on

@@ -367,7 +367,7 @@ impl PolicyFs {
 
     /// Whether an inode with these attributes is hidden from the guest.
     fn hidden(&self, st: &stat64) -> bool {
-        st.st_dev != self.share.root_id.dev || self.share.denied.is_denied_inode(stat_id(st))
+        !self.share.devices.contains(&st.st_dev) || self.share.denied.is_denied_inode(stat_id(st))
     }
 
     /// Count one more guest reference to `entry`'s node (not checking the policy).

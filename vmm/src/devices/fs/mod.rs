@@ -130,6 +130,11 @@ pub struct FsShareConfig {
     /// `/etc`. Each name is one path component (no `/`, not empty, `.` or `..`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_allowlist: Option<Vec<String>>,
+    /// Host inodes `(st_dev, st_ino)` the guest must not see, as if they were denied
+    /// paths: what the VMM's jail covered of the share (`crate::jail::ShareView`), so a
+    /// hard link to one of them elsewhere in the share stays hidden.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hidden_inodes: Vec<(u64, u64)>,
 }
 
 /// Bounds on what one share's server holds for the guest.

@@ -89,6 +89,10 @@ pub struct PreparedShare {
     /// The canonical host path of the root.
     pub root: PathBuf,
     pub root_id: InodeId,
+    /// The file systems the guest may see in it: the root's, and those of the allowed
+    /// entries of a root allowlist (an allowed name shows what the host shows there,
+    /// mounted or not; a jail binds each of them: `crate::jail::ShareView`).
+    pub devices: Vec<u64>,
     pub readonly: bool,
     pub denied: DeniedSet,
 }
@@ -155,13 +159,30 @@ pub fn prepare_with(share: &FsShareConfig, mountinfo: &str) -> Result<PreparedSh
     for path in &share.denied {
         add_denied(&mut denied, &root, path)?;
     }
-    hide_mount_points(&mut denied, &root, mountinfo)?;
+    denied.inodes.extend(
+        share
+            .hidden_inodes
+            .iter()
+            .map(|&(dev, ino)| InodeId { dev, ino }),
+    );
+    let allowed = share.root_allowlist.as_deref().unwrap_or_default();
+    hide_mount_points(&mut denied, &root, mountinfo, allowed)?;
+    let mut devices = vec![md.dev()];
     if let Some(allowed) = &share.root_allowlist {
         deny_all_but(&mut denied, &root, InodeId::of(&md), allowed)?;
+        for name in allowed {
+            match fs::symlink_metadata(root.join(name)) {
+                Ok(entry) if !entry.is_symlink() && !devices.contains(&entry.dev()) => {
+                    devices.push(entry.dev())
+                }
+                _ => {}
+            }
+        }
     }
     Ok(PreparedShare {
         tag: share.tag.clone(),
         root_id: InodeId::of(&md),
+        devices,
         root,
         readonly: share.readonly,
         denied,
@@ -211,7 +232,7 @@ fn add_denied(set: &mut DeniedSet, root: &Path, path: &Path) -> Result<(), FsErr
         Ok(md) => {
             set.inodes.insert(InodeId::of(&md));
             if md.is_dir() {
-                collect_linked_files(set, &full, md.dev())?;
+                collect_linked_files(&mut set.inodes, &full, md.dev())?;
             }
             Ok(())
         }
@@ -261,11 +282,17 @@ fn deny_all_but(
 const MOUNTINFO: &str = "/proc/self/mountinfo";
 
 /// Hide every mount point strictly inside `root` by name (its parent directory and its
-/// last component), as listed in `mountinfo` (the format of `/proc/self/mountinfo`). A
-/// mount of another file system is also hidden by the device check in the policy layer;
-/// this covers bind mounts of the same file system, which would otherwise show content
-/// from outside the share.
-fn hide_mount_points(set: &mut DeniedSet, root: &Path, mountinfo: &str) -> Result<(), FsError> {
+/// last component), as listed in `mountinfo` (the format of `/proc/self/mountinfo`),
+/// except the `allowed` names of a root allowlist directly under the root (granted by
+/// name: they show what the host shows there). A mount of another file system is also
+/// hidden by the device check in the policy layer; this covers bind mounts of the same
+/// file system, which would otherwise show content from outside the share.
+fn hide_mount_points(
+    set: &mut DeniedSet,
+    root: &Path,
+    mountinfo: &str,
+    allowed: &[String],
+) -> Result<(), FsError> {
     for line in mountinfo.lines() {
         let Some(field) = line.split(' ').nth(4) else {
             continue;
@@ -277,6 +304,9 @@ fn hide_mount_points(set: &mut DeniedSet, root: &Path, mountinfo: &str) -> Resul
         let (Some(parent), Some(name)) = (point.parent(), point.file_name()) else {
             continue;
         };
+        if parent == root && allowed.iter().any(|a| a.as_bytes() == name.as_bytes()) {
+            continue;
+        }
         let parent_md = metadata(parent, &point)?;
         set.names
             .insert((InodeId::of(&parent_md), name.as_bytes().to_vec()));
@@ -332,7 +362,11 @@ fn metadata(path: &Path, denied: &Path) -> Result<fs::Metadata, FsError> {
 /// denied inodes, so its other names elsewhere in the share are hidden too. Files with one
 /// link can only be reached through the denied directory. Symlinks are not followed and
 /// other file systems are not entered (the server never enters them either).
-fn collect_linked_files(set: &mut DeniedSet, dir: &Path, dev: u64) -> Result<(), FsError> {
+pub(crate) fn collect_linked_files(
+    inodes: &mut HashSet<InodeId>,
+    dir: &Path,
+    dev: u64,
+) -> Result<(), FsError> {
     let mut stack: Vec<PathBuf> = vec![dir.to_path_buf()];
     let mut visited = 0usize;
     while let Some(current) = stack.pop() {
@@ -360,7 +394,7 @@ fn collect_linked_files(set: &mut DeniedSet, dir: &Path, dev: u64) -> Result<(),
             if md.is_dir() {
                 stack.push(path);
             } else if md.nlink() > 1 {
-                set.inodes.insert(InodeId::of(&md));
+                inodes.insert(InodeId::of(&md));
             }
         }
     }
@@ -380,6 +414,7 @@ mod tests {
             readonly: false,
             denied: denied.to_vec(),
             root_allowlist: None,
+            hidden_inodes: Vec::new(),
         }
     }
 
@@ -455,6 +490,7 @@ mod tests {
         std::fs::create_dir(dir.path("ssh")).unwrap();
         let config = FsShareConfig {
             root_allowlist: Some(vec!["passwd".into(), "hosts".into()]),
+            hidden_inodes: Vec::new(),
             ..share(dir.root(), &[])
         };
 
@@ -481,6 +517,7 @@ mod tests {
         let dir = TempDir::new();
         let bad = ["", ".", "..", "a/b"].map(|name| FsShareConfig {
             root_allowlist: Some(vec![name.into()]),
+            hidden_inodes: Vec::new(),
             ..share(dir.root(), &[])
         });
 
@@ -504,11 +541,55 @@ mod tests {
         );
         let mut set = DeniedSet::default();
 
-        hide_mount_points(&mut set, dir.root(), &mountinfo).unwrap();
+        hide_mount_points(&mut set, dir.root(), &mountinfo, &[]).unwrap();
 
         let parent = InodeId::of(&std::fs::metadata(dir.path("a b")).unwrap());
         assert_eq!(set.name_count(), 1);
         assert!(set.is_denied_name(parent, b"mnt"));
+    }
+
+    #[test]
+    fn an_allowlisted_name_shows_what_is_mounted_there_and_its_file_system_counts() {
+        let dir = TempDir::new();
+        for d in ["ssl/certs", "ssh"] {
+            std::fs::create_dir_all(dir.path(d)).unwrap();
+        }
+        std::fs::write(dir.path("passwd"), b"root:x:0:0::/root:/bin/sh\n").unwrap();
+        let root = dir.root().display().to_string();
+        // Mounted on: an allowed file, an allowed directory, a name not allowed, and a
+        // directory inside an allowed one.
+        let mountinfo = format!(
+            "30 22 8:1 /p {root}/passwd ro - ext4 /dev/sda1 rw\n\
+             31 22 8:1 /s {root}/ssl ro - ext4 /dev/sda1 rw\n\
+             32 22 8:1 /h {root}/ssh ro - ext4 /dev/sda1 rw\n\
+             33 22 8:1 /c {root}/ssl/certs ro - ext4 /dev/sda1 rw\n"
+        );
+        let mut config = share(dir.root(), &[]);
+        config.root_allowlist = Some(vec!["passwd".into(), "ssl".into()]);
+
+        let prepared = prepare_with(&config, &mountinfo).unwrap();
+
+        let root_id = prepared.root_id;
+        let ssl = InodeId::of(&std::fs::metadata(dir.path("ssl")).unwrap());
+        let denied = &prepared.denied;
+        assert!(!denied.is_denied_name(root_id, b"passwd"));
+        assert!(!denied.is_denied_name(root_id, b"ssl"));
+        assert!(denied.is_denied_name(root_id, b"ssh"));
+        assert!(denied.is_denied_name(ssl, b"certs"));
+        assert_eq!(prepared.devices, [root_id.dev]);
+    }
+
+    #[test]
+    fn inodes_a_jail_covered_are_denied() {
+        let dir = TempDir::new();
+        std::fs::write(dir.path("alias"), b"secret").unwrap();
+        let alias = InodeId::of(&std::fs::metadata(dir.path("alias")).unwrap());
+        let mut config = share(dir.root(), &[]);
+        config.hidden_inodes = vec![(alias.dev, alias.ino)];
+
+        let prepared = prepare(&config).unwrap();
+
+        assert!(prepared.denied.is_denied_inode(alias));
     }
 
     #[test]

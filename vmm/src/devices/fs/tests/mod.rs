@@ -43,6 +43,7 @@ pub fn share_of(root: &Path, readonly: bool, denied: &[PathBuf]) -> FsShareConfi
         readonly,
         denied: denied.to_vec(),
         root_allowlist: None,
+        hidden_inodes: Vec::new(),
     }
 }
 

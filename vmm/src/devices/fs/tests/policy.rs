@@ -156,6 +156,7 @@ fn a_root_allowlist_shows_only_its_names_even_ones_added_later() {
     std::fs::write(dir.path("ssl/cert"), b"C").unwrap();
     let share = FsShareConfig {
         root_allowlist: Some(vec!["passwd".into(), "ssl".into(), "later-ok".into()]),
+        hidden_inodes: Vec::new(),
         ..share_of(dir.root(), false, &[])
     };
     let mut guest = Guest::new(&share);
