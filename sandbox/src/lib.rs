@@ -11,6 +11,7 @@
 pub mod bubblewrap;
 pub mod egress;
 pub mod env;
+mod fds;
 pub mod host;
 pub mod interrupt;
 mod landlock;

@@ -147,6 +147,23 @@ pub struct Signalled {
     pub after_signal: f64,
 }
 
+/// Have `cmd` inherit `file` as descriptor `target`, without close-on-exec: what a shell
+/// or a careless service leaves open for the programs it starts.
+pub fn leave_open(cmd: &mut Command, target: i32, file: std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: dup2() is async-signal-safe; `file` moves into the closure and outlives
+    // every fork the closure runs in (dup2 onto the same number clears nothing: the
+    // numbers differ, `file` is opened close-on-exec by std).
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            if libc::dup2(file.as_raw_fd(), target) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Run `mxc-vm ARGS`; once its stdout has printed a line equal to `ready` (or at once
 /// when `ready` is `None`, after `delay`), call `before` with its pid, send it `signal`,
 /// and wait for it to exit.

@@ -243,6 +243,55 @@ fn mxc_vm_run_microvm_timeout_kills_command_and_vm() {
     assert_eq!(code(&out), 124, "{}", stderr(&out));
 }
 
+/// A file and a directory that what started mxc-vm left open (no close-on-exec) are not
+/// the VMM's: a VMM taken over by its guest could read through them or walk out of its
+/// jail from the directory.
+#[test]
+fn a_descriptor_mxc_vm_inherited_does_not_reach_the_vmm() {
+    require_kvm();
+    let dir = tests::TempDir::new("inherited");
+    std::fs::write(dir.join("secret"), "INHERITED-SECRET").unwrap();
+    let mut cmd = std::process::Command::new(mxc_vm_bin());
+    cmd.args(["run", "--backend", "microvm", "--", "/bin/sleep", "3"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    tests::leave_open(
+        &mut cmd,
+        9,
+        std::fs::File::open(dir.join("secret")).unwrap(),
+    );
+    tests::leave_open(&mut cmd, 8, std::fs::File::open(dir.path()).unwrap());
+    let child = cmd.spawn().unwrap();
+    let marker = format!("mxc-vm-{}-", child.id());
+    let end = Instant::now() + Duration::from_secs(120);
+    let vmm = loop {
+        if let Some(&pid) = pids_with(&marker).first() {
+            break pid;
+        }
+        assert!(Instant::now() < end, "no VMM process appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // Its descriptors once it runs the guest (the first ones it opens are its own).
+    std::thread::sleep(Duration::from_millis(500));
+    let open: Vec<std::path::PathBuf> = std::fs::read_dir(format!("/proc/{vmm}/fd"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    for path in [dir.join("secret"), dir.path().to_path_buf()] {
+        assert!(
+            !open.contains(&path),
+            "the VMM holds {} it inherited: {open:?}",
+            path.display()
+        );
+    }
+}
+
 #[test]
 fn guest_poweroff_ends_the_run() {
     require_kvm();

@@ -45,7 +45,43 @@ both_backends!(
     fifos_and_sockets_cannot_be_made_in_a_grant,
     every_namespace_is_the_sandboxs_own,
     an_inherited_ignored_hangup_stays_ignored,
+    a_descriptor_mxc_vm_inherited_does_not_reach_the_command,
 );
+
+/// A file and a directory outside every grant, left open (no close-on-exec) by what
+/// started mxc-vm, are not the command's: it cannot read the file through its number, nor
+/// walk out of its view from the directory (`openat(fd, "..")`). Only 0, 1 and 2 reach it.
+fn a_descriptor_mxc_vm_inherited_does_not_reach_the_command(backend: &str) {
+    let dir = TempDir::new("inherited");
+    std::fs::write(dir.join("secret"), "INHERITED-SECRET").unwrap();
+    let mut cmd = std::process::Command::new(tests::mxc_vm_bin());
+    cmd.args([
+        "run",
+        "--backend",
+        backend,
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo MARKER-RAN; cat <&9; ls -a /proc/self/fd/8/; ls /proc/self/fd",
+    ]);
+    tests::leave_open(
+        &mut cmd,
+        9,
+        std::fs::File::open(dir.join("secret")).unwrap(),
+    );
+    tests::leave_open(&mut cmd, 8, std::fs::File::open(dir.path()).unwrap());
+    let out = cmd.output().unwrap();
+    let text = stdout(&out);
+    assert!(text.starts_with("MARKER-RAN\n"), "{text}{}", stderr(&out));
+    assert!(!text.contains("INHERITED-SECRET"), "{text}");
+    assert!(
+        !text.contains("secret"),
+        "the inherited directory is open: {text}"
+    );
+    // ls's own listing of /proc/self/fd: 0, 1, 2 and the directory it reads (3).
+    let fds: Vec<&str> = text.lines().skip(1).collect();
+    assert_eq!(fds, ["0", "1", "2", "3"], "{text}");
+}
 
 fn run(backend: &str, extra: &[&str], cmd: &[&str]) -> std::process::Output {
     let mut args = vec!["run", "--backend", backend];

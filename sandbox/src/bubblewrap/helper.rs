@@ -76,6 +76,11 @@ pub fn main(args: &[OsString]) -> i32 {
 }
 
 fn exec(command: &[OsString]) -> i32 {
+    // Nothing but 0, 1 and 2 reaches the command: not what bwrap or mxc-vm inherited
+    // (crate::fds).
+    if let Err(e) = crate::fds::cloexec_from_3() {
+        return fail(format!("cannot close inherited descriptors: {e}"), 125);
+    }
     let argv: Vec<CString> = match command
         .iter()
         .map(|a| CString::new(a.as_bytes()))

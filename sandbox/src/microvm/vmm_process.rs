@@ -364,6 +364,12 @@ fn join_passed_namespaces() -> std::io::Result<()> {
 
 /// Entry point of `mxc-vm __vmm CONFIG REPORT`. Returns the process exit code.
 pub fn vmm_main(args: &[std::ffi::OsString]) -> i32 {
+    // Nothing it inherited beyond 0, 1 and 2 stays open (crate::fds): a VMM taken over by
+    // its guest finds no descriptor its parent's parent left open.
+    if let Err(e) = crate::fds::close_from_3() {
+        eprintln!("mxc-vm vmm: cannot close inherited descriptors: {e}");
+        return 1;
+    }
     let (Some(config_path), Some(report_path)) = (args.first(), args.get(1)) else {
         eprintln!("usage: mxc-vm {VMM_ARG} CONFIG REPORT");
         return 2;

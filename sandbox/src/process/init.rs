@@ -382,6 +382,11 @@ pub(crate) fn command(plan: &InitPlan) -> i32 {
     let Ok(prog) = CString::new(program.as_os_str().as_bytes()) else {
         return exec_failed("program path contains NUL".into(), 126);
     };
+    // Nothing but 0, 1 and 2 reaches the command (the status pipe is close-on-exec
+    // already): not what mxc-vm inherited (crate::fds).
+    if let Err(e) = crate::fds::cloexec_from_3() {
+        return fail("descriptors", e);
+    }
     match crate::landlock::restrict(
         &plan.view.landlock_ro,
         &plan.view.landlock_rw,
