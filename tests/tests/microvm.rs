@@ -243,16 +243,18 @@ fn mxc_vm_run_microvm_timeout_kills_command_and_vm() {
     assert_eq!(code(&out), 124, "{}", stderr(&out));
 }
 
-/// A file and a directory that what started mxc-vm left open (no close-on-exec) are not
-/// the VMM's: a VMM taken over by its guest could read through them or walk out of its
-/// jail from the directory.
+/// A file and a directory that what started mxc-vm left open (no close-on-exec), and the
+/// environment it ran in, are not the VMM's: a VMM taken over by its guest could read
+/// through the descriptors or walk out of its jail from the directory, and read a token
+/// from its environment.
 #[test]
-fn a_descriptor_mxc_vm_inherited_does_not_reach_the_vmm() {
+fn what_started_mxc_vm_left_it_does_not_reach_the_vmm() {
     require_kvm();
     let dir = tests::TempDir::new("inherited");
     std::fs::write(dir.join("secret"), "INHERITED-SECRET").unwrap();
     let mut cmd = std::process::Command::new(mxc_vm_bin());
     cmd.args(["run", "--backend", "microvm", "--", "/bin/sleep", "3"])
+        .env("MXC_TEST_TOKEN", "INHERITED-TOKEN")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     tests::leave_open(
@@ -281,7 +283,12 @@ fn a_descriptor_mxc_vm_inherited_does_not_reach_the_vmm() {
                 .collect()
         })
         .unwrap_or_default();
+    let environ = std::fs::read(format!("/proc/{vmm}/environ")).unwrap_or_default();
     let out = child.wait_with_output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&environ).contains("INHERITED-TOKEN"),
+        "the VMM holds the environment mxc-vm ran in"
+    );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     for path in [dir.join("secret"), dir.path().to_path_buf()] {
         assert!(

@@ -137,7 +137,12 @@ pub fn vmm_command(
     let log = std::fs::File::create(&files.log)
         .map_err(|e| SandboxError::io(format!("creating {}", files.log.display()), e))?;
     let mut cmd = Command::new(vmm_program(binary));
-    cmd.arg(VMM_ARG).arg(&files.config).arg(&files.report);
+    // The VMM reads nothing from its environment: it gets none of ours (a token in the
+    // environment of whoever ran mxc-vm is no VMM's to hold).
+    cmd.arg(VMM_ARG)
+        .arg(&files.config)
+        .arg(&files.report)
+        .env_clear();
     match stdin {
         Some(socket) => cmd.stdin(Stdio::from(std::os::fd::OwnedFd::from(socket))),
         None => cmd.stdin(Stdio::null()),

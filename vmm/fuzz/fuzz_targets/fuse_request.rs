@@ -97,6 +97,7 @@ impl Share {
             readonly,
             denied: vec![self.0.join("secret"), self.0.join("d/secret2")],
             root_allowlist: None,
+            hidden_inodes: Vec::new(),
         }
     }
 }

@@ -282,6 +282,7 @@ fuzz_target!(|data: &[u8]| {
             readonly: true,
             denied: vec![share.0.join("secret")],
             root_allowlist: None,
+            hidden_inodes: Vec::new(),
         };
         let server = FsServer::new(&config, 0, &mem, &queues[..2]).expect("the share is served");
         Device::Fs {
