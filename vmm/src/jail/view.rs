@@ -105,6 +105,24 @@ fn id(st: &libc::stat) -> InodeId {
     }
 }
 
+/// The denied path `rel` beneath `root` (`O_PATH`, no link followed), or `None` where
+/// there is nothing to cover: it does not exist, or it is a link (denied as itself, it
+/// shows no data).
+fn covered(root: &OwnedFd, rel: &Path) -> io::Result<Option<OwnedFd>> {
+    match sys::beneath(root, rel, libc::O_PATH) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT | libc::ELOOP | libc::ENOTDIR)
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Copy `bind` as the process now sees it (the host's view).
 pub(super) fn detach(bind: &Bind) -> Result<Detached, JailError> {
     let path = &bind.path;
@@ -179,18 +197,9 @@ pub(super) fn detach(bind: &Bind) -> Result<Detached, JailError> {
                 // Not in the jail at all (and hidden above, if it exists).
                 continue;
             }
-            let fd = match sys::beneath(&root, rel, libc::O_PATH) {
-                Ok(fd) => fd,
-                // Nothing there to cover, or a link (denied as itself: it shows no data).
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::ENOENT | libc::ELOOP | libc::ENOTDIR)
-                    ) =>
-                {
-                    continue
-                }
-                Err(e) => return Err(path_error("open the denied path", &at)(e)),
+            let Some(fd) = covered(&root, rel).map_err(path_error("open the denied path", &at))?
+            else {
+                continue;
             };
             let st = sys::stat(&fd).map_err(path_error("inspect", &at))?;
             hidden.insert(id(&st));
@@ -256,17 +265,8 @@ impl Detached {
     /// lie inside another).
     pub(super) fn attach_masks(&self) -> io::Result<()> {
         for (rel, mask) in &self.masks {
-            let at = match sys::beneath(&self.tree, rel, libc::O_PATH) {
-                Ok(fd) => fd,
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::ENOENT | libc::ELOOP | libc::ENOTDIR)
-                    ) =>
-                {
-                    continue
-                }
-                Err(e) => return Err(e),
+            let Some(at) = covered(&self.tree, rel)? else {
+                continue;
             };
             sys::move_mount(mask, &at)?;
         }
