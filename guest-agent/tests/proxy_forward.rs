@@ -69,8 +69,19 @@ impl Agent {
         }
     }
 
+    /// Connects to the agent, waiting for it to listen (it may bind its relay's port
+    /// first: a readiness wait, as for the relay).
     fn client(&self) -> AgentClient<UnixStream, UnixStream> {
-        let sock = UnixStream::connect(self.dir.join("agent.sock")).unwrap();
+        let give_up = Instant::now() + Duration::from_secs(20);
+        let sock = loop {
+            match UnixStream::connect(self.dir.join("agent.sock")) {
+                Ok(sock) => break sock,
+                Err(e) => {
+                    assert!(Instant::now() < give_up, "the agent never listened: {e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
         AgentClient::over_unix(sock).unwrap()
     }
 }
