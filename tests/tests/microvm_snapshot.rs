@@ -239,7 +239,7 @@ fn a_ready_snapshot_starts_many_separate_vms_and_a_bad_one_is_booted_around() {
         vm.deprovision().unwrap();
     }
 
-    warm_pool_vms_take_the_policy_of_whoever_adopts_them(&tmp, &cache);
+    warm_pool_vms_take_the_policy_of_whoever_adopts_them(&tmp, &cache, &dir);
     killed_restores_leave_nothing_behind(&tmp, &cache, &dir);
     serve_takes_microvm_sandboxes_from_its_warm_pool(&cache);
 
@@ -306,7 +306,11 @@ fn a_ready_snapshot_starts_many_separate_vms_and_a_bad_one_is_booted_around() {
 /// A backend given a warm pool adopts one of its waiting VMs: the VM gets this backend's
 /// shares (bound into its slots over the VMM's control socket) and mounts, and the pool
 /// refills behind it. Two adopted VMs with different policies each see only their own.
-fn warm_pool_vms_take_the_policy_of_whoever_adopts_them(tmp: &TempDir, cache: &Path) {
+fn warm_pool_vms_take_the_policy_of_whoever_adopts_them(
+    tmp: &TempDir,
+    cache: &Path,
+    snapshot: &Path,
+) {
     let image = guest_image::BuildOptions {
         cache_dir: Some(cache.to_path_buf()),
         ..Default::default()
@@ -385,6 +389,18 @@ fn warm_pool_vms_take_the_policy_of_whoever_adopts_them(tmp: &TempDir, cache: &P
             .collect();
         assert!(points.contains(&"/.mxc-slots/0"), "{mountinfo}");
         assert!(!points.contains(&rw_s.as_str()), "{mountinfo}");
+        // The snapshot it was restored from, which every later VM restores from too, is
+        // read-only to it: a VMM taken over by its guest cannot plant its guest's state
+        // in the VMs that come after.
+        for file in ["memory", "vm.json"] {
+            let theirs = format!("/proc/{pid}/root{}/{file}", snapshot.display());
+            let opened = std::fs::OpenOptions::new().append(true).open(&theirs);
+            assert_eq!(
+                opened.map_err(|e| e.raw_os_error()).err(),
+                Some(Some(libc::EROFS)),
+                "the restored VMM can write {theirs}"
+            );
+        }
     }
     assert_eq!(
         sh(

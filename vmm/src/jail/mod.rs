@@ -133,9 +133,11 @@ pub fn plan(config: &VmConfig, dirs: &[&Path]) -> Vec<Bind> {
         add(&dir, Access::ReadWrite, None);
     }
     match &config.snapshot {
-        Some(SnapshotMode::SaveAtReady(dir) | SnapshotMode::Restore(dir)) => {
-            add(dir, Access::ReadWrite, None)
-        }
+        Some(SnapshotMode::SaveAtReady(dir)) => add(dir, Access::ReadWrite, None),
+        // Read-only: every later VM restores from it too, so a VMM taken over by its
+        // guest must not change it (its parent records the memory's check instead:
+        // `snapshot::verify_memory`).
+        Some(SnapshotMode::Restore(dir)) => add(dir, Access::ReadOnly, None),
         None => {}
     }
     for share in &config.shares {
@@ -410,7 +412,7 @@ mod tests {
                 ("/run/vm", Access::ReadWrite, false),
                 ("/work/project", Access::ReadWrite, true),
                 ("/cache/kernel/vmlinux", Access::ReadOnly, false),
-                ("/cache/snapshots/a", Access::ReadWrite, false),
+                ("/cache/snapshots/a", Access::ReadOnly, false),
                 ("/work/project/docs", Access::ReadOnly, true),
             ]
         );

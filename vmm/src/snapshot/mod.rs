@@ -343,9 +343,8 @@ fn check_private(path: &Path, meta: &std::fs::Metadata) -> Result<(), SnapshotEr
     Ok(())
 }
 
-/// Whether the snapshot in `dir` can be restored into a VM of identity `now`, from its
-/// header and the files' metadata alone (no checksum: the restore verifies those).
-pub fn check(dir: &Path, now: &Identity) -> Result<Header, SnapshotError> {
+/// The header of the snapshot in `dir` (its state file private and ours).
+fn read_header(dir: &Path) -> Result<Header, SnapshotError> {
     let state_path = dir.join(STATE_FILE);
     let file = std::fs::File::open(&state_path).map_err(SnapshotError::io("open", &state_path))?;
     let meta = file
@@ -359,10 +358,52 @@ pub fn check(dir: &Path, now: &Identity) -> Result<Header, SnapshotError> {
         &mut line,
     )
     .map_err(SnapshotError::io("read", &state_path))?;
-    let header: Header = serde_json::from_slice(&line).map_err(|e| SnapshotError::Corrupt {
-        path: state_path.clone(),
+    serde_json::from_slice(&line).map_err(|e| SnapshotError::Corrupt {
+        path: state_path,
         why: format!("header: {e}"),
-    })?;
+    })
+}
+
+/// Check the guest memory of the snapshot in `dir` against its header's checksum, as a
+/// restore does, and leave the record of the check (read in full only where there is no
+/// record of this very file yet). For a restore that may not write `dir` (a jailed VMM:
+/// the snapshot every later VM restores from is read-only to it), its parent calls this
+/// first, so the VMM finds the record instead of reading the whole file again.
+pub fn verify_memory(dir: &Path) -> Result<(), SnapshotError> {
+    verify_memory_at(dir, wall_clock_ns())
+}
+
+/// [`verify_memory`] at wall-clock time `now_ns`.
+fn verify_memory_at(dir: &Path, now_ns: i128) -> Result<(), SnapshotError> {
+    let header = read_header(dir)?;
+    let memory_path = dir.join(MEMORY_FILE);
+    let memory =
+        std::fs::File::open(&memory_path).map_err(SnapshotError::io("open", &memory_path))?;
+    let meta = memory
+        .metadata()
+        .map_err(SnapshotError::io("read", &memory_path))?;
+    check_private(&memory_path, &meta)?;
+    memory::verify(
+        dir,
+        &memory,
+        &memory_path,
+        &meta,
+        header.memory_crc32,
+        now_ns,
+    )
+    .map(|_| ())
+}
+
+fn wall_clock_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
+}
+
+/// Whether the snapshot in `dir` can be restored into a VM of identity `now`, from its
+/// header and the files' metadata alone (no checksum: the restore verifies those).
+pub fn check(dir: &Path, now: &Identity) -> Result<Header, SnapshotError> {
+    let header = read_header(dir)?;
     if let Some((field, saved, now)) = header.identity.difference(now) {
         return Err(SnapshotError::Mismatch {
             dir: dir.to_path_buf(),
@@ -386,10 +427,7 @@ pub fn check(dir: &Path, now: &Identity) -> Result<Header, SnapshotError> {
 /// Read the snapshot in `dir`, check it is whole, private and ours, and that it was made
 /// from `now`.
 pub fn load(dir: &Path, now: &Identity) -> Result<Loaded, SnapshotError> {
-    let now_ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i128);
-    load_at(dir, now, now_ns)
+    load_at(dir, now, wall_clock_ns())
 }
 
 /// [`load`] at wall-clock time `now_ns`.

@@ -251,3 +251,33 @@ fn memory_is_read_for_its_checksum_once_per_version_of_the_file() {
         .to_string();
     assert!(err.contains("guest memory does not match"), "{err}");
 }
+
+#[test]
+fn the_parent_leaves_the_record_a_restore_that_cannot_write_needs() {
+    let tmp = TempDir::new();
+    let id = identity(tmp.root());
+    let mem = crate::memory::create_guest_memory(64).unwrap();
+    let dir = tmp.path("snap");
+    save(&dir, id.clone(), &state(), &mem).unwrap();
+    let record = dir.join(VERIFIED_FILE);
+    let later = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i128
+        + 3_000_000_000;
+
+    verify_memory_at(&dir, later).unwrap();
+    assert!(record.exists());
+
+    // Damaged memory: refused, in full, whatever the record.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join(MEMORY_FILE))
+        .unwrap();
+    file.write_all_at(b"j", 0x1000).unwrap();
+    drop(file);
+    let err = verify_memory_at(&dir, later + 3_000_000_000)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("guest memory does not match"), "{err}");
+}
