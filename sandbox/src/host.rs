@@ -183,10 +183,13 @@ fn microvm_status() -> BackendStatus {
         } else {
             "not run as root"
         };
-        format!(
-            "vmm: not jailed ({why}): it sees the host's file system as this user does; \
-             seccomp per thread kind"
-        )
+        let files = if crate::landlock::kernel_abi() >= 1 {
+            "Landlock allows it only its runtime directory, kernel, initramfs, snapshot and \
+             shares (a warm pool's VMM: the host's file system as this user has it)"
+        } else {
+            "it sees the host's file system as this user does (no Landlock on this kernel)"
+        };
+        format!("vmm: not jailed ({why}): {files}; seccomp per thread kind")
     });
     details.push(
         match guest_image::cached(&guest_image::BuildOptions::default()) {

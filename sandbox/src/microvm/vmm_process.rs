@@ -423,17 +423,24 @@ pub fn vmm_main(args: &[std::ffi::OsString]) -> i32 {
             return 1;
         }
     }
-    // Asked to (run as root), it moves into a root that holds only what its VM needs
-    // (vmm::jail), while it can still mount.
+    // What its VM needs of the host's files (vmm::jail::plan): its runtime directory
+    // (where its report goes), and what the configuration names.
+    let report_dir = Path::new(report_path).parent().unwrap_or(Path::new("/"));
+    let runtime = config
+        .jail
+        .as_deref()
+        .and_then(Path::parent)
+        .unwrap_or(report_dir);
+    let binds = vmm::jail::plan(&config, &[runtime, report_dir]);
+    let pooled = config.control_socket.is_some();
+    let slots = if pooled {
+        usize::from(config.share_slots)
+    } else {
+        0
+    };
+    // Asked to (run as root), it moves into a root that holds only that (vmm::jail),
+    // while it can still mount.
     if let Some(root) = &config.jail {
-        let report_dir = Path::new(report_path).parent().unwrap_or(Path::new("/"));
-        let runtime = root.parent().unwrap_or(Path::new("/"));
-        let binds = vmm::jail::plan(&config, &[runtime, report_dir]);
-        let slots = if config.control_socket.is_some() {
-            usize::from(config.share_slots)
-        } else {
-            0
-        };
         match vmm::jail::enter(root, &binds, slots) {
             // What the jail covered of each share stays hidden from its guest by inode.
             Ok(hidden) => {
@@ -445,6 +452,24 @@ pub fn vmm_main(args: &[std::ffi::OsString]) -> i32 {
             }
             Err(e) => {
                 eprintln!("mxc-vm vmm: {}", crate::error_chain(&e));
+                return 1;
+            }
+        }
+    }
+    // Not jailed (not run as root), Landlock allows it only that: its file boundary.
+    // (A warm pool's VMM is told its shares' host paths only later: it stays without.)
+    if config.jail.is_none() && !pooled {
+        if let Err(e) = vmm::jail::make_writable_dirs(&binds) {
+            eprintln!("mxc-vm vmm: {}", crate::error_chain(&e));
+            return 1;
+        }
+        match crate::landlock::restrict_vmm(&binds) {
+            Ok(None) => {}
+            Ok(Some(warning)) => {
+                eprintln!("mxc-vm vmm: {warning}: its file access is not confined")
+            }
+            Err(e) => {
+                eprintln!("mxc-vm vmm: landlock: {}", crate::error_chain(&e));
                 return 1;
             }
         }

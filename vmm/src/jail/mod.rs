@@ -15,13 +15,13 @@
 //! the VM out ([`inject_share`]), from outside the jail.
 //!
 //! The steps (all before the VMM's seccomp filter, which refuses `mount`):
-//! `unshare(CLONE_NEWNS)`, make every mount private, copy every bind in the host's view
-//! (`open_tree`, restricted with `mount_setattr`: `nosuid,nodev,noexec`, and read-only
-//! where asked, on every mount of a recursive copy), mount the tmpfs on the jail
-//! directory, create each mount point and attach its copy there (`move_mount`; mount
-//! points are created and opened beneath the new root without following symbolic
-//! links), cover the denied paths, remount the root read-only, `pivot_root` into it and
-//! detach the old root.
+//! `unshare(CLONE_NEWNS)`, make every mount private, open every bind's source in the
+//! host's view (`O_PATH`; a share's view is copied with `open_tree`), mount the tmpfs on
+//! the jail directory, create each mount point and bind or attach its source there
+//! (mount points are created and opened beneath the new root without following symbolic
+//! links), restrict each with `mount_setattr` (`nosuid,nodev,noexec`, and read-only where
+//! asked, on every mount beneath a share), cover the denied paths, remount the root
+//! read-only, `pivot_root` into it and detach the old root.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -207,18 +207,7 @@ pub fn enter(root: &Path, binds: &[Bind], slots: usize) -> Result<Vec<Covered>, 
             return Err(JailError::BadPath(bind.path.clone()));
         }
     }
-    // A read-write directory the VM will write into first (the directory it saves its
-    // snapshot in) is made now, as the VMM would make it (0700).
-    for bind in binds.iter().filter(|b| b.access == Access::ReadWrite) {
-        use std::os::unix::fs::DirBuilderExt;
-        if !bind.path.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&bind.path)
-                .map_err(path_error("create", &bind.path))?;
-        }
-    }
+    make_writable_dirs(binds.iter().copied())?;
     // SAFETY: unshare() takes flags and touches no memory.
     if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
         return Err(step_error("leave the host's mount namespace"));
@@ -228,7 +217,7 @@ pub fn enter(root: &Path, binds: &[Bind], slots: usize) -> Result<Vec<Covered>, 
     // Every bind is copied in the host's view before anything changes.
     let copies = binds
         .iter()
-        .map(|b| view::detach(b))
+        .map(|b| view::detach(b, false))
         .collect::<Result<Vec<_>, _>>()?;
     mount(
         Some(Path::new("tmpfs")),
@@ -243,8 +232,10 @@ pub fn enter(root: &Path, binds: &[Bind], slots: usize) -> Result<Vec<Covered>, 
     for (bind, copy) in binds.iter().zip(&copies) {
         let target = sys::mount_point(&new_root, &bind.path, copy.is_dir())
             .map_err(path_error("make the jail's mount point for", &bind.path))?;
-        copy.attach(&target)
-            .map_err(path_error("bind into the jail", &bind.path))?;
+        copy.attach(&target, || {
+            sys::beneath(&new_root, &bind.path, libc::O_PATH)
+        })
+        .map_err(path_error("bind into the jail", &bind.path))?;
     }
     for (bind, copy) in binds.iter().zip(&copies) {
         copy.attach_masks()
@@ -294,6 +285,23 @@ pub fn enter(root: &Path, binds: &[Bind], slots: usize) -> Result<Vec<Covered>, 
     Ok(hidden)
 }
 
+/// Make each read-write directory of `binds` the VM will write into first and that does
+/// not exist yet (the directory it saves its snapshot in), as the VMM would make it
+/// (0700): it is bound, or granted, before the VM runs.
+pub fn make_writable_dirs<'a>(binds: impl IntoIterator<Item = &'a Bind>) -> Result<(), JailError> {
+    use std::os::unix::fs::DirBuilderExt;
+    for bind in binds.into_iter().filter(|b| b.access == Access::ReadWrite) {
+        if !bind.path.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&bind.path)
+                .map_err(path_error("create", &bind.path))?;
+        }
+    }
+    Ok(())
+}
+
 /// Mount `share` (its host directory, as its guest may see it: [`ShareView`]; read-only,
 /// `nosuid`, `nodev`, `noexec` where the share is read-only, else only the last three) at
 /// `target` in the mount namespace of the jailed VMM `pid`, which must be this process's
@@ -320,7 +328,7 @@ pub fn inject_share(
         recursive: true,
         view: Some(ShareView::of(share)),
     };
-    let copy = view::detach(&bind)?;
+    let copy = view::detach(&bind, true)?;
     let hidden = copy.hidden_inodes();
     let to = target.to_path_buf();
     let attach = move || -> io::Result<()> {
@@ -336,7 +344,7 @@ pub fn inject_share(
         // Entering the namespace moved this thread to its root: the jail's.
         let jail = sys::open_path(sys::AT_FDCWD, Path::new("/"), libc::O_DIRECTORY)?;
         let slot = sys::beneath(&jail, &to, libc::O_PATH | libc::O_DIRECTORY)?;
-        copy.attach(&slot)?;
+        copy.attach(&slot, || sys::beneath(&jail, &to, libc::O_PATH))?;
         copy.attach_masks()
     };
     std::thread::Builder::new()

@@ -39,6 +39,11 @@ fn done(ret: libc::c_long) -> io::Result<()> {
     Ok(())
 }
 
+/// `/proc/self/fd/N`: a path the kernel resolves to what `fd` names (mount(2) follows it).
+pub(super) fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
 /// An `O_PATH` descriptor of `path` (relative to `dir`), following symbolic links.
 pub(super) fn open_path(dir: RawFd, path: &Path, extra: libc::c_int) -> io::Result<OwnedFd> {
     let c = cstring(path)?;
