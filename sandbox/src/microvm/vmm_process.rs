@@ -128,14 +128,15 @@ pub fn vmm_command(
         {
             *dir = absolute(dir)?;
         }
-        // The jail gives a restoring VMM its snapshot read-only: the record of the
-        // memory's check, which spares each restore a read of the whole file, is left
-        // here. A failure is the VMM's to report (it checks again, in full).
-        if let Some(vmm::SnapshotMode::Restore(dir)) = &config.snapshot {
-            let _ = vmm::snapshot::verify_memory(dir);
-        }
         files.cgroup = vmm_cgroup(runtime)?.map(std::sync::Arc::new);
         config.cgroup = files.cgroup.as_ref().map(|c| c.join_file());
+    }
+    // A restoring VMM may not write its snapshot (its jail binds it read-only; Landlock
+    // grants it only reading): the record of the memory's check, which spares each
+    // restore a read of the whole file, is left here. A failure is the VMM's to report
+    // (it checks again, in full).
+    if let Some(vmm::SnapshotMode::Restore(dir)) = &config.snapshot {
+        let _ = vmm::snapshot::verify_memory(dir);
     }
     let json = serde_json::to_vec(&config).map_err(|e| SandboxError::setup("vmm config", e))?;
     std::fs::write(&files.config, json)
