@@ -103,7 +103,7 @@ enum Source {
 pub(super) struct Detached {
     source: Source,
     is_dir: bool,
-    /// For an allowlisted root (`tree` is then an empty tmpfs): its entries, by name.
+    /// For an allowlisted root (`source` is then an empty tmpfs): its entries, by name.
     entries: Option<Vec<(OsString, Entry)>>,
     /// Empty mounts, and the paths relative to the root they cover.
     masks: Vec<(PathBuf, OwnedFd)>,
@@ -144,8 +144,9 @@ fn covered(root: &OwnedFd, rel: &Path) -> io::Result<Option<OwnedFd>> {
     }
 }
 
-/// Copy `bind` as the process now sees it (the host's view); a plain bind (no share view)
-/// is only opened unless `copy` (it is attached in another namespace).
+/// Take `bind` as the process now sees it (the host's view): a share's view is copied
+/// (`open_tree`); a plain bind is only opened, unless `copy_always` (it is attached in
+/// another namespace).
 pub(super) fn detach(bind: &Bind, copy_always: bool) -> Result<Detached, JailError> {
     let path = &bind.path;
     let attrs = attrs(bind.access);
