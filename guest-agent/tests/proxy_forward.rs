@@ -22,15 +22,22 @@ fn agent_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_guest-agent")))
 }
 
+/// One agent at a time: each takes a port found free a moment before, and two tests
+/// running side by side could be handed the same one (CI saw a relayed connection
+/// reset: it had reached the other test's agent, whose host proxy is gone).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// An agent with its relay, in its own temporary directory; killed on drop.
 struct Agent {
     child: Child,
     dir: PathBuf,
     port: u16,
+    _alone: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Agent {
     fn start(tag: &str) -> (Self, UnixListener) {
+        let alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let dir = std::env::temp_dir().join(format!("mxc-fwd-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -49,7 +56,15 @@ impl Agent {
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
-        (Self { child, dir, port }, upstream)
+        (
+            Self {
+                child,
+                dir,
+                port,
+                _alone: alone,
+            },
+            upstream,
+        )
     }
 
     /// Connects to the relay, waiting for the agent to listen (a readiness wait).
