@@ -6,87 +6,29 @@
 //! and namespaces, BPF, keys, perf, kernel modules, kexec, io_uring. Installed on every
 //! thread (TSYNC) once the VM is built and before it runs; threads started later inherit
 //! it. On top of it each thread kind (vCPU, device loop, fs worker, control) has its own
-//! allowlist ([`threads`]).
+//! allowlist ([`threads`]). Every filter's rules are in [`rules`]; the build compiles
+//! them into BPF, so that a VMM only loads them.
 
+mod compiled;
+pub mod rules;
 pub mod threads;
 
-use std::collections::BTreeMap;
-
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
-};
+use seccompiler::BpfProgram;
 
 /// Errors building or installing the filter.
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
-    #[error("building the VMM's seccomp filter failed")]
-    Build(#[source] seccompiler::BackendError),
     #[error("installing the VMM's seccomp filter failed")]
     Install(#[source] seccompiler::Error),
-    #[error("building the VMM's per-thread seccomp filters failed: {0}")]
+    #[error("the VMM has no seccomp list for {0}")]
     Compile(String),
     #[error("dropping a VMM thread's capabilities failed")]
     Capabilities(#[source] std::io::Error),
 }
 
-/// Calls that kill the VMM.
-const KILLED: &[(i64, &str)] = &[
-    (libc::SYS_execve, "execve"),
-    (libc::SYS_execveat, "execveat"),
-    (libc::SYS_ptrace, "ptrace"),
-    (libc::SYS_process_vm_readv, "process_vm_readv"),
-    (libc::SYS_process_vm_writev, "process_vm_writev"),
-    (libc::SYS_pidfd_getfd, "pidfd_getfd"),
-    (libc::SYS_mount, "mount"),
-    (libc::SYS_umount2, "umount2"),
-    (libc::SYS_pivot_root, "pivot_root"),
-    (libc::SYS_chroot, "chroot"),
-    (libc::SYS_move_mount, "move_mount"),
-    (libc::SYS_open_tree, "open_tree"),
-    (libc::SYS_fsopen, "fsopen"),
-    (libc::SYS_fsmount, "fsmount"),
-    (libc::SYS_setns, "setns"),
-    (libc::SYS_bpf, "bpf"),
-    (libc::SYS_keyctl, "keyctl"),
-    (libc::SYS_add_key, "add_key"),
-    (libc::SYS_request_key, "request_key"),
-    (libc::SYS_perf_event_open, "perf_event_open"),
-    (libc::SYS_init_module, "init_module"),
-    (libc::SYS_finit_module, "finit_module"),
-    (libc::SYS_delete_module, "delete_module"),
-    (libc::SYS_kexec_load, "kexec_load"),
-    (libc::SYS_kexec_file_load, "kexec_file_load"),
-    (libc::SYS_reboot, "reboot"),
-    (libc::SYS_io_uring_setup, "io_uring_setup"),
-    (libc::SYS_io_uring_enter, "io_uring_enter"),
-    (libc::SYS_io_uring_register, "io_uring_register"),
-    (libc::SYS_iopl, "iopl"),
-    (libc::SYS_ioperm, "ioperm"),
-    // Signals reach other processes only through these; the VMM signals its own threads
-    // with tgkill (see `own_process_only`).
-    (libc::SYS_kill, "kill"),
-    (libc::SYS_tkill, "tkill"),
-    (libc::SYS_rt_sigqueueinfo, "rt_sigqueueinfo"),
-    (libc::SYS_pidfd_open, "pidfd_open"),
-    (libc::SYS_pidfd_send_signal, "pidfd_send_signal"),
-];
-
-/// Namespace flags: `unshare` and `clone` with any of them kill the VMM (the fs worker's
-/// `unshare(CLONE_FS)` stays allowed).
-const NAMESPACE_FLAGS: &[u64] = &[
-    libc::CLONE_NEWUSER as u64,
-    libc::CLONE_NEWNS as u64,
-    libc::CLONE_NEWPID as u64,
-    libc::CLONE_NEWNET as u64,
-    libc::CLONE_NEWIPC as u64,
-    libc::CLONE_NEWUTS as u64,
-    libc::CLONE_NEWCGROUP as u64,
-];
-
 /// What `vmm` refuses, for documentation and `mxc-vm backends`.
 pub fn describe() -> String {
-    let names: Vec<&str> = KILLED.iter().map(|(_, n)| *n).collect();
+    let names: Vec<&str> = rules::KILLED.iter().map(|(_, n)| *n).collect();
     format!(
         "the VMM is killed by: {}, unshare or clone into new namespaces, a signal to \
          another process; each VMM thread \
@@ -97,67 +39,21 @@ pub fn describe() -> String {
     )
 }
 
-fn flag_rules() -> Result<Vec<SeccompRule>, SeccompError> {
-    NAMESPACE_FLAGS
-        .iter()
-        .map(|flag| {
-            let cond = SeccompCondition::new(
-                0,
-                SeccompCmpArgLen::Qword,
-                SeccompCmpOp::MaskedEq(*flag),
-                *flag,
-            )
-            .map_err(SeccompError::Build)?;
-            SeccompRule::new(vec![cond]).map_err(SeccompError::Build)
-        })
-        .collect()
-}
-
-/// `tgkill` and `rt_tgsigqueueinfo` to a thread group other than `pid` (run as root, a
-/// VMM taken over by its guest could otherwise signal any process of the host).
-fn own_process_only(pid: u32) -> Result<Vec<SeccompRule>, SeccompError> {
-    let cond = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, u64::from(pid))
-        .map_err(SeccompError::Build)?;
-    Ok(vec![
-        SeccompRule::new(vec![cond]).map_err(SeccompError::Build)?
-    ])
-}
-
 /// The compiled filter, for this process.
-pub fn filter() -> Result<BpfProgram, SeccompError> {
+pub fn filter() -> BpfProgram {
     filter_for(std::process::id())
 }
 
-/// The compiled filter for the VMM process `pid`: the only process it may signal.
-pub fn filter_for(pid: u32) -> Result<BpfProgram, SeccompError> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        KILLED.iter().map(|(nr, _)| (*nr, vec![])).collect();
-    rules.insert(libc::SYS_unshare, flag_rules()?);
-    rules.insert(libc::SYS_clone, flag_rules()?);
-    rules.insert(libc::SYS_tgkill, own_process_only(pid)?);
-    rules.insert(libc::SYS_rt_tgsigqueueinfo, own_process_only(pid)?);
-    SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::KillProcess,
-        TargetArch::x86_64,
-    )
-    .and_then(TryInto::try_into)
-    .map_err(SeccompError::Build)
+/// The compiled filter for the VMM process `pid`: the only process it may signal
+/// ([`rules::process_filter`], compiled at build time).
+pub fn filter_for(pid: u32) -> BpfProgram {
+    compiled::process(pid)
 }
 
 /// `clone3` answers ENOSYS: its flags are in memory, where a filter cannot see them, and
 /// the C library then falls back to `clone`, which [`filter`] judges.
-pub fn clone3_filter() -> Result<BpfProgram, SeccompError> {
-    let rules = BTreeMap::from([(libc::SYS_clone3, vec![])]);
-    SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        TargetArch::x86_64,
-    )
-    .and_then(TryInto::try_into)
-    .map_err(SeccompError::Build)
+pub fn clone3_filter() -> BpfProgram {
+    compiled::clone3()
 }
 
 /// Install the filters on every thread of this process. Sets `no_new_privs` first (which
@@ -165,7 +61,7 @@ pub fn clone3_filter() -> Result<BpfProgram, SeccompError> {
 pub fn install() -> Result<(), SeccompError> {
     // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) takes plain integers and affects only us.
     unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
-    for prog in [clone3_filter()?, filter()?] {
+    for prog in [clone3_filter(), filter()] {
         seccompiler::apply_filter_all_threads(&prog).map_err(SeccompError::Install)?;
     }
     Ok(())
@@ -178,7 +74,7 @@ pub(crate) mod tests {
     /// Fork, install the filter in the child, run `call` there, and return how the child
     /// ended: `Ok(exit code)` or `Err(signal)`.
     fn in_filtered_child(call: fn() -> i32) -> Result<i32, i32> {
-        in_child_with(&[clone3_filter().unwrap(), filter().unwrap()], call)
+        in_child_with(&[clone3_filter(), filter()], call)
     }
 
     /// Fork, install `progs` in the child, run `call` there, and return how the child
@@ -269,8 +165,7 @@ pub(crate) mod tests {
         });
         // The child builds its filter itself, for its own pid, and signals itself.
         let own = in_child_with(&[], || {
-            let Ok(prog) = filter() else { return 9 };
-            if seccompiler::apply_filter(&prog).is_err() {
+            if seccompiler::apply_filter(&filter()).is_err() {
                 return 99;
             }
             // SAFETY: tgkill with signal 0 to this very thread sends nothing.

@@ -8,40 +8,16 @@
 //! starts afterwards inherit the list, so every thread that starts others does so before
 //! it enters (the fs workers are started when their device is made, and enter when the
 //! guest first notifies their queues, before they read anything the guest wrote). The
-//! lists are compiled once per process, on first use, and only after
-//! [`enable`] (the `__vmm` process; tests and embedders that do not call it run
-//! unfiltered).
+//! lists are compiled at build time ([`super::rules`]) and apply only after [`enable`]
+//! (the `__vmm` process; tests and embedders that do not call it run unfiltered).
 
-use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
-};
+use seccompiler::BpfProgram;
 
 use super::SeccompError;
 
-/// The kinds of VMM thread.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ThreadKind {
-    /// Runs a vCPU and the device emulation its exits reach (MMIO and port I/O, the
-    /// serial console, virtio notifications): KVM ioctls and eventfd writes, no files,
-    /// no sockets, no threads.
-    Vcpu,
-    /// The boot vCPU of a VM that saves its ready snapshot when the guest is ready
-    /// (`mxc-vm image build`: our own freshly booted image, before any command): the
-    /// vCPU's calls and writing the snapshot files.
-    VcpuSaving,
-    /// The device event loop: epoll, the vsock backend's Unix sockets (`AF_UNIX` only).
-    Devices,
-    /// A virtio-fs worker: file system calls on the share's descriptors; no sockets, no
-    /// ioctls, no threads.
-    FsWorker,
-    /// The control socket: accepts the host's requests and opens shares for binding (a
-    /// short-lived thread of its own imports each share's root).
-    Control,
-}
+pub use super::rules::ThreadKind;
 
 /// The capabilities a thread of this kind gives up before it runs.
 fn drop_capabilities_for(kind: ThreadKind) -> Result<(), SeccompError> {
@@ -62,42 +38,12 @@ impl ThreadKind {
 
 /// Whether threads filter themselves in this process.
 static ENABLED: OnceLock<()> = OnceLock::new();
-/// The compiled lists, by kind (each compiled by the first thread of its kind).
-static FILTERS: [OnceLock<Result<BpfProgram, String>>; 5] = [
-    OnceLock::new(),
-    OnceLock::new(),
-    OnceLock::new(),
-    OnceLock::new(),
-    OnceLock::new(),
-];
 
 /// Every thread of this process filters itself from now on (the `__vmm` process calls
 /// this before it builds the VM).
 pub fn enable() {
-    if ENABLED.set(()).is_err() {
-        return;
-    }
-    // Compile every list while the VM is being built, off the boot vCPU's path (a
-    // thread that enters before this finished compiles its own or waits for it).
-    let _ = std::thread::Builder::new()
-        .name("mxc-seccomp".into())
-        .spawn(|| {
-            for kind in ALL {
-                if let Some(slot) = FILTERS.get(kind as usize) {
-                    slot.get_or_init(|| filter(kind).map_err(|e| e.to_string()));
-                }
-            }
-        });
+    let _ = ENABLED.set(());
 }
-
-/// Every kind, in the order of [`FILTERS`].
-const ALL: [ThreadKind; 5] = [
-    ThreadKind::Vcpu,
-    ThreadKind::VcpuSaving,
-    ThreadKind::Devices,
-    ThreadKind::FsWorker,
-    ThreadKind::Control,
-];
 
 /// Whether [`enable`] was called.
 pub fn enabled() -> bool {
@@ -110,216 +56,15 @@ pub fn enter(kind: ThreadKind) -> Result<(), SeccompError> {
     if !enabled() {
         return Ok(());
     }
-    let slot = FILTERS
-        .get(kind as usize)
-        .ok_or_else(|| SeccompError::Compile(format!("no list for {kind:?}")))?;
-    let prog = slot
-        .get_or_init(|| filter(kind).map_err(|e| e.to_string()))
-        .as_ref()
-        .map_err(|why| SeccompError::Compile(why.clone()))?;
+    let prog = filter(kind)?;
     // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) takes plain integers and affects only us.
     unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
-    seccompiler::apply_filter(prog).map_err(SeccompError::Install)
+    seccompiler::apply_filter(&prog).map_err(SeccompError::Install)
 }
 
-/// What every thread does: memory, locks, signals, time, its own end.
-const COMMON: &[i64] = &[
-    libc::SYS_read,
-    libc::SYS_write,
-    libc::SYS_close,
-    libc::SYS_futex,
-    libc::SYS_mmap,
-    libc::SYS_munmap,
-    libc::SYS_mprotect,
-    libc::SYS_mremap,
-    libc::SYS_madvise,
-    libc::SYS_brk,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_rt_sigreturn,
-    libc::SYS_sigaltstack,
-    libc::SYS_gettid,
-    libc::SYS_getpid,
-    libc::SYS_getuid,
-    libc::SYS_geteuid,
-    libc::SYS_getgid,
-    libc::SYS_getegid,
-    libc::SYS_getresuid,
-    libc::SYS_getresgid,
-    libc::SYS_exit,
-    libc::SYS_exit_group,
-    libc::SYS_sched_yield,
-    libc::SYS_sched_getaffinity,
-    libc::SYS_rseq,
-    libc::SYS_set_robust_list,
-    libc::SYS_clock_gettime,
-    libc::SYS_clock_nanosleep,
-    libc::SYS_nanosleep,
-    libc::SYS_gettimeofday,
-    libc::SYS_getrandom,
-    libc::SYS_restart_syscall,
-    libc::SYS_fcntl,
-    libc::SYS_tgkill,
-];
-
-/// Running a vCPU and emulating what its exits reach.
-const VCPU: &[i64] = &[libc::SYS_ioctl, libc::SYS_rt_sigaction, libc::SYS_eventfd2];
-
-/// Writing the snapshot: the directory, the files under temporary names, the renames.
-const SAVING: &[i64] = &[
-    libc::SYS_openat,
-    libc::SYS_mkdir,
-    libc::SYS_mkdirat,
-    libc::SYS_pwrite64,
-    libc::SYS_fsync,
-    libc::SYS_fdatasync,
-    libc::SYS_ftruncate,
-    libc::SYS_rename,
-    libc::SYS_renameat,
-    libc::SYS_renameat2,
-    libc::SYS_unlink,
-    libc::SYS_unlinkat,
-    libc::SYS_statx,
-    libc::SYS_newfstatat,
-    libc::SYS_fstat,
-    libc::SYS_lseek,
-];
-
-/// The event loop and the vsock backend.
-const DEVICES: &[i64] = &[
-    libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
-    libc::SYS_epoll_ctl,
-    libc::SYS_accept4,
-    libc::SYS_connect,
-    libc::SYS_recvfrom,
-    libc::SYS_recvmsg,
-    libc::SYS_sendto,
-    libc::SYS_sendmsg,
-    libc::SYS_shutdown,
-    libc::SYS_ioctl,
-    libc::SYS_timerfd_settime,
-    libc::SYS_getsockopt,
-];
-
-/// A share's server: every file operation the policy layer passes on, on descriptors.
-const FS: &[i64] = &[
-    libc::SYS_openat,
-    libc::SYS_newfstatat,
-    libc::SYS_statx,
-    libc::SYS_fstat,
-    libc::SYS_fstatfs,
-    libc::SYS_getdents64,
-    libc::SYS_lseek,
-    libc::SYS_pread64,
-    libc::SYS_preadv,
-    libc::SYS_preadv2,
-    libc::SYS_pwrite64,
-    libc::SYS_pwritev,
-    libc::SYS_pwritev2,
-    libc::SYS_readv,
-    libc::SYS_writev,
-    libc::SYS_fsync,
-    libc::SYS_fdatasync,
-    libc::SYS_ftruncate,
-    libc::SYS_fallocate,
-    libc::SYS_renameat,
-    libc::SYS_renameat2,
-    libc::SYS_unlinkat,
-    libc::SYS_mkdirat,
-    libc::SYS_mknodat,
-    libc::SYS_symlinkat,
-    libc::SYS_linkat,
-    libc::SYS_readlinkat,
-    libc::SYS_fchmod,
-    libc::SYS_fchmodat,
-    libc::SYS_fchown,
-    libc::SYS_fchownat,
-    libc::SYS_utimensat,
-    libc::SYS_dup,
-    libc::SYS_dup3,
-    libc::SYS_flock,
-    libc::SYS_copy_file_range,
-    libc::SYS_epoll_create1,
-    libc::SYS_epoll_ctl,
-    libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
-];
-
-/// The control socket, and opening shares for binding.
-const CONTROL: &[i64] = &[
-    libc::SYS_accept4,
-    libc::SYS_recvfrom,
-    libc::SYS_sendto,
-    libc::SYS_setsockopt,
-    libc::SYS_getsockopt,
-    libc::SYS_readlink,
-    libc::SYS_umask,
-    libc::SYS_clone,
-    libc::SYS_clone3,
-    libc::SYS_set_tid_address,
-];
-
-/// `prctl` only to name a thread (what starting one does).
-fn prctl_rules() -> Result<Vec<SeccompRule>, SeccompError> {
-    [libc::PR_SET_NAME, libc::PR_GET_NAME]
-        .into_iter()
-        .map(|op| {
-            let cond =
-                SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, op as u64)
-                    .map_err(SeccompError::Build)?;
-            SeccompRule::new(vec![cond]).map_err(SeccompError::Build)
-        })
-        .collect()
-}
-
-/// One argument of a call equal to `value`.
-fn arg_is(index: u8, value: u64) -> Result<Vec<SeccompRule>, SeccompError> {
-    let cond = SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
-        .map_err(SeccompError::Build)?;
-    Ok(vec![
-        SeccompRule::new(vec![cond]).map_err(SeccompError::Build)?
-    ])
-}
-
-/// The system calls of `kind`, with the argument rules some need.
-fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
-    let lists: &[&[i64]] = match kind {
-        ThreadKind::Vcpu => &[COMMON, VCPU],
-        ThreadKind::VcpuSaving => &[COMMON, VCPU, SAVING],
-        ThreadKind::Devices => &[COMMON, DEVICES],
-        ThreadKind::FsWorker => &[COMMON, FS],
-        ThreadKind::Control => &[COMMON, FS, CONTROL],
-    };
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = lists
-        .iter()
-        .flat_map(|list| list.iter())
-        .map(|nr| (*nr, Vec::new()))
-        .collect();
-    rules.insert(libc::SYS_prctl, prctl_rules()?);
-    match kind {
-        // Unix sockets only: the vsock backend's, the control socket's.
-        ThreadKind::Devices | ThreadKind::Control => {
-            rules.insert(libc::SYS_socket, arg_is(0, libc::AF_UNIX as u64)?);
-        }
-        _ => {}
-    }
-    if kind == ThreadKind::Control {
-        // The short-lived import thread detaches its cwd and umask (CLONE_FS) only.
-        rules.insert(libc::SYS_unshare, arg_is(0, libc::CLONE_FS as u64)?);
-    }
-    Ok(rules)
-}
-
-/// The compiled list of `kind`.
+/// The compiled list of `kind` (built into the binary: [`super::rules::thread_filter`]).
 pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
-    SeccompFilter::new(
-        rules(kind)?,
-        SeccompAction::Errno(libc::EPERM as u32),
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .and_then(TryInto::try_into)
-    .map_err(SeccompError::Build)
+    super::compiled::thread(kind).ok_or_else(|| SeccompError::Compile(format!("{kind:?} threads")))
 }
 
 #[cfg(test)]
@@ -330,8 +75,8 @@ mod tests {
     /// `call`, exit with its result. `Ok(exit code)` or `Err(signal)`.
     fn in_child(kind: ThreadKind, call: fn() -> i32) -> Result<i32, i32> {
         let progs = [
-            super::super::clone3_filter().unwrap(),
-            super::super::filter().unwrap(),
+            super::super::clone3_filter(),
+            super::super::filter(),
             filter(kind).unwrap(),
         ];
         super::super::tests::in_child_with(&progs, call)
