@@ -135,8 +135,9 @@ pub struct VmConfig {
     /// as root).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jail: Option<PathBuf>,
-    /// The file the VMM writes `0` to first thing, to join the cgroup its parent made for
-    /// it (`tasks` of a cgroup v1 pids cgroup, else `cgroup.procs`).
+    /// The file the VMM writes `0` to (opened before its jail, written just before it
+    /// creates the VM), to join the cgroup its parent made for it (`tasks` of a cgroup
+    /// v1 pids cgroup, else `cgroup.procs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
 }

@@ -71,7 +71,8 @@ pub struct VmmFiles {
     pub log: PathBuf,
     /// Whether the VMM jails itself ([`vmm::VmConfig::jail`]).
     pub jailed: bool,
-    /// The pids cgroup a jailed VMM joins first thing; removed when dropped.
+    /// The pids cgroup a jailed VMM joins (just before it creates its VM); removed when
+    /// dropped.
     pub cgroup: Option<std::sync::Arc<crate::limits::SandboxCgroup>>,
 }
 
@@ -417,13 +418,18 @@ pub fn vmm_main(args: &[std::ffi::OsString]) -> i32 {
         eprintln!("mxc-vm vmm: cannot leave the host's network, IPC and UTS namespaces: {e}");
         return 1;
     }
-    // Its cgroup (made by its parent) first, while it is one task and sees /sys.
-    if let Some(join) = &config.cgroup {
-        if let Err(e) = std::fs::write(join, "0") {
-            eprintln!("mxc-vm vmm: cannot join its cgroup {}: {e}", join.display());
-            return 1;
-        }
-    }
+    // Its cgroup (made by its parent): the file it joins through is opened now, while it
+    // sees /sys, and written just before the VM is made (below).
+    let cgroup = match &config.cgroup {
+        Some(path) => match std::fs::OpenOptions::new().write(true).open(path) {
+            Ok(file) => Some((file, path.clone())),
+            Err(e) => {
+                eprintln!("mxc-vm vmm: cannot join its cgroup {}: {e}", path.display());
+                return 1;
+            }
+        },
+        None => None,
+    };
     // What its VM needs of the host's files (vmm::jail::plan): its runtime directory
     // (where its report goes), and what the configuration names.
     let report_dir = Path::new(report_path).parent().unwrap_or(Path::new("/"));
@@ -495,6 +501,18 @@ pub fn vmm_main(args: &[std::ffi::OsString]) -> i32 {
             return 1;
         }
     };
+    // It joins its cgroup while it is still one task (a cgroup v1 `tasks` file moves
+    // only the writer), just before it creates the VM: moving a process waits for an RCU
+    // grace period, and so does KVM when it puts the VM's worker thread into its
+    // creator's cgroup; one right after the other, the second does not wait again (in
+    // the nested hardware-KVM lane that is ~11 ms of each VMM's setup).
+    if let Some((mut file, path)) = cgroup {
+        use std::io::Write;
+        if let Err(e) = file.write_all(b"0") {
+            eprintln!("mxc-vm vmm: cannot join its cgroup {}: {e}", path.display());
+            return 1;
+        }
+    }
     let vm = match vmm::Vm::new(config) {
         Ok(vm) => vm,
         Err(e) => {
