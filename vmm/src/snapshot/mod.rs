@@ -343,14 +343,18 @@ fn check_private(path: &Path, meta: &std::fs::Metadata) -> Result<(), SnapshotEr
     Ok(())
 }
 
+/// Open a snapshot file that must be private and ours, with its metadata.
+fn open_private(path: &Path) -> Result<(std::fs::File, std::fs::Metadata), SnapshotError> {
+    let file = std::fs::File::open(path).map_err(SnapshotError::io("open", path))?;
+    let meta = file.metadata().map_err(SnapshotError::io("read", path))?;
+    check_private(path, &meta)?;
+    Ok((file, meta))
+}
+
 /// The header of the snapshot in `dir` (its state file private and ours).
 fn read_header(dir: &Path) -> Result<Header, SnapshotError> {
     let state_path = dir.join(STATE_FILE);
-    let file = std::fs::File::open(&state_path).map_err(SnapshotError::io("open", &state_path))?;
-    let meta = file
-        .metadata()
-        .map_err(SnapshotError::io("read", &state_path))?;
-    check_private(&state_path, &meta)?;
+    let (file, _) = open_private(&state_path)?;
     let mut line = Vec::new();
     std::io::BufRead::read_until(
         &mut std::io::BufReader::new(file.take(MAX_STATE_FILE)),
@@ -377,12 +381,7 @@ pub fn verify_memory(dir: &Path) -> Result<(), SnapshotError> {
 fn verify_memory_at(dir: &Path, now_ns: i128) -> Result<(), SnapshotError> {
     let header = read_header(dir)?;
     let memory_path = dir.join(MEMORY_FILE);
-    let memory =
-        std::fs::File::open(&memory_path).map_err(SnapshotError::io("open", &memory_path))?;
-    let meta = memory
-        .metadata()
-        .map_err(SnapshotError::io("read", &memory_path))?;
-    check_private(&memory_path, &meta)?;
+    let (memory, meta) = open_private(&memory_path)?;
     memory::verify(
         dir,
         &memory,
@@ -437,11 +436,7 @@ fn load_at(dir: &Path, now: &Identity, now_ns: i128) -> Result<Loaded, SnapshotE
         path: state_path.clone(),
         why,
     };
-    let file = std::fs::File::open(&state_path).map_err(SnapshotError::io("open", &state_path))?;
-    let meta = file
-        .metadata()
-        .map_err(SnapshotError::io("read", &state_path))?;
-    check_private(&state_path, &meta)?;
+    let (file, meta) = open_private(&state_path)?;
     if meta.len() > MAX_STATE_FILE {
         return Err(corrupt(format!("{} bytes is too large", meta.len())));
     }
@@ -479,12 +474,7 @@ fn load_at(dir: &Path, now: &Identity, now_ns: i128) -> Result<Loaded, SnapshotE
     let state: VmSnapshot =
         serde_json::from_slice(body).map_err(|e| corrupt(format!("state: {e}")))?;
     let memory_path = dir.join(MEMORY_FILE);
-    let memory =
-        std::fs::File::open(&memory_path).map_err(SnapshotError::io("open", &memory_path))?;
-    let meta = memory
-        .metadata()
-        .map_err(SnapshotError::io("read", &memory_path))?;
-    check_private(&memory_path, &meta)?;
+    let (memory, meta) = open_private(&memory_path)?;
     if meta.len() != header.memory_len {
         return Err(SnapshotError::Corrupt {
             path: memory_path,
