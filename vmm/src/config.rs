@@ -135,9 +135,9 @@ pub struct VmConfig {
     /// as root).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jail: Option<PathBuf>,
-    /// The file the VMM writes `0` to (opened before its jail, written just before it
-    /// creates the VM), to join the cgroup its parent made for it (`tasks` of a cgroup
-    /// v1 pids cgroup, else `cgroup.procs`).
+    /// The file through which the VMM joins the cgroup its parent made for it, opened
+    /// before its jail: `tasks` of a cgroup v1 pids cgroup (its main thread writes `0`
+    /// at once), else `cgroup.procs` (written its pid just before it creates the VM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
 }

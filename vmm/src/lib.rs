@@ -71,6 +71,7 @@ pub use {
     exit::ExitReason,
     timeline::Stage,
     vm::{
-        kill_on_termination_signals, snapshot_identity_for, Vm, VmExitReport, VmHandle, VmmError,
+        kill_on_termination_signals, snapshot_identity_for, Created, Vm, VmExitReport, VmHandle,
+        VmmError,
     },
 };

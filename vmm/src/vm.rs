@@ -230,13 +230,38 @@ impl std::fmt::Debug for Vm {
     }
 }
 
+/// The first step of building a VM: the hypervisor opened and an empty VM created in it
+/// ([`Vm::create`]). It touches nothing of the host but the hypervisor, so a VMM process
+/// takes it on a thread of its own while it confines itself; [`Vm::build`] does the rest.
+pub struct Created {
+    timeline: Arc<Timeline>,
+    hypervisor: Box<dyn Hypervisor>,
+    vm: Arc<dyn hypervisor::Vm>,
+}
+
+impl std::fmt::Debug for Created {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Created")
+            .field("hypervisor", &self.hypervisor)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Vm {
     /// Create the VM: hypervisor VM and irqchip, guest memory, kernel and initrd, vCPUs,
     /// and the devices the config asks for. Nothing runs until [`Vm::run`].
+    /// ([`Vm::create`], then [`Vm::build`].)
     pub fn new(config: VmConfig) -> Result<Self, VmmError> {
         config.validate()?;
-        let start = config
-            .start_monotonic_ns
+        let created = Self::create(config.start_monotonic_ns)?;
+        Self::build(config, created)
+    }
+
+    /// Open the hypervisor and create an empty VM in it. Its boot timeline counts from
+    /// `start_monotonic_ns` ([`VmConfig::start_monotonic_ns`]; the process's start when
+    /// `None`) and begins here ([`Stage::SetupStart`]).
+    pub fn create(start_monotonic_ns: Option<u64>) -> Result<Created, VmmError> {
+        let start = start_monotonic_ns
             .or_else(timeline::process_start_monotonic_ns)
             .unwrap_or_else(timeline::monotonic_ns);
         let timeline = Arc::new(Timeline::new(start));
@@ -246,6 +271,22 @@ impl Vm {
             "vm setup begins"
         );
         let hypervisor: Box<dyn Hypervisor> = crate::hypervisor::open()?;
+        let vm: Arc<dyn hypervisor::Vm> = Arc::from(hypervisor.create_vm()?);
+        Ok(Created {
+            timeline,
+            hypervisor,
+            vm,
+        })
+    }
+
+    /// Build the rest of the VM `created` for `config` (the same configuration).
+    pub fn build(config: VmConfig, created: Created) -> Result<Self, VmmError> {
+        config.validate()?;
+        let Created {
+            timeline,
+            hypervisor,
+            vm,
+        } = created;
         let pvm = config.pvm.enabled_for(hypervisor.flavour());
         let identity = match &config.snapshot {
             Some(_) => Some(snapshot_identity(&config, hypervisor.flavour(), pvm)?),
@@ -257,7 +298,6 @@ impl Vm {
             }
             _ => None,
         };
-        let vm: Arc<dyn hypervisor::Vm> = Arc::from(hypervisor.create_vm()?);
         let mem = match &loaded {
             Some((dir, loaded)) => snapshot::map_memory(
                 &loaded.memory,

@@ -418,10 +418,20 @@ pub fn vmm_main(args: &[std::ffi::OsString]) -> i32 {
         eprintln!("mxc-vm vmm: cannot leave the host's network, IPC and UTS namespaces: {e}");
         return 1;
     }
-    // Its cgroup (made by its parent): the file it joins through is opened now, while it
-    // sees /sys, and written just before the VM is made (below).
+    // Its cgroup (made by its parent), while it sees /sys. A cgroup v1 `tasks` file moves
+    // the thread that writes `0` to it without taking the global lock that moving a whole
+    // process takes: it joins now, while it is one thread (every thread it starts later
+    // is in the cgroup too). A v2 `cgroup.procs` file is joined below, meanwhile.
     let cgroup = match &config.cgroup {
         Some(path) => match std::fs::OpenOptions::new().write(true).open(path) {
+            Ok(file) if path.file_name() == Some(std::ffi::OsStr::new("tasks")) => {
+                use std::io::Write;
+                if let Err(e) = (&file).write_all(b"0") {
+                    eprintln!("mxc-vm vmm: cannot join its cgroup {}: {e}", path.display());
+                    return 1;
+                }
+                None
+            }
             Ok(file) => Some((file, path.clone())),
             Err(e) => {
                 eprintln!("mxc-vm vmm: cannot join its cgroup {}: {e}", path.display());
@@ -429,6 +439,20 @@ pub fn vmm_main(args: &[std::ffi::OsString]) -> i32 {
             }
         },
         None => None,
+    };
+    // While this thread confines the process (jail or Landlock, seccomp), another joins
+    // a v2 cgroup and creates the (empty) VM: both wait in the kernel, mostly for RCU
+    // grace periods (moving a process into a cgroup waits for one; so does KVM when it
+    // puts the VM's worker thread into its creator's cgroups, unless it comes right
+    // after), which this overlaps with the confinement's work (in the nested
+    // hardware-KVM lane they were ~20 ms of each VMM's setup, one after the other). That
+    // thread runs nothing but this, and has ended before the VM is built further.
+    let creating = match create_vm_meanwhile(cgroup, config.start_monotonic_ns) {
+        Ok(thread) => thread,
+        Err(e) => {
+            eprintln!("mxc-vm vmm: cannot start a thread: {e}");
+            return 1;
+        }
     };
     // What its VM needs of the host's files (vmm::jail::plan): its runtime directory
     // (where its report goes), and what the configuration names.
@@ -501,19 +525,18 @@ pub fn vmm_main(args: &[std::ffi::OsString]) -> i32 {
             return 1;
         }
     };
-    // It joins its cgroup while it is still one task (a cgroup v1 `tasks` file moves
-    // only the writer), just before it creates the VM: moving a process waits for an RCU
-    // grace period, and so does KVM when it puts the VM's worker thread into its
-    // creator's cgroup; one right after the other, the second does not wait again (in
-    // the nested hardware-KVM lane that is ~11 ms of each VMM's setup).
-    if let Some((mut file, path)) = cgroup {
-        use std::io::Write;
-        if let Err(e) = file.write_all(b"0") {
-            eprintln!("mxc-vm vmm: cannot join its cgroup {}: {e}", path.display());
+    let created = match creating.join() {
+        Ok(Ok(created)) => created,
+        Ok(Err(e)) => {
+            eprintln!("mxc-vm vmm: {e}");
             return 1;
         }
-    }
-    let vm = match vmm::Vm::new(config) {
+        Err(_) => {
+            eprintln!("mxc-vm vmm: the thread creating the VM panicked");
+            return 1;
+        }
+    };
+    let vm = match vmm::Vm::build(config, created) {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("mxc-vm vmm: {}", crate::error_chain(&e));
@@ -537,6 +560,25 @@ pub fn vmm_main(args: &[std::ffi::OsString]) -> i32 {
             1
         }
     }
+}
+
+/// On a thread of its own: move this process into the cgroup whose `cgroup.procs` is
+/// `cgroup` (all its threads), then create the VM ([`vmm::Vm::create`]; KVM's move of
+/// its worker thread comes right after ours and does not wait for another grace period).
+fn create_vm_meanwhile(
+    cgroup: Option<(std::fs::File, PathBuf)>,
+    start_monotonic_ns: Option<u64>,
+) -> std::io::Result<std::thread::JoinHandle<Result<vmm::Created, String>>> {
+    std::thread::Builder::new()
+        .name("mxc-vm-create".into())
+        .spawn(move || {
+            if let Some((mut file, path)) = cgroup {
+                use std::io::Write;
+                file.write_all(std::process::id().to_string().as_bytes())
+                    .map_err(|e| format!("cannot join its cgroup {}: {e}", path.display()))?;
+            }
+            vmm::Vm::create(start_monotonic_ns).map_err(|e| crate::error_chain(&e))
+        })
 }
 
 #[cfg(test)]
