@@ -89,17 +89,8 @@ const ALLOWED_FAMILIES: &[u64] = &[
     libc::AF_NETLINK as u64,
 ];
 
-/// Namespace-creating clone flags.
-const CLONE_NS_FLAGS: &[u64] = &[
-    libc::CLONE_NEWUSER as u64,
-    libc::CLONE_NEWNS as u64,
-    libc::CLONE_NEWPID as u64,
-    libc::CLONE_NEWNET as u64,
-    libc::CLONE_NEWIPC as u64,
-    libc::CLONE_NEWUTS as u64,
-    libc::CLONE_NEWCGROUP as u64,
-    0x80, // CLONE_NEWTIME
-];
+/// Namespace-creating clone flags (the VMM's filter kills for the same).
+use vmm::seccomp::rules::NAMESPACE_FLAGS as CLONE_NS_FLAGS;
 
 /// Terminal ioctls that inject input or reach the console.
 const DENIED_IOCTLS: &[u64] = &[libc::TIOCSTI, 0x541C /* TIOCLINUX */];

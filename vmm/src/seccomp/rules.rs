@@ -86,9 +86,10 @@ pub const KILLED: &[(i64, &str)] = &[
     (libc::SYS_pidfd_send_signal, "pidfd_send_signal"),
 ];
 
-/// Namespace flags: `unshare` and `clone` with any of them kill the VMM (the fs worker's
-/// `unshare(CLONE_FS)` stays allowed).
-const NAMESPACE_FLAGS: &[u64] = &[
+/// The flags of `clone` and `unshare` that make a namespace: with any of them those calls
+/// kill the VMM (the fs worker's `unshare(CLONE_FS)` stays allowed), and the process
+/// tiers' filter refuses them (`sandbox::seccomp`).
+pub const NAMESPACE_FLAGS: &[u64] = &[
     libc::CLONE_NEWUSER as u64,
     libc::CLONE_NEWNS as u64,
     libc::CLONE_NEWPID as u64,
@@ -96,6 +97,7 @@ const NAMESPACE_FLAGS: &[u64] = &[
     libc::CLONE_NEWIPC as u64,
     libc::CLONE_NEWUTS as u64,
     libc::CLONE_NEWCGROUP as u64,
+    0x80, // CLONE_NEWTIME
 ];
 
 fn flag_rules() -> Result<Vec<SeccompRule>, BackendError> {
