@@ -118,8 +118,7 @@ fn flag_rules() -> Result<Vec<SeccompRule>, BackendError> {
 /// `tgkill` and `rt_tgsigqueueinfo` to a thread group other than `pid` (run as root, a
 /// VMM taken over by its guest could otherwise signal any process of the host).
 fn own_process_only(pid: u32) -> Result<Vec<SeccompRule>, BackendError> {
-    let cond = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, u64::from(pid))?;
-    Ok(vec![SeccompRule::new(vec![cond])?])
+    Ok(vec![arg_rule(0, SeccompCmpOp::Ne, u64::from(pid))?])
 }
 
 /// The process-wide filter of the VMM process `pid`, the only process it may signal:
@@ -305,18 +304,24 @@ const CONTROL: &[i64] = &[
 fn prctl_rules() -> Result<Vec<SeccompRule>, BackendError> {
     [libc::PR_SET_NAME, libc::PR_GET_NAME]
         .into_iter()
-        .map(|op| {
-            let cond =
-                SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, op as u64)?;
-            SeccompRule::new(vec![cond])
-        })
+        .map(|op| arg_rule(0, SeccompCmpOp::Eq, op as u64))
         .collect()
 }
 
 /// One argument of a call equal to `value`.
 fn arg_is(index: u8, value: u64) -> Result<Vec<SeccompRule>, BackendError> {
-    let cond = SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)?;
-    Ok(vec![SeccompRule::new(vec![cond])?])
+    Ok(vec![arg_rule(index, SeccompCmpOp::Eq, value)?])
+}
+
+/// One rule of one condition: the call's argument `index` (its low 32 bits) compared by
+/// `op` with `value`.
+fn arg_rule(index: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompRule, BackendError> {
+    SeccompRule::new(vec![SeccompCondition::new(
+        index,
+        SeccompCmpArgLen::Dword,
+        op,
+        value,
+    )?])
 }
 
 /// The system calls of `kind`, with the argument rules some need.
