@@ -42,17 +42,6 @@ const DENIED_SYSCALLS: &[(i64, &str)] = &[
     (libc::SYS_keyctl, "keyctl"),
     (libc::SYS_add_key, "add_key"),
     (libc::SYS_request_key, "request_key"),
-    (libc::SYS_mount, "mount"),
-    (libc::SYS_umount2, "umount2"),
-    (libc::SYS_pivot_root, "pivot_root"),
-    (libc::SYS_chroot, "chroot"),
-    (libc::SYS_move_mount, "move_mount"),
-    (libc::SYS_open_tree, "open_tree"),
-    (libc::SYS_fsopen, "fsopen"),
-    (libc::SYS_fsconfig, "fsconfig"),
-    (libc::SYS_fsmount, "fsmount"),
-    (libc::SYS_fspick, "fspick"),
-    (libc::SYS_mount_setattr, "mount_setattr"),
     (libc::SYS_unshare, "unshare"),
     (libc::SYS_setns, "setns"),
     (libc::SYS_perf_event_open, "perf_event_open"),
@@ -80,6 +69,14 @@ const DENIED_SYSCALLS: &[(i64, &str)] = &[
     (libc::SYS_vhangup, "vhangup"),
     (libc::SYS_uselib, "uselib"),
 ];
+
+/// Every call denied outright: [`DENIED_SYSCALLS`] and the mount API (the list the
+/// VMM's filter kills for, `vmm::seccomp::rules::MOUNT_CALLS`).
+fn denied_calls() -> impl Iterator<Item = &'static (i64, &'static str)> {
+    DENIED_SYSCALLS
+        .iter()
+        .chain(vmm::seccomp::rules::MOUNT_CALLS)
+}
 
 /// Socket families a sandboxed program may use; every other family is denied.
 const ALLOWED_FAMILIES: &[u64] = &[
@@ -133,7 +130,7 @@ const DATA_ARCH: u32 = 4;
 
 /// Names of what the filters deny, for `mxc-vm backends` and documentation.
 pub fn describe() -> Vec<String> {
-    let mut v: Vec<String> = DENIED_SYSCALLS.iter().map(|(_, n)| n.to_string()).collect();
+    let mut v: Vec<String> = denied_calls().map(|(_, n)| n.to_string()).collect();
     v.push("every x32 system call (number with bit 30 set); any non-x86-64 ABI kills".into());
     v.push("clone3 (ENOSYS, so libc falls back to clone)".into());
     v.push("clone with namespace flags".into());
@@ -307,7 +304,7 @@ fn with_dispatch(program: BpfProgram, ruled: &[u32]) -> Result<BpfProgram, Secco
 /// The deny list's rules, by system call.
 fn deny_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for (nr, _) in DENIED_SYSCALLS {
+    for (nr, _) in denied_calls() {
         rules.insert(*nr, vec![]);
     }
     // One rule that matches every family but the allowed ones, known to Linux or not.
@@ -526,7 +523,7 @@ mod tests {
 
     #[test]
     fn every_denied_call_is_refused_under_its_x32_number_too() {
-        for (nr, name) in DENIED_SYSCALLS {
+        for (nr, name) in denied_calls() {
             let nr = u32::try_from(*nr).unwrap();
             assert_ne!(verdict(nr, AUDIT_ARCH_X86_64, [0; 6]), ALLOW, "{name}");
             assert_ne!(

@@ -28,7 +28,11 @@ pub enum SeccompError {
 
 /// What `vmm` refuses, for documentation and `mxc-vm backends`.
 pub fn describe() -> String {
-    let names: Vec<&str> = rules::KILLED.iter().map(|(_, n)| *n).collect();
+    let names: Vec<&str> = rules::KILLED
+        .iter()
+        .chain(rules::MOUNT_CALLS)
+        .map(|(_, n)| *n)
+        .collect();
     format!(
         "the VMM is killed by: {}, unshare or clone into new namespaces, a signal to \
          another process; each VMM thread \
@@ -127,6 +131,26 @@ pub(crate) mod tests {
             unsafe { libc::unshare(0x80) };
             7
         });
+        // Every call of the mount API, the new ones too (mount_setattr could make a
+        // read-only mount of the jail writable, fspick and fsconfig reconfigure a file
+        // system under it): they were missing until the process tiers' list became this.
+        let mount_calls = [
+            in_filtered_child(|| {
+                // SAFETY: invalid arguments: the call reads nothing and fails.
+                unsafe { libc::syscall(libc::SYS_mount_setattr, -1, 0, 0, 0, 0) };
+                7
+            }),
+            in_filtered_child(|| {
+                // SAFETY: invalid arguments: the call reads nothing and fails.
+                unsafe { libc::syscall(libc::SYS_fspick, -1, 0, 0) };
+                7
+            }),
+            in_filtered_child(|| {
+                // SAFETY: invalid arguments: the call reads nothing and fails.
+                unsafe { libc::syscall(libc::SYS_fsconfig, -1, 0, 0, 0, 0) };
+                7
+            }),
+        ];
         let ordinary = in_filtered_child(|| {
             // SAFETY: getpid and unshare(CLONE_FS) have no memory effects.
             let fs = unsafe {
@@ -143,6 +167,7 @@ pub(crate) mod tests {
         assert_eq!(exec, Err(libc::SIGSYS));
         assert_eq!(new_ns, Err(libc::SIGSYS));
         assert_eq!(new_time_ns, Err(libc::SIGSYS));
+        assert_eq!(mount_calls, [Err(libc::SIGSYS); 3]);
         assert_eq!(ordinary, Ok(0));
     }
     /// Run as root, a VMM taken over by its guest could signal any process of the host

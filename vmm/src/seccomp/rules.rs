@@ -52,14 +52,6 @@ pub const KILLED: &[(i64, &str)] = &[
     (libc::SYS_process_vm_readv, "process_vm_readv"),
     (libc::SYS_process_vm_writev, "process_vm_writev"),
     (libc::SYS_pidfd_getfd, "pidfd_getfd"),
-    (libc::SYS_mount, "mount"),
-    (libc::SYS_umount2, "umount2"),
-    (libc::SYS_pivot_root, "pivot_root"),
-    (libc::SYS_chroot, "chroot"),
-    (libc::SYS_move_mount, "move_mount"),
-    (libc::SYS_open_tree, "open_tree"),
-    (libc::SYS_fsopen, "fsopen"),
-    (libc::SYS_fsmount, "fsmount"),
     (libc::SYS_setns, "setns"),
     (libc::SYS_bpf, "bpf"),
     (libc::SYS_keyctl, "keyctl"),
@@ -84,6 +76,22 @@ pub const KILLED: &[(i64, &str)] = &[
     (libc::SYS_rt_sigqueueinfo, "rt_sigqueueinfo"),
     (libc::SYS_pidfd_open, "pidfd_open"),
     (libc::SYS_pidfd_send_signal, "pidfd_send_signal"),
+];
+
+/// Every call of the mount API, old and new: they kill the VMM, and the process tiers'
+/// filter refuses them (`sandbox::seccomp`).
+pub const MOUNT_CALLS: &[(i64, &str)] = &[
+    (libc::SYS_mount, "mount"),
+    (libc::SYS_umount2, "umount2"),
+    (libc::SYS_pivot_root, "pivot_root"),
+    (libc::SYS_chroot, "chroot"),
+    (libc::SYS_move_mount, "move_mount"),
+    (libc::SYS_open_tree, "open_tree"),
+    (libc::SYS_fsopen, "fsopen"),
+    (libc::SYS_fsconfig, "fsconfig"),
+    (libc::SYS_fsmount, "fsmount"),
+    (libc::SYS_fspick, "fspick"),
+    (libc::SYS_mount_setattr, "mount_setattr"),
 ];
 
 /// The flags of `clone` and `unshare` that make a namespace: with any of them those calls
@@ -122,10 +130,13 @@ fn own_process_only(pid: u32) -> Result<Vec<SeccompRule>, BackendError> {
 }
 
 /// The process-wide filter of the VMM process `pid`, the only process it may signal:
-/// the calls of [`KILLED`], namespaces and signals to others kill the process.
+/// the calls of [`KILLED`] and [`MOUNT_CALLS`], namespaces and signals to others kill the process.
 pub fn process_filter(pid: u32) -> Result<BpfProgram, BackendError> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        KILLED.iter().map(|(nr, _)| (*nr, vec![])).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = KILLED
+        .iter()
+        .chain(MOUNT_CALLS)
+        .map(|(nr, _)| (*nr, vec![]))
+        .collect();
     rules.insert(libc::SYS_unshare, flag_rules()?);
     rules.insert(libc::SYS_clone, flag_rules()?);
     rules.insert(libc::SYS_tgkill, own_process_only(pid)?);
