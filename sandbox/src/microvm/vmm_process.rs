@@ -71,8 +71,8 @@ pub struct VmmFiles {
     pub log: PathBuf,
     /// Whether the VMM jails itself ([`vmm::VmConfig::jail`]).
     pub jailed: bool,
-    /// The pids cgroup a jailed VMM joins (just before it creates its VM); removed when
-    /// dropped.
+    /// The pids cgroup a jailed VMM joins (v1 first thing, v2 as it creates its VM:
+    /// `vmm_main`); removed when dropped.
     pub cgroup: Option<std::sync::Arc<crate::limits::SandboxCgroup>>,
 }
 
@@ -423,21 +423,25 @@ pub fn vmm_main(args: &[std::ffi::OsString]) -> i32 {
     // process takes: it joins now, while it is one thread (every thread it starts later
     // is in the cgroup too). A v2 `cgroup.procs` file is joined below, meanwhile.
     let cgroup = match &config.cgroup {
-        Some(path) => match std::fs::OpenOptions::new().write(true).open(path) {
-            Ok(file) if path.file_name() == Some(std::ffi::OsStr::new("tasks")) => {
-                use std::io::Write;
-                if let Err(e) = (&file).write_all(b"0") {
+        Some(path) => {
+            let v1 = path.file_name() == Some(std::ffi::OsStr::new("tasks"));
+            let opened = std::fs::OpenOptions::new().write(true).open(path);
+            let joined = opened.and_then(|file| {
+                if v1 {
+                    use std::io::Write;
+                    (&file).write_all(b"0").map(|()| None)
+                } else {
+                    Ok(Some((file, path.clone())))
+                }
+            });
+            match joined {
+                Ok(later) => later,
+                Err(e) => {
                     eprintln!("mxc-vm vmm: cannot join its cgroup {}: {e}", path.display());
                     return 1;
                 }
-                None
             }
-            Ok(file) => Some((file, path.clone())),
-            Err(e) => {
-                eprintln!("mxc-vm vmm: cannot join its cgroup {}: {e}", path.display());
-                return 1;
-            }
-        },
+        }
         None => None,
     };
     // While this thread confines the process (jail or Landlock, seccomp), another joins
