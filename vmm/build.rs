@@ -18,6 +18,10 @@ use std::path::PathBuf;
 #[path = "src/seccomp/rules.rs"]
 mod rules;
 
+#[allow(dead_code)]
+#[path = "src/seccomp/dispatch.rs"]
+mod dispatch;
+
 /// Two pids no process has (above Linux's largest `pid_max`, 2^22).
 const PID_A: u32 = 0x5EC0_0A0A;
 const PID_B: u32 = 0x5EC0_0B0B;
@@ -25,6 +29,7 @@ const PID_B: u32 = 0x5EC0_0B0B;
 fn main() -> Result<(), Box<dyn Error>> {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/seccomp/rules.rs");
+    println!("cargo:rerun-if-changed=src/seccomp/dispatch.rs");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").ok_or("OUT_DIR is not set")?)
         .join("seccomp_filters.rs");
     // The VMM (and its seccomp module) is Linux-only; other targets include nothing.

@@ -8,7 +8,7 @@
 //! - `clone3` fails with ENOSYS, so libc falls back to `clone`, whose flags a filter can
 //!   inspect (clone3 passes them in memory, out of a filter's reach);
 //! - everything else on the deny list fails with EPERM (behind a binary search over its
-//!   system call numbers, see `with_dispatch`, which makes installing it cheaper).
+//!   system call numbers, `vmm::seccomp::dispatch`, which makes installing it cheaper).
 
 use std::collections::BTreeMap;
 
@@ -25,8 +25,8 @@ pub enum SeccompError {
     Compile(#[source] seccompiler::BackendError),
     #[error("installing the seccomp filter failed")]
     Install(#[source] seccompiler::Error),
-    #[error("the seccomp filter's dispatch does not fit BPF's jumps")]
-    Dispatch,
+    #[error("compiling the seccomp filter failed")]
+    Dispatch(#[source] vmm::seccomp::dispatch::DispatchError),
 }
 
 /// System calls that are denied outright.
@@ -154,151 +154,14 @@ fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule, SeccompError> 
 }
 
 /// The deny-list filter (EPERM), behind a binary search over its system call numbers
-/// ([`with_dispatch`]).
+/// (`vmm::seccomp::dispatch`: installing it is cheap).
 fn deny_filter() -> Result<BpfProgram, SeccompError> {
-    let rules = deny_rules()?;
-    let numbers: Vec<u32> = rules
-        .keys()
-        .filter_map(|nr| u32::try_from(*nr).ok())
-        .collect();
-    with_dispatch(compile(rules, libc::EPERM)?, &numbers)
-}
-
-/// Where a dispatch instruction goes.
-#[derive(Clone, Copy)]
-enum Target {
-    /// The next instruction.
-    Next,
-    /// The start of the program behind the dispatch.
-    Program,
-    /// The dispatch's `return ALLOW`.
-    Allow,
-    /// Where `Dispatch::place` put this label.
-    Label(usize),
-}
-
-/// A tiny assembler for the dispatch, with forward jumps resolved at the end.
-#[derive(Default)]
-struct Dispatch {
-    code: Vec<(u32, u32, Target, Target)>,
-    labels: Vec<usize>,
-}
-
-impl Dispatch {
-    fn push(&mut self, code: u32, k: u32, jt: Target, jf: Target) {
-        self.code.push((code, k, jt, jf));
-    }
-
-    fn label(&mut self) -> usize {
-        self.labels.push(usize::MAX);
-        self.labels.len() - 1
-    }
-
-    fn place(&mut self, label: usize) {
-        self.labels[label] = self.code.len();
-    }
-
-    /// Tests for the sorted numbers `nrs` (the accumulator holds the call's number):
-    /// one of them goes to the program, any other to ALLOW.
-    fn search(&mut self, nrs: &[u32]) {
-        use libc::{BPF_JA, BPF_JEQ, BPF_JGE, BPF_JMP, BPF_K};
-        if nrs.len() <= 3 {
-            for nr in nrs {
-                self.push(
-                    BPF_JMP | BPF_JEQ | BPF_K,
-                    *nr,
-                    Target::Program,
-                    Target::Next,
-                );
-            }
-            self.push(BPF_JMP | BPF_JA, 0, Target::Allow, Target::Allow);
-            return;
-        }
-        let (low, high) = nrs.split_at(nrs.len() / 2);
-        let upper = self.label();
-        self.push(
-            BPF_JMP | BPF_JGE | BPF_K,
-            high[0],
-            Target::Label(upper),
-            Target::Next,
-        );
-        self.search(low);
-        self.place(upper);
-        self.search(high);
-    }
-
-    /// The dispatch's instructions, with `program` after them.
-    fn assemble(self, program: BpfProgram) -> Result<BpfProgram, SeccompError> {
-        use libc::{BPF_JA, BPF_JMP, BPF_K, BPF_RET};
-        let allow = self.code.len();
-        let start = allow + 1;
-        let resolve = |at: usize, target: Target| -> Option<usize> {
-            let to = match target {
-                Target::Next => at + 1,
-                Target::Program => start,
-                Target::Allow => allow,
-                Target::Label(l) => *self.labels.get(l)?,
-            };
-            to.checked_sub(at + 1)
-        };
-        let mut out = Vec::with_capacity(start + program.len());
-        for (at, (code, k, jt, jf)) in self.code.iter().enumerate() {
-            let (jt, jf) = (resolve(at, *jt), resolve(at, *jf));
-            let ins = if *code == BPF_JMP | BPF_JA {
-                stmt(
-                    *code,
-                    jt.and_then(|o| u32::try_from(o).ok())
-                        .ok_or(SeccompError::Dispatch)?,
-                )
-            } else {
-                let short = |o: Option<usize>| o.and_then(|o| u8::try_from(o).ok());
-                match (short(jt), short(jf)) {
-                    (Some(jt), Some(jf)) => jump(*code, *k, jt, jf),
-                    _ => return Err(SeccompError::Dispatch),
-                }
-            };
-            out.push(ins);
-        }
-        out.push(stmt(BPF_RET | BPF_K, libc::SECCOMP_RET_ALLOW));
-        out.extend(program);
-        Ok(out)
-    }
-}
-
-/// `program`, a seccompiler filter that allows every call whose number is not in
-/// `ruled`, behind a binary search over those numbers: on x86-64 a call with another
-/// number is allowed at once, anything else goes on into `program` unchanged. The
-/// verdicts are the program's (a test proves it); what changes is the cost of an
-/// install, at which the kernel runs the filter for every system call number to fill
-/// seccomp's action cache: seccompiler tests the numbers one after another, so each of
-/// some 460 numbers walked the whole chain (the deny filter's install: ~200 -> ~110 us).
-fn with_dispatch(program: BpfProgram, ruled: &[u32]) -> Result<BpfProgram, SeccompError> {
-    use libc::{BPF_ABS, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_W};
-    let mut nrs = ruled.to_vec();
-    nrs.sort_unstable();
-    nrs.dedup();
-    let mut d = Dispatch::default();
-    d.push(
-        BPF_LD | BPF_W | BPF_ABS,
-        DATA_ARCH,
-        Target::Next,
-        Target::Next,
-    );
-    // Another architecture: the program decides (it kills).
-    d.push(
-        BPF_JMP | BPF_JEQ | BPF_K,
-        AUDIT_ARCH_X86_64,
-        Target::Next,
-        Target::Program,
-    );
-    d.push(
-        BPF_LD | BPF_W | BPF_ABS,
-        DATA_NR,
-        Target::Next,
-        Target::Next,
-    );
-    d.search(&nrs);
-    d.assemble(program)
+    vmm::seccomp::dispatch::compile(
+        deny_rules()?,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+    )
+    .map_err(SeccompError::Dispatch)
 }
 
 /// The deny list's rules, by system call.
@@ -458,49 +321,8 @@ mod tests {
         assert!(progs.iter().all(|p| !p.is_empty()));
     }
 
-    /// A classic-BPF interpreter for the instructions seccomp filters use, run over a
-    /// `struct seccomp_data` built from (nr, arch, args).
     fn run(prog: &[sock_filter], nr: u32, arch: u32, args: [u64; 6]) -> u32 {
-        run_counted(prog, nr, arch, args).0
-    }
-
-    /// `run`, and how many instructions it took.
-    fn run_counted(prog: &[sock_filter], nr: u32, arch: u32, args: [u64; 6]) -> (u32, usize) {
-        use libc::*;
-        let mut data = Vec::with_capacity(64);
-        data.extend_from_slice(&nr.to_ne_bytes());
-        data.extend_from_slice(&arch.to_ne_bytes());
-        data.extend_from_slice(&0u64.to_ne_bytes()); // instruction pointer
-        for a in args {
-            data.extend_from_slice(&a.to_ne_bytes());
-        }
-        let (mut acc, mut pc, mut steps) = (0u32, 0usize, 0usize);
-        loop {
-            let ins = &prog[pc];
-            let code = u32::from(ins.code);
-            pc += 1;
-            steps += 1;
-            match code {
-                c if c == BPF_LD | BPF_W | BPF_ABS => {
-                    let at = ins.k as usize;
-                    acc = u32::from_ne_bytes(data[at..at + 4].try_into().unwrap());
-                }
-                c if c == BPF_ALU | BPF_AND | BPF_K => acc &= ins.k,
-                c if c == BPF_JMP | BPF_JA => pc += ins.k as usize,
-                c if c & 0x07 == BPF_JMP => {
-                    let taken = match c & 0xf0 {
-                        x if x == BPF_JEQ => acc == ins.k,
-                        x if x == BPF_JGT => acc > ins.k,
-                        x if x == BPF_JGE => acc >= ins.k,
-                        x if x == BPF_JSET => acc & ins.k != 0,
-                        other => panic!("unknown jump {other:#x}"),
-                    };
-                    pc += usize::from(if taken { ins.jt } else { ins.jf });
-                }
-                c if c == BPF_RET | BPF_K => return (ins.k, steps),
-                other => panic!("unknown BPF instruction {other:#x}"),
-            }
-        }
+        vmm::seccomp::evaluate(prog, nr, arch, args).unwrap().action
     }
 
     /// What the kernel does with all filters: the most restrictive action wins.
@@ -686,13 +508,15 @@ mod tests {
         let plain = compile(deny_rules().unwrap(), libc::EPERM).unwrap();
         let dispatched = deny_filter().unwrap();
         let getpid = libc::SYS_getpid as u32;
+        let evaluate = |prog: &[sock_filter]| {
+            vmm::seccomp::evaluate(prog, getpid, AUDIT_ARCH_X86_64, [0; 6]).unwrap()
+        };
 
-        let (before, walked) = run_counted(&plain, getpid, AUDIT_ARCH_X86_64, [0; 6]);
-        let (after, steps) = run_counted(&dispatched, getpid, AUDIT_ARCH_X86_64, [0; 6]);
+        let (before, after) = (evaluate(&plain), evaluate(&dispatched));
 
-        assert_eq!((before, after), (ALLOW, ALLOW));
-        assert!(steps <= 16, "{steps} instructions");
-        assert!(walked > 100, "{walked} instructions");
+        assert_eq!((before.action, after.action), (ALLOW, ALLOW));
+        assert!(after.steps <= 20, "{} instructions", after.steps);
+        assert!(before.steps > 100, "{} instructions", before.steps);
     }
 
     #[test]

@@ -10,8 +10,12 @@
 //! them into BPF, so that a VMM only loads them.
 
 mod compiled;
+pub mod dispatch;
+mod evaluate;
 pub mod rules;
 pub mod threads;
+
+pub use evaluate::{evaluate, Verdict};
 
 use seccompiler::BpfProgram;
 

@@ -2,10 +2,12 @@
 //! ([`process_filter`]: calls that kill the VMM), the `clone3` filter and each thread
 //! kind's allowlist ([`thread_filter`]).
 //!
-//! This file uses only `std`, `libc` and `seccompiler`: the build script (`vmm/build.rs`)
-//! includes it too and compiles every filter into BPF once, at build time, so that a VMM
-//! starting up only loads them (`super::compiled`); the unit tests check that what was
-//! compiled then is what these rules compile to now.
+//! This file uses only `std`, `libc`, `seccompiler` and [`super::dispatch`] (a binary
+//! search over the calls' numbers in front of seccompiler's programs, which makes an
+//! install cheap): the build script (`vmm/build.rs`) includes both and compiles every
+//! filter into BPF once, at build time, so that a VMM starting up only loads them
+//! (`super::compiled`); the unit tests check that what was compiled then is what these
+//! rules compile to now.
 
 use std::collections::BTreeMap;
 
@@ -13,6 +15,8 @@ use seccompiler::{
     BackendError, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
     SeccompFilter, SeccompRule, TargetArch,
 };
+
+use super::dispatch::{self, DispatchError};
 
 /// The kinds of VMM thread.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -131,7 +135,16 @@ fn own_process_only(pid: u32) -> Result<Vec<SeccompRule>, BackendError> {
 
 /// The process-wide filter of the VMM process `pid`, the only process it may signal:
 /// the calls of [`KILLED`] and [`MOUNT_CALLS`], namespaces and signals to others kill the process.
-pub fn process_filter(pid: u32) -> Result<BpfProgram, BackendError> {
+pub fn process_filter(pid: u32) -> Result<BpfProgram, DispatchError> {
+    dispatch::compile(
+        process_rules(pid)?,
+        SeccompAction::Allow,
+        SeccompAction::KillProcess,
+    )
+}
+
+/// The rules of [`process_filter`], by system call.
+pub(crate) fn process_rules(pid: u32) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = KILLED
         .iter()
         .chain(MOUNT_CALLS)
@@ -141,13 +154,7 @@ pub fn process_filter(pid: u32) -> Result<BpfProgram, BackendError> {
     rules.insert(libc::SYS_clone, flag_rules()?);
     rules.insert(libc::SYS_tgkill, own_process_only(pid)?);
     rules.insert(libc::SYS_rt_tgsigqueueinfo, own_process_only(pid)?);
-    SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::KillProcess,
-        TargetArch::x86_64,
-    )?
-    .try_into()
+    Ok(rules)
 }
 
 /// `clone3` answers ENOSYS: its flags are in memory, where a filter cannot see them, and
@@ -164,14 +171,12 @@ pub fn clone3_filter() -> Result<BpfProgram, BackendError> {
 }
 
 /// The allowlist of `kind`: its calls pass, any other answers `EPERM`.
-pub fn thread_filter(kind: ThreadKind) -> Result<BpfProgram, BackendError> {
-    SeccompFilter::new(
+pub fn thread_filter(kind: ThreadKind) -> Result<BpfProgram, DispatchError> {
+    dispatch::compile(
         thread_rules(kind)?,
         SeccompAction::Errno(libc::EPERM as u32),
         SeccompAction::Allow,
-        TargetArch::x86_64,
-    )?
-    .try_into()
+    )
 }
 
 /// What every thread does: memory, locks, signals, time, its own end.
@@ -336,7 +341,9 @@ fn arg_rule(index: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompRule, Back
 }
 
 /// The system calls of `kind`, with the argument rules some need.
-fn thread_rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
+pub(crate) fn thread_rules(
+    kind: ThreadKind,
+) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
     let lists: &[&[i64]] = match kind {
         ThreadKind::Vcpu => &[COMMON, VCPU],
         ThreadKind::VcpuSaving => &[COMMON, VCPU, SAVING],
