@@ -13,8 +13,8 @@
 use std::collections::BTreeMap;
 
 use seccompiler::{
-    sock_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
-    SeccompFilter, SeccompRule, TargetArch,
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -123,10 +123,8 @@ const XATTR_SETTERS: &[i64] = &[
 /// The x32 system-call bit (`__X32_SYSCALL_BIT`).
 pub const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 /// `AUDIT_ARCH_X86_64`: EM_X86_64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE.
-pub const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
-/// Offsets in `struct seccomp_data`.
-const DATA_NR: u32 = 0;
-const DATA_ARCH: u32 = 4;
+pub use vmm::seccomp::dispatch::AUDIT_ARCH_X86_64;
+use vmm::seccomp::dispatch::{jump, stmt, DATA_ARCH, DATA_NR};
 
 /// Names of what the filters deny, for `mxc-vm backends` and documentation.
 pub fn describe() -> Vec<String> {
@@ -217,19 +215,6 @@ fn compile(rules: BTreeMap<i64, Vec<SeccompRule>>, errno: i32) -> Result<BpfProg
     filter.try_into().map_err(SeccompError::Compile)
 }
 
-fn stmt(code: u32, k: u32) -> sock_filter {
-    jump(code, k, 0, 0)
-}
-
-fn jump(code: u32, k: u32, jt: u8, jf: u8) -> sock_filter {
-    sock_filter {
-        code: code as u16,
-        jt,
-        jf,
-        k,
-    }
-}
-
 /// The ABI filter: not x86-64 → kill the process; an x32 number → EPERM; else allow
 /// (the next filters decide). Hand-written because seccompiler keys rules by exact
 /// system-call number and cannot test a bit of it.
@@ -313,6 +298,7 @@ pub fn to_bytes(prog: &BpfProgram) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use seccompiler::sock_filter;
 
     #[test]
     fn filters_compile() {

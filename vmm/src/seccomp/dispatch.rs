@@ -24,10 +24,11 @@ use seccompiler::{
 pub const BUCKET: usize = 3;
 
 /// `AUDIT_ARCH_X86_64`.
-const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
-/// Offsets of the number and the architecture in `struct seccomp_data`.
-const DATA_NR: u32 = 0;
-const DATA_ARCH: u32 = 4;
+pub const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+/// Offset of the system-call number in `struct seccomp_data`.
+pub const DATA_NR: u32 = 0;
+/// Offset of the architecture in `struct seccomp_data`.
+pub const DATA_ARCH: u32 = 4;
 /// `BPF_MAXINSNS`: the longest program the kernel loads.
 const MAX_LEN: usize = 4096;
 
@@ -203,11 +204,14 @@ fn offset(from: usize, to: usize) -> Result<u32, DispatchError> {
         .ok_or(DispatchError::TooLarge(to))
 }
 
-fn stmt(code: u32, k: u32) -> sock_filter {
+/// A BPF instruction without jumps.
+pub fn stmt(code: u32, k: u32) -> sock_filter {
     jump(code, k, 0, 0)
 }
 
-fn jump(code: u32, k: u32, jt: u8, jf: u8) -> sock_filter {
+/// A BPF instruction: `code` with operand `k`, `jt` and `jf` instructions ahead when a
+/// conditional jump's test holds or not.
+pub fn jump(code: u32, k: u32, jt: u8, jf: u8) -> sock_filter {
     sock_filter {
         // BPF instruction codes are 16 bits.
         code: code as u16,
