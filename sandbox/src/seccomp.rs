@@ -25,7 +25,7 @@ pub enum SeccompError {
     Compile(#[source] seccompiler::BackendError),
     #[error("installing the seccomp filter failed")]
     Install(#[source] seccompiler::Error),
-    #[error("compiling the seccomp filter failed")]
+    #[error("compiling the deny filter behind its binary search failed")]
     Dispatch(#[source] vmm::seccomp::dispatch::DispatchError),
 }
 

@@ -81,28 +81,29 @@ impl From<BackendError> for DispatchError {
     }
 }
 
-/// The calls of one bucket, in ascending order.
-type Bucket = Vec<(u32, i64, Vec<SeccompRule>)>;
+/// The rules of one bucket's calls.
+type Bucket = BTreeMap<i64, Vec<SeccompRule>>;
 
 /// The x86-64 filter of `rules`: a call they name gets `matched` when one of its rules
 /// matches (or it has none) and `mismatch` otherwise, any other call `mismatch`, a call
 /// from another architecture kills the process (as seccompiler's filters do).
 pub fn compile(
-    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    mut rules: BTreeMap<i64, Vec<SeccompRule>>,
     mismatch: SeccompAction,
     matched: SeccompAction,
 ) -> Result<BpfProgram, DispatchError> {
-    let mut named: Bucket = Vec::with_capacity(rules.len());
-    for (nr, chain) in rules {
-        let number = u32::try_from(nr).map_err(|_| DispatchError::Number(nr))?;
-        named.push((number, nr, chain));
+    if let Some(nr) = rules.keys().find(|nr| u32::try_from(**nr).is_err()) {
+        return Err(DispatchError::Number(*nr));
     }
-    // The map's order is the numbers' order: each bucket holds a run of them.
-    let mut buckets = Vec::with_capacity(named.len().div_ceil(BUCKET));
-    while !named.is_empty() {
-        let rest = named.split_off(named.len().min(BUCKET));
-        buckets.push(named);
-        named = rest;
+    // Each bucket holds a run of the numbers, in order.
+    let mut buckets = Vec::with_capacity(rules.len().div_ceil(BUCKET));
+    while let Some(next) = rules.keys().nth(BUCKET).copied() {
+        let rest = rules.split_off(&next);
+        buckets.push(rules);
+        rules = rest;
+    }
+    if !rules.is_empty() {
+        buckets.push(rules);
     }
     let mut out: BpfProgram = PROLOGUE
         .iter()
@@ -151,7 +152,11 @@ fn search(
         return leaf(out, bucket, mismatch, matched);
     }
     let upper = buckets.split_off(buckets.len() / 2);
-    let split = upper.first().and_then(|b| b.first()).map_or(0, |c| c.0);
+    let split = upper
+        .first()
+        .and_then(|b| b.keys().next())
+        .map_or(0, |nr| *nr);
+    let split = u32::try_from(split).map_err(|_| DispatchError::Number(split))?;
     // From the split on: the upper half, through a long jump (a conditional jump reaches
     // 255 instructions, the lower half is longer).
     out.push(jump(
@@ -180,13 +185,13 @@ fn leaf(
     mismatch: &SeccompAction,
     matched: &SeccompAction,
 ) -> Result<(), DispatchError> {
-    let rules = bucket
-        .into_iter()
-        .map(|(_, nr, chain)| (nr, chain))
-        .collect();
-    let program: BpfProgram =
-        SeccompFilter::new(rules, mismatch.clone(), matched.clone(), TargetArch::x86_64)?
-            .try_into()?;
+    let program: BpfProgram = SeccompFilter::new(
+        bucket,
+        mismatch.clone(),
+        matched.clone(),
+        TargetArch::x86_64,
+    )?
+    .try_into()?;
     let starts_as_expected = program
         .iter()
         .zip(PROLOGUE)
