@@ -172,7 +172,7 @@ fn enable_for_children(dir: &Path, controllers: &[&str]) -> Result<(), String> {
 /// has one, made under `enforcement`), plus the ones every sandbox gets (no core dumps).
 pub fn rlimits(limits: &Limits, enforcement: &Enforcement, cgroup: bool) -> Vec<Rlimit> {
     let mut v = vec![Rlimit {
-        resource: libc::RLIMIT_CORE,
+        resource: libc::RLIMIT_CORE as _,
         value: 0,
     }];
     let (memory_by_cgroup, pids_by_cgroup) = match enforcement {
@@ -183,7 +183,7 @@ pub fn rlimits(limits: &Limits, enforcement: &Enforcement, cgroup: bool) -> Vec<
     if !memory_by_cgroup {
         if let Some(mib) = limits.memory_mib {
             v.push(Rlimit {
-                resource: libc::RLIMIT_AS,
+                resource: libc::RLIMIT_AS as _,
                 value: mib.saturating_mul(1024 * 1024),
             });
         }
@@ -191,7 +191,7 @@ pub fn rlimits(limits: &Limits, enforcement: &Enforcement, cgroup: bool) -> Vec<
     if !pids_by_cgroup {
         if let Some(pids) = limits.pids {
             v.push(Rlimit {
-                resource: libc::RLIMIT_NPROC,
+                resource: libc::RLIMIT_NPROC as _,
                 value: u64::from(pids),
             });
         }
@@ -400,11 +400,11 @@ mod tests {
         };
         let v = rlimits(&limits, &Enforcement::Rlimits { why: String::new() }, false);
         assert!(v.contains(&Rlimit {
-            resource: libc::RLIMIT_AS,
+            resource: libc::RLIMIT_AS as _,
             value: 64 << 20
         }));
         assert!(v.contains(&Rlimit {
-            resource: libc::RLIMIT_NPROC,
+            resource: libc::RLIMIT_NPROC as _,
             value: 32
         }));
     }

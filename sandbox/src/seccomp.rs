@@ -90,7 +90,7 @@ const ALLOWED_FAMILIES: &[u64] = &[
 use vmm::seccomp::rules::NAMESPACE_FLAGS as CLONE_NS_FLAGS;
 
 /// Terminal ioctls that inject input or reach the console.
-const DENIED_IOCTLS: &[u64] = &[libc::TIOCSTI, 0x541C /* TIOCLINUX */];
+const DENIED_IOCTLS: &[u64] = &[libc::TIOCSTI as _, 0x541C /* TIOCLINUX */];
 
 /// Calls that set a file's mode, with the index of their mode argument: refused when the
 /// mode carries set-user-ID or set-group-ID. A sandbox of root's writes its files as host

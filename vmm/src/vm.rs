@@ -217,6 +217,9 @@ pub struct Vm {
     // Declared before the memory so the VM is closed before its memory is unmapped.
     vm: Arc<dyn hypervisor::Vm>,
     mem: GuestMemoryMmap,
+    /// The mappings behind `mem` when this VMM made them (a cold boot; a restored VM's
+    /// memory is the snapshot file's, owned by `mem`), unmapped after it.
+    ram: Option<memory::GuestRam>,
     _hypervisor: Box<dyn Hypervisor>,
 }
 
@@ -298,13 +301,19 @@ impl Vm {
             }
             _ => None,
         };
-        let mem = match &loaded {
-            Some((dir, loaded)) => snapshot::map_memory(
-                &loaded.memory,
-                &dir.join(snapshot::MEMORY_FILE),
-                config.mem_mib,
-            )?,
-            None => memory::create_guest_memory(config.mem_mib)?,
+        let (mem, ram) = match &loaded {
+            Some((dir, loaded)) => (
+                snapshot::map_memory(
+                    &loaded.memory,
+                    &dir.join(snapshot::MEMORY_FILE),
+                    config.mem_mib,
+                )?,
+                None,
+            ),
+            None => {
+                let ram = memory::create_guest_memory(config.mem_mib)?;
+                (ram.memory().clone(), Some(ram))
+            }
         };
 
         // The KVM calls below mostly wait in the kernel; loading the kernel image,
@@ -374,6 +383,7 @@ impl Vm {
             restoring,
             vm,
             mem,
+            ram,
             _hypervisor: hypervisor,
             config,
         };
@@ -597,6 +607,7 @@ impl Vm {
             identity,
             vm,
             mem,
+            ram,
             _hypervisor,
             ..
         } = self;
@@ -703,6 +714,7 @@ impl Vm {
         drop(shared);
         drop(vm);
         drop(mem);
+        drop(ram);
         timeline.record(Stage::VmGone);
 
         if let Some(error) = spawn_error {

@@ -336,10 +336,10 @@ pub(crate) fn loopback_up() -> std::io::Result<()> {
         for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
             *dst = *src as libc::c_char;
         }
-        let mut rc = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr);
+        let mut rc = libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut ifr);
         if rc == 0 {
             ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-            rc = libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr);
+            rc = libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &ifr);
         }
         let err = std::io::Error::last_os_error();
         libc::close(fd);

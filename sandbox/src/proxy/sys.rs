@@ -319,7 +319,7 @@ pub(crate) fn send_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()
         let bytes = std::mem::size_of_val(fds) as u32;
         msg.msg_control = space.as_mut_ptr().cast();
         // SAFETY: CMSG_SPACE is a pure computation.
-        msg.msg_controllen = unsafe { libc::CMSG_SPACE(bytes) } as usize;
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(bytes) } as _;
         // SAFETY: msg_control points at `space` (128 bytes, enough for MAX_FDS
         // descriptors); CMSG_FIRSTHDR/CMSG_DATA stay inside it. sendmsg only reads
         // `data` (the iovec's mutable pointer is never written through).
@@ -330,7 +330,7 @@ pub(crate) fn send_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()
             }
             (*cmsg).cmsg_level = libc::SOL_SOCKET;
             (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(bytes) as usize;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(bytes) as _;
             for (i, fd) in fds.iter().enumerate() {
                 std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>().add(i), *fd);
             }
@@ -360,7 +360,7 @@ pub(crate) fn recv_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<Ow
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = space.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&space);
+    msg.msg_controllen = std::mem::size_of_val(&space) as _;
     // SAFETY: recvmsg writes into the buffers msg points at (`buf`, 128 bytes of
     // control space); MSG_CMSG_CLOEXEC marks any received descriptor close-on-exec.
     let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };

@@ -319,8 +319,8 @@ impl Vm for KvmVm {
 struct KickTarget {
     /// Address of the vCPU's `kvm_run` mapping; 0 once the vCPU is dropped.
     run: usize,
-    /// The thread that last called `run`.
-    thread: Option<libc::pthread_t>,
+    /// The thread (its id) that last called `run`.
+    thread: Option<libc::pid_t>,
 }
 
 /// Kicks a KVM vCPU out of `KVM_RUN`: sets `immediate_exit` (so a `KVM_RUN` that has
@@ -347,9 +347,11 @@ impl VcpuKick for KvmKick {
         if let Some(thread) = target.thread {
             // SAFETY: `thread` is the live vCPU thread: it is recorded by `run` and
             // cleared (under this lock) when the vCPU is dropped on that thread, before
-            // it exits. The kick signal has a no-op handler.
+            // it exits. The kick signal has a no-op handler. tgkill names this process
+            // (the only one the VMM's seccomp filter lets it signal), whichever libc
+            // (musl's pthread_kill is tkill).
             unsafe {
-                libc::pthread_kill(thread, kick_signal());
+                libc::syscall(libc::SYS_tgkill, libc::getpid(), thread, kick_signal());
             }
         }
     }
@@ -409,8 +411,8 @@ impl KvmVcpu {
         install_kick_handler();
         let _ = vmm_sys_util::signal::unblock_signal(kick_signal());
         if let Ok(mut target) = self.kick.target.lock() {
-            // SAFETY: pthread_self has no preconditions.
-            target.thread = Some(unsafe { libc::pthread_self() });
+            // SAFETY: gettid has no preconditions.
+            target.thread = Some(unsafe { libc::gettid() });
         }
         self.bound = true;
     }
