@@ -301,18 +301,23 @@ impl Vm {
             }
             _ => None,
         };
-        let (mem, ram) = match &loaded {
-            Some((dir, loaded)) => (
+        // Declared before `mem`, so that on an early return below `mem` is dropped first
+        // and the mappings go with the last reference to them (`GuestRam`'s drop).
+        let ram;
+        let mem = match &loaded {
+            Some((dir, loaded)) => {
+                ram = None;
                 snapshot::map_memory(
                     &loaded.memory,
                     &dir.join(snapshot::MEMORY_FILE),
                     config.mem_mib,
-                )?,
-                None,
-            ),
+                )?
+            }
             None => {
-                let ram = memory::create_guest_memory(config.mem_mib)?;
-                (ram.memory().clone(), Some(ram))
+                let made = memory::create_guest_memory(config.mem_mib)?;
+                let mem = made.memory().clone();
+                ram = Some(made);
+                mem
             }
         };
 
