@@ -218,8 +218,10 @@ pub struct Vm {
     vm: Arc<dyn hypervisor::Vm>,
     mem: GuestMemoryMmap,
     /// The mappings behind `mem` when this VMM made them (a cold boot; a restored VM's
-    /// memory is the snapshot file's, owned by `mem`), unmapped after it.
-    ram: Option<memory::GuestRam>,
+    /// memory is the snapshot file's, owned by `mem`). Declared after every field that
+    /// holds a clone of `mem`, and left in `self` by [`Vm::run`] (dropped after all its
+    /// locals), so that it goes last and unmaps them.
+    _ram: Option<memory::GuestRam>,
     _hypervisor: Box<dyn Hypervisor>,
 }
 
@@ -388,7 +390,7 @@ impl Vm {
             restoring,
             vm,
             mem,
-            ram,
+            _ram: ram,
             _hypervisor: hypervisor,
             config,
         };
@@ -612,7 +614,6 @@ impl Vm {
             identity,
             vm,
             mem,
-            ram,
             _hypervisor,
             ..
         } = self;
@@ -719,7 +720,6 @@ impl Vm {
         drop(shared);
         drop(vm);
         drop(mem);
-        drop(ram);
         timeline.record(Stage::VmGone);
 
         if let Some(error) = spawn_error {
